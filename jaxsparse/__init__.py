@@ -1,0 +1,80 @@
+"""jaxsparse: sparse neural network training for JAX.
+
+Any optax optimizer becomes a sparse one with one wrapper::
+
+    tx = jaxsparse.rigl(optax.adamw(1e-3), sparsity=0.9, end_step=7500, key=jax.random.key(0))
+    state = tx.init(params)
+    params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
+    updates, state = tx.update(grads, state, params)   # inside your jitted step
+    params = optax.apply_updates(params, updates)      # exactly sparse after every step
+"""
+
+from jaxsparse import distributions, masks, metrics, schedules, topology
+from jaxsparse.algorithms.common import LayerInputs, layerwise, random_init
+from jaxsparse.algorithms.dst import drop_and_grow, rigl, snfs, static
+from jaxsparse.algorithms.dst import set_ as set  # noqa: A001  (the paper's name)
+from jaxsparse.algorithms.pruning import magnitude_pruning, pruning_targets, random_pruning
+from jaxsparse.distributions import LayerSpec, layer_budgets, layer_specs
+from jaxsparse.masks import (
+    apply_masks,
+    count_active,
+    count_nonzero,
+    default_prunable,
+    map_masked,
+    ones_masks,
+    validate_masks,
+)
+from jaxsparse.metrics import format_table, itop_rate, sparsity_table
+from jaxsparse.transform import (
+    SparseState,
+    SparsityRule,
+    UpdateInputs,
+    get_ever_active,
+    get_masks,
+    get_sparse_state,
+    reset_moments,
+    sparse_transform,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerInputs",
+    "LayerSpec",
+    "SparseState",
+    "SparsityRule",
+    "UpdateInputs",
+    "apply_masks",
+    "count_active",
+    "count_nonzero",
+    "default_prunable",
+    "distributions",
+    "drop_and_grow",
+    "format_table",
+    "get_ever_active",
+    "get_masks",
+    "get_sparse_state",
+    "itop_rate",
+    "layer_budgets",
+    "layer_specs",
+    "layerwise",
+    "magnitude_pruning",
+    "map_masked",
+    "masks",
+    "metrics",
+    "ones_masks",
+    "pruning_targets",
+    "random_init",
+    "random_pruning",
+    "reset_moments",
+    "rigl",
+    "schedules",
+    "set",
+    "snfs",
+    "sparse_transform",
+    "sparsity_table",
+    "static",
+    "topology",
+    "validate_masks",
+    "__version__",
+]

@@ -1,0 +1,232 @@
+"""Dynamic sparse training: static masks, SET, RigL, SNFS.
+
+Every factory wraps any optax optimizer and returns an optax transformation whose params stay
+exactly sparse. The per-layer budget (number of active weights) is set at init by the
+distribution and kept exactly at every topology update (SNFS keeps the global count exact
+while moving weights between layers).
+
+Topology updates happen at steps ``t`` with ``t % update_every == 0`` and
+``begin_step < t < end_step``; the fraction of active weights replaced at step ``t`` follows
+``drop_fraction`` with cosine decay to 0 at ``end_step`` (or constant).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsparse import schedules, topology
+from jaxsparse.algorithms.common import LayerInputs, drop_count, layerwise, random_init
+from jaxsparse.distributions import check_sparsity
+from jaxsparse.masks import is_none, map_masked
+from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
+
+
+def _check_key(key, name):
+    if key is None:
+        raise ValueError(f"{name} needs key=jax.random.key(seed) for its random masks")
+    return key
+
+
+def static(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    distribution: str = "erk",
+    prunable=None,
+    overrides=None,
+) -> optax.GradientTransformationExtraArgs:
+    """A fixed random mask drawn at init and never changed.
+
+    Example:
+      >>> tx = jaxsparse.static(optax.sgd(0.1), sparsity=0.9, key=jax.random.key(0))
+    """
+    check_sparsity(sparsity)
+    rule = SparsityRule(
+        init_masks=random_init(sparsity, distribution, prunable, overrides),
+        is_update_step=schedules.never,
+        update_masks=lambda x: (x.masks, x.extra),
+    )
+    return sparse_transform(inner, rule, key=_check_key(key, "static"), track_itop=False)
+
+
+def drop_and_grow(drop_score, grow_score, fraction):
+    """A per-layer DST rule: drop the ``floor(f_t * nnz)`` lowest ``drop_score`` active
+    weights, then grow as many inactive ones with the highest ``grow_score``.
+
+    ``drop_score`` / ``grow_score`` map :class:`LayerInputs` to a score array. Ties are broken
+    at random with the layer's key. Grow candidates are all positions not kept (a weight just
+    dropped can be regrown; it then keeps its value, as in RigL)."""
+
+    def layer(x: LayerInputs):
+        k_drop, k_grow, k_score = jax.random.split(x.key, 3)
+        n = drop_count(x.mask, fraction(x.step))
+        kept = topology.drop_lowest(x.mask, drop_score(x, k_score), n, tie_key=k_drop)
+        grown = topology.top_k_mask(grow_score(x, k_score), n, where=~kept, tie_key=k_grow)
+        return kept | grown
+
+    return layer
+
+
+def magnitude_score(x: LayerInputs, key):
+    del key
+    return jnp.abs(x.weight)
+
+
+def gradient_score(x: LayerInputs, key):
+    del key
+    return jnp.abs(x.grad)
+
+
+def random_score(x: LayerInputs, key):
+    return topology.random_scores(key, x.mask.shape)
+
+
+def _dst(inner, sparsity, key, distribution, update_every, end_step, begin_step, drop_fraction,
+         drop_fraction_decay, prunable, overrides, track_itop, grow_score, name):
+    check_sparsity(sparsity)
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+    rule = SparsityRule(
+        init_masks=random_init(sparsity, distribution, prunable, overrides),
+        is_update_step=schedules.periodic(update_every, end_step, begin_step),
+        update_masks=layerwise(drop_and_grow(magnitude_score, grow_score, fraction)),
+    )
+    return sparse_transform(inner, rule, key=_check_key(key, name), track_itop=track_itop)
+
+
+def set_(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    end_step: int,
+    distribution: str = "erk",
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+    prunable=None,
+    overrides=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """SET (Mocanu et al. 2018): drop the smallest |W|, grow uniformly at random.
+
+    Drops by |W| over the layer (the original drops the fraction closest to zero among
+    positive and negative weights separately); grown weights start at 0 (the original draws
+    them small and random).
+
+    Example:
+      >>> tx = jaxsparse.set(optax.sgd(0.1, 0.9), 0.9, key=jax.random.key(0), end_step=7500)
+    """
+    return _dst(inner, sparsity, key, distribution, update_every, end_step, begin_step,
+                drop_fraction, drop_fraction_decay, prunable, overrides, track_itop,
+                random_score, "set")
+
+
+def rigl(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    end_step: int,
+    distribution: str = "erk",
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+    prunable=None,
+    overrides=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """RigL (Evci et al. 2020): drop the smallest |W|, grow the largest |dense gradient|.
+
+    The gradient is the one passed to ``update``: differentiate the loss with respect to the
+    stored, already-masked params (never compute ``kernel * mask`` in the forward pass, which
+    zeroes exactly the gradients growth needs). Grown weights and their optimizer moments
+    start at 0; kept weights take this step's update (as in SRigL's code; the TF reference
+    skips the weight update on topology steps).
+
+    Example:
+      >>> tx = jaxsparse.rigl(optax.adamw(1e-3), sparsity=0.9, distribution="erk",
+      ...                     update_every=100, end_step=7500, key=jax.random.key(0))
+    """
+    return _dst(inner, sparsity, key, distribution, update_every, end_step, begin_step,
+                drop_fraction, drop_fraction_decay, prunable, overrides, track_itop,
+                gradient_score, "rigl")
+
+
+def snfs(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    end_step: int,
+    distribution: str = "erk",
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.5,
+    drop_fraction_decay: str = "cosine",
+    momentum: float = 0.9,
+    prunable=None,
+    overrides=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """Sparse momentum / SNFS (Dettmers & Zettlemoyer 2019).
+
+    Keeps an exponential moving average of the dense gradients (``momentum``) in the state.
+    At an update each layer drops ``floor(f_t * nnz_l)`` smallest |W|; the total regrowth is
+    redistributed across layers in proportion to the mean |momentum| of each layer's active
+    weights (capped by each layer's free positions), and each layer grows its share by
+    largest |momentum|. Per-layer counts move; the global count stays exact.
+    """
+    check_sparsity(sparsity)
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+
+    def init_extra(params, masks):
+        return map_masked(lambda m, w: jnp.zeros(w.shape, jnp.float32), masks, params)
+
+    def accumulate(mom, grads, masks):
+        return map_masked(
+            lambda m, v, g: momentum * v + (1.0 - momentum) * g.astype(jnp.float32),
+            masks, mom, grads,
+        )
+
+    def update_masks(x: UpdateInputs):
+        m_leaves, treedef = jax.tree.flatten(x.masks, is_leaf=is_none)
+        idx = [i for i, m in enumerate(m_leaves) if m is not None]
+        ms = [m_leaves[i] for i in idx]
+        ws = [jax.tree.leaves(x.params)[i] for i in idx]
+        moms = [treedef.flatten_up_to(x.extra)[i] for i in idx]
+        f = fraction(x.step)
+        keys = jax.random.split(x.key, 2 * len(ms))
+        kept, n_drop, weights, caps = [], [], [], []
+        for j, (m, w, v) in enumerate(zip(ms, ws, moms)):
+            nnz = jnp.sum(m, dtype=jnp.int32)
+            n = drop_count(m, f)
+            kept.append(topology.drop_lowest(m, jnp.abs(w), n, tie_key=keys[2 * j]))
+            n_drop.append(n)
+            weights.append(jnp.sum(jnp.where(m, jnp.abs(v), 0.0)) / jnp.maximum(nnz, 1))
+            caps.append(m.size - (nnz - n))
+        regrow = topology.distribute(
+            jnp.sum(jnp.stack(n_drop)), jnp.stack(weights), jnp.stack(caps)
+        )
+        new = list(m_leaves)
+        for j, i in enumerate(idx):
+            grown = topology.top_k_mask(
+                jnp.abs(moms[j]), regrow[j], where=~kept[j], tie_key=keys[2 * j + 1]
+            )
+            new[i] = kept[j] | grown
+        return jax.tree.unflatten(treedef, new), x.extra
+
+    rule = SparsityRule(
+        init_masks=random_init(sparsity, distribution, prunable, overrides),
+        is_update_step=schedules.periodic(update_every, end_step, begin_step),
+        update_masks=update_masks,
+        init_extra=init_extra,
+        accumulate=accumulate,
+    )
+    return sparse_transform(inner, rule, key=_check_key(key, "snfs"), track_itop=track_itop)

@@ -1,0 +1,168 @@
+"""Pytree masks: which leaves are prunable, and creating, applying and checking masks.
+
+A *mask tree* has the structure of the params. Each prunable leaf holds a ``bool`` array of
+the leaf's shape (``True`` = active weight); each leaf that stays dense holds ``None``.
+Every function here that walks a mask tree treats ``None`` as a leaf, so dense leaves never
+break a tree map (the failure mode of masks whose ``None`` leaves vanish from the tree).
+
+Leaves are named by *path strings*: the key path joined with ``/`` (``params/Dense_0/kernel``
+for a linen params dict, ``layers/0/kernel`` for NNX state; NNX's trailing ``value`` is
+dropped).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Masks = Any
+# A prunable-leaf selector: a predicate ``(path, leaf) -> bool``, a regex matched against the
+# path with ``re.search``, or a sequence of such regexes (any match selects the leaf).
+Prunable = Union[Callable[[str, Any], bool], str, Sequence[str], None]
+
+DEFAULT_PRUNABLE_NAMES = ("kernel", "weight", "w")
+_WRAPPER_NAMES = ("value", "raw_value")
+
+
+def is_none(x) -> bool:
+    """``is_leaf`` predicate that keeps ``None`` mask leaves visible to tree maps."""
+    return x is None
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_to_str(path) -> str:
+    """Turns a JAX key path into ``a/b/c``, dropping NNX's trailing ``value``."""
+    names = [_key_name(k) for k in path]
+    while len(names) > 1 and names[-1] in _WRAPPER_NAMES:
+        names.pop()
+    return "/".join(names)
+
+
+def leaf_paths(tree: PyTree, is_leaf=None) -> list[str]:
+    """Path strings of the leaves of ``tree`` in flattening order."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return [path_to_str(p) for p, _ in flat]
+
+
+def default_prunable(path: str, leaf) -> bool:
+    """Kernels of rank >= 2 (Dense, DenseGeneral, Conv). Biases, norm scales and embeddings
+    stay dense."""
+    name = path.rsplit("/", 1)[-1]
+    return name in DEFAULT_PRUNABLE_NAMES and np.ndim(leaf) >= 2
+
+
+def as_predicate(prunable: Prunable) -> Callable[[str, Any], bool]:
+    """Normalises a :data:`Prunable` spec into a ``(path, leaf) -> bool`` predicate."""
+    if prunable is None:
+        return default_prunable
+    if isinstance(prunable, str):
+        prunable = [prunable]
+    if callable(prunable):
+        return prunable
+    if isinstance(prunable, Sequence):
+        patterns = [re.compile(p) for p in prunable]
+        return lambda path, leaf: np.ndim(leaf) >= 1 and any(p.search(path) for p in patterns)
+    raise TypeError(
+        f"prunable must be a predicate (path, leaf) -> bool, a regex string or a list of "
+        f"regexes; got {type(prunable).__name__}"
+    )
+
+
+def prunable_paths(params: PyTree, prunable: Prunable = None) -> list[str]:
+    """The paths of the leaves of ``params`` that ``prunable`` selects."""
+    pred = as_predicate(prunable)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return [path_to_str(p) for p, leaf in flat if pred(path_to_str(p), leaf)]
+
+
+def ones_masks(params: PyTree, prunable: Prunable = None) -> Masks:
+    """All-active masks for the prunable leaves, ``None`` for the others."""
+    pred = as_predicate(prunable)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.ones(jnp.shape(x), bool) if pred(path_to_str(p), x) else None, params
+    )
+
+
+def map_masked(fn: Callable, masks: Masks, *trees: PyTree, dense: Callable | None = None):
+    """Maps ``fn(mask, *leaves)`` over prunable leaves.
+
+    Dense leaves (``None`` mask) give ``dense(*leaves)`` when ``dense`` is given, else the
+    leaf of the first tree (or ``None`` when there is no other tree).
+    """
+
+    def f(m, *leaves):
+        if m is None:
+            if dense is not None:
+                return dense(*leaves)
+            return leaves[0] if leaves else None
+        return fn(m, *leaves)
+
+    return jax.tree.map(f, masks, *trees, is_leaf=is_none)
+
+
+def mask_leaves(masks: Masks) -> list:
+    """The leaves of a mask tree in flattening order, ``None`` included."""
+    return jax.tree.leaves(masks, is_leaf=is_none)
+
+
+def apply_masks(params: PyTree, masks: Masks) -> PyTree:
+    """Zeroes the inactive weights: ``where(mask, w, 0)`` on prunable leaves.
+
+    Example:
+        >>> params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
+    """
+    validate_masks(masks, params)
+    return map_masked(lambda m, w: jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params)
+
+
+def validate_masks(masks: Masks, params: PyTree) -> None:
+    """Raises ``ValueError`` naming the first leaf whose mask does not fit the params."""
+    m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
+    p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
+    m_paths = [path_to_str(p) for p, _ in m_flat]
+    p_paths = [path_to_str(p) for p, _ in p_flat]
+    if m_paths != p_paths:
+        missing = sorted(set(p_paths) - set(m_paths))
+        extra = sorted(set(m_paths) - set(p_paths))
+        raise ValueError(
+            "masks and params have different tree structures: "
+            f"params leaves without a mask entry: {missing[:5]}; mask entries without a "
+            f"params leaf: {extra[:5]}"
+        )
+    for path, (_, m), (_, p) in zip(m_paths, m_flat, p_flat):
+        if m is None:
+            continue
+        if not hasattr(m, "dtype") or m.dtype != jnp.bool_:
+            raise ValueError(
+                f"mask for {path!r} must be a bool array, got dtype "
+                f"{getattr(m, 'dtype', type(m).__name__)}"
+            )
+        if tuple(m.shape) != tuple(np.shape(p)):
+            raise ValueError(
+                f"mask for {path!r} has shape {tuple(m.shape)} but the parameter has shape "
+                f"{tuple(np.shape(p))}"
+            )
+
+
+def count_active(masks: Masks) -> dict[str, int]:
+    """Number of active weights per prunable leaf (host ints)."""
+    m_flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
+    return {path_to_str(p): int(jnp.sum(m)) for p, m in m_flat if m is not None}
+
+
+def count_nonzero(params: PyTree) -> dict[str, int]:
+    """Number of nonzero entries per leaf of ``params`` (host ints)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    return {path_to_str(p): int(jnp.count_nonzero(x)) for p, x in flat}
