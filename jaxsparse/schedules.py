@@ -9,10 +9,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def as_float_schedule(schedule: Schedule) -> Schedule:
+    """Wraps an optax-style schedule so it returns float32 whatever the promotion mode.
+
+    optax schedules mix Python floats with the int32 step, which
+    ``jax_numpy_dtype_promotion="strict"`` rejects; they run here under standard promotion.
+    """
+
+    def wrapped(step):
+        with jax.numpy_dtype_promotion("standard"):
+            return jnp.asarray(schedule(step), jnp.float32)
+
+    return wrapped
 
 
 def _check_int(value, name: str, minimum: int = 0) -> int:
@@ -66,16 +81,27 @@ def drop_fraction_schedule(
     ``"constant"``: f_t = alpha. A callable is used as given (e.g. an optax schedule).
     """
     if callable(drop_fraction):
-        return drop_fraction
-    alpha = float(drop_fraction)
-    if not 0.0 <= alpha <= 1.0:
+        return as_float_schedule(drop_fraction)
+    # ``drop_fraction`` may be a traced value (optax.inject_hyperparams); check it if concrete.
+    try:
+        alpha_value = float(drop_fraction)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        alpha_value = None
+    if alpha_value is not None and not 0.0 <= alpha_value <= 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1], got {drop_fraction!r}")
     if decay == "constant":
-        return optax.constant_schedule(alpha)
+        return lambda step: jnp.asarray(drop_fraction, jnp.float32)
     if decay == "cosine":
         if end_step is None:
             raise ValueError("a cosine drop_fraction schedule needs end_step")
-        return optax.cosine_decay_schedule(alpha, decay_steps=int(end_step))
+        horizon = float(end_step)
+
+        def cosine(step):
+            t = jnp.minimum(jnp.asarray(step, jnp.float32), horizon)
+            alpha = jnp.asarray(drop_fraction, jnp.float32)
+            return alpha * 0.5 * (1.0 + jnp.cos(jnp.pi * t / horizon))
+
+        return cosine
     raise ValueError(f"unknown drop fraction decay {decay!r}; choose 'cosine' or 'constant'")
 
 
@@ -93,13 +119,13 @@ def polynomial_sparsity(
     """
     if end_step <= begin_step:
         raise ValueError(f"end_step ({end_step}) must be greater than begin_step ({begin_step})")
-    return optax.polynomial_schedule(
+    return as_float_schedule(optax.polynomial_schedule(
         init_value=float(initial_sparsity),
         end_value=float(final_sparsity),
         power=power,
         transition_steps=int(end_step) - int(begin_step),
         transition_begin=int(begin_step),
-    )
+    ))
 
 
 def one_shot_sparsity(final_sparsity: float, at_step: int = 0) -> Schedule:

@@ -209,7 +209,9 @@ def snfs(
             n = drop_count(m, f)
             kept.append(topology.drop_lowest(m, jnp.abs(w), n, tie_key=keys[2 * j]))
             n_drop.append(n)
-            weights.append(jnp.sum(jnp.where(m, jnp.abs(v), 0.0)) / jnp.maximum(nnz, 1))
+            weights.append(
+                jnp.sum(jnp.where(m, jnp.abs(v), 0.0)) / jnp.maximum(nnz, 1).astype(jnp.float32)
+            )
             caps.append(m.size - (nnz - n))
         regrow = topology.distribute(
             jnp.sum(jnp.stack(n_drop)), jnp.stack(weights), jnp.stack(caps)

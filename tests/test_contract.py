@@ -1,0 +1,270 @@
+"""The contract every algorithm passes (one suite, run over all factories).
+
+jit once across many topology updates; exact nonzero counts after every update; params exactly
+masked after every step; grown weights zero; inner moments of grown weights zero; same key ->
+same masks; dense leaves untouched; works inside chain and inject_hyperparams.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse
+from jaxsparse.masks import is_none, path_to_str
+from tests.helpers import lenient, make_step, run, tiny_batch, tiny_params
+
+EVERY, END, STEPS = 3, 24, 28
+
+ALGORITHMS = {
+    "static": (lambda inner, key: jaxsparse.static(inner, 0.8, key=key, distribution="uniform"),
+               "fixed", True),
+    "set": (lambda inner, key: jaxsparse.set(inner, 0.8, key=key, end_step=END,
+                                             update_every=EVERY), "fixed", True),
+    "rigl": (lambda inner, key: jaxsparse.rigl(inner, 0.8, key=key, end_step=END,
+                                               update_every=EVERY), "fixed", True),
+    "rigl_uniform_const": (lambda inner, key: jaxsparse.rigl(
+        inner, 0.7, key=key, end_step=END, update_every=EVERY, distribution="uniform",
+        drop_fraction_decay="constant"), "fixed", True),
+    "snfs": (lambda inner, key: jaxsparse.snfs(inner, 0.8, key=key, end_step=END,
+                                               update_every=EVERY), "global", True),
+    "magnitude": (lambda inner, key: jaxsparse.magnitude_pruning(
+        inner, 0.8, end_step=END, frequency=EVERY), "pruning", False),
+    "magnitude_global": (lambda inner, key: jaxsparse.magnitude_pruning(
+        inner, 0.8, end_step=END, begin_step=2, frequency=EVERY, initial_sparsity=0.3,
+        ranking="global"), "pruning", False),
+    "random_pruning": (lambda inner, key: jaxsparse.random_pruning(
+        inner, 0.8, key=key, end_step=END, frequency=EVERY), "pruning", True),
+}
+DST = ("set", "rigl", "rigl_uniform_const", "snfs")
+
+
+@pytest.fixture(scope="module", params=sorted(ALGORITHMS))
+def recorded(request):
+    name = request.param
+    make, kind, random = ALGORITHMS[name]
+    tx = make(lenient(optax.adam(1e-2)), jax.random.key(0))
+    history, _ = run(tx, STEPS)
+    return name, kind, random, tx, history
+
+
+def _sparse_items(masks):
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
+    return [(path_to_str(p), m) for p, m in flat if m is not None]
+
+
+def _leaf(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return tree
+
+
+def test_step_is_traced_once(recorded):
+    name, _, _, tx, _ = recorded
+    chex.clear_trace_counter()
+    params = tiny_params()
+    state = tx.init(params)
+    step = jax.jit(chex.assert_max_traces(make_step(tx), n=1))
+    for t in range(STEPS):  # crosses many topology updates and schedule changes
+        params, state, _ = step(params, state, *tiny_batch(t))
+    assert int(jaxsparse.get_sparse_state(state).count) == STEPS
+
+
+def test_params_exactly_masked_after_every_step(recorded):
+    _, _, _, _, history = recorded
+    for t, snap in enumerate(history):
+        for path, m in _sparse_items(snap["masks"]):
+            w = _leaf(snap["params"], path)
+            assert np.all(w[~m] == 0), f"step {t}: {path} has nonzero inactive weights"
+
+
+def test_exact_counts_after_every_update(recorded):
+    name, kind, _, _, history = recorded
+    first = {p: int(m.sum()) for p, m in _sparse_items(history[0]["masks"])}
+    specs = jaxsparse.layer_specs(history[0]["params"])
+    for t, snap in enumerate(history):
+        counts = {p: int(m.sum()) for p, m in _sparse_items(snap["masks"])}
+        if kind == "fixed":
+            assert counts == first, f"step {t}"
+        elif kind == "global":
+            assert sum(counts.values()) == sum(first.values()), f"step {t}"
+    if kind == "pruning":
+        # After the last prune the counts are exactly the final budgets.
+        final = jaxsparse.layer_budgets(specs, 0.8, "uniform")
+        last = {p: int(m.sum()) for p, m in _sparse_items(history[-1]["masks"])}
+        if name == "magnitude_global":
+            assert sum(last.values()) == sum(final.values())
+        else:
+            assert last == final
+
+
+def test_pruning_follows_schedule_exactly():
+    tx = jaxsparse.magnitude_pruning(lenient(optax.sgd(0.1)), 0.9, end_step=20, begin_step=2,
+                                     frequency=4, initial_sparsity=0.25)
+    history, _ = run(tx, 24)
+    specs = jaxsparse.layer_specs(history[0]["params"])
+    budgets = jaxsparse.layer_budgets(specs, 0.9, "uniform")
+    targets = jaxsparse.pruning_targets(specs, budgets, 0.25, 2, 20)
+    prune_steps = {2, 6, 10, 14, 18, 20}
+    expected = {s.path: s.size for s in specs}
+    for t in range(24):
+        if t in prune_steps:
+            expected = dict(zip([s.path for s in specs], np.asarray(targets(t)).tolist()))
+        got = {p: int(m.sum()) for p, m in _sparse_items(history[t + 1]["masks"])}
+        assert got == expected, f"step {t}"
+    # The integer ramp matches Zhu & Gupta's formula to within rounding.
+    for t in prune_steps:
+        s_t = 0.9 + (0.25 - 0.9) * (1 - min(1.0, (t - 2) / 18)) ** 3
+        for s, n in zip(specs, np.asarray(targets(t))):
+            assert abs(n - (1 - s_t) * s.size) <= 1.0
+
+
+def test_topology_changes_only_on_update_steps(recorded):
+    name, kind, _, _, history = recorded
+    changed_at = []
+    for t in range(1, len(history)):
+        prev, cur = history[t - 1]["masks"], history[t]["masks"]
+        if any(not np.array_equal(a, b) for (_, a), (_, b) in
+               zip(_sparse_items(prev), _sparse_items(cur))):
+            changed_at.append(t - 1)  # the step index that produced snapshot t
+    if name == "static":
+        assert changed_at == []
+        return
+    if kind == "pruning":
+        allowed = set(range(0, END + 1, EVERY)) | {END} | {2 + i * EVERY for i in range(10)}
+    else:
+        allowed = {t for t in range(EVERY, END, EVERY)}
+    assert changed_at, "the topology never changed"
+    assert set(changed_at) <= allowed, (changed_at, allowed)
+
+
+def test_grown_weights_are_zero_and_moments_reset(recorded):
+    name, _, _, _, history = recorded
+    grew = 0
+    for t in range(1, len(history)):
+        old = dict(_sparse_items(history[t - 1]["masks"]))
+        state = history[t]["state"]
+        inner = jaxsparse.get_sparse_state(state).inner_state
+        mu, nu = optax.tree.get(inner, "mu"), optax.tree.get(inner, "nu")
+        for path, new in _sparse_items(history[t]["masks"]):
+            grown = new & ~old[path]
+            grew += int(grown.sum())
+            assert np.all(_leaf(history[t]["params"], path)[grown] == 0)
+            assert np.all(_leaf(mu, path)[grown] == 0), f"{name} step {t}: mu not reset"
+            assert np.all(_leaf(nu, path)[grown] == 0), f"{name} step {t}: nu not reset"
+    if name in DST:
+        assert grew > 0
+
+
+def test_same_key_same_masks_different_key_different(recorded):
+    name, _, random, _, history = recorded
+    make = ALGORITHMS[name][0]
+    again, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(0)), STEPS)
+    for (_, a), (_, b) in zip(_sparse_items(history[-1]["masks"]),
+                              _sparse_items(again[-1]["masks"])):
+        np.testing.assert_array_equal(a, b)
+    if random:
+        other, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(1)), STEPS)
+        assert any(not np.array_equal(a, b) for (_, a), (_, b) in
+                   zip(_sparse_items(history[-1]["masks"]), _sparse_items(other[-1]["masks"])))
+
+
+@pytest.mark.parametrize("name", DST + ("magnitude",))
+def test_kept_weights_take_the_inner_update_and_dense_leaves_are_untouched(name):
+    make = ALGORITHMS[name][0]
+    lr = 0.1
+    tx = make(lenient(optax.sgd(lr)), jax.random.key(0))
+    history, _ = run(tx, STEPS)
+    for t in range(1, len(history)):
+        g, before, after = history[t]["grads"], history[t - 1]["params"], history[t]["params"]
+        old = dict(_sparse_items(history[t - 1]["masks"]))
+        new = dict(_sparse_items(history[t]["masks"]))
+        for p_path, leaf in [("dense0/bias", None), ("norm/scale", None), ("dense1/bias", None)]:
+            np.testing.assert_allclose(_leaf(after, p_path),
+                                       _leaf(before, p_path) - lr * _leaf(g, p_path),
+                                       rtol=1e-5, atol=1e-7)
+        for path in old:
+            kept = old[path] & new[path]
+            np.testing.assert_allclose(_leaf(after, path)[kept],
+                                       (_leaf(before, path) - lr * _leaf(g, path))[kept],
+                                       rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("wrap", ["chain", "inject_inner", "inject_outer", "multisteps_outer",
+                                  "multisteps_inner"])
+def test_composes_with_optax_wrappers(wrap):
+    key = jax.random.key(0)
+    if wrap == "chain":
+        tx = optax.chain(lenient(optax.clip_by_global_norm(1.0)),
+                         jaxsparse.rigl(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=END,
+                                        update_every=EVERY))
+    elif wrap == "inject_inner":
+        inner = lenient(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2))
+        tx = jaxsparse.rigl(inner, 0.8, key=key, end_step=END, update_every=EVERY)
+    elif wrap == "inject_outer":
+        tx = lenient(optax.inject_hyperparams(
+            jaxsparse.rigl,
+            static_args=("inner", "sparsity", "key", "end_step", "update_every", "distribution",
+                         "begin_step", "track_itop"),
+        )(inner=optax.adam(1e-2), sparsity=0.8, key=key, end_step=END, update_every=EVERY,
+          drop_fraction=0.3))
+    elif wrap == "multisteps_outer":
+        tx = lenient(optax.MultiSteps(jaxsparse.rigl(optax.adam(1e-2), 0.8, key=key,
+                                                     end_step=END, update_every=EVERY),
+                                      every_k_schedule=2))
+    else:
+        tx = jaxsparse.rigl(lenient(optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)), 0.8,
+                            key=key, end_step=END, update_every=EVERY)
+    history, _ = run(tx, STEPS)
+    first = {p: int(m.sum()) for p, m in _sparse_items(history[0]["masks"])}
+    changed = False
+    for t, snap in enumerate(history):
+        assert {p: int(m.sum()) for p, m in _sparse_items(snap["masks"])} == first
+        for path, m in _sparse_items(snap["masks"]):
+            assert np.all(_leaf(snap["params"], path)[~m] == 0), f"{wrap} step {t}"
+        if t and any(not np.array_equal(a, b) for (_, a), (_, b) in zip(
+                _sparse_items(history[t - 1]["masks"]), _sparse_items(snap["masks"]))):
+            changed = True
+    assert changed
+    if wrap == "inject_outer":
+        hp = history[-1]["state"].hyperparams
+        assert "drop_fraction" in hp
+
+
+def test_non_finite_gradients_never_corrupt_masks():
+    tx = jaxsparse.rigl(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END,
+                        update_every=EVERY)
+    params = tiny_params()
+    state = tx.init(params)
+    params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
+    step = jax.jit(make_step(tx))
+    for t in range(EVERY):
+        params, state, _ = step(params, state, *tiny_batch(t))
+    before = jaxsparse.get_masks(state)
+    grads = jax.tree.map(jnp.ones_like, params)
+    grads["dense0"]["kernel"] = grads["dense0"]["kernel"].at[0, 0].set(jnp.nan)
+    assert bool(jaxsparse.schedules.periodic(EVERY, END)(jaxsparse.get_sparse_state(state).count))
+    _, state = jax.jit(tx.update)(grads, state, params)
+    after = jaxsparse.get_masks(state)
+    for (_, a), (_, b) in zip(_sparse_items(before), _sparse_items(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_update_without_params_is_a_clear_error():
+    tx = jaxsparse.rigl(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END)
+    params = tiny_params()
+    state = tx.init(params)
+    with pytest.raises(ValueError, match=r"tx.update\(grads, state, params\)"):
+        tx.update(params, state)
+
+
+def test_itop_rate_grows_for_dst_and_is_tracked_in_state():
+    tx = jaxsparse.set(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END,
+                       update_every=EVERY)
+    history, _ = run(tx, STEPS)
+    rates = [float(jaxsparse.itop_rate(jaxsparse.get_ever_active(s["state"]))) for s in history]
+    assert rates[0] == pytest.approx(0.2, abs=0.02)
+    assert all(b >= a for a, b in zip(rates, rates[1:]))
+    assert rates[-1] > rates[0] + 0.05
