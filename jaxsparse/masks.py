@@ -102,14 +102,22 @@ def map_masked(fn: Callable, masks: Masks, *trees: PyTree, dense: Callable | Non
     leaf of the first tree (or ``None`` when there is no other tree).
     """
 
-    def f(m, *leaves):
+    m_leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    others = [jax.tree.leaves(t, is_leaf=is_none) for t in trees]
+    for t in others:
+        if len(t) != len(m_leaves):
+            raise ValueError(
+                f"masks have {len(m_leaves)} leaves but a tree mapped with them has {len(t)}; "
+                "masks must have the structure of the params"
+            )
+    out = []
+    for i, m in enumerate(m_leaves):
+        leaves = [t[i] for t in others]
         if m is None:
-            if dense is not None:
-                return dense(*leaves)
-            return leaves[0] if leaves else None
-        return fn(m, *leaves)
-
-    return jax.tree.map(f, masks, *trees, is_leaf=is_none)
+            out.append(dense(*leaves) if dense is not None else (leaves[0] if leaves else None))
+        else:
+            out.append(fn(m, *leaves))
+    return jax.tree.unflatten(treedef, out)
 
 
 def mask_leaves(masks: Masks) -> list:

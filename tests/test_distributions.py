@@ -1,0 +1,130 @@
+"""Per-layer budgets: uniform, ER, ERK, overrides, and their errors."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxsparse.distributions import LayerSpec, layer_budgets
+
+LENET = [LayerSpec("fc1/kernel", (784, 300)), LayerSpec("fc2/kernel", (300, 100)),
+         LayerSpec("fc3/kernel", (100, 10))]
+CNN = [LayerSpec("conv1/kernel", (3, 3, 3, 16)), LayerSpec("conv2/kernel", (3, 3, 16, 32)),
+       LayerSpec("fc/kernel", (512, 10))]
+
+
+def total(specs):
+    return sum(s.size for s in specs)
+
+
+def test_uniform_is_per_layer():
+    b = layer_budgets(LENET, 0.9, "uniform")
+    assert b == {"fc1/kernel": 23520, "fc2/kernel": 3000, "fc3/kernel": 100}
+
+
+@pytest.mark.parametrize("dist", ["er", "erk"])
+@pytest.mark.parametrize("specs", [LENET, CNN])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.95, 0.99])
+def test_er_erk_global_budget_is_exact(dist, specs, sparsity):
+    b = layer_budgets(specs, sparsity, dist)
+    assert sum(b.values()) == round((1 - sparsity) * total(specs))
+    assert all(0 < b[s.path] <= s.size for s in specs)
+
+
+def test_erk_densities_follow_scores_and_saturate_at_one():
+    b = layer_budgets(LENET, 0.9, "erk")
+    # 100x10 would exceed density 1: it is made dense and eps re-solved.
+    assert b["fc3/kernel"] == 1000
+    d1, d2 = b["fc1/kernel"] / 235200, b["fc2/kernel"] / 30000
+    s1, s2 = (784 + 300) / 235200, (300 + 100) / 30000
+    assert d1 / d2 == pytest.approx(s1 / s2, rel=1e-3)
+
+
+def test_erk_uses_kernel_dims_and_er_does_not():
+    erk = layer_budgets(CNN, 0.9, "erk")
+    er = layer_budgets(CNN, 0.9, "er")
+    assert erk != er
+    d_erk = {s.path: erk[s.path] / s.size for s in CNN}
+    ratio = d_erk["conv1/kernel"] / d_erk["conv2/kernel"]
+    if d_erk["conv1/kernel"] < 1:
+        assert ratio == pytest.approx((25 / 432) / (54 / 4608), rel=1e-2)
+
+
+def test_erk_override_dense_moves_to_other_side():
+    b = layer_budgets(CNN, 0.9, "erk", overrides={"conv1": 0.0})
+    assert b["conv1/kernel"] == 432
+    assert sum(b.values()) == round(0.1 * total(CNN))
+    free = layer_budgets(CNN, 0.9, "erk")
+    assert b["conv2/kernel"] < free["conv2/kernel"]  # the others pay for the dense layer
+
+
+def test_erk_override_exceeding_budget_is_an_error():
+    with pytest.raises(ValueError, match="more than the global budget"):
+        layer_budgets(LENET, 0.9, "erk", overrides={"fc1": 0.0})
+
+
+def test_erk_override_fixed_sparsity_and_budget():
+    b = layer_budgets(LENET, 0.9, "erk", overrides={"fc3": 0.8})
+    assert b["fc3/kernel"] == 200
+    assert sum(b.values()) == round(0.1 * total(LENET))
+
+
+def test_uniform_overrides_state_of_sparsity_style():
+    b = layer_budgets(LENET, 0.9, "uniform", overrides={"fc1": 0.0, "fc3": 0.8})
+    assert b == {"fc1/kernel": 235200, "fc2/kernel": 3000, "fc3/kernel": 200}
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    dims=st.lists(st.tuples(st.integers(2, 300), st.integers(2, 300)), min_size=1, max_size=5),
+    sparsity=st.floats(0.0, 0.97),
+    dist=st.sampled_from(["er", "erk"]),
+)
+def test_erk_budget_property(dims, sparsity, dist):
+    specs = [LayerSpec(f"l{i}/kernel", d) for i, d in enumerate(dims)]
+    try:
+        b = layer_budgets(specs, sparsity, dist)
+    except ValueError as e:
+        assert "would keep no weights" in str(e)
+        return
+    assert sum(b.values()) == round((1 - sparsity) * total(specs))
+    for s in specs:
+        assert 1 <= b[s.path] <= s.size
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, 1.5, float("nan")])
+def test_sparsity_out_of_range(bad):
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        layer_budgets(LENET, bad, "erk")
+
+
+def test_unknown_distribution():
+    with pytest.raises(ValueError, match="unknown distribution 'erdos'"):
+        layer_budgets(LENET, 0.9, "erdos")
+
+
+def test_override_matching_nothing_names_pattern():
+    with pytest.raises(ValueError, match="override 'conv9' matches no prunable leaf"):
+        layer_budgets(LENET, 0.9, "uniform", overrides={"conv9": 0.5})
+
+
+def test_override_value_out_of_range_names_pattern():
+    with pytest.raises(ValueError, match=r"overrides\['fc1'\] must be in \[0, 1\)"):
+        layer_budgets(LENET, 0.9, "uniform", overrides={"fc1": 1.0})
+
+
+def test_layer_with_zero_weights_names_leaf():
+    with pytest.raises(ValueError, match="layer 'fc3/kernel'.*would keep no weights"):
+        layer_budgets(LENET, 0.9995, "uniform")
+
+
+def test_overlapping_overrides():
+    with pytest.raises(ValueError, match="more than one override"):
+        layer_budgets(LENET, 0.9, "uniform", overrides={"fc": 0.5, "fc1": 0.2})
+
+
+def test_largest_remainder_sum_exact_for_many_layers():
+    specs = [LayerSpec(f"l{i}/kernel", (7 + i, 13 + 2 * i)) for i in range(20)]
+    b = layer_budgets(specs, 0.83, "erk")
+    assert sum(b.values()) == round(0.17 * total(specs))
+    assert np.all(np.array(list(b.values())) > 0)

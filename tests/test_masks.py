@@ -1,0 +1,117 @@
+"""Masks: prunable predicates, validation errors, get_masks lookup."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse
+from jaxsparse import masks as M
+from tests.helpers import lenient, tiny_params
+
+
+def test_default_prunable_selects_kernels_only():
+    params = tiny_params()
+    assert M.prunable_paths(params) == ["dense0/kernel", "dense1/kernel"]
+
+
+def test_prunable_regex_and_predicate():
+    params = tiny_params()
+    assert M.prunable_paths(params, r"dense1/kernel") == ["dense1/kernel"]
+    assert M.prunable_paths(params, [r"dense0/kernel", r"norm"]) == ["dense0/kernel",
+                                                                      "norm/scale"]
+    assert M.prunable_paths(params, lambda p, x: x.ndim == 1) == [
+        "dense0/bias", "dense1/bias", "norm/scale"]
+    with pytest.raises(TypeError, match="prunable must be"):
+        M.prunable_paths(params, 3)
+
+
+def test_apply_masks_zeroes_inactive_and_keeps_dense():
+    params = tiny_params()
+    masks = M.ones_masks(params)
+    masks["dense0"]["kernel"] = masks["dense0"]["kernel"].at[0].set(False)
+    out = jaxsparse.apply_masks(params, masks)
+    assert np.all(out["dense0"]["kernel"][0] == 0)
+    np.testing.assert_array_equal(out["dense0"]["kernel"][1:], params["dense0"]["kernel"][1:])
+    np.testing.assert_array_equal(out["norm"]["scale"], params["norm"]["scale"])
+
+
+def test_mask_shape_mismatch_names_leaf():
+    params = tiny_params()
+    masks = M.ones_masks(params)
+    masks["dense1"]["kernel"] = jnp.ones((3, 3), bool)
+    with pytest.raises(ValueError, match=r"mask for 'dense1/kernel' has shape \(3, 3\)"):
+        jaxsparse.apply_masks(params, masks)
+
+
+def test_mask_dtype_mismatch_names_leaf():
+    params = tiny_params()
+    masks = M.ones_masks(params)
+    masks["dense0"]["kernel"] = jnp.ones((20, 16), jnp.float32)
+    with pytest.raises(ValueError, match="mask for 'dense0/kernel' must be a bool array"):
+        jaxsparse.validate_masks(masks, params)
+
+
+def test_mask_structure_mismatch_names_leaves():
+    params = tiny_params()
+    masks = M.ones_masks(params)
+    del masks["norm"]
+    with pytest.raises(ValueError, match="norm/scale"):
+        jaxsparse.validate_masks(masks, params)
+
+
+def test_get_masks_inside_chain_and_errors():
+    params = tiny_params()
+    sparse = jaxsparse.static(lenient(optax.sgd(0.1)), 0.5, key=jax.random.key(0),
+                              distribution="uniform")
+    state = optax.chain(optax.identity(), sparse).init(params)
+    masks = jaxsparse.get_masks(state)
+    assert jaxsparse.count_active(masks) == {"dense0/kernel": 160, "dense1/kernel": 64}
+    with pytest.raises(ValueError, match="no jaxsparse SparseState"):
+        jaxsparse.get_masks(optax.adam(1e-3).init(params))
+    two = optax.chain(sparse, sparse).init(params)
+    with pytest.raises(ValueError, match="found 2 SparseStates"):
+        jaxsparse.get_masks(two)
+
+
+def test_factory_argument_errors():
+    inner = optax.sgd(0.1)
+    params = tiny_params()
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        jaxsparse.rigl(inner, 1.0, key=jax.random.key(0), end_step=10)
+    with pytest.raises(ValueError, match="needs key"):
+        jaxsparse.rigl(inner, 0.5, key=None, end_step=10)
+    with pytest.raises(ValueError, match="unknown distribution 'foo'"):
+        jaxsparse.rigl(inner, 0.5, key=jax.random.key(0), end_step=10,
+                       distribution="foo").init(params)
+    with pytest.raises(ValueError, match="override 'conv' matches no prunable leaf"):
+        jaxsparse.set(inner, 0.5, key=jax.random.key(0), end_step=10,
+                      overrides={"conv": 0.0}).init(params)
+    with pytest.raises(ValueError, match="drop_fraction must be in"):
+        jaxsparse.rigl(inner, 0.5, key=jax.random.key(0), end_step=10, drop_fraction=1.5)
+    with pytest.raises(ValueError, match="unknown drop fraction decay"):
+        jaxsparse.rigl(inner, 0.5, key=jax.random.key(0), end_step=10,
+                       drop_fraction_decay="linear")
+    with pytest.raises(ValueError, match="update_every must be an integer >= 1"):
+        jaxsparse.rigl(inner, 0.5, key=jax.random.key(0), end_step=10, update_every=0)
+    with pytest.raises(ValueError, match="end_step .* must be greater than begin_step"):
+        jaxsparse.rigl(inner, 0.5, key=jax.random.key(0), end_step=10, begin_step=20)
+    with pytest.raises(ValueError, match="layer 'dense0/kernel'.*would keep no weights"):
+        jaxsparse.static(inner, 0.999, key=jax.random.key(0),
+                         distribution="uniform").init(params)
+    with pytest.raises(ValueError, match="unknown ranking"):
+        jaxsparse.magnitude_pruning(inner, 0.5, end_step=10, ranking="best")
+    with pytest.raises(ValueError, match="initial_sparsity .* must not exceed"):
+        jaxsparse.magnitude_pruning(inner, 0.5, end_step=10, initial_sparsity=0.7)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        jaxsparse.snfs(inner, 0.5, key=jax.random.key(0), end_step=10, momentum=1.0)
+
+
+def test_overrides_keep_first_layer_dense_in_rigl():
+    params = tiny_params()
+    tx = jaxsparse.rigl(optax.sgd(0.1), 0.8, key=jax.random.key(0), end_step=10,
+                        distribution="uniform", overrides={"dense0": 0.0})
+    masks = jaxsparse.get_masks(tx.init(params))
+    assert masks["dense0"]["kernel"] is None
+    assert int(masks["dense1"]["kernel"].sum()) == round(0.2 * 128)

@@ -1,0 +1,160 @@
+"""Pure topology functions: hand-checked tiny cases and property tests."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxsparse import topology
+
+
+def test_top_k_hand_checked():
+    scores = jnp.array([[0.1, 0.9], [0.5, 0.3]])
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 2), [[False, True], [True, False]])
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 0), np.zeros((2, 2), bool))
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 7), np.ones((2, 2), bool))
+
+
+def test_top_k_negative_scores_and_ties_break_by_position():
+    scores = jnp.array([-1.0, 2.0, -1.0, -1.0, -3.0])
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 3),
+                                  [True, True, True, False, False])
+    np.testing.assert_array_equal(topology.top_k_mask(-jnp.zeros(4), 2),
+                                  [True, True, False, False])
+
+
+def test_top_k_never_picks_nan_before_numbers():
+    scores = jnp.array([jnp.nan, 1.0, jnp.nan, -jnp.inf, 0.0])
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 3),
+                                  [False, True, False, True, True])
+
+
+def test_top_k_restricted_to_candidates():
+    scores = jnp.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    where = jnp.array([False, True, False, True, True])
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 2, where=where),
+                                  [False, True, False, True, False])
+    # More asked than candidates: all candidates, nothing else.
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 4, where=where), where)
+
+
+def test_random_tie_break_depends_on_key_and_keeps_count():
+    scores = jnp.zeros((64,))
+    a = topology.top_k_mask(scores, 10, tie_key=jax.random.key(0))
+    b = topology.top_k_mask(scores, 10, tie_key=jax.random.key(0))
+    c = topology.top_k_mask(scores, 10, tie_key=jax.random.key(1))
+    assert int(a.sum()) == 10 and int(c.sum()) == 10
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, np.arange(64) < 10)  # not just the first 10
+
+
+def test_drop_and_grow_hand_checked():
+    mask = jnp.array([True, True, True, False, False, False])
+    w = jnp.array([0.5, -0.1, 2.0, 0.0, 0.0, 0.0])
+    kept = topology.drop_lowest(mask, jnp.abs(w), 1)
+    np.testing.assert_array_equal(kept, [True, False, True, False, False, False])
+    g = jnp.array([9.0, 8.0, 0.0, 0.1, 3.0, 0.2])
+    grown = topology.grow_highest(kept, jnp.abs(g), 2)
+    # Position 0 is active already; the two best inactive ones are 1 (8.0) and 4 (3.0).
+    np.testing.assert_array_equal(grown, [True, True, True, False, True, False])
+
+
+def test_traced_counts_compile_once():
+    chex.clear_trace_counter()
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def select(scores, k):
+        return topology.top_k_mask(scores, k)
+
+    scores = jax.random.normal(jax.random.key(0), (50, 7))
+    for k in [0, 1, 17, 349, 350, 400]:
+        assert int(select(scores, k).sum()) == min(k, 350)
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    frac=st.floats(0.0, 1.2),
+    seed=st.integers(0, 2**16),
+    with_where=st.booleans(),
+    ties=st.booleans(),
+)
+def test_top_k_property(shape, frac, seed, with_where, ties):
+    shape = tuple(shape)
+    n = int(np.prod(shape))
+    k = int(frac * n)
+    kscore, kwhere = jax.random.split(jax.random.key(seed))
+    scores = jax.random.normal(kscore, shape)
+    if ties:
+        scores = jnp.round(scores)
+    where = jax.random.bernoulli(kwhere, 0.6, shape) if with_where else jnp.ones(shape, bool)
+    sel = np.asarray(topology.top_k_mask(scores, k, where=where))
+    w = np.asarray(where)
+    s = np.asarray(scores)
+    assert sel.sum() == min(k, w.sum())
+    assert not np.any(sel & ~w)
+    rest = w & ~sel
+    if sel.any() and rest.any():
+        assert s[sel].min() >= s[rest].max()
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    fan_in=st.integers(1, 12), n_out=st.integers(1, 6), seed=st.integers(0, 2**16),
+    ks=st.lists(st.integers(0, 14), min_size=6, max_size=6),
+)
+def test_top_k_per_neuron_property(fan_in, n_out, seed, ks):
+    scores = jax.random.normal(jax.random.key(seed), (fan_in, n_out))
+    k = jnp.asarray(ks[:n_out], jnp.int32)
+    sel = np.asarray(topology.top_k_per_neuron(scores, k))
+    np.testing.assert_array_equal(sel.sum(axis=0), np.minimum(np.asarray(k), fan_in))
+    s = np.asarray(scores)
+    for j in range(n_out):
+        col, cs = sel[:, j], s[:, j]
+        if col.any() and (~col).any():
+            assert cs[col].min() >= cs[~col].max()
+
+
+def test_per_neuron_on_conv_kernels_counts_over_hwc():
+    mask = topology.random_mask_per_neuron(jax.random.key(0), (3, 3, 4, 5), 7)
+    np.testing.assert_array_equal(np.asarray(mask).reshape(-1, 5).sum(axis=0), [7] * 5)
+
+
+def test_random_mask_exact_and_keyed():
+    a = topology.random_mask(jax.random.key(3), (30, 20), 123)
+    b = topology.random_mask(jax.random.key(4), (30, 20), 123)
+    assert int(a.sum()) == 123 and int(b.sum()) == 123
+    assert not np.array_equal(a, b)
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    weights=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=6),
+    caps=st.lists(st.integers(0, 50), min_size=6, max_size=6),
+    total=st.integers(0, 200),
+)
+def test_distribute_property(weights, caps, total):
+    caps = caps[: len(weights)]
+    out = np.asarray(topology.distribute(total, jnp.asarray(weights), jnp.asarray(caps)))
+    assert out.sum() == min(total, sum(caps))
+    assert np.all(out >= 0) and np.all(out <= np.asarray(caps))
+
+
+def test_distribute_is_proportional_and_redistributes_overflow():
+    out = topology.distribute(60, jnp.array([1.0, 2.0, 3.0]), jnp.array([100, 100, 100]))
+    np.testing.assert_array_equal(out, [10, 20, 30])
+    # The last slot can take only 5: its excess goes to the others in proportion.
+    out = topology.distribute(60, jnp.array([1.0, 1.0, 10.0]), jnp.array([100, 100, 5]))
+    np.testing.assert_array_equal(out, [28, 27, 5]) if int(out[0]) == 28 else \
+        np.testing.assert_array_equal(out, [27, 28, 5])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_scores_of_any_float_dtype(dtype):
+    scores = jnp.arange(10, dtype=dtype)
+    np.testing.assert_array_equal(topology.top_k_mask(scores, 3), np.arange(10) >= 7)
