@@ -9,11 +9,32 @@ Any optax optimizer becomes a sparse one with one wrapper::
     params = optax.apply_updates(params, updates)      # exactly sparse after every step
 """
 
-from jaxsparse import distributions, masks, metrics, schedules, topology
+from jaxsparse import (
+    condensed,
+    distributions,
+    lottery,
+    masks,
+    metrics,
+    nn,
+    pruning_at_init,
+    schedules,
+    topology,
+)
 from jaxsparse.algorithms.common import LayerInputs, layerwise, random_init
 from jaxsparse.algorithms.dst import drop_and_grow, rigl, snfs, static
 from jaxsparse.algorithms.dst import set_ as set  # noqa: A001  (the paper's name)
 from jaxsparse.algorithms.pruning import magnitude_pruning, pruning_targets, random_pruning
+from jaxsparse.condensed import (
+    CondensedLinear,
+    SparseLinear,
+    condense,
+    condense_layer,
+    condense_mlp,
+    condensed_dense,
+    mlp_apply,
+    sparse_dense,
+    sparse_linear,
+)
 from jaxsparse.distributions import LayerSpec, layer_budgets, layer_specs
 from jaxsparse.masks import (
     apply_masks,
@@ -24,7 +45,17 @@ from jaxsparse.masks import (
     ones_masks,
     validate_masks,
 )
+from jaxsparse.lottery import ImpResult, imp, rewind, scratch_b, scratch_e
 from jaxsparse.metrics import format_table, itop_rate, sparsity_table
+from jaxsparse.nn import l0_masks, penalty_schedule, vd_masks
+from jaxsparse.pruning_at_init import (
+    fixed_masks,
+    grasp_scores,
+    one_shot_masks,
+    snip_scores,
+    synflow_masks,
+    synflow_scores,
+)
 from jaxsparse.transform import (
     SparseState,
     SparsityRule,
@@ -39,6 +70,33 @@ from jaxsparse.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CondensedLinear",
+    "ImpResult",
+    "SparseLinear",
+    "condense",
+    "condense_layer",
+    "condense_mlp",
+    "condensed",
+    "condensed_dense",
+    "fixed_masks",
+    "grasp_scores",
+    "imp",
+    "l0_masks",
+    "lottery",
+    "mlp_apply",
+    "nn",
+    "one_shot_masks",
+    "penalty_schedule",
+    "pruning_at_init",
+    "rewind",
+    "scratch_b",
+    "scratch_e",
+    "snip_scores",
+    "sparse_dense",
+    "sparse_linear",
+    "synflow_masks",
+    "synflow_scores",
+    "vd_masks",
     "LayerInputs",
     "LayerSpec",
     "SparseState",

@@ -5,9 +5,11 @@ whose state (:class:`SparseState`) holds the masks, the inner optimizer's state,
 counter, a PRNG key and per-algorithm extras. Each ``update``:
 
 1. lets the rule accumulate per-step statistics (e.g. SNFS's gradient momentum);
-2. on an update step (``rule.is_update_step(count)``, under ``lax.cond``) computes new masks
-   from the *dense* gradients, params and key -- skipped when any gradient is non-finite, so
-   masks are never corrupted (the masks keep their previous value for that step);
+2. on an update step (``rule.is_update_step(count)``, under ``lax.cond``, so a plain step
+   pays nothing for it) computes new masks from the *dense* gradients, params and key; when
+   any gradient is non-finite the masks keep their previous value for that step, so they are
+   never corrupted (the weight update itself is the inner optimizer's business: wrap the
+   whole transform in ``optax.apply_if_finite`` to skip it too);
 3. runs the inner optimizer on gradients masked by the current masks;
 4. zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
    entries of weights that were just grown: their moments start from zero;
@@ -154,8 +156,9 @@ def sparse_transform(
             masks=masks,
             inner_state=inner.init(params),
             count=jnp.zeros((), jnp.int32),
-            key=key,
-            ever_active=masks if track_itop else None,
+            # A copy: a train step that donates its state must not delete the caller's key.
+            key=jnp.copy(key),
+            ever_active=map_masked(jnp.copy, masks) if track_itop else None,
             extra=rule.init_extra(params, masks),
         )
 
@@ -165,31 +168,34 @@ def sparse_transform(
                 "jaxsparse optimizers need the params: call tx.update(grads, state, params)"
             )
         grads = updates
-        masks = state.masks
         step = state.count
         extra = state.extra
         if rule.accumulate is not None:
-            extra = rule.accumulate(extra, grads, masks)
+            extra = rule.accumulate(extra, grads, state.masks)
 
         def topology(masks, extra, ever):
-            inputs = UpdateInputs(masks, params, grads, step, jax.random.fold_in(state.key, step), extra)
-            new_masks, new_extra = rule.update_masks(inputs)
+            key = jax.random.fold_in(state.key, step)
+            proposed, new_extra = rule.update_masks(
+                UpdateInputs(masks, params, grads, step, key, extra)
+            )
+            # Non-finite gradients: the masks keep their previous value for this step.
+            finite = _all_finite(grads)
+            new_masks = map_masked(lambda new, old: jnp.where(finite, new, old), proposed, masks)
+            extra = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_extra, extra)
             if ever is not None:
                 ever = map_masked(jnp.logical_or, ever, new_masks)
-            return new_masks, new_extra, ever
+            return new_masks, extra, ever
 
         def keep(masks, extra, ever):
             return masks, extra, ever
 
-        do_update = rule.is_update_step(step) & _all_finite(grads)
+        masks = state.masks
         new_masks, extra, ever = jax.lax.cond(
-            do_update, topology, keep, masks, extra, state.ever_active
+            rule.is_update_step(step), topology, keep, masks, extra, state.ever_active
         )
-
-        masked_grads = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, grads)
-        inner_updates, inner_state = inner.update(
-            masked_grads, state.inner_state, params, **extra_args
-        )
+        # Gradients of inactive weights never reach the inner optimizer.
+        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, grads)
+        inner_updates, inner_state = inner.update(masked, state.inner_state, params, **extra_args)
         grown = map_masked(lambda old, new: new & ~old, masks, new_masks)
         inner_state = reset_moments(inner, inner_state, grown)
         out = map_masked(

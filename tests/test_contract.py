@@ -268,3 +268,31 @@ def test_itop_rate_grows_for_dst_and_is_tracked_in_state():
     assert rates[0] == pytest.approx(0.2, abs=0.02)
     assert all(b >= a for a, b in zip(rates, rates[1:]))
     assert rates[-1] > rates[0] + 0.05
+
+
+def test_donating_the_state_keeps_the_factory_usable():
+    key = jax.random.key(0)
+    tx = jaxsparse.rigl(lenient(optax.sgd(0.1)), 0.8, key=key, end_step=END, update_every=EVERY)
+    params = tiny_params()
+    state = tx.init(params)
+    step = jax.jit(make_step(tx), donate_argnums=(0, 1))
+    for t in range(4):
+        params, state, _ = step(params, state, *tiny_batch(t))
+    # The key given to the factory is still alive, and a fresh init still works.
+    assert jax.random.key_data(key).shape == (2,)
+    tx.init(tiny_params())
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_state_shares_no_buffer_with_params(name):
+    # A train step that donates (params, state) fails if any buffer appears twice.
+    tx = ALGORITHMS[name][0](lenient(optax.sgd(0.1, momentum=0.9)), jax.random.key(0))
+    params = tiny_params()
+    state = tx.init(params)
+    params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
+    leaves = [x for x in jax.tree.leaves((params, state))
+              if not jnp.issubdtype(x.dtype, jax.dtypes.prng_key)]
+    pointers = [x.unsafe_buffer_pointer() for x in leaves]
+    assert len(pointers) == len(set(pointers))
+    step = jax.jit(make_step(tx), donate_argnums=(0, 1))
+    params, state, _ = step(params, state, *tiny_batch(0))

@@ -187,7 +187,8 @@ def snfs(
     fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
 
     def init_extra(params, masks):
-        return map_masked(lambda m, w: jnp.zeros(w.shape, jnp.float32), masks, params)
+        return map_masked(lambda m, w: jnp.zeros(w.shape, jnp.float32), masks, params,
+                          dense=lambda w: None)
 
     def accumulate(mom, grads, masks):
         return map_masked(

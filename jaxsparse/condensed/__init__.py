@@ -1,0 +1,61 @@
+"""Condensed inference for constant fan-in sparse layers (SRigL, Lasby et al. 2024).
+
+Export (host): :func:`condense` (a whole params tree), :func:`condense_layer`,
+:func:`structure_layer`, :func:`sparse_linear`, :func:`condense_mlp` (model level: ablated
+neurons folded into the next layer). Forward: :func:`condensed_dense` (C++ FFI kernel on
+CPU, Pallas on GPU), :func:`sparse_dense` (per-batch dispatch), :func:`mlp_apply`.
+Reference: :func:`condensed_matmul_reference`. Flax: :mod:`jaxsparse.condensed.layers`.
+"""
+
+from jaxsparse.condensed.dispatch import (
+    CostModel,
+    SparseLinear,
+    choose_form,
+    condensed_dense,
+    sparse_dense,
+    sparse_dense_full,
+    sparse_linear,
+    structured_dense,
+)
+from jaxsparse.condensed.export import (
+    CondensedLinear,
+    StructuredLinear,
+    condense,
+    condense_layer,
+    expand,
+    index_dtype,
+    structure_layer,
+    to_dense,
+    validate_condensed,
+)
+from jaxsparse.condensed.model import CondensedMLP, condense_mlp, dense_mlp_apply, mlp_apply
+from jaxsparse.condensed.reference import (
+    condensed_matmul_reference,
+    structured_matmul_reference,
+)
+
+__all__ = [
+    "CondensedLinear",
+    "CondensedMLP",
+    "CostModel",
+    "SparseLinear",
+    "StructuredLinear",
+    "choose_form",
+    "condense",
+    "condense_layer",
+    "condense_mlp",
+    "condensed_dense",
+    "condensed_matmul_reference",
+    "dense_mlp_apply",
+    "expand",
+    "index_dtype",
+    "mlp_apply",
+    "sparse_dense",
+    "sparse_dense_full",
+    "sparse_linear",
+    "structure_layer",
+    "structured_dense",
+    "structured_matmul_reference",
+    "to_dense",
+    "validate_condensed",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,7 @@ import optax
 
 from jaxsparse.masks import PyTree, path_to_str
 
-Padding = Union[str, int, Sequence[Union[int, tuple[int, int]]]]
+Padding = str | int | Sequence[int | tuple[int, int]]
 
 
 def compute_dtype(x: jax.Array, dtype) -> Any:

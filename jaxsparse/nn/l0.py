@@ -157,9 +157,10 @@ def to_masks(params: PyTree, threshold: float = 0.0, *, gamma: float = GAMMA,
       >>> masks = to_masks(variables["params"])
       >>> jaxsparse.metrics.global_sparsity(masks)
     """
-    threshold = check_finite(threshold, "threshold (on the evaluation gate)", 0.0, 1.0)
-    if threshold >= 1.0:
-        raise ValueError(f"threshold (on the evaluation gate) must be in [0, 1), got {threshold!r}")
+    name = "threshold (on the evaluation gate)"
+    threshold = check_finite(threshold, name)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {threshold!r}")
     _, gamma, zeta = check_gate_hparams(BETA, gamma, zeta)
     groups = parameter_groups(params, ("kernel", "log_alpha"), "L0")
     by_path = {

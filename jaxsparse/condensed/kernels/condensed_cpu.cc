@@ -19,6 +19,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -106,26 +107,41 @@ void tile_large(const float* xt, const V* values, const I* idx, const V* bias, i
   }
 }
 
-// Runs fn(c) for c in [0, chunks) on the pool (or inline) and waits for all of them.
+// Runs fn(c) for c in [0, chunks) and waits for all of them. Chunks are claimed from an
+// atomic counter by the calling thread and by pool tasks alike, so a pool thread that is
+// slow to start (a busy, oversubscribed machine) costs nothing: the caller takes its work.
+// The shared state outlives late tasks; they touch fn only after claiming a chunk, and the
+// caller waits for every claimed chunk, so fn is alive whenever it runs.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  int64_t done = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
 template <typename F>
 void parallel_for(ffi::ThreadPool* pool, int64_t chunks, F fn) {
   if (chunks <= 1 || pool == nullptr) {
     for (int64_t c = 0; c < chunks; ++c) fn(c);
     return;
   }
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t remaining = chunks - 1;
-  for (int64_t c = 1; c < chunks; ++c) {
-    pool->Schedule([&, c] {
-      fn(c);
-      std::lock_guard<std::mutex> lock(mu);
-      if (--remaining == 0) cv.notify_one();
-    });
+  auto shared = std::make_shared<Shared>();
+  const F* fp = &fn;
+  auto drain = [chunks](Shared* sh, const F* f) {
+    int64_t mine = 0;
+    for (int64_t c; (c = sh->next.fetch_add(1)) < chunks; ++mine) (*f)(c);
+    if (mine) {
+      std::lock_guard<std::mutex> lock(sh->mu);
+      sh->done += mine;
+      if (sh->done == chunks) sh->cv.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < chunks; ++t) {
+    pool->Schedule([shared, fp, drain] { drain(shared.get(), fp); });
   }
-  fn(0);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return remaining == 0; });
+  drain(shared.get(), fp);
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done == chunks; });
 }
 
 template <typename V, typename I>

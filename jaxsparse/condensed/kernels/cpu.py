@@ -129,14 +129,24 @@ def condensed_matmul_xla(x, values, indices, bias):
     return condensed_matmul_reference(x, values, indices, bias)
 
 
+@jax.custom_batching.custom_vmap
 def _ffi_call(x, values, indices, bias):
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in)
     out = jax.ShapeDtypeStruct((x2.shape[0], values.shape[0]), x.dtype)
-    y = jax.ffi.ffi_call(TARGET_NAME, out, vmap_method="broadcast_all")(
-        x2, values, indices, bias
-    )
+    y = jax.ffi.ffi_call(TARGET_NAME, out)(x2, values, indices, bias)
     return y.reshape(*lead, values.shape[0])
+
+
+@_ffi_call.def_vmap
+def _ffi_call_vmap(axis_size, in_batched, x, values, indices, bias):
+    x_b, *w_b = in_batched
+    if not any(w_b):  # batched inputs only: the kernel takes any leading axes
+        x = x if x_b else jnp.broadcast_to(x, (axis_size, *x.shape))
+        return _ffi_call(x, values, indices, bias), True
+    # Per-example weights: no fused kernel for that; use the XLA formulation.
+    axes = tuple(0 if b else None for b in in_batched)
+    return jax.vmap(condensed_matmul_xla, in_axes=axes)(x, values, indices, bias), True
 
 
 def check_operands(x, values, indices, bias) -> None:

@@ -1,0 +1,151 @@
+"""Train-step overhead of every jaxsparse algorithm relative to the dense optax step.
+
+For each model and algorithm it measures, side by side in one run (dense and sparse periods
+interleaved so machine noise hits both alike):
+
+* the mean step time over a whole update period of ``update_every`` steps, which contains
+  exactly one topology update, divided by the dense step time (target <= 1.05x);
+* the topology-update step alone divided by a plain step of the same algorithm
+  (target <= 3x).
+
+Usage:
+  python -m experiments.benchmarks.train_step [--periods 7] [--models lenet300,lenet5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxsparse
+from experiments.models import LeNet5, LeNet300
+
+MODELS = {"lenet300": LeNet300, "lenet5": LeNet5}
+
+
+def algorithms(update_every: int):
+    key = jax.random.key(0)
+    far = 10**9  # never reach end_step: every period has one full-size update
+    common = dict(key=key, end_step=far, update_every=update_every)
+    algos = {
+        "static": lambda tx: jaxsparse.static(tx, 0.9, key=key),
+        "set": lambda tx: jaxsparse.set(tx, 0.9, **common),
+        "rigl": lambda tx: jaxsparse.rigl(tx, 0.9, **common),
+        "snfs": lambda tx: jaxsparse.snfs(tx, 0.9, **common),
+        "magnitude": lambda tx: jaxsparse.magnitude_pruning(
+            tx, 0.9, end_step=far, frequency=update_every),
+        "random_pruning": lambda tx: jaxsparse.random_pruning(
+            tx, 0.9, key=key, end_step=far, frequency=update_every),
+    }
+    if hasattr(jaxsparse, "srigl"):
+        algos["srigl"] = lambda tx: jaxsparse.srigl(tx, 0.9, **common)
+        algos["srigl_no_ablation"] = lambda tx: jaxsparse.srigl(tx, 0.9, ablation=False,
+                                                                **common)
+    if hasattr(jaxsparse, "nm_rigl"):
+        algos["nm_rigl_2:4"] = lambda tx: jaxsparse.nm_rigl(tx, n=2, m=4, **common)
+    return algos
+
+
+def make_step(model, tx):
+    def loss_fn(params, x, y):
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(params, state, x, y):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+class Runner:
+    """Holds one (model, optimizer) train loop and times periods of it."""
+
+    def __init__(self, model, tx, params, x, y):
+        params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)  # donated below
+        self.state = tx.init(params)
+        try:
+            params = jaxsparse.apply_masks(params, jaxsparse.get_masks(self.state))
+        except ValueError:
+            pass  # dense
+        self.params = params
+        self.step = make_step(model, tx)
+        self.x, self.y = x, y
+        self.params, self.state = self.step(self.params, self.state, x, y)  # compile, t=0
+        jax.block_until_ready(self.params)
+
+    def period(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.params, self.state = self.step(self.params, self.state, self.x, self.y)
+        jax.block_until_ready(self.params)
+        return (time.perf_counter() - t0) / n
+
+    def step_times(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.params, self.state = self.step(self.params, self.state, self.x, self.y)
+            jax.block_until_ready(self.params)
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def bench(model_name, periods, update_every, batch):
+    model = MODELS[model_name]()
+    kp, kx = jax.random.split(jax.random.key(0))
+    x = jax.random.uniform(kx, (batch, 28, 28, 1))
+    y = jnp.arange(batch) % 10
+    params = model.init(kp, x)["params"]
+    inner = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
+    dense = Runner(model, inner(), params, x, y)
+    rows = []
+    for name, make in algorithms(update_every).items():
+        sparse = Runner(model, make(inner()), params, x, y)
+        # After the compile step (t = 0), run to t = update_every: every period then starts
+        # with its topology update.
+        sparse.period(update_every - 1)
+        dense_avg, sparse_avg, update, plain = [], [], [], []
+        for _ in range(periods):
+            dense_avg.append(dense.period(update_every))
+            sparse_avg.append(sparse.period(update_every))
+        for _ in range(max(2, periods // 2)):
+            times = sparse.step_times(update_every)
+            # Each period starts at a multiple of update_every: the update is its first step.
+            update.append(times[0])
+            plain.append(statistics.median(times[1:]))
+        d, s = statistics.median(dense_avg), statistics.median(sparse_avg)
+        u, p = statistics.median(update), statistics.median(plain)
+        rows.append((model_name, name, d * 1e3, s * 1e3, s / d, u * 1e3, p * 1e3, u / p))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="lenet300,lenet5")
+    parser.add_argument("--periods", type=int, default=7)
+    parser.add_argument("--update-every", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=100)
+    args = parser.parse_args()
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
+          f"batch {args.batch}, update every {args.update_every} steps, "
+          f"{args.periods} periods, sparsity 0.9, inner sgd+momentum")
+    head = ("model", "algorithm", "dense ms", "sparse ms", "avg ratio", "update ms",
+            "plain ms", "update/plain")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for m in args.models.split(","):
+        for r in bench(m, args.periods, args.update_every, args.batch):
+            print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | "
+                  f"{r[6]:.3f} | {r[7]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
