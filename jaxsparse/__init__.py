@@ -23,7 +23,9 @@ from jaxsparse import (
 from jaxsparse.algorithms.common import LayerInputs, layerwise, random_init
 from jaxsparse.algorithms.dst import drop_and_grow, rigl, snfs, static
 from jaxsparse.algorithms.dst import set_ as set  # noqa: A001  (the paper's name)
+from jaxsparse.algorithms.granet import granet, granet_targets
 from jaxsparse.algorithms.pruning import magnitude_pruning, pruning_targets, random_pruning
+from jaxsparse.algorithms.structured import nm_pruning, nm_rigl, srigl, srigl_layer
 from jaxsparse.condensed import (
     CondensedLinear,
     SparseLinear,
@@ -97,6 +99,12 @@ __all__ = [
     "synflow_masks",
     "synflow_scores",
     "vd_masks",
+    "granet",
+    "granet_targets",
+    "nm_pruning",
+    "nm_rigl",
+    "srigl",
+    "srigl_layer",
     "LayerInputs",
     "LayerSpec",
     "SparseState",

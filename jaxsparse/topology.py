@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _U32_MAX = 0xFFFFFFFF
 
@@ -178,3 +179,49 @@ def distribute(total, weights, capacities) -> jax.Array:
     room = caps - base
     before = jnp.cumsum(room) - room
     return base + jnp.clip(rest - before, 0, room)
+
+
+def _fan_in_groups(x, m: int, what: str = "scores"):
+    shape = jnp.shape(x)
+    fan_in = int(np.prod(shape[:-1]))
+    if fan_in % m:
+        raise ValueError(
+            f"N:M sparsity needs the fan-in ({fan_in}, shape {tuple(shape)}) to be a multiple "
+            f"of M={m}"
+        )
+    return jnp.reshape(x, (fan_in // m, m, shape[-1]))
+
+
+def check_nm(n: int, m: int) -> tuple[int, int]:
+    """Validates an N:M pattern (0 < N <= M)."""
+    if int(n) != n or int(m) != m or not 0 < n <= m:
+        raise ValueError(f"N:M sparsity needs integers 0 < N <= M, got N={n!r}, M={m!r}")
+    return int(n), int(m)
+
+
+def nm_mask(scores, n: int, m: int, *, priority=None) -> jax.Array:
+    """In every group of ``m`` consecutive weights along the fan-in, the ``n`` best.
+
+    The fan-in is all axes but the last (a Dense kernel's rows; a Conv kernel's h*w*in), so
+    NVIDIA's 2:4 pattern is ``nm_mask(scores, 2, 4)``. ``priority`` (bool, optional) ranks
+    its positions ahead of all others (N:M RigL keeps its kept weights, then fills the free
+    slots by gradient). ``n`` may be traced (gradual N:M pruning). Ties break by position.
+
+    Example:
+      >>> nm_mask(jnp.array([[1.0], [4.0], [3.0], [2.0]]), 2, 4)[:, 0]
+      Array([False,  True,  True, False], dtype=bool)
+    """
+    shape = jnp.shape(scores)
+    keys = _fan_in_groups(sortable_key(scores), m)
+    if priority is None:
+        prio = jnp.zeros(keys.shape, bool)
+    else:
+        prio = _fan_in_groups(jnp.asarray(priority, bool), m)
+    idx = jnp.arange(m)
+    # beats[g, j, i, o]: does position j outrank position i in its group?
+    pj, pi = prio[:, :, None, :], prio[:, None, :, :]
+    kj, ki = keys[:, :, None, :], keys[:, None, :, :]
+    first = (idx[:, None] < idx[None, :])[None, :, :, None]
+    beats = (pj & ~pi) | ((pj == pi) & ((kj > ki) | ((kj == ki) & first)))
+    rank = jnp.sum(beats, axis=1, dtype=jnp.int32)
+    return (rank < jnp.asarray(n, jnp.int32)).reshape(shape)

@@ -37,8 +37,20 @@ ALGORITHMS = {
         ranking="global"), "pruning", False),
     "random_pruning": (lambda inner, key: jaxsparse.random_pruning(
         inner, 0.8, key=key, end_step=END, frequency=EVERY), "pruning", True),
+    "srigl": (lambda inner, key: jaxsparse.srigl(
+        inner, 0.8, key=key, end_step=END, update_every=EVERY, gamma_sal=0.9), "fanin", True),
+    "srigl_no_ablation": (lambda inner, key: jaxsparse.srigl(
+        inner, 0.8, key=key, end_step=END, update_every=EVERY, ablation=False), "fixed", True),
+    "nm_rigl": (lambda inner, key: jaxsparse.nm_rigl(
+        inner, 1, 4, key=key, end_step=END, update_every=EVERY), "fixed", True),
+    "nm_pruning": (lambda inner, key: jaxsparse.nm_pruning(
+        inner, 1, 4, end_step=END, frequency=EVERY), "nm", False),
+    "granet": (lambda inner, key: jaxsparse.granet(
+        inner, 0.9, key=key, end_step=END, update_every=EVERY, initial_sparsity=0.5),
+        "granet", True),
 }
-DST = ("set", "rigl", "rigl_uniform_const", "snfs")
+DST = ("set", "rigl", "rigl_uniform_const", "snfs", "srigl", "srigl_no_ablation", "nm_rigl",
+       "granet")
 
 
 @pytest.fixture(scope="module", params=sorted(ALGORITHMS))
@@ -132,7 +144,7 @@ def test_topology_changes_only_on_update_steps(recorded):
     if name == "static":
         assert changed_at == []
         return
-    if kind == "pruning":
+    if kind in ("pruning", "nm"):
         allowed = set(range(0, END + 1, EVERY)) | {END} | {2 + i * EVERY for i in range(10)}
     else:
         allowed = {t for t in range(EVERY, END, EVERY)}

@@ -1,0 +1,103 @@
+"""GraNet (Liu et al. 2021): gradual magnitude pruning plus gradient regrowth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxsparse import schedules, topology
+from jaxsparse.algorithms.common import drop_count, random_init
+from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs
+from jaxsparse.masks import is_none, leaf_paths
+from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
+
+
+def granet_targets(specs, initial_budgets, final_budgets, begin_step: int, end_step: int,
+                   power: int = 3):
+    """``step -> int32[n_layers]``: ``B_f + round((B_i - B_f) (1 - p_t)^power)``."""
+    b_i = jnp.asarray([initial_budgets[s.path] for s in specs], jnp.int32)
+    b_f = jnp.asarray([final_budgets[s.path] for s in specs], jnp.int32)
+
+    def targets(step):
+        p = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step)
+                     / float(end_step - begin_step), 0.0, 1.0)
+        return b_f + jnp.round((b_i - b_f).astype(jnp.float32) * (1.0 - p) ** power).astype(
+            jnp.int32)
+
+    return targets
+
+
+def granet(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    end_step: int,
+    prune_end_step: int | None = None,
+    initial_sparsity: float = 0.5,
+    distribution: str = "erk",
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+    prunable=None,
+    overrides=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """GraNet: start sparse at ``initial_sparsity``, prune by magnitude on the Zhu & Gupta
+    ramp to ``sparsity`` at ``prune_end_step`` (default ``end_step // 2``), and at every
+    update also replace ``floor(f_t * nnz)`` of the remaining weights RigL-style (drop the
+    smallest |W|, grow the largest |dense gradient|, new weights and moments zero).
+
+    Updates happen at ``t % update_every == 0`` with ``begin_step < t < end_step``. After
+    each update a layer has exactly ``granet_targets(t)`` active weights.
+
+    Example:
+      >>> tx = jaxsparse.granet(optax.sgd(0.1, 0.9), 0.95, initial_sparsity=0.5,
+      ...                       end_step=10000, key=jax.random.key(0))
+    """
+    check_sparsity(sparsity)
+    check_sparsity(initial_sparsity, "initial_sparsity")
+    if initial_sparsity > sparsity:
+        raise ValueError(
+            f"initial_sparsity ({initial_sparsity}) must not exceed sparsity ({sparsity})")
+    if key is None:
+        raise ValueError("granet needs key=jax.random.key(seed) for its random masks")
+    prune_end = end_step // 2 if prune_end_step is None else int(prune_end_step)
+    if prune_end <= begin_step:
+        raise ValueError(f"prune_end_step ({prune_end}) must be greater than begin_step")
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+
+    def targets_for(params):
+        specs = layer_specs(params, prunable)
+        b_i = layer_budgets(specs, initial_sparsity, distribution, overrides)
+        b_f = layer_budgets(specs, sparsity, distribution, overrides)
+        return specs, b_i, b_f
+
+    def update_masks(x: UpdateInputs):
+        specs, b_i, b_f = targets_for(x.params)
+        m_leaves, treedef = jax.tree.flatten(x.masks, is_leaf=is_none)
+        p_leaves, g_leaves = jax.tree.leaves(x.params), jax.tree.leaves(x.grads)
+        paths = leaf_paths(x.params)
+        idx = [i for i, m in enumerate(m_leaves) if m is not None]
+        by_path = {s.path: s for s in specs}
+        mask_specs = [by_path[paths[i]] for i in idx]
+        targets = granet_targets(mask_specs, b_i, b_f, begin_step, prune_end)(x.step)
+        f = fraction(x.step)
+        new = list(m_leaves)
+        for j, i in enumerate(idx):
+            k1, k2 = jax.random.split(jax.random.fold_in(x.key, j))
+            mask, w, g = m_leaves[i], jnp.abs(p_leaves[i]), jnp.abs(g_leaves[i])
+            pruned = topology.top_k_mask(w, targets[j], where=mask)
+            n = drop_count(pruned, f)
+            kept = topology.drop_lowest(pruned, w, n, tie_key=k1)
+            new[i] = kept | topology.top_k_mask(g, n, where=~kept, tie_key=k2)
+        return jax.tree.unflatten(treedef, new), x.extra
+
+    rule = SparsityRule(
+        init_masks=random_init(initial_sparsity, distribution, prunable, overrides),
+        is_update_step=schedules.periodic(update_every, end_step, begin_step),
+        update_masks=update_masks,
+    )
+    return sparse_transform(inner, rule, key=key, track_itop=track_itop)

@@ -1,0 +1,313 @@
+"""Structured sparse training: SRigL (constant fan-in + neuron ablation) and N:M sparsity.
+
+A *neuron* is an output unit: a column of a Dense kernel (in, out), an output channel of a
+Conv kernel (h, w, in, out), whose fan-in is h*w*in (all axes but the last).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxsparse import schedules, topology
+from jaxsparse.algorithms.common import drop_count, masks_from_budgets
+from jaxsparse.algorithms.pruning import pruning_targets
+from jaxsparse.distributions import LayerSpec, check_sparsity, layer_budgets, layer_specs
+from jaxsparse.masks import PyTree, is_none, leaf_paths
+from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
+
+
+def _fan_in(shape) -> int:
+    return int(np.prod(shape[:-1]))
+
+
+def fan_in_budgets(params, sparsity, distribution, prunable, overrides) -> dict[str, int]:
+    """Per-leaf constant fan-in ``k = max(1, round(B / n_out))`` from the distribution's
+    budgets ``B``; a leaf whose k equals its dense fan-in stays dense."""
+    specs = layer_specs(params, prunable)
+    budgets = layer_budgets(specs, sparsity, distribution, overrides)
+    return {
+        s.path: min(_fan_in(s.shape), max(1, int(round(budgets[s.path] / s.shape[-1]))))
+        for s in specs
+    }
+
+
+def _sparse_leaves(masks, params):
+    """(indices, mask leaves, param leaves, paths, treedef) of the masked leaves."""
+    m_leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
+    p_leaves = jax.tree.leaves(params)
+    paths = leaf_paths(params)
+    idx = [i for i, m in enumerate(m_leaves) if m is not None]
+    return idx, m_leaves, p_leaves, paths, treedef
+
+
+def srigl_layer(mask, weight, grad, key, *, k0: int, fraction, gamma_sal: float,
+                ablation: bool, min_neurons: int):
+    """One SRigL update of one layer (Lasby et al. 2024), as a pure function.
+
+    Args:
+      mask, weight, grad: the layer's current mask, (masked) weights and dense gradient.
+      key: PRNG key for tie-breaks.
+      k0: the un-ablated constant fan-in; the layer budget is ``B = k0 * n_out``.
+      fraction: drop fraction f_t (traced ok).
+      gamma_sal: ablation threshold factor; a neuron with fewer than
+        ``max(1, floor(gamma_sal * k0))`` salient weights is ablated.
+      ablation: False gives constant fan-in RigL (no neuron is ablated).
+      min_neurons: neurons that always survive (lower tau if needed); ``n_out`` for the
+        output layer.
+
+    Returns:
+      The new mask: every active neuron has exactly ``k' = floor(B / n_active)`` inputs,
+      ablated neurons have none.
+    """
+    shape = mask.shape
+    n_out = shape[-1]
+    budget = k0 * n_out
+    k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)
+    abs_w, abs_g = jnp.abs(weight), jnp.abs(grad)
+    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget).astype(jnp.int32)
+    n_keep = budget - n_drop
+    kept = topology.top_k_mask(abs_w, n_keep, where=mask, tie_key=k_keep)
+    if ablation:
+        salient = kept | topology.top_k_mask(abs_g, n_drop, tie_key=k_grow)
+        counts = jnp.sum(salient.reshape(-1, n_out), axis=0, dtype=jnp.int32)
+        tau = max(1, int(np.floor(gamma_sal * k0)))
+        active = counts >= tau
+        guard = topology.top_k_mask(counts.astype(jnp.float32), min_neurons, tie_key=k_abl)
+        active = jnp.where(jnp.sum(active, dtype=jnp.int32) < min_neurons, guard, active)
+    else:
+        active = jnp.ones((n_out,), bool)
+    n_active = jnp.maximum(jnp.sum(active, dtype=jnp.int32), 1)
+    k_new = jnp.minimum(budget // n_active, _fan_in(shape))
+    k_vec = jnp.where(active, k_new, 0)
+    keep = topology.top_k_per_neuron(abs_w, k_vec, where=kept)
+    need = k_vec - jnp.sum(keep.reshape(-1, n_out), axis=0, dtype=jnp.int32)
+    grow = topology.top_k_per_neuron(abs_g, need, where=~keep, tie_key=k_fill)
+    return keep | grow
+
+
+def srigl(
+    inner: optax.GradientTransformation,
+    sparsity: float,
+    *,
+    key: jax.Array,
+    end_step: int,
+    gamma_sal: float = 0.3,
+    ablation: bool = True,
+    output_layer: str | None = None,
+    distribution: str = "erk",
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+    prunable=None,
+    overrides=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """SRigL (Lasby et al. 2024): RigL with constant fan-in per neuron and neuron ablation.
+
+    Each layer gets a budget ``B = k0 * n_out`` (``k0`` from the distribution's budget, at
+    least 1) and starts with exactly ``k0`` random inputs per neuron. At each update: the
+    salient set is the top ``B - n_drop`` weights by |W| union the top ``n_drop`` by |grad|
+    (``n_drop = floor(f_t B)``); neurons with fewer than ``max(1, floor(gamma_sal * k0))``
+    salient weights are ablated (never the output layer; at least ``floor(B / fan_in)``
+    neurons survive); survivors keep their top ``k' = floor(B / n_active)`` weights by |W|
+    and grow to exactly ``k'`` by |grad|. Ablation is decided afresh at every update, so
+    neurons can come back. ``k'`` is a traced value: no recompilation when it moves.
+
+    Args:
+      gamma_sal: 0.3 for CNNs (paper), 0.95 for ViT MLPs.
+      ablation: False gives constant fan-in RigL.
+      output_layer: regex of the leaf that must keep all its neurons; default: the last
+        prunable leaf in flattening order (check it with ``jaxsparse.layer_specs``; linen
+        names ``Dense_10`` sort before ``Dense_2``).
+
+    Example:
+      >>> tx = jaxsparse.srigl(optax.sgd(0.1, 0.9), 0.9, key=jax.random.key(0),
+      ...                      end_step=7500, gamma_sal=0.3)
+    """
+    check_sparsity(sparsity)
+    if not 0.0 <= gamma_sal <= 1.0:
+        raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
+    if key is None:
+        raise ValueError("srigl needs key=jax.random.key(seed) for its random masks")
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+
+    def plan(params) -> tuple[dict[str, int], str | None]:
+        ks = fan_in_budgets(params, sparsity, distribution, prunable, overrides)
+        sparse = [p for p in ks if ks[p] < _fan_in(_shape_of(params, p))]
+        if output_layer is None:
+            out = sparse[-1] if sparse else None
+        else:
+            hits = [p for p in sparse if re.search(output_layer, p)]
+            if not hits:
+                raise ValueError(
+                    f"output_layer {output_layer!r} matches no sparse leaf; sparse leaves are "
+                    f"{sparse}"
+                )
+            out = hits[-1]
+        return ks, out
+
+    def init_masks(params, key):
+        ks, _ = plan(params)
+        shapes = {s.path: s.shape for s in layer_specs(params, prunable)}
+        budgets = {p: k * shapes[p][-1] for p, k in ks.items()}
+        return masks_from_budgets(
+            params, budgets,
+            lambda i, shape, nnz: topology.random_mask_per_neuron(
+                jax.random.fold_in(key, i), shape, nnz // shape[-1]),
+        )
+
+    def update_masks(x: UpdateInputs):
+        ks, out = plan(x.params)
+        idx, m_leaves, p_leaves, paths, treedef = _sparse_leaves(x.masks, x.params)
+        g_leaves = jax.tree.leaves(x.grads)
+        f = fraction(x.step)
+        new = list(m_leaves)
+        for j, i in enumerate(idx):
+            shape = m_leaves[i].shape
+            k0 = ks[paths[i]]
+            min_neurons = shape[-1] if paths[i] == out else max(
+                1, (k0 * shape[-1]) // _fan_in(shape))
+            new[i] = srigl_layer(
+                m_leaves[i], p_leaves[i], g_leaves[i], jax.random.fold_in(x.key, j), k0=k0,
+                fraction=f, gamma_sal=gamma_sal, ablation=ablation, min_neurons=min_neurons,
+            )
+        return jax.tree.unflatten(treedef, new), x.extra
+
+    rule = SparsityRule(
+        init_masks=init_masks,
+        is_update_step=schedules.periodic(update_every, end_step, begin_step),
+        update_masks=update_masks,
+    )
+    return sparse_transform(inner, rule, key=key, track_itop=track_itop)
+
+
+def _shape_of(params: PyTree, path: str):
+    for p, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
+        if p == path:
+            return tuple(leaf.shape)
+    raise KeyError(path)
+
+
+def _nm_specs(params, prunable, n, m) -> list[LayerSpec]:
+    specs = layer_specs(params, prunable)
+    for s in specs:
+        if _fan_in(s.shape) % m:
+            raise ValueError(
+                f"N:M sparsity needs the fan-in of {s.path!r} (shape {s.shape}, fan-in "
+                f"{_fan_in(s.shape)}) to be a multiple of M={m}; exclude it with prunable=..."
+            )
+    return specs
+
+
+def nm_pruning(
+    inner: optax.GradientTransformation,
+    n: int = 2,
+    m: int = 4,
+    *,
+    end_step: int,
+    begin_step: int = 0,
+    frequency: int = 100,
+    prunable=None,
+) -> optax.GradientTransformationExtraArgs:
+    """Magnitude pruning to an N:M pattern along the fan-in (2:4 for sparse tensor cores).
+
+    One-shot when ``end_step == begin_step + 1`` (a single projection at ``begin_step``);
+    otherwise gradual: at ``begin_step``, every ``frequency`` steps and at ``end_step`` each
+    group of M keeps ``n_t`` weights by |W|, where ``n_t`` falls from M to N on the cubic
+    Zhu & Gupta ramp (the same integer rule as :func:`magnitude_pruning`). Pruned weights
+    never return.
+
+    Example:
+      >>> tx = jaxsparse.nm_pruning(optax.adam(1e-3), 2, 4, begin_step=1000, end_step=5000)
+    """
+    n, m = topology.check_nm(n, m)
+    one_shot = end_step == begin_step + 1
+    periodic = schedules.periodic(frequency, end_step, begin_step, include_begin=True)
+    ramp = pruning_targets([LayerSpec("group", (m,))], {"group": n}, 0.0, begin_step,
+                           max(end_step, begin_step + 1))
+
+    def is_update_step(step):
+        step = jnp.asarray(step)
+        if one_shot:
+            return step == begin_step
+        return periodic(step) | (step == end_step)
+
+    def init_masks(params, key):
+        del key
+        specs = _nm_specs(params, prunable, n, m)
+        return masks_from_budgets(params, {s.path: s.size - 1 for s in specs},
+                                  lambda i, shape, nnz: jnp.ones(shape, bool))
+
+    def update_masks(x: UpdateInputs):
+        idx, m_leaves, p_leaves, _, treedef = _sparse_leaves(x.masks, x.params)
+        n_t = jnp.asarray(n) if one_shot else ramp(x.step)[0]
+        new = list(m_leaves)
+        for i in idx:
+            score = jnp.where(m_leaves[i], jnp.abs(p_leaves[i]), -jnp.inf)
+            new[i] = topology.nm_mask(score, n_t, m) & m_leaves[i]
+        return jax.tree.unflatten(treedef, new), x.extra
+
+    rule = SparsityRule(init_masks=init_masks, is_update_step=is_update_step,
+                        update_masks=update_masks)
+    return sparse_transform(inner, rule, key=jax.random.key(0), track_itop=False)
+
+
+def nm_rigl(
+    inner: optax.GradientTransformation,
+    n: int = 2,
+    m: int = 4,
+    *,
+    key: jax.Array,
+    end_step: int,
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+    prunable=None,
+    track_itop: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """RigL whose masks are N:M after every update.
+
+    Starts from a random N:M mask. At each update the ``floor(f_t * nnz)`` smallest |W| are
+    dropped (over the layer), then each group of M refills its free slots (N minus the
+    weights it kept) by largest |dense gradient|; so exactly as many weights grow as were
+    dropped and every group keeps exactly N.
+    """
+    n, m = topology.check_nm(n, m)
+    if key is None:
+        raise ValueError("nm_rigl needs key=jax.random.key(seed) for its random masks")
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+
+    def init_masks(params, key):
+        specs = _nm_specs(params, prunable, n, m)
+        return masks_from_budgets(
+            params, {s.path: s.size - 1 for s in specs},
+            lambda i, shape, nnz: topology.nm_mask(
+                topology.random_scores(jax.random.fold_in(key, i), shape), n, m),
+        )
+
+    def update_masks(x: UpdateInputs):
+        idx, m_leaves, p_leaves, _, treedef = _sparse_leaves(x.masks, x.params)
+        g_leaves = jax.tree.leaves(x.grads)
+        f = fraction(x.step)
+        new = list(m_leaves)
+        for j, i in enumerate(idx):
+            mask, w, g = m_leaves[i], p_leaves[i], g_leaves[i]
+            kept = topology.drop_lowest(mask, jnp.abs(w), drop_count(mask, f),
+                                        tie_key=jax.random.fold_in(x.key, j))
+            new[i] = topology.nm_mask(jnp.where(kept, jnp.abs(w), jnp.abs(g)), n, m,
+                                      priority=kept)
+        return jax.tree.unflatten(treedef, new), x.extra
+
+    rule = SparsityRule(
+        init_masks=init_masks,
+        is_update_step=schedules.periodic(update_every, end_step, begin_step),
+        update_masks=update_masks,
+    )
+    return sparse_transform(inner, rule, key=key, track_itop=track_itop)

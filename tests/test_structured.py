@@ -1,0 +1,193 @@
+"""SRigL, N:M and GraNet: structure holds after every update."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxsparse
+from jaxsparse import topology
+from jaxsparse.masks import is_none, path_to_str
+from tests.helpers import lenient, run, tiny_params
+
+EVERY, END, STEPS = 3, 24, 26
+
+
+def _items(masks):
+    flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
+    return [(path_to_str(p), np.asarray(m)) for p, m in flat if m is not None]
+
+
+def _leaf(tree, path):
+    for k in path.split("/"):
+        tree = tree[k]
+    return np.asarray(tree)
+
+
+@pytest.fixture(scope="module")
+def srigl_history():
+    tx = jaxsparse.srigl(lenient(optax.adam(1e-2)), 0.8, key=jax.random.key(0), end_step=END,
+                         update_every=EVERY, gamma_sal=0.95, distribution="uniform")
+    history, _ = run(tx, STEPS)
+    return history
+
+
+def test_srigl_constant_fan_in_ablation_and_budget(srigl_history):
+    ks = jaxsparse.algorithms.structured.fan_in_budgets(
+        tiny_params(), 0.8, "uniform", None, None)
+    ablated_any = False
+    for t, snap in enumerate(srigl_history):
+        for path, m in _items(snap["masks"]):
+            fan = m.reshape(-1, m.shape[-1]).sum(axis=0)
+            active = fan > 0
+            budget = ks[path] * m.shape[-1]
+            k_new = budget // active.sum()
+            assert np.all(fan[active] == k_new), f"step {t} {path}: fan-in {fan}"
+            assert budget - active.sum() < m.sum() <= budget
+            w = _leaf(snap["params"], path).reshape(-1, m.shape[-1])
+            assert np.all(w[:, ~active] == 0)  # ablated neurons are all zero
+            if path == "dense1/kernel":
+                assert active.all(), "the output layer lost a neuron"
+            ablated_any |= not active.all()
+    assert ablated_any, "gamma_sal=0.95 should ablate some neurons of this tiny model"
+
+
+def test_srigl_without_ablation_keeps_k0_everywhere():
+    tx = jaxsparse.srigl(lenient(optax.sgd(0.1)), 0.75, key=jax.random.key(0), end_step=END,
+                         update_every=EVERY, ablation=False, distribution="uniform")
+    history, _ = run(tx, 10)
+    for snap in history:
+        for path, m in _items(snap["masks"]):
+            fan = m.reshape(-1, m.shape[-1]).sum(axis=0)
+            assert len(set(fan.tolist())) == 1 and fan[0] >= 1
+
+
+def test_srigl_layer_hand_checked_ablation():
+    # fan-in 4, 3 neurons, k0 = 2 (B = 6); f = 0.5 -> drop 3, keep 3.
+    w = jnp.array([[5.0, 3.0, 0.2],
+                   [4.0, 0.1, 0.0],
+                   [0.0, 0.0, 0.1],
+                   [0.0, 0.0, 0.0]])
+    mask = w != 0
+    g = jnp.array([[0.0, 0.0, 0.0],
+                   [0.0, 0.0, 0.0],
+                   [9.0, 8.0, 0.0],
+                   [7.0, 0.5, 0.0]])
+    new = topology_layer = jaxsparse.srigl_layer(
+        mask, w, g, jax.random.key(0), k0=2, fraction=0.5, gamma_sal=1.0, ablation=True,
+        min_neurons=1)
+    del topology_layer
+    # kept (top 3 |W|): 5, 4, 3. salient adds top-3 |g|: (2,0), (2,1), (3,0).
+    # counts: n0 = 4, n1 = 2, n2 = 0; tau = 2 -> neuron 2 ablated; k' = 6 // 2 = 3.
+    # n0 keeps 5, 4 and grows (2,0) (|g| 9); n1 keeps 3 and grows (2,1) (8), (3,1) (0.5).
+    expected = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], bool)
+    np.testing.assert_array_equal(np.asarray(new), expected)
+
+
+def test_srigl_neurons_can_return():
+    mask = jnp.array([[1, 1, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0]], bool)
+    w = jnp.where(mask, 1.0, 0.0)
+    g = jnp.zeros((4, 3)).at[:, 2].set(10.0)  # the ablated neuron has large gradients
+    new = np.asarray(jaxsparse.srigl_layer(
+        mask, w, g, jax.random.key(0), k0=2, fraction=0.5, gamma_sal=0.3, ablation=True,
+        min_neurons=1))
+    assert new[:, 2].sum() == new[:, 0].sum() > 0
+
+
+def test_srigl_survival_guard_and_output_layer_errors():
+    mask = jnp.ones((4, 3), bool) & (jnp.arange(4)[:, None] < 2)
+    w = jnp.where(mask, 1.0, 0.0)
+    new = np.asarray(jaxsparse.srigl_layer(
+        mask, w, jnp.zeros((4, 3)), jax.random.key(0), k0=2, fraction=0.9, gamma_sal=1.0,
+        ablation=True, min_neurons=3))
+    assert (new.sum(axis=0) == 2).all()  # the guard keeps all three
+    with pytest.raises(ValueError, match="gamma_sal must be in"):
+        jaxsparse.srigl(optax.sgd(0.1), 0.8, key=jax.random.key(0), end_step=10, gamma_sal=2.0)
+    tx = jaxsparse.srigl(optax.sgd(0.1), 0.8, key=jax.random.key(0), end_step=10,
+                         output_layer="head")
+    with pytest.raises(ValueError, match="output_layer 'head' matches no sparse leaf"):
+        jax.jit(tx.update)(tiny_params(), tx.init(tiny_params()), tiny_params())
+
+
+@settings(deadline=None, max_examples=15)
+@given(fan_in=st.integers(2, 12), n_out=st.integers(1, 6), k0=st.integers(1, 12),
+       frac=st.floats(0.0, 1.0), gamma=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
+def test_srigl_layer_property(fan_in, n_out, k0, frac, gamma, seed):
+    k0 = min(k0, fan_in)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    mask = topology.random_mask_per_neuron(keys[0], (fan_in, n_out), k0)
+    w = jnp.where(mask, jax.random.normal(keys[1], mask.shape), 0.0)
+    g = jax.random.normal(keys[2], mask.shape)
+    new = np.asarray(jaxsparse.srigl_layer(mask, w, g, keys[0], k0=k0, fraction=frac,
+                                           gamma_sal=gamma, ablation=True, min_neurons=1))
+    fan = new.sum(axis=0)
+    active = fan > 0
+    assert active.sum() >= 1
+    assert np.all(fan[active] == min(fan_in, (k0 * n_out) // active.sum()))
+
+
+@settings(deadline=None, max_examples=20)
+@given(groups=st.integers(1, 5), n_out=st.integers(1, 4), nm=st.sampled_from(
+    [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 4)]), seed=st.integers(0, 1000))
+def test_nm_mask_property(groups, n_out, nm, seed):
+    n, m = nm
+    scores = jax.random.normal(jax.random.key(seed), (groups * m, n_out))
+    mask = np.asarray(topology.nm_mask(scores, n, m)).reshape(groups, m, n_out)
+    assert np.all(mask.sum(axis=1) == n)
+    s = np.asarray(scores).reshape(groups, m, n_out)
+    assert np.all(np.where(mask, s, np.inf).min(axis=1) >= np.where(mask, -np.inf, s).max(axis=1))
+
+
+def test_nm_errors():
+    with pytest.raises(ValueError, match="0 < N <= M"):
+        jaxsparse.nm_pruning(optax.sgd(0.1), 5, 4, end_step=10)
+    with pytest.raises(ValueError, match="multiple of M=3"):
+        topology.nm_mask(jnp.ones((4, 2)), 1, 3)
+    tx = jaxsparse.nm_rigl(optax.sgd(0.1), 2, 8, key=jax.random.key(0), end_step=10)
+    with pytest.raises(ValueError, match="fan-in of 'dense0/kernel'.*multiple of M=8"):
+        tx.init(tiny_params())
+
+
+@pytest.mark.parametrize("one_shot", [True, False])
+def test_nm_pruning_reaches_exact_pattern(one_shot):
+    end = 5 if one_shot else 12
+    tx = jaxsparse.nm_pruning(lenient(optax.sgd(0.1)), 2, 4, begin_step=4, end_step=end,
+                              frequency=2)
+    history, _ = run(tx, 14)
+    for path, m in _items(history[-1]["masks"]):
+        groups = m.reshape(-1, 4, m.shape[-1])
+        assert np.all(groups.sum(axis=1) == 2), path
+    before = _items(history[4]["masks"])  # state after step 3: still dense
+    assert all(m.all() for _, m in before)
+
+
+def test_nm_rigl_stays_nm_and_moves():
+    tx = jaxsparse.nm_rigl(lenient(optax.adam(1e-2)), 2, 4, key=jax.random.key(0),
+                           end_step=END, update_every=EVERY)
+    history, _ = run(tx, 14)
+    for snap in history:
+        for path, m in _items(snap["masks"]):
+            assert np.all(m.reshape(-1, 4, m.shape[-1]).sum(axis=1) == 2)
+    assert not np.array_equal(_items(history[0]["masks"])[0][1],
+                              _items(history[-1]["masks"])[0][1])
+
+
+def test_granet_follows_its_schedule():
+    tx = jaxsparse.granet(lenient(optax.sgd(0.1)), 0.9, key=jax.random.key(0), end_step=20,
+                          prune_end_step=12, initial_sparsity=0.5, update_every=3,
+                          distribution="uniform")
+    history, _ = run(tx, 22)
+    specs = jaxsparse.layer_specs(tiny_params())
+    b_i = jaxsparse.layer_budgets(specs, 0.5, "uniform")
+    b_f = jaxsparse.layer_budgets(specs, 0.9, "uniform")
+    targets = jaxsparse.granet_targets(specs, b_i, b_f, 0, 12)
+    expected = dict(b_i)
+    for t in range(22):
+        if t in (3, 6, 9, 12, 15, 18):
+            expected = dict(zip([s.path for s in specs], np.asarray(targets(t)).tolist()))
+        got = {p: int(m.sum()) for p, m in _items(history[t + 1]["masks"])}
+        assert got == expected, f"step {t}"
+    assert expected == b_f
