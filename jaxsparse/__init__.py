@@ -48,7 +48,13 @@ from jaxsparse.masks import (
     validate_masks,
 )
 from jaxsparse.lottery import ImpResult, imp, rewind, scratch_b, scratch_e
-from jaxsparse.metrics import format_table, itop_rate, sparsity_table
+from jaxsparse.metrics import (
+    format_structure_table,
+    format_table,
+    itop_rate,
+    sparsity_table,
+    structure_table,
+)
 from jaxsparse.nn import l0_masks, penalty_schedule, vd_masks
 from jaxsparse.pruning_at_init import (
     fixed_masks,
@@ -105,6 +111,8 @@ __all__ = [
     "nm_rigl",
     "srigl",
     "srigl_layer",
+    "format_structure_table",
+    "structure_table",
     "LayerInputs",
     "LayerSpec",
     "SparseState",

@@ -105,3 +105,52 @@ def format_table(rows: list[LayerRow]) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *map(line, body[:-1]), sep, line(body[-1])])
+
+
+def ablated_fraction(mask: jax.Array) -> jax.Array:
+    """Fraction of output neurons with no active input (ablated)."""
+    n_out = mask.shape[-1]
+    return 1.0 - active_neurons(mask).astype(jnp.float32) / n_out
+
+
+def fan_in_histogram(mask) -> dict[int, int]:
+    """``{fan-in: number of neurons}`` over all neurons (host)."""
+    values, counts = np.unique(np.asarray(fan_in(jnp.asarray(mask))), return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+class StructureRow(NamedTuple):
+    path: str
+    neurons: int
+    active_neurons: int
+    ablated_fraction: float
+    fan_in_min: int
+    fan_in_max: int
+    constant_fan_in: bool
+    dense_fan_in: int
+
+
+def structure_table(masks: Masks) -> list[StructureRow]:
+    """Per masked leaf: neurons, active neurons (the layer's *effective width*: the width of
+    its structured-only export), ablated fraction, and the fan-in range of active neurons."""
+    rows = []
+    for path, m in _mask_items(masks):
+        m = np.asarray(m)
+        fan = m.reshape(-1, m.shape[-1]).sum(axis=0)
+        act = fan[fan > 0]
+        rows.append(StructureRow(
+            path, int(m.shape[-1]), int(act.size), 1.0 - act.size / m.shape[-1],
+            int(act.min()) if act.size else 0, int(act.max()) if act.size else 0,
+            bool(act.size == 0 or act.min() == act.max()), int(np.prod(m.shape[:-1]))))
+    return rows
+
+
+def format_structure_table(rows: list[StructureRow]) -> str:
+    """A text table of :func:`structure_table` rows (effective width = active neurons)."""
+    head = ("layer", "effective width", "ablated", "fan-in (active)", "constant", "dense fan-in")
+    body = [(r.path, f"{r.active_neurons}/{r.neurons}", f"{r.ablated_fraction:.1%}",
+             f"{r.fan_in_min}" if r.constant_fan_in else f"{r.fan_in_min}-{r.fan_in_max}",
+             "yes" if r.constant_fan_in else "no", str(r.dense_fan_in)) for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * w for w in widths), *map(line, body)])

@@ -41,3 +41,16 @@ def test_table_lists_every_leaf_and_total():
     assert rows[1].active == 3 and rows[1].active_neurons == 2 and rows[1].neurons == 3
     text = jaxsparse.format_table(rows)
     assert "a/kernel" in text and "3/12" in text and "12/21" in text
+
+
+def test_structure_metrics():
+    m = _masks()
+    assert float(metrics.ablated_fraction(m["a"]["kernel"])) == pytest.approx(1 / 3)
+    assert metrics.fan_in_histogram(m["a"]["kernel"]) == {0: 1, 1: 1, 2: 1}
+    rows = metrics.structure_table(m)
+    a = rows[0]
+    assert (a.path, a.neurons, a.active_neurons, a.fan_in_min, a.fan_in_max) == (
+        "a/kernel", 3, 2, 1, 2)
+    assert not a.constant_fan_in and rows[1].constant_fan_in
+    text = metrics.format_structure_table(rows)
+    assert "2/3" in text and "33.3%" in text and "1-2" in text
