@@ -54,6 +54,19 @@ def _first_n(candidates: jax.Array, n: jax.Array) -> jax.Array:
     return candidates & (jnp.cumsum(candidates, axis=0, dtype=jnp.int32) <= n[None, :])
 
 
+def _hash_bits(key, shape) -> jax.Array:
+    """Pseudo-random uint32 per position: a murmur3 finaliser of the position mixed with two
+    words drawn from ``key``. Much cheaper than drawing ``shape`` threefry bits, and
+    plenty for breaking ties."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    x = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(shape[1]) + \
+        jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    x = (x ^ seed[0]) * jnp.uint32(0x9E3779B1)
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13) ^ seed[1]) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
 def _top_k_columns(keys, k, valid, tie_key):
     m = keys.shape[0]
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, m)
@@ -64,13 +77,19 @@ def _top_k_columns(keys, k, valid, tie_key):
     tie = keys == t[None, :]
     need = k - jnp.sum(above, axis=0, dtype=jnp.int32)
     if tie_key is not None:
-        bits = jax.random.bits(tie_key, keys.shape, jnp.uint32)
-        bits = jnp.where(tie, bits, jnp.uint32(0))
-        t2 = _kth_largest(bits, need)
-        above2 = tie & (bits > t2[None, :])
-        need = need - jnp.sum(above2, axis=0, dtype=jnp.int32)
-        above = above | above2
-        tie = tie & (bits == t2[None, :])
+        # Only when the ties at the threshold outnumber the free slots does the choice among
+        # them matter; then rank them by cheap hashed random bits (a second bisection).
+        def break_ties(above, tie, need):
+            bits = _hash_bits(tie_key, keys.shape)
+            bits = jnp.where(tie, bits, jnp.uint32(0))
+            t2 = _kth_largest(bits, need)
+            above2 = tie & (bits > t2[None, :])
+            return (above | above2, tie & (bits == t2[None, :]),
+                    need - jnp.sum(above2, axis=0, dtype=jnp.int32))
+
+        crowded = jnp.any(jnp.sum(tie, axis=0, dtype=jnp.int32) > need)
+        above, tie, need = jax.lax.cond(
+            crowded, break_ties, lambda a, t, n: (a, t, n), above, tie, need)
     return (above | _first_n(tie, need)) & valid
 
 

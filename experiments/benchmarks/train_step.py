@@ -21,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jaxsparse
@@ -48,7 +49,12 @@ def algorithms(update_every: int):
         algos["srigl_no_ablation"] = lambda tx: jaxsparse.srigl(tx, 0.9, ablation=False,
                                                                 **common)
     if hasattr(jaxsparse, "nm_rigl"):
-        algos["nm_rigl_2:4"] = lambda tx: jaxsparse.nm_rigl(tx, n=2, m=4, **common)
+        # N:M needs fan-ins divisible by M (LeNet-5's 5x5x1 conv is not): others stay dense.
+        def nm_prunable(path, leaf):
+            return path.endswith("kernel") and int(np.prod(leaf.shape[:-1])) % 4 == 0
+
+        algos["nm_rigl_2:4"] = lambda tx: jaxsparse.nm_rigl(tx, n=2, m=4, prunable=nm_prunable,
+                                                            **common)
     return algos
 
 

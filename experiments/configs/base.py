@@ -1,0 +1,49 @@
+"""Every training option, with its default (digits + LeNet-300-100 + RigL at 90%).
+
+Run:  python -m experiments.train --config=experiments/configs/base.py --workdir=/tmp/run
+"""
+
+import ml_collections
+
+from experiments.models import model_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Data: digits (embedded), mnist, fashion_mnist, cifar10. data_dir: folder of the dataset
+    # files (default $JAXSPARSE_DATA_DIR, else tensorflow-datasets).
+    c.dataset = "digits"
+    c.data_dir = ""
+    # Model: see experiments/models.py (lenet300, lenet5, vgg, vit).
+    c.model = model_config("lenet300")
+    # Sparsity: dense, static, set, rigl, snfs, magnitude, random (+ srigl when available).
+    c.algorithm = "rigl"
+    c.sparsity = 0.9
+    c.distribution = "erk"  # uniform, er, erk
+    c.update_every = 100  # DST: topology update period; pruning: pruning frequency
+    c.drop_fraction = 0.3  # DST: initial drop fraction (cosine decayed to 0 at end_step)
+    c.end_fraction = 0.75  # DST updates / pruning stop at end_fraction * total steps
+    c.prune_begin_fraction = 0.1  # magnitude / random pruning start at this fraction
+    c.algorithm_kwargs = ml_collections.ConfigDict()  # extra keyword args for the factory
+    # Optimizer.
+    c.optimizer = "sgd"  # sgd (with momentum), adam, adamw
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.weight_decay = 0.0
+    c.lr_schedule = "cosine"  # cosine, constant
+    c.warmup_steps = 0
+    # Loop.
+    c.batch_size = 128
+    c.epochs = 10
+    c.num_steps = 0  # > 0: train for exactly this many steps instead of `epochs`
+    c.eval_batch_size = 1000
+    c.eval_every_epochs = 1  # test evaluation period in epochs (0: only at the end)
+    c.seed = 0
+    c.log_every = 50  # steps between host syncs (progress bar, train metrics in JSONL)
+    c.checkpoint_every = 0  # steps between checkpoints (0: only at the end)
+    c.max_to_keep = 2
+    c.progress = True  # tqdm progress bar
+    c.print_table = True  # per-layer sparsity table at the end
+    # Testing hook: SIGKILL this process right after this step (< 0: never).
+    c.debug_kill_at_step = -1
+    return c

@@ -1,0 +1,15 @@
+"""MNIST (28x28) with the small VGG-style CNN, RigL/ERK at 90%."""
+
+from experiments.configs import base
+from experiments.models import model_config
+
+
+def get_config():
+    c = base.get_config()
+    c.dataset = "mnist"
+    c.model = model_config("vgg")
+    c.epochs = 10
+    c.learning_rate = 0.05
+    c.log_every = 100
+    c.checkpoint_every = 2000
+    return c

@@ -1,0 +1,514 @@
+"""Training entry point: any model x dataset x sparse algorithm from a config file.
+
+  python -m experiments.train --config=experiments/configs/digits_mlp.py \
+      --config.algorithm=set --config.sparsity=0.95 --workdir=/tmp/run
+  python -m experiments.train --config=... --workdir=/tmp/run --resume   # after a crash
+
+One jitted train step (batch gather, forward, backward, sparse optimizer update, metric sums)
+per iteration; the host only syncs every ``log_every`` steps (progress bar, train metrics),
+at each epoch end (test evaluation) and when checkpointing. The loss is computed on the
+stored, already-masked params and its dense gradient goes to ``tx.update`` (RigL grows by
+it); the forward never multiplies kernel * mask.
+
+Outputs in the workdir: ``metrics.jsonl`` (one JSON record per log / eval / final event;
+``time`` is host seconds since start when the record was queued; a resumed run appends and
+repeats the steps after its checkpoint),
+``checkpoints/<step>/`` (Orbax: params, optimizer state with masks, step, PRNG key, data
+position), ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import jaxsparse
+from experiments import data as data_lib
+from experiments import models
+from experiments.checkpoint import Checkpointer
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue: checkpointed as one pytree."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32[]
+    rng: jax.Array  # typed PRNG key, for stochastic layers (folded with the step)
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+def _dst(factory):
+    def build(inner, c, key, total_steps):
+        return factory(
+            inner, c.sparsity, key=key, end_step=max(1, int(c.end_fraction * total_steps)),
+            distribution=c.distribution, update_every=c.update_every,
+            drop_fraction=c.drop_fraction, **dict(c.algorithm_kwargs),
+        )
+
+    return build
+
+
+def _static(inner, c, key, total_steps):
+    del total_steps
+    return jaxsparse.static(inner, c.sparsity, key=key, distribution=c.distribution,
+                            **dict(c.algorithm_kwargs))
+
+
+def _pruning(factory, needs_key):
+    def build(inner, c, key, total_steps):
+        end = max(1, int(c.end_fraction * total_steps))
+        kwargs = dict(end_step=end, begin_step=min(int(c.prune_begin_fraction * total_steps),
+                                                   end - 1),
+                      frequency=c.update_every, distribution=c.distribution)
+        if needs_key:
+            kwargs["key"] = key
+        return factory(inner, c.sparsity, **kwargs, **dict(c.algorithm_kwargs))
+
+    return build
+
+
+def _dense(inner, c, key, total_steps):
+    del c, key, total_steps
+    return inner
+
+
+def algorithm_registry() -> dict:
+    """``name -> build(inner, config, key, total_steps) -> optax transformation``.
+
+    ``srigl`` is included when this jaxsparse provides ``jaxsparse.srigl``.
+    """
+    registry = {
+        "dense": _dense,
+        "static": _static,
+        "set": _dst(jaxsparse.set),
+        "rigl": _dst(jaxsparse.rigl),
+        "snfs": _dst(jaxsparse.snfs),
+        "magnitude": _pruning(jaxsparse.magnitude_pruning, needs_key=False),
+        "random": _pruning(jaxsparse.random_pruning, needs_key=True),
+    }
+    srigl = getattr(jaxsparse, "srigl", None)
+    if srigl is not None:
+        registry["srigl"] = _dst(srigl)
+    return registry
+
+
+def learning_rate_schedule(c, total_steps: int):
+    """Linear warmup then cosine decay to 0 (or constant), as ``count -> lr``.
+
+    Written out rather than with optax's schedules, whose int/float mixing fails under
+    ``jax_numpy_dtype_promotion="strict"``.
+    """
+    if c.lr_schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr_schedule {c.lr_schedule!r}; choose cosine or constant")
+    base_lr, warmup = float(c.learning_rate), int(c.warmup_steps)
+    decay_steps = float(max(total_steps - warmup, 1))
+
+    def schedule(count):
+        t = jnp.asarray(count).astype(jnp.float32)
+        lr = jnp.asarray(base_lr, jnp.float32)
+        if warmup:
+            lr = lr * jnp.minimum((t + 1.0) / float(warmup), 1.0)
+        if c.lr_schedule == "cosine":
+            progress = jnp.clip((t - float(warmup)) / decay_steps, 0.0, 1.0)
+            lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return lr
+
+    return schedule
+
+
+def make_optimizer(c, total_steps: int, key: jax.Array):
+    """The sparse (or dense) optimizer described by config ``c``."""
+    lr = learning_rate_schedule(c, total_steps)
+    if c.optimizer == "sgd":
+        inner = optax.sgd(lr, momentum=c.momentum or None)
+        if c.weight_decay:
+            inner = optax.chain(optax.add_decayed_weights(c.weight_decay), inner)
+    elif c.optimizer == "adam":
+        inner = optax.adam(lr)
+    elif c.optimizer == "adamw":
+        inner = optax.adamw(lr, weight_decay=c.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {c.optimizer!r}; choose sgd, adam or adamw")
+    registry = algorithm_registry()
+    if c.algorithm not in registry:
+        raise ValueError(f"unknown algorithm {c.algorithm!r}; choose one of {sorted(registry)}")
+    return registry[c.algorithm](inner, c, key, total_steps)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model, tx, batch_size: int):
+    """``(state, sums, x_all, y_all, perm, start) -> (state, sums)``, one jitted step.
+
+    ``sums`` accumulates (loss sum, correct, count) on the device between host syncs.
+    """
+
+    def step(state: TrainState, sums, x_all, y_all, perm, start):
+        x, y = data_lib.take_batch(x_all, y_all, perm, start, batch_size)
+
+        def loss_fn(params):
+            logits = model.apply({"params": params}, x)
+            return cross_entropy(logits, y), logits
+
+        # Dense gradient w.r.t. the stored, already-masked params (what RigL grows by).
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.int32)
+        sums = (sums[0] + loss * batch_size, sums[1] + correct, sums[2] + batch_size)
+        return TrainState(params, opt_state, state.step + 1, state.rng), sums
+
+    return jax.jit(step)
+
+
+def zero_sums():
+    """Metric accumulators (loss sum, correct, count), committed to the default device."""
+    return jax.device_put(
+        (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
+        jax.devices()[0],
+    )
+
+
+def make_eval(model, x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
+    """``params -> {"test_loss", "test_accuracy"}`` (device scalars) over the whole test set in one jitted call."""
+    n = len(x_test)
+    batch_size = min(batch_size, n)
+    n_chunks = -(-n // batch_size)
+    pad = n_chunks * batch_size - n
+    x = jax.device_put(np.concatenate([x_test, np.zeros((pad, *x_test.shape[1:]),
+                                                        x_test.dtype)]))
+    y = jax.device_put(np.concatenate([y_test, np.zeros((pad,), y_test.dtype)]).astype(np.int32))
+    valid = jax.device_put(np.arange(n + pad) < n)
+
+    @jax.jit
+    def evaluate(params, x, y, valid):
+        def body(i, acc):
+            xb = jax.lax.dynamic_slice_in_dim(x, i * batch_size, batch_size)
+            yb = jax.lax.dynamic_slice_in_dim(y, i * batch_size, batch_size)
+            vb = jax.lax.dynamic_slice_in_dim(valid, i * batch_size, batch_size)
+            logits = model.apply({"params": params}, xb)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+            loss = jnp.sum(jnp.where(vb, losses, 0.0))
+            correct = jnp.sum((jnp.argmax(logits, -1) == yb) & vb, dtype=jnp.int32)
+            return acc[0] + loss, acc[1] + correct
+
+        loss, correct = jax.lax.fori_loop(
+            0, n_chunks, body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
+        return {"test_loss": loss / n, "test_accuracy": correct.astype(jnp.float32) / n}
+
+    return lambda params: evaluate(params, x, y, valid)
+
+
+def make_sparsity_stats(algorithm: str):
+    """``(opt_state, params) -> {"sparsity", "itop_rate"}`` as device scalars (one jitted
+    call). Sparsity is over all params (dense leaves count as active)."""
+    if algorithm == "dense":
+        return lambda opt_state, params: {"sparsity": jnp.zeros((), jnp.float32)}
+
+    @jax.jit
+    def stats(opt_state, params):
+        masks = jaxsparse.get_masks(opt_state)
+        out = {"sparsity": jaxsparse.metrics.global_sparsity(masks, params)}
+        if jaxsparse.get_sparse_state(opt_state).ever_active is not None:
+            out["itop_rate"] = jaxsparse.itop_rate(jaxsparse.get_ever_active(opt_state))
+        return out
+
+    return stats
+
+
+def _finish(values: dict) -> dict:
+    """Host floats from fetched device values; train sums become mean loss / accuracy."""
+    out = {}
+    for k, v in values.items():
+        if k == "sums":
+            loss_sum, correct, count = (float(x) for x in v)
+            out["train_loss"] = loss_sum / max(count, 1)
+            out["train_accuracy"] = correct / max(count, 1)
+        else:
+            out[k] = float(v)
+    return out
+
+
+def final_masks(opt_state, params, algorithm: str):
+    if algorithm == "dense":
+        return jaxsparse.ones_masks(params)
+    return jaxsparse.get_masks(opt_state)
+
+
+def machine_description() -> str:
+    dev = jax.devices()[0]
+    return (f"{platform.machine()} {platform.processor() or platform.system()}, "
+            f"{os.cpu_count()} cores, jax {jax.__version__} {dev.platform} "
+            f"({getattr(dev, 'device_kind', '')})")
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+class Setup(NamedTuple):
+    model: Any
+    tx: Any
+    state: TrainState
+    total_steps: int
+    steps_per_epoch: int
+
+
+def total_steps_of(c, n_train: int) -> tuple[int, int]:
+    steps_per_epoch = n_train // c.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size {c.batch_size} exceeds the {n_train} training examples")
+    total = c.num_steps if c.num_steps > 0 else c.epochs * steps_per_epoch
+    if total < 1:
+        raise ValueError("nothing to train: set epochs > 0 or num_steps > 0")
+    return total, steps_per_epoch
+
+
+def create_setup(c, ds: data_lib.Dataset) -> Setup:
+    """Model, optimizer and initial state for config ``c`` on dataset ``ds``."""
+    total, steps_per_epoch = total_steps_of(c, len(ds.x_train))
+    model = models.create_model(c.model, ds.num_classes)
+    k_init, k_tx, k_rng = jax.random.split(jax.random.key(c.seed), 3)
+    params = models.init_params(model, ds.image_shape, k_init)
+    tx = make_optimizer(c, total, k_tx)
+    opt_state = tx.init(params)
+    if c.algorithm != "dense":
+        params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
+    state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), k_rng)
+    # Committed to one device like the step's outputs, so the step compiles once (jit's cache
+    # tells committed and uncommitted inputs apart).
+    state = jax.device_put(state, jax.devices()[0])
+    return Setup(model, tx, state, total, steps_per_epoch)
+
+
+def load_data(c) -> data_lib.Dataset:
+    return data_lib.load_dataset(c.dataset, c.data_dir or None)
+
+
+def _meta(c, position, step) -> dict:
+    return {
+        "data_position": [int(position[0]), int(position[1])],
+        "step": int(step),
+        "model": json.dumps(c.model.to_dict(), sort_keys=True, default=list),
+        "algorithm": c.algorithm,
+        "dataset": c.dataset,
+    }
+
+
+def restore_state(c, workdir: str | os.PathLike, ds: data_lib.Dataset | None = None,
+                  step: int | None = None) -> tuple[TrainState, dict]:
+    """The checkpointed state of a run in ``workdir`` (default: its latest step)."""
+    ds = load_data(c) if ds is None else ds
+    setup = create_setup(c, ds)
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+    try:
+        return ckpt.restore(setup.state, step)
+    finally:
+        ckpt.close()
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+class JsonlWriter:
+    def __init__(self, path: Path | None):
+        self._f = open(path, "a") if path is not None else None  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
+def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+          resume: bool = False, dataset: data_lib.Dataset | None = None) -> dict:
+    """Trains per config ``c``; returns the final record (accuracy, sparsity, wall time...).
+
+    Args:
+      c: a config (see ``experiments/configs/base.py``).
+      workdir: where metrics, checkpoints and config go; ``None`` keeps nothing on disk.
+      resume: continue from the latest checkpoint in ``workdir`` (starts fresh if none).
+      dataset: an already loaded dataset (sweeps reuse one); default: load per ``c``.
+    """
+    t_start = time.perf_counter()
+    ds = load_data(c) if dataset is None else dataset
+    setup = create_setup(c, ds)
+    state, total = setup.state, setup.total_steps
+    position = data_lib.Position(0, 0)
+
+    ckpt = None
+    log = JsonlWriter(None)
+    if workdir is not None:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=c.max_to_keep)
+        latest = ckpt.latest_step()
+        if latest is not None and not resume:
+            ckpt.close()
+            raise FileExistsError(
+                f"{workdir} already holds checkpoints (latest step {latest}); pass --resume "
+                "to continue that run or use a fresh --workdir"
+            )
+        if resume and latest is not None:
+            state, meta = ckpt.restore(state)
+            position = data_lib.Position(*meta["data_position"])
+            print(f"resumed from step {latest} (epoch {position.epoch}, batch "
+                  f"{position.index})", file=sys.stderr)
+        elif resume:
+            print(f"no checkpoint in {workdir}; starting from scratch", file=sys.stderr)
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        log = JsonlWriter(workdir / "metrics.jsonl")
+
+    it = data_lib.BatchIterator(ds.x_train, ds.y_train, c.batch_size, seed=c.seed,
+                                position=position)
+    step_fn = make_train_step(setup.model, setup.tx, c.batch_size)
+    evaluate = make_eval(setup.model, ds.x_test, ds.y_test, c.eval_batch_size)
+    stats_fn = make_sparsity_stats(c.algorithm)
+
+    from tqdm.auto import tqdm
+
+    start_step = int(state.step)
+    pbar = tqdm(total=total, initial=start_step, disable=not c.progress, dynamic_ncols=True,
+                desc=f"{c.algorithm} {c.sparsity:g}" if c.algorithm != "dense" else "dense")
+    # Records wait here with device values until the next log point, so logging never
+    # stalls the device queue (their values are long computed by then).
+    pending: list[tuple[dict, dict]] = []
+    latest: dict[str, dict] = {}
+
+    def flush():
+        for host, dev in pending:
+            record = {**host, **_finish(jax.device_get(dev))}
+            log.write(record)
+            latest[record["event"]] = record
+        pending.clear()
+        if "train" in latest:
+            r = latest["train"]
+            pbar.set_postfix(loss=f"{r['train_loss']:.3f}", acc=f"{r['train_accuracy']:.3f}",
+                             sparsity=f"{r['sparsity']:.3f}", refresh=False)
+
+    def queue_eval(step):
+        pending.append(({"event": "eval", "step": step, "epoch": it.position.epoch,
+                         "time": time.perf_counter() - t_start},
+                        {**evaluate(state.params), **stats_fn(state.opt_state, state.params)}))
+
+    queue_eval(start_step)  # also compiles the eval and stats functions before the loop
+    flush()
+    zeros = zero_sums()
+    sums, since_log = zeros, 0
+    # ConfigDict attribute access costs microseconds: read the loop's settings once.
+    log_every, ckpt_every, kill_at = c.log_every, c.checkpoint_every, c.debug_kill_at_step
+    eval_every = c.eval_every_epochs
+    t_loop = time.perf_counter()
+    first_step_time = None
+    step = start_step
+    while step < total:
+        perm, start = it.next_indices()
+        state, sums = step_fn(state, sums, it.x, it.y, perm, start)
+        step += 1
+        since_log += 1
+        if step == start_step + 1:
+            # The first step includes compilation: time the loop from after it.
+            jax.block_until_ready(state)
+            first_step_time = time.perf_counter() - t_loop
+            t_loop = time.perf_counter()
+        if (eval_every > 0 and it.position.index == 0 and it.position.epoch % eval_every == 0
+                and step < total):
+            queue_eval(step)
+        if step % log_every == 0 or step == total:
+            flush()
+            pending.append(({"event": "train", "step": step, "epoch": it.position.epoch,
+                             "time": time.perf_counter() - t_start},
+                            {"sums": sums, **stats_fn(state.opt_state, state.params)}))
+            pbar.update(since_log)
+            sums, since_log = zeros, 0
+        if ckpt is not None and ckpt_every and step % ckpt_every == 0:
+            ckpt.save(step, state, _meta(c, it.position, step))
+        if step == kill_at:
+            if ckpt is not None:
+                ckpt.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+    if step > start_step:
+        queue_eval(step)
+    flush()
+    jax.block_until_ready(state)
+    loop_time = time.perf_counter() - t_loop
+    pbar.close()
+    if ckpt is not None:
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, _meta(c, it.position, step))
+        ckpt.close()
+
+    masks = final_masks(state.opt_state, state.params, c.algorithm)
+    table = jaxsparse.format_table(jaxsparse.sparsity_table(masks, state.params))
+    if c.print_table:
+        print(table)
+    final = {
+        "event": "final", "algorithm": c.algorithm, "sparsity_target": c.sparsity,
+        "distribution": c.distribution, "dataset": c.dataset, "model": c.model.name,
+        "seed": c.seed, "steps": total, "steps_run": total - start_step,
+        **{k: v for k, v in latest["eval"].items() if k not in ("event", "step", "epoch", "time")},
+        "wall_time": time.perf_counter() - t_start, "first_step_time": first_step_time,
+        "loop_time": loop_time, "loop_steps": max(total - start_step - 1, 0),
+        "machine": machine_description(),
+    }
+    log.write(final)
+    log.close()
+    final["table"] = table
+    final["state"] = state
+    return final
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def main(argv):
+    from absl import flags, logging
+
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    cfg = flags.FLAGS.config
+    result = train(cfg, flags.FLAGS.workdir or None, resume=flags.FLAGS.resume)
+    print(f"final test accuracy {result['test_accuracy']:.4f}, sparsity "
+          f"{result['sparsity']:.4f}, wall time {result['wall_time']:.1f}s")
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "experiments/configs/base.py",
+                                    "Path to a config file (get_config()).")
+    flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and config are written.")
+    flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,212 @@
+"""Tests for experiments/train.py: every algorithm trains and ends at its sparsity, the
+gradient given to the optimizer is the dense one, metrics land in the JSONL, and every
+error path says what is wrong."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse
+from experiments import data as data_lib
+from experiments import train as train_lib
+from experiments.configs import digits_tiny
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data_lib.load_dataset("digits")
+
+
+def tiny(**overrides):
+    c = digits_tiny.get_config()
+    c.num_steps = 20
+    c.checkpoint_every = 0
+    c.print_table = False
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
+
+
+def kernel_sparsity(params):
+    leaves = [p for path, p in jax.tree_util.tree_flatten_with_path(params)[0]
+              if jax.tree_util.keystr(path).endswith("['kernel']")]
+    nnz = sum(int(np.count_nonzero(np.asarray(x))) for x in leaves)
+    return 1.0 - nnz / sum(x.size for x in leaves)
+
+
+@pytest.mark.parametrize("algorithm", ["dense", "static", "set", "rigl", "snfs", "magnitude",
+                                       "random"])
+def test_every_algorithm_trains_to_its_sparsity(algorithm, digits):
+    c = tiny(algorithm=algorithm, sparsity=0.8, end_fraction=0.5, update_every=5)
+    out = train_lib.train(c, None, dataset=digits)
+    params = out["state"].params
+    assert out["steps"] == 20 and int(out["state"].step) == 20
+    if algorithm == "dense":
+        assert out["sparsity"] == 0.0
+        assert kernel_sparsity(params) == 0.0
+        return
+    masks = jaxsparse.get_masks(out["state"].opt_state)
+    # Params are exactly sparse: nothing outside the mask.
+    for m, p in zip(jaxsparse.masks.mask_leaves(masks), jax.tree.leaves(params), strict=True):
+        if m is not None:
+            assert not np.any(np.asarray(p)[~np.asarray(m)])
+    mask_sparsity = float(jaxsparse.metrics.global_sparsity(masks))
+    assert mask_sparsity == pytest.approx(0.8, abs=2e-3)
+    assert kernel_sparsity(params) >= mask_sparsity - 1e-6
+    assert 0.0 < out["sparsity"] < mask_sparsity  # biases count as dense
+    assert np.isfinite(out["test_loss"])
+
+
+def test_rigl_learns_digits(digits):
+    c = tiny(num_steps=0, epochs=4, batch_size=32)
+    c.model.hidden = (300, 100)
+    out = train_lib.train(c, None, dataset=digits)
+    assert out["test_accuracy"] > 0.8  # 10 classes: chance is 0.1
+    assert out["itop_rate"] > 1 - 0.9 + 1e-3  # regrowth explored new weights
+
+
+def test_gradient_passed_to_optimizer_is_dense(digits):
+    """The step must differentiate w.r.t. the stored masked params: a forward computing
+    kernel * mask would give exactly zero gradient at the inactive positions."""
+    c = tiny(algorithm="static", sparsity=0.9)
+    setup = train_lib.create_setup(c, digits)
+    masks = jaxsparse.get_masks(setup.state.opt_state)
+
+    def record_grads():
+        return optax.GradientTransformation(
+            lambda params: jax.tree.map(jnp.zeros_like, params),
+            lambda g, state, params=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+    tx = record_grads()
+    state = train_lib.TrainState(setup.state.params, tx.init(setup.state.params),
+                                 setup.state.step, setup.state.rng)
+    it = data_lib.BatchIterator(digits.x_train, digits.y_train, c.batch_size, seed=0)
+    step = train_lib.make_train_step(setup.model, tx, c.batch_size)
+    new, _ = step(state, train_lib.zero_sums(), it.x, it.y, *it.next_indices())
+    g = np.asarray(new.opt_state["Dense_1"]["kernel"])
+    m = np.asarray(masks["Dense_1"]["kernel"])
+    assert np.count_nonzero(g[~m]) > 0.5 * (~m).sum()
+
+
+def test_metrics_jsonl_and_table(tmp_path, digits, capsys):
+    c = tiny(num_steps=0, epochs=2, log_every=10, print_table=True)
+    out = train_lib.train(c, tmp_path, dataset=digits)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in records]
+    steps_per_epoch = len(digits.x_train) // c.batch_size
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, steps_per_epoch, 2 * steps_per_epoch]
+    train = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train] == list(range(10, 2 * steps_per_epoch, 10)) + [
+        2 * steps_per_epoch]
+    assert all(0.0 <= r["train_accuracy"] <= 1.0 and r["sparsity"] > 0.5 for r in train)
+    assert events[-1] == "final"
+    final = records[-1]
+    assert final["test_accuracy"] == evals[-1]["test_accuracy"] == out["test_accuracy"]
+    assert final["wall_time"] > 0 and "cores" in final["machine"]
+    printed = capsys.readouterr().out
+    assert "Dense_0/kernel" in printed and "total" in printed
+    assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "rigl"
+
+
+def test_existing_checkpoints_need_resume(tmp_path, digits):
+    train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
+    out = train_lib.train(tiny(num_steps=5), tmp_path, resume=True, dataset=digits)
+    assert out["steps_run"] == 0 and int(out["state"].step) == 5
+
+
+def test_srigl_is_registered_only_when_present(monkeypatch):
+    calls = {}
+
+    def fake_srigl(inner, sparsity, **kwargs):
+        calls.update(kwargs, sparsity=sparsity)
+        return inner
+
+    monkeypatch.delattr(jaxsparse, "srigl", raising=False)
+    assert "srigl" not in train_lib.algorithm_registry()
+    monkeypatch.setattr(jaxsparse, "srigl", fake_srigl, raising=False)
+    registry = train_lib.algorithm_registry()
+    assert "srigl" in registry
+    c = tiny(algorithm="srigl")
+    train_lib.make_optimizer(c, 100, jax.random.key(0))
+    assert calls["sparsity"] == 0.9 and calls["end_step"] == 75
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("algorithm", "lottery", "unknown algorithm 'lottery'; choose one of"),
+    ("optimizer", "lamb", "unknown optimizer 'lamb'"),
+    ("lr_schedule", "step", "unknown lr_schedule 'step'"),
+])
+def test_config_errors(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        train_lib.make_optimizer(tiny(**{field: value}), 100, jax.random.key(0))
+
+
+def test_step_count_errors(digits):
+    with pytest.raises(ValueError, match="batch_size 5000 exceeds the 1438 training examples"):
+        train_lib.train(tiny(batch_size=5000), None, dataset=digits)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_lib.train(tiny(num_steps=0, epochs=0), None, dataset=digits)
+
+
+# ----------------------------------------------------------------------------- sweep, plots
+
+
+def test_sweep_and_plots(tmp_path, capsys):
+    from experiments import plots, sweep
+
+    c = sweep.apply_overrides(tiny(), ["num_steps=10", "model.hidden=[16, 16]"])
+    assert c.model.hidden == (16, 16)
+    records = sweep.sweep(c, tmp_path, ["dense", "rigl"], [0.8], [0, 1])
+    assert [r["run"] for r in records] == ["dense_s0_seed0", "dense_s0_seed1",
+                                           "rigl_s0.8_seed0", "rigl_s0.8_seed1"]
+    assert all(r["machine"] and r["wall_time"] > 0 for r in records)
+    assert sweep.sweep(c, tmp_path, ["dense", "rigl"], [0.8], [0, 1]) == []  # all done
+    assert "already in" in capsys.readouterr().out
+    saved = plots.load_jsonl(tmp_path / "results.jsonl")
+    table = plots.frontier_table(saved)
+    accs = [r["test_accuracy"] for r in records if r["algorithm"] == "rigl"]
+    assert table["rigl"][0][:2] == (0.8, pytest.approx(sum(accs) / 2))
+    assert table["rigl"][0][3] == 2 and table["dense"][0][0] == 0.0
+    paths = plots.plot_sweep(tmp_path / "results.jsonl", tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["curves.png", "frontier.png", "itop.png",
+                                             "layer_sparsity.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    erk = plots.layer_sparsities(c.model, (8, 8, 1), 0.9, "erk")
+    uniform = plots.layer_sparsities(c.model, (8, 8, 1), 0.9, "uniform")
+    assert all(v == pytest.approx(0.9, abs=1e-2) for v in uniform.values())
+    assert erk["Dense_2/kernel"] < 0.9 < erk["Dense_0/kernel"]
+
+
+def test_sweep_errors(tmp_path):
+    from experiments import plots, sweep
+
+    with pytest.raises(ValueError, match=r"unknown methods \['lottery'\]"):
+        sweep.sweep(tiny(), tmp_path, ["lottery"], [0.9], [0])
+    with pytest.raises(ValueError, match="is not of the form key=value"):
+        sweep.apply_overrides(tiny(), ["epochs"])
+    with pytest.raises(ValueError, match="the config has no field 'epoch'"):
+        sweep.apply_overrides(tiny(), ["epoch=3"])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no final records"):
+        plots.plot_sweep(tmp_path / "empty.jsonl", tmp_path)
+
+
+def test_loop_overhead_benchmark_prints_a_table(capsys):
+    from experiments.benchmarks import loop_overhead
+
+    overheads = loop_overhead.main(["--steps", "3", "--repeats", "1", "--only", "dense"])
+    assert len(overheads) == 1
+    printed = capsys.readouterr().out
+    assert "bare ms/step" in printed and "digits lenet300 b128 dense" in printed
+
+
+def test_cli_rejects_extra_arguments():
+    with pytest.raises(ValueError, match=r"unexpected arguments: \['extra'\]"):
+        train_lib.main(["experiments.train", "extra"])
