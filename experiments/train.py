@@ -19,6 +19,7 @@ position), ``config.json``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -90,7 +91,7 @@ def _dense(inner, c, key, total_steps):
 def algorithm_registry() -> dict:
     """``name -> build(inner, config, key, total_steps) -> optax transformation``.
 
-    ``srigl`` is included when this jaxsparse provides ``jaxsparse.srigl``.
+    ``srigl_no_ablation`` is SRigL with ``ablation=False`` (constant fan-in RigL).
     """
     registry = {
         "dense": _dense,
@@ -101,9 +102,9 @@ def algorithm_registry() -> dict:
         "magnitude": _pruning(jaxsparse.magnitude_pruning, needs_key=False),
         "random": _pruning(jaxsparse.random_pruning, needs_key=True),
     }
-    srigl = getattr(jaxsparse, "srigl", None)
-    if srigl is not None:
-        registry["srigl"] = _dst(srigl)
+    registry["srigl"] = _dst(jaxsparse.srigl)
+    registry["srigl_no_ablation"] = _dst(functools.partial(jaxsparse.srigl, ablation=False))
+    registry["granet"] = _dst(jaxsparse.granet)
     return registry
 
 
@@ -231,6 +232,12 @@ def make_sparsity_stats(algorithm: str):
         out = {"sparsity": jaxsparse.metrics.global_sparsity(masks, params)}
         if jaxsparse.get_sparse_state(opt_state).ever_active is not None:
             out["itop_rate"] = jaxsparse.itop_rate(jaxsparse.get_ever_active(opt_state))
+        # Effective width of every sparse layer (neurons with at least one active input).
+        flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=jaxsparse.masks.is_none)
+        for path, m in flat:
+            if m is not None:
+                name = jaxsparse.masks.path_to_str(path)
+                out[f"active_neurons/{name}"] = jaxsparse.metrics.active_neurons(m)
         return out
 
     return stats
