@@ -38,6 +38,7 @@ from jaxsparse.condensed import (
     sparse_linear,
 )
 from jaxsparse.distributions import LayerSpec, layer_budgets, layer_specs
+from jaxsparse.lottery import ImpResult, imp, rewind, scratch_b, scratch_e
 from jaxsparse.masks import (
     apply_masks,
     count_active,
@@ -47,7 +48,6 @@ from jaxsparse.masks import (
     ones_masks,
     validate_masks,
 )
-from jaxsparse.lottery import ImpResult, imp, rewind, scratch_b, scratch_e
 from jaxsparse.metrics import (
     format_structure_table,
     format_table,

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxsparse.masks import PyTree, Prunable, as_predicate, path_to_str
+from jaxsparse.masks import Prunable, PyTree, as_predicate, path_to_str
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 

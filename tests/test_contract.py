@@ -193,7 +193,7 @@ def test_kept_weights_take_the_inner_update_and_dense_leaves_are_untouched(name)
         g, before, after = history[t]["grads"], history[t - 1]["params"], history[t]["params"]
         old = dict(_sparse_items(history[t - 1]["masks"]))
         new = dict(_sparse_items(history[t]["masks"]))
-        for p_path, leaf in [("dense0/bias", None), ("norm/scale", None), ("dense1/bias", None)]:
+        for p_path in ("dense0/bias", "norm/scale", "dense1/bias"):
             np.testing.assert_allclose(_leaf(after, p_path),
                                        _leaf(before, p_path) - lr * _leaf(g, p_path),
                                        rtol=1e-5, atol=1e-7)

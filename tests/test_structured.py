@@ -60,7 +60,7 @@ def test_srigl_without_ablation_keeps_k0_everywhere():
                          update_every=EVERY, ablation=False, distribution="uniform")
     history, _ = run(tx, 10)
     for snap in history:
-        for path, m in _items(snap["masks"]):
+        for _path, m in _items(snap["masks"]):
             fan = m.reshape(-1, m.shape[-1]).sum(axis=0)
             assert len(set(fan.tolist())) == 1 and fan[0] >= 1
 
@@ -169,7 +169,7 @@ def test_nm_rigl_stays_nm_and_moves():
                            end_step=END, update_every=EVERY)
     history, _ = run(tx, 14)
     for snap in history:
-        for path, m in _items(snap["masks"]):
+        for _path, m in _items(snap["masks"]):
             assert np.all(m.reshape(-1, 4, m.shape[-1]).sum(axis=1) == 2)
     assert not np.array_equal(_items(history[0]["masks"])[0][1],
                               _items(history[-1]["masks"])[0][1])

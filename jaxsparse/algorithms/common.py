@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxsparse import topology
 from jaxsparse.distributions import layer_budgets, layer_specs, resolve_overrides
-from jaxsparse.masks import Masks, PyTree, Prunable, is_none, path_to_str
+from jaxsparse.masks import Masks, Prunable, PyTree, is_none, path_to_str
 from jaxsparse.transform import UpdateInputs
 
 

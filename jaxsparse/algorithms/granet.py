@@ -8,6 +8,7 @@ import optax
 
 from jaxsparse import schedules, topology
 from jaxsparse.algorithms.common import drop_count, random_init
+from jaxsparse.algorithms.pruning import budget_ramp
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs
 from jaxsparse.masks import is_none, leaf_paths
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
@@ -16,16 +17,7 @@ from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 def granet_targets(specs, initial_budgets, final_budgets, begin_step: int, end_step: int,
                    power: int = 3):
     """``step -> int32[n_layers]``: ``B_f + round((B_i - B_f) (1 - p_t)^power)``."""
-    b_i = jnp.asarray([initial_budgets[s.path] for s in specs], jnp.int32)
-    b_f = jnp.asarray([final_budgets[s.path] for s in specs], jnp.int32)
-
-    def targets(step):
-        p = jnp.clip((jnp.asarray(step, jnp.float32) - begin_step)
-                     / float(end_step - begin_step), 0.0, 1.0)
-        return b_f + jnp.round((b_i - b_f).astype(jnp.float32) * (1.0 - p) ** power).astype(
-            jnp.int32)
-
-    return targets
+    return budget_ramp(specs, initial_budgets, final_budgets, begin_step, end_step, power)
 
 
 def granet(

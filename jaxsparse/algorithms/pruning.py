@@ -31,15 +31,13 @@ from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 RANKINGS = ("layerwise", "global")
 
 
-def pruning_targets(
-    specs, final_budgets, initial_sparsity: float, begin_step: int, end_step: int, power: int = 3
+def budget_ramp(
+    specs, initial_budgets, final_budgets, begin_step: int, end_step: int, power: int = 3
 ) -> Callable[[jax.Array], jax.Array]:
-    """``step -> int32[n_layers]`` active-weight targets on the cubic ramp (see module doc)."""
+    """``step -> int32[n_layers]``: ``B_f + round((B_i - B_f) * (1 - p_t)^power)`` with
+    ``p_t = clip((t - begin) / (end - begin), 0, 1)``: exact integers, ``B_f`` at the end."""
+    b_i = jnp.asarray([initial_budgets[s.path] for s in specs], jnp.int32)
     b_f = jnp.asarray([final_budgets[s.path] for s in specs], jnp.int32)
-    b_i = jnp.asarray(
-        [max(final_budgets[s.path], int(round((1.0 - initial_sparsity) * s.size))) for s in specs],
-        jnp.int32,
-    )
 
     def targets(step):
         p = jnp.clip(
@@ -49,6 +47,18 @@ def pruning_targets(
         return b_f + jnp.round(ramp).astype(jnp.int32)
 
     return targets
+
+
+def pruning_targets(
+    specs, final_budgets, initial_sparsity: float, begin_step: int, end_step: int, power: int = 3
+) -> Callable[[jax.Array], jax.Array]:
+    """``step -> int32[n_layers]`` active-weight targets on the cubic ramp (see module doc);
+    every layer starts at ``initial_sparsity`` (or its final budget if that is larger)."""
+    initial = {
+        s.path: max(final_budgets[s.path], int(round((1.0 - initial_sparsity) * s.size)))
+        for s in specs
+    }
+    return budget_ramp(specs, initial, final_budgets, begin_step, end_step, power)
 
 
 def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,

@@ -1,0 +1,71 @@
+"""experiments/state_of_sparsity.py: each study runs in --quick mode on digits (in-process)
+and writes one sane JSONL record per run."""
+
+import json
+
+import pytest
+
+from experiments import state_of_sparsity as sos
+
+
+def run_study(tmp_path, study, sparsity, extra=()):
+    out = tmp_path / study
+    returned = sos.main(["--study", study, "--quick", "--sparsities", str(sparsity),
+                         "--out", str(out), *extra])
+    lines = (out / "results.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == len(returned)
+    return records
+
+
+def check_common(records, study, sparsity, methods):
+    found = {r["method"] for r in records}
+    assert set(methods) <= found
+    for r in records:
+        assert r["study"] == study
+        assert r["dataset"] == "digits"
+        assert r["epochs"] == 2 and r["seed"] == 0 and r["steps"] > 0
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["wall_time"] > 0.0
+        assert isinstance(r["machine"], str) and r["machine"]
+        if r["method"] in methods:
+            assert r["target_sparsity"] == pytest.approx(sparsity)
+            assert abs(r["sparsity"] - sparsity) <= 0.02, r
+
+
+def test_pruning_study(tmp_path):
+    records = run_study(tmp_path, "pruning", 0.8)
+    check_common(records, "pruning", 0.8, sos.STUDIES["pruning"])
+    assert len(records) == 4
+    for r in records:
+        if r["method"] in ("vd", "l0"):
+            assert r["threshold"] is not None
+            assert 0.0 <= r["natural_sparsity"] <= 1.0
+            assert 0.0 <= r["natural_accuracy"] <= 1.0
+
+
+def test_retrain_study(tmp_path):
+    records = run_study(tmp_path, "retrain", 0.8, ["--rounds", "1"])
+    check_common(records, "retrain", 0.8, sos.STUDIES["retrain"])
+    dense = [r for r in records if r["method"] == "dense"]
+    assert len(dense) == 1 and dense[0]["sparsity"] < 0.02
+    rewinds = {r["method"]: r["rewind_step"] for r in records if "rewind_step" in r}
+    assert rewinds["lottery_rewind0"] == 0 and rewinds["lottery_rewind"] > 0
+
+
+def test_init_study(tmp_path):
+    records = run_study(tmp_path, "init", 0.9)
+    check_common(records, "init", 0.9, sos.STUDIES["init"])
+    assert len(records) == 4
+
+
+def test_cli_rejects_unknown_method(tmp_path):
+    with pytest.raises(SystemExit):
+        sos.parse_args(["--study", "init", "--methods", "magnitude", "--out", str(tmp_path)])
+
+
+def test_quick_defaults():
+    args = sos.parse_args(["--study", "pruning", "--quick", "--out", "x"])
+    assert args.dataset == "digits" and args.epochs == 2 and args.seeds == [0]
+    args = sos.parse_args(["--study", "pruning", "--out", "x"])
+    assert args.dataset == "fashion_mnist" and args.seeds == [0, 1, 2]
