@@ -69,3 +69,13 @@ def test_quick_defaults():
     assert args.dataset == "digits" and args.epochs == 2 and args.seeds == [0]
     args = sos.parse_args(["--study", "pruning", "--out", "x"])
     assert args.dataset == "fashion_mnist" and args.seeds == [0, 1, 2]
+
+
+def test_summary_table():
+    recs = [{"target_sparsity": 0.9, "method": m, "test_accuracy": a, "sparsity": 0.9,
+             "wall_time": 1.0} for m, a in [("snip", 0.5), ("snip", 0.7), ("random", 0.4)]]
+    table = sos.summary_table(recs)
+    assert "| 0.9 | snip | 2 | 0.6000 ± 0.1000 |" in table
+    assert "| 0.9 | random | 1 | 0.4000 ± 0.0000 |" in table
+    with pytest.raises(SystemExit):
+        sos.parse_args(["--study", "init"])  # no --out

@@ -121,21 +121,20 @@ def test_existing_checkpoints_need_resume(tmp_path, digits):
     assert out["steps_run"] == 0 and int(out["state"].step) == 5
 
 
-def test_srigl_is_registered_only_when_present(monkeypatch):
+def test_structured_methods_are_registered_with_their_arguments(monkeypatch):
     calls = {}
 
     def fake_srigl(inner, sparsity, **kwargs):
         calls.update(kwargs, sparsity=sparsity)
         return inner
 
-    monkeypatch.delattr(jaxsparse, "srigl", raising=False)
-    assert "srigl" not in train_lib.algorithm_registry()
-    monkeypatch.setattr(jaxsparse, "srigl", fake_srigl, raising=False)
+    monkeypatch.setattr(jaxsparse, "srigl", fake_srigl)
     registry = train_lib.algorithm_registry()
-    assert "srigl" in registry
-    c = tiny(algorithm="srigl")
-    train_lib.make_optimizer(c, 100, jax.random.key(0))
-    assert calls["sparsity"] == 0.9 and calls["end_step"] == 75
+    assert {"srigl", "srigl_no_ablation", "granet"} <= set(registry)
+    train_lib.make_optimizer(tiny(algorithm="srigl"), 100, jax.random.key(0))
+    assert calls["sparsity"] == 0.9 and calls["end_step"] == 75 and "ablation" not in calls
+    train_lib.make_optimizer(tiny(algorithm="srigl_no_ablation"), 100, jax.random.key(0))
+    assert calls["ablation"] is False
 
 
 @pytest.mark.parametrize("field, value, message", [
