@@ -130,6 +130,13 @@ def plot_curves(metrics: dict[str, str | os.PathLike], out: str | os.PathLike) -
                         "test accuracy during training")
 
 
+def plot_active_neurons(metrics: dict[str, str | os.PathLike], out: str | os.PathLike,
+                        layer: str) -> Path:
+    """Active (non-ablated) neurons of ``layer`` over training, one line per run."""
+    return _plot_series(metrics, out, "eval", f"active_neurons/{layer}", "active neurons",
+                        f"active neurons of {layer} over training")
+
+
 def _plot_series(metrics, out, event, key, ylabel, title):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -172,6 +179,11 @@ def plot_sweep(results: str | os.PathLike, out_dir: str | os.PathLike,
         if runs:
             paths.append(plot_itop(runs, out_dir / "itop.png"))
             paths.append(plot_curves(runs, out_dir / "curves.png"))
+            layers = sorted({k.split("/", 1)[1] for r in sparse for k in r
+                             if k.startswith("active_neurons/")})
+            if layers:
+                paths.append(plot_active_neurons(runs, out_dir / "active_neurons.png",
+                                                 layers[0]))
     if records[0].get("model_config") and records[0].get("image_shape"):
         paths.append(plot_layer_sparsity(json.loads(records[0]["model_config"]),
                                          tuple(records[0]["image_shape"]),
