@@ -126,7 +126,8 @@ def test_imp_from_saved_checkpoints():
 
 
 @settings(max_examples=8, deadline=None)
-@given(st.integers(1, 4), st.floats(0.1, 0.6), st.sampled_from(["uniform", "erk"]))
+# Up to 1 - 0.5^3 = 87.5% sparsity: every layer of the tiny model keeps some weights.
+@given(st.integers(1, 3), st.floats(0.1, 0.5), st.sampled_from(["uniform", "erk"]))
 def test_imp_hits_the_requested_sparsity(rounds, fraction, distribution):
     params = make_params(seed=rounds)
     result = lottery.imp(Recorder(), params, num_steps=2, rounds=rounds,

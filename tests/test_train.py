@@ -174,8 +174,8 @@ def test_sweep_and_plots(tmp_path, capsys):
     assert table["rigl"][0][:2] == (0.8, pytest.approx(sum(accs) / 2))
     assert table["rigl"][0][3] == 2 and table["dense"][0][0] == 0.0
     paths = plots.plot_sweep(tmp_path / "results.jsonl", tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["curves.png", "frontier.png", "itop.png",
-                                             "layer_sparsity.png"]
+    assert sorted(p.name for p in paths) == ["active_neurons.png", "curves.png",
+                                             "frontier.png", "itop.png", "layer_sparsity.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
     erk = plots.layer_sparsities(c.model, (8, 8, 1), 0.9, "erk")
     uniform = plots.layer_sparsities(c.model, (8, 8, 1), 0.9, "uniform")
