@@ -76,10 +76,9 @@ def test_srigl_layer_hand_checked_ablation():
                    [0.0, 0.0, 0.0],
                    [9.0, 8.0, 0.0],
                    [7.0, 0.5, 0.0]])
-    new = topology_layer = jaxsparse.srigl_layer(
+    new = jaxsparse.srigl_layer(
         mask, w, g, jax.random.key(0), k0=2, fraction=0.5, gamma_sal=1.0, ablation=True,
         min_neurons=1)
-    del topology_layer
     # kept (top 3 |W|): 5, 4, 3. salient adds top-3 |g|: (2,0), (2,1), (3,0).
     # counts: n0 = 4, n1 = 2, n2 = 0; tau = 2 -> neuron 2 ablated; k' = 6 // 2 = 3.
     # n0 keeps 5, 4 and grows (2,0) (|g| 9); n1 keeps 3 and grows (2,1) (8), (3,1) (0.5).

@@ -19,21 +19,33 @@ def budgets_for(params, sparsity, distribution, prunable, overrides) -> dict[str
     return layer_budgets(layer_specs(params, prunable), sparsity, distribution, overrides)
 
 
-def masks_from_budgets(
-    params: PyTree, budgets: Mapping[str, int], make: Callable[[int, tuple, int], jax.Array]
+def masks_for_paths(
+    params: PyTree, paths, make: Callable[[int, str, tuple], jax.Array]
 ) -> Masks:
-    """Builds masks leaf by leaf: ``make(index, shape, nnz)`` for sparse leaves, ``None``
-    for leaves without a budget or with a dense budget."""
+    """Builds masks leaf by leaf: ``make(index, path, shape)`` for the leaves whose path is in
+    ``paths`` (``index`` counts those leaves in flattening order), ``None`` elsewhere."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     out, index = [], 0
     for p, leaf in flat:
         path = path_to_str(p)
-        if path in budgets and budgets[path] < leaf.size:
-            out.append(make(index, tuple(leaf.shape), budgets[path]))
+        if path in paths:
+            out.append(make(index, path, tuple(leaf.shape)))
             index += 1
         else:
             out.append(None)
     return jax.tree.unflatten(treedef, out)
+
+
+def masks_from_budgets(
+    params: PyTree, budgets: Mapping[str, int], make: Callable[[int, tuple, int], jax.Array]
+) -> Masks:
+    """``make(index, shape, nnz)`` for sparse leaves, ``None`` for leaves without a budget or
+    with a dense budget."""
+    sizes = {path_to_str(p): leaf.size
+             for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    sparse = {path for path, nnz in budgets.items() if nnz < sizes[path]}
+    return masks_for_paths(params, sparse,
+                           lambda i, path, shape: make(i, shape, budgets[path]))
 
 
 def random_init(

@@ -62,7 +62,7 @@ def pruning_targets(
 
 
 def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
-             distribution, prunable, overrides, power, key, score_fn, name):
+             distribution, prunable, overrides, power, key, score_fn):
     check_sparsity(sparsity)
     check_sparsity(initial_sparsity, "initial_sparsity")
     if initial_sparsity > sparsity:
@@ -170,7 +170,7 @@ def magnitude_pruning(
       ...                                  end_step=8000, frequency=100)
     """
     return _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
-                    distribution, prunable, overrides, power, None, _magnitude, "magnitude")
+                    distribution, prunable, overrides, power, None, _magnitude)
 
 
 def random_pruning(
@@ -193,4 +193,4 @@ def random_pruning(
     if key is None:
         raise ValueError("random_pruning needs key=jax.random.key(seed)")
     return _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
-                    distribution, prunable, overrides, power, key, _random, "random")
+                    distribution, prunable, overrides, power, key, _random)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.common import drop_count, masks_from_budgets
+from jaxsparse.algorithms.common import drop_count, masks_for_paths, masks_from_budgets
 from jaxsparse.algorithms.pruning import pruning_targets
 from jaxsparse.distributions import LayerSpec, check_sparsity, layer_budgets, layer_specs
 from jaxsparse.masks import PyTree, is_none, leaf_paths
@@ -241,8 +241,8 @@ def nm_pruning(
     def init_masks(params, key):
         del key
         specs = _nm_specs(params, prunable, n, m)
-        return masks_from_budgets(params, {s.path: s.size - 1 for s in specs},
-                                  lambda i, shape, nnz: jnp.ones(shape, bool))
+        return masks_for_paths(params, {s.path for s in specs},
+                               lambda i, path, shape: jnp.ones(shape, bool))
 
     def update_masks(x: UpdateInputs):
         idx, m_leaves, p_leaves, _, treedef = _sparse_leaves(x.masks, x.params)
@@ -286,9 +286,9 @@ def nm_rigl(
 
     def init_masks(params, key):
         specs = _nm_specs(params, prunable, n, m)
-        return masks_from_budgets(
-            params, {s.path: s.size - 1 for s in specs},
-            lambda i, shape, nnz: topology.nm_mask(
+        return masks_for_paths(
+            params, {s.path for s in specs},
+            lambda i, path, shape: topology.nm_mask(
                 topology.random_scores(jax.random.fold_in(key, i), shape), n, m),
         )
 
