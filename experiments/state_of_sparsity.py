@@ -6,7 +6,8 @@ and pruning at initialisation, on an MLP (784-300-100-10, LeNet-300-100).
   python -m experiments.state_of_sparsity --study retrain --out runs/sos_retrain ...
   python -m experiments.state_of_sparsity --study init --out runs/sos_init ...
   python -m experiments.state_of_sparsity --study pruning --quick --out /tmp/sos   # seconds
-  python -m experiments.state_of_sparsity --summarize runs/sos_pruning/results.jsonl
+  python -m experiments.state_of_sparsity --summarize runs/sos_pruning/results.jsonl \
+      --plot runs/sos_pruning/frontier.png
 
 Every run appends one JSON line to ``<out>/results.jsonl``: ``study``, ``method``,
 ``target_sparsity``, ``sparsity`` (achieved, over the prunable kernels: the fraction of
@@ -43,6 +44,14 @@ with masked kernels, evaluated by ``experiments.train.make_eval``):
   recorded too (``natural_sparsity``, ``natural_accuracy``). The log-sigma^2 / gate
   parameters use their own learning rate ``--aux_lr`` (Adam), since with a short schedule
   the base rate barely moves them from their initialisation.
+
+  **Penalty tuning and fine-tuning.** ``--vd_weight`` / ``--l0_weight`` take a comma list:
+  each weight is a separate run (records carry ``penalty_weight``); the summary table lists
+  each, and ``--plot`` draws the best weight per target sparsity (selected on test accuracy:
+  there is no validation split, so read it as an optimistic frontier, as in the paper's
+  per-sparsity tuning). ``--finetune_fraction f`` also trains the cut model (plain MLP,
+  fixed masks, a fresh lr schedule of ``round(f * T)`` steps) and writes it as ``vd_ft`` /
+  ``l0_ft``; the default 0 keeps the cut model only.
 
 ``--study retrain`` (Frankle & Carbin 2019; Liu et al. 2019): one dense run per seed
 (weights saved at step 0, at the rewind step and at the end), then per sparsity:
@@ -94,6 +103,7 @@ from jaxsparse.masks import map_masked
 
 STUDIES = {
     "pruning": ("magnitude", "vd", "l0", "random"),
+    # (written by --finetune_fraction > 0 next to "vd" / "l0"; not selectable on their own)
     "retrain": ("magnitude", "lottery_rewind0", "lottery_rewind", "scratch_e", "scratch_b"),
     "init": ("snip", "grasp", "synflow", "random"),
 }
@@ -282,16 +292,18 @@ def _layers(params):
     return sorted(k for k in params if k.startswith("Dense_"))
 
 
-def penalized_target(ctx: Context, method: str, sparsity: float, seed: int):
-    """Trains VD or L0 with a ramped penalty, then masks to ``sparsity`` by global ranking
-    (see the module docstring). Returns ``(eval params, masks, seconds, extra fields)``."""
+def penalized_target(ctx: Context, method: str, sparsity: float, seed: int,
+                     penalty_weight: float):
+    """Trains VD or L0 with a ramped penalty (peak ``penalty_weight / N_train``), then masks
+    to ``sparsity`` by global ranking (see the module docstring). Returns ``(eval params,
+    masks, seconds, extra fields)``."""
     a = ctx.args
     t0 = time.perf_counter()
     k_init, k_noise = jax.random.split(jax.random.key(seed))
     params, model = ctx.init_params(k_init, method)
     n_train = len(ctx.ds.x_train)
     aux_name = "log_sigma2" if method == "vd" else "log_alpha"
-    peak = (a.vd_weight if method == "vd" else a.l0_weight) / n_train
+    peak = penalty_weight / n_train
     weight = jsnn.penalty_schedule(peak, max(1, ctx.total // 2))
     penalty = jsnn.kl_divergence if method == "vd" else jsnn.l0_penalty
 
@@ -350,17 +362,37 @@ def penalized_target(ctx: Context, method: str, sparsity: float, seed: int):
 # ----------------------------------------------------------------------------- studies
 
 
+def finetune(ctx: Context, params, masks, steps: int, seed: int):
+    """``steps`` steps of the plain MLP with fixed ``masks`` (a fresh lr schedule of that
+    length), starting from the pruned ``params``."""
+    model = MLP(num_classes=ctx.ds.num_classes)
+    tx = pai.fixed_masks(ctx.inner(steps), masks)
+    params, _, _ = ctx.fit(ctx.dense_loss(model), jaxsparse.apply_masks(params, masks), tx,
+                           steps, seed, jax.random.key(seed), cache_key=("finetune", steps))
+    return params
+
+
 def run_pruning(ctx: Context, methods, sparsities, seeds, write):
+    a = ctx.args
+    ft_steps = int(round(a.finetune_fraction * ctx.total))
     for s in sparsities:
         for seed in seeds:
             for m in methods:
                 if m in ("magnitude", "random"):
                     params, masks, wall = ctx.train_gradual(m, s, seed)
-                    extra = {"ranking": ctx.args.ranking}
-                else:
-                    params, masks, wall, extra = penalized_target(ctx, m, s, seed)
+                    write(ctx.record("pruning", m, s, seed, params, masks, wall,
+                                     ranking=a.ranking))
+                    continue
+                for w in (a.vd_weight if m == "vd" else a.l0_weight):
+                    params, masks, wall, extra = penalized_target(ctx, m, s, seed, w)
                     extra["ranking"] = "global"
-                write(ctx.record("pruning", m, s, seed, params, masks, wall, **extra))
+                    write(ctx.record("pruning", m, s, seed, params, masks, wall, **extra))
+                    if ft_steps:
+                        t0 = time.perf_counter()
+                        tuned = finetune(ctx, params, masks, ft_steps, seed)
+                        extra["finetune_steps"] = ft_steps
+                        write(ctx.record("pruning", f"{m}_ft", s, seed, tuned, masks,
+                                         wall + time.perf_counter() - t0, **extra))
 
 
 def run_retrain(ctx: Context, methods, sparsities, seeds, write):
@@ -464,19 +496,55 @@ def summary_table(records: Sequence[dict]) -> str:
     time per (method, target sparsity); std is the population std (0 for one seed)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["target_sparsity"], r["method"]), []).append(r)
+        groups.setdefault((r["target_sparsity"], _label(r)), []).append(r)
     order = {m: i for i, m in enumerate(
-        ["dense", *STUDIES["pruning"], *STUDIES["retrain"], *STUDIES["init"]])}
+        ["dense", "magnitude", "vd", "vd_ft", "l0", "l0_ft", "random", *STUDIES["retrain"],
+         *STUDIES["init"]])}
     lines = ["| target sparsity | method | seeds | test accuracy | achieved sparsity "
              "| wall time (s) |", "|---|---|---|---|---|---|"]
-    for (target, method), rs in sorted(groups.items(),
-                                       key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+    for (target, method), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split(" ")[0], 99),
+                                            kv[0][1])):
         acc = np.array([r["test_accuracy"] for r in rs])
         sp = np.array([r["sparsity"] for r in rs])
         wall = np.array([r["wall_time"] for r in rs])
         lines.append(f"| {target:g} | {method} | {len(rs)} | {acc.mean():.4f} ± "
                      f"{acc.std():.4f} | {sp.mean():.4f} | {wall.mean():.0f} |")
     return "\n".join(lines)
+
+
+def _label(r: dict) -> str:
+    """Method name, with the penalty weight for VD / L0 runs."""
+    if r.get("penalty_weight") is None:
+        return r["method"]
+    return f"{r['method']} (w={r['penalty_weight']:g})"
+
+
+def best_per_target(records: Sequence[dict]) -> list[dict]:
+    """For VD / L0 (and their fine-tuned variants): at each target sparsity, only the runs
+    of the penalty weight with the best mean test accuracy (the State of Sparsity frontier
+    takes the best hyperparameters per sparsity; here they are selected on the test set,
+    there is no validation split). Other methods pass through."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["target_sparsity"], r.get("penalty_weight")),
+                          []).append(r)
+    best: dict[tuple, tuple[float, list[dict]]] = {}
+    for (method, target, _), rs in groups.items():
+        mean = float(np.mean([r["test_accuracy"] for r in rs]))
+        if (method, target) not in best or mean > best[(method, target)][0]:
+            best[(method, target)] = (mean, rs)
+    return [r for _, rs in best.values() for r in rs]
+
+
+def plot_frontier(records: Sequence[dict], out, title: str = "") -> Path:
+    """Accuracy vs target sparsity per method (best penalty weight per target for VD / L0),
+    mean +- std over seeds; dense as a band when present."""
+    from experiments import plots
+
+    rows = [{"algorithm": r["method"], "sparsity_target": r["target_sparsity"],
+             "test_accuracy": r["test_accuracy"]} for r in best_per_target(records)]
+    return plots.plot_frontier(rows, out, title=title)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -497,6 +565,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="folder; results go to <out>/results.jsonl")
     p.add_argument("--summarize", default=None,
                    help="print a markdown table of this results.jsonl and exit")
+    p.add_argument("--plot", default=None,
+                   help="with --summarize: also write the sparsity-accuracy frontier PNG here")
     p.add_argument("--methods", default=None, help="comma list; default: all of the study")
     p.add_argument("--dataset", default=None, choices=["digits", "mnist", "fashion_mnist"],
                    help="default fashion_mnist (digits with --quick)")
@@ -511,8 +581,13 @@ def parse_args(argv=None):
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
     p.add_argument("--ranking", default="layerwise", choices=["layerwise", "global"],
                    help="magnitude / random pruning and IMP ranking")
-    p.add_argument("--vd_weight", type=float, default=1.0, help="KL weight x N_train")
-    p.add_argument("--l0_weight", type=float, default=0.1, help="L0 weight x N_train")
+    p.add_argument("--vd_weight", default="1.0",
+                   help="KL weight x N_train; a comma list runs each (penalty tuning)")
+    p.add_argument("--l0_weight", default="0.1",
+                   help="L0 weight x N_train; a comma list runs each (penalty tuning)")
+    p.add_argument("--finetune_fraction", type=float, default=0.0,
+                   help="VD / L0: after the cut, also fine-tune the masked model for this "
+                        "fraction of the training steps (written as vd_ft / l0_ft)")
     p.add_argument("--aux_lr", type=float, default=1e-2,
                    help="Adam lr of log_sigma2 (VD) and gate log_alpha (L0)")
     p.add_argument("--rounds", type=int, default=None, help="IMP rounds (default 3)")
@@ -545,6 +620,13 @@ def parse_args(argv=None):
                 f"choose from {STUDIES[args.study]}")
     args.sparsities = _floats(args.sparsities)
     args.seeds = _ints(args.seeds)
+    args.vd_weight, args.l0_weight = _floats(args.vd_weight), _floats(args.l0_weight)
+    for name in ("vd_weight", "l0_weight"):
+        bad = [w for w in getattr(args, name) if not w > 0]
+        if bad or not getattr(args, name):
+            p.error(f"--{name} needs positive weights, got {getattr(args, name)}")
+    if not 0.0 <= args.finetune_fraction <= 1.0:
+        p.error(f"--finetune_fraction must be in [0, 1], got {args.finetune_fraction}")
     return args
 
 
@@ -560,7 +642,10 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.summarize:
         lines = Path(args.summarize).read_text().splitlines()
-        print(summary_table([json.loads(line) for line in lines if line.strip()]))
+        records = [json.loads(line) for line in lines if line.strip()]
+        print(summary_table(records))
+        if args.plot:
+            print(f"wrote {plot_frontier(records, args.plot)}")
         return []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

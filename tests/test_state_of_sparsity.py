@@ -79,3 +79,41 @@ def test_summary_table():
     assert "| 0.9 | random | 1 | 0.4000 ± 0.0000 |" in table
     with pytest.raises(SystemExit):
         sos.parse_args(["--study", "init"])  # no --out
+
+
+def test_penalty_weight_lists_and_finetuning(tmp_path):
+    records = run_study(tmp_path, "pruning", 0.8, [
+        "--methods", "l0", "--l0_weight", "0.05,0.5", "--finetune_fraction", "0.5"])
+    assert [(r["method"], r["penalty_weight"]) for r in records] == [
+        ("l0", 0.05), ("l0_ft", 0.05), ("l0", 0.5), ("l0_ft", 0.5)]
+    for cut, tuned in zip(records[::2], records[1::2], strict=True):
+        assert tuned["finetune_steps"] == round(0.5 * cut["steps"]) > 0
+        # Fine-tuning keeps the cut's mask: never fewer zeros than the target.
+        assert tuned["sparsity"] >= 0.8 - 1e-3
+        assert tuned["wall_time"] > cut["wall_time"]
+    table = sos.summary_table(records)
+    assert "| 0.8 | l0 (w=0.05) | 1 |" in table and "| 0.8 | l0_ft (w=0.5) | 1 |" in table
+
+
+def test_best_per_target_and_frontier_plot(tmp_path):
+    def rec(method, w, acc, seed):
+        return {"method": method, "penalty_weight": w, "target_sparsity": 0.9,
+                "test_accuracy": acc, "seed": seed, "sparsity": 0.9, "wall_time": 1.0}
+
+    recs = [rec("vd", 1.0, 0.5, 0), rec("vd", 1.0, 0.7, 1), rec("vd", 3.0, 0.65, 0),
+            rec("vd", 3.0, 0.66, 1), rec("magnitude", None, 0.8, 0)]
+    best = sos.best_per_target(recs)
+    assert sorted((r["method"], r["penalty_weight"]) for r in best) == [
+        ("magnitude", None), ("vd", 3.0), ("vd", 3.0)]
+    path = tmp_path / "frontier.png"
+    results = tmp_path / "r.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in recs))
+    sos.main(["--summarize", str(results), "--plot", str(path)])
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flag, value", [("--vd_weight", "1,-2"), ("--l0_weight", "0"),
+                                         ("--finetune_fraction", "1.5")])
+def test_bad_penalty_and_finetune_arguments(flag, value):
+    with pytest.raises(SystemExit):
+        sos.parse_args(["--study", "pruning", "--out", "x", flag, value])

@@ -158,3 +158,39 @@ def test_distribute_is_proportional_and_redistributes_overflow():
 def test_scores_of_any_float_dtype(dtype):
     scores = jnp.arange(10, dtype=dtype)
     np.testing.assert_array_equal(topology.top_k_mask(scores, 3), np.arange(10) >= 7)
+
+
+@pytest.mark.parametrize("case", ["normal", "ties", "where", "skewed"])
+def test_large_selection_takes_the_sampled_bracket_and_stays_exact(case):
+    # >= 2**14 entries: the k-th key is bracketed from a sample before bisection. Each k is
+    # checked against a sort, including ranks where the sample bracket must fall back.
+    n = (1 << 14) + 37
+    key = jax.random.key(3)
+    scores = jax.random.normal(key, (n,))
+    where = None
+    if case == "ties":
+        scores = jnp.round(scores * 2.0)  # a handful of distinct values
+    elif case == "where":
+        where = jax.random.bernoulli(jax.random.key(4), 0.1, (n,))
+    elif case == "skewed":
+        scores = jnp.where(jnp.arange(n) < 100, 1e6, scores * 1e-20)
+    select = jax.jit(lambda s, k: topology.top_k_mask(s, k, where=where))
+    valid = np.ones(n, bool) if where is None else np.asarray(where)
+    s_np = np.asarray(scores)
+    for k in [0, 1, 99, 100, 101, 1000, n // 3, n // 2, n - 1, n]:
+        sel = np.asarray(select(scores, jnp.int32(k)))
+        assert sel.sum() == min(k, valid.sum()), (case, k)
+        assert not (sel & ~valid).any()
+        chosen, rest = s_np[sel], s_np[valid & ~sel]
+        if chosen.size and rest.size:
+            assert chosen.min() >= rest.max(), (case, k)
+
+
+def test_sampled_bracket_is_narrow_and_contains_the_kth_key():
+    n = 1 << 16
+    keys = topology.sortable_key(jax.random.normal(jax.random.key(5), (n,))).reshape(n, 1)
+    k = jnp.array([n // 10], jnp.int32)
+    lo, hi = topology._sample_bracket(keys, k)
+    kth = np.sort(np.asarray(keys[:, 0]))[::-1][n // 10 - 1]
+    assert int(lo[0]) <= kth <= int(hi[0])
+    assert int(hi[0]) - int(lo[0]) < 2**24  # ~24 bisection rounds at most instead of 32

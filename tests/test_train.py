@@ -140,11 +140,38 @@ def test_structured_methods_are_registered_with_their_arguments(monkeypatch):
 @pytest.mark.parametrize("field, value, message", [
     ("algorithm", "lottery", "unknown algorithm 'lottery'; choose one of"),
     ("optimizer", "lamb", "unknown optimizer 'lamb'"),
-    ("lr_schedule", "step", "unknown lr_schedule 'step'"),
+    ("lr_schedule", "linear", "unknown lr_schedule 'linear'"),
+    ("lr_decay_factor", 1.5, "lr_decay_factor must be in"),
 ])
 def test_config_errors(field, value, message):
+    if field == "lr_decay_factor":
+        overrides = {field: value, "lr_schedule": "step"}
+    else:
+        overrides = {field: value}
     with pytest.raises(ValueError, match=message):
-        train_lib.make_optimizer(tiny(**{field: value}), 100, jax.random.key(0))
+        train_lib.make_optimizer(tiny(**overrides), 100, jax.random.key(0))
+
+
+def test_step_schedule_divides_at_epoch_boundaries():
+    # 10 epochs of 20 steps: /3 from epoch 5 (step 100), /9 from epoch 8 (step 160).
+    c = tiny(lr_schedule="step", learning_rate=0.3, epochs=10, num_steps=0,
+             lr_decay_epochs=(5, 8), lr_decay_factor=1 / 3)
+    schedule = train_lib.learning_rate_schedule(c, 200)
+    got = [float(schedule(t)) for t in (0, 99, 100, 159, 160, 199)]
+    np.testing.assert_allclose(got, [0.3, 0.3, 0.1, 0.1, 0.1 / 3, 0.1 / 3], rtol=1e-6)
+    c.num_steps = 200
+    with pytest.raises(ValueError, match="counts epochs"):
+        train_lib.learning_rate_schedule(c, 200)
+
+
+def test_published_mnist_recipe_config_uses_nesterov_and_step_decay():
+    from experiments.configs import mnist_lenet300_published
+    c = mnist_lenet300_published.get_config()
+    assert (c.batch_size, c.learning_rate, c.nesterov, c.weight_decay) == (100, 0.2, True, 1e-4)
+    schedule = train_lib.learning_rate_schedule(c, 600 * c.epochs)
+    np.testing.assert_allclose(
+        [float(schedule(600 * 75 - 1)), float(schedule(600 * 75)), float(schedule(600 * 95))],
+        [0.2, 0.2 / 3, 0.2 / 9], rtol=1e-6)
 
 
 def test_step_count_errors(digits):

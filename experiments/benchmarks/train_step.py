@@ -9,7 +9,8 @@ interleaved so machine noise hits both alike):
   (target <= 3x).
 
 Usage:
-  python -m experiments.benchmarks.train_step [--periods 7] [--models lenet300,lenet5]
+  python -m experiments.benchmarks.train_step [--periods 7] [--models lenet300,lenet5] \
+      [--algorithms static,rigl,srigl]
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class Runner:
         return times
 
 
-def bench(model_name, periods, update_every, batch):
+def bench(model_name, periods, update_every, batch, only=None):
     model = MODELS[model_name]()
     kp, kx = jax.random.split(jax.random.key(0))
     x = jax.random.uniform(kx, (batch, 28, 28, 1))
@@ -114,6 +115,8 @@ def bench(model_name, periods, update_every, batch):
     dense = Runner(model, inner(), params, x, y)
     rows = []
     for name, make in algorithms(update_every).items():
+        if only and name not in only:
+            continue
         sparse = Runner(model, make(inner()), params, x, y)
         # After the compile step (t = 0), run to t = update_every: every period then starts
         # with its topology update.
@@ -139,7 +142,14 @@ def main():
     parser.add_argument("--periods", type=int, default=7)
     parser.add_argument("--update-every", type=int, default=100)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--algorithms", default="",
+                        help="comma-separated subset of the algorithms (default: all)")
     args = parser.parse_args()
+    only = set(filter(None, args.algorithms.split(",")))
+    unknown = only - set(algorithms(args.update_every))
+    if unknown:
+        parser.error(f"unknown algorithms {sorted(unknown)}; "
+                     f"choose from {sorted(algorithms(args.update_every))}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
           f"batch {args.batch}, update every {args.update_every} steps, "
           f"{args.periods} periods, sparsity 0.9, inner sgd+momentum")
@@ -148,7 +158,7 @@ def main():
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for m in args.models.split(","):
-        for r in bench(m, args.periods, args.update_every, args.batch):
+        for r in bench(m, args.periods, args.update_every, args.batch, only):
             print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | "
                   f"{r[6]:.3f} | {r[7]:.2f} |", flush=True)
 

@@ -29,8 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"  # sgd (with momentum), adam, adamw
     c.learning_rate = 0.1
     c.momentum = 0.9
+    c.nesterov = False
     c.weight_decay = 0.0
-    c.lr_schedule = "cosine"  # cosine, constant
+    c.lr_schedule = "cosine"  # cosine, constant, step
+    c.lr_decay_epochs = (75, 95)  # step: epochs at which the rate is multiplied ...
+    c.lr_decay_factor = 1.0 / 3.0  # ... by this factor
     c.warmup_steps = 0
     # Loop.
     c.batch_size = 128
