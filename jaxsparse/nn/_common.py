@@ -1,15 +1,19 @@
 """Pieces shared by the variational-dropout and L0 layers: the dense and convolution
-products, parameter grouping over a params tree, and the penalty-weight ramp."""
+products, the layers' parameter creation, PRNG-key resolution and dtype casting, parameter
+grouping over a params tree, and the penalty-weight ramp."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from jaxsparse.masks import PyTree, path_to_str
 
@@ -92,6 +96,20 @@ def conv_product(
     return jnp.reshape(y, (*batch_shape, *y.shape[1:]))
 
 
+def module_conv_product(module) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``(x, kernel) -> conv_product(...)`` with the convolution settings of a conv layer
+    (its ``strides``, ``padding``, ``kernel_dilation``, ``feature_group_count`` and
+    ``precision`` attributes)."""
+    return functools.partial(
+        conv_product,
+        strides=module.strides,
+        padding=module.padding,
+        kernel_dilation=module.kernel_dilation,
+        feature_group_count=module.feature_group_count,
+        precision=module.precision,
+    )
+
+
 def add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
     if bias is None:
         return y
@@ -114,8 +132,6 @@ def check_finite(value, name: str, low: float = -math.inf, high: float = math.in
 
 def key_from(rng, layer: str) -> jax.Array:
     """A PRNG key from a key, an ``nnx.Rngs`` or an ``nnx.RngStream``."""
-    from flax import nnx
-
     if isinstance(rng, nnx.Rngs):
         return rng["dropout"]() if "dropout" in rng else rng.default()
     if isinstance(rng, nnx.RngStream):
@@ -134,6 +150,93 @@ def missing_rng_error(layer: str) -> ValueError:
         f"it explicitly (rng=jax.random.key(0) for linen, rngs=... for NNX), or call with "
         f"deterministic=True for evaluation"
     )
+
+
+def linen_noise_key(module: nn.Module, deterministic, rng) -> tuple[Any, jax.Array | None]:
+    """``(deterministic, key)`` for a call of a stochastic linen layer.
+
+    ``deterministic`` is merged with the module attribute of that name; in training the key
+    is the explicit ``rng`` or, without one, drawn from ``module.rng_collection``.
+    """
+    det = nn.merge_param("deterministic", module.deterministic, deterministic)
+    if det:
+        return det, None
+    if rng is None:
+        if not module.has_rng(module.rng_collection):
+            raise missing_rng_error(type(module).__name__)
+        rng = module.make_rng(module.rng_collection)
+    return det, rng
+
+
+def nnx_noise_key(module: nnx.Module, deterministic, rngs) -> tuple[bool, jax.Array | None]:
+    """``(deterministic, key)`` for a call of a stochastic NNX layer: the call argument
+    overrides ``module.deterministic``; training needs ``rngs`` (see :func:`key_from`)."""
+    det = module.deterministic if deterministic is None else deterministic
+    if det:
+        return True, None
+    if rngs is None:
+        raise missing_rng_error(type(module).__name__)
+    return False, key_from(rngs, type(module).__name__)
+
+
+def linen_params(module: nn.Module, shape: tuple[int, ...], aux_name: str, aux_init: float):
+    """Declares ``kernel``, ``aux_name`` (constant ``aux_init``, same shape) and, with
+    ``module.use_bias``, ``bias`` of shape ``(module.features,)``; returns the three (bias
+    ``None`` without one)."""
+    dtype = module.param_dtype
+    kernel = module.param("kernel", module.kernel_init, shape, dtype)
+    aux = module.param(aux_name, nn.initializers.constant(aux_init), shape, dtype)
+    bias = (
+        module.param("bias", module.bias_init, (module.features,), dtype)
+        if module.use_bias else None
+    )
+    return kernel, aux, bias
+
+
+def nnx_params(shape: tuple[int, ...], out_features: int, aux_init: float, *, use_bias: bool,
+               param_dtype, kernel_init: Callable, bias_init: Callable, rngs: nnx.Rngs):
+    """NNX counterpart of :func:`linen_params`: ``nnx.Param`` kernel and auxiliary parameter
+    (filled with ``aux_init``), and a bias ``nnx.Param`` or ``nnx.data(None)``."""
+    kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    aux = nnx.Param(jnp.full(shape, aux_init, param_dtype))
+    if use_bias:
+        bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    else:
+        bias = nnx.data(None)
+    return kernel, aux, bias
+
+
+def conv_kernel_shape(kernel_size: Sequence[int], in_features: int, out_features: int,
+                      feature_group_count: int, in_name: str) -> tuple[int, ...]:
+    """``(*kernel_size, in_features // feature_group_count, out_features)``, after checking
+    that ``feature_group_count`` divides ``in_features`` (named ``in_name`` in the error)."""
+    if in_features % feature_group_count:
+        raise ValueError(
+            f"{in_name} ({in_features}) must be divisible by feature_group_count "
+            f"({feature_group_count})"
+        )
+    return (*kernel_size, in_features // feature_group_count, out_features)
+
+
+def conv_args(strides, padding: Padding, kernel_dilation):
+    """``strides``, ``padding`` and ``kernel_dilation`` with their sequences made tuples (as
+    NNX layers store them)."""
+    strides = strides if isinstance(strides, int) else tuple(strides)
+    padding = padding if isinstance(padding, (str, int)) else tuple(
+        p if isinstance(p, int) else tuple(p) for p in padding
+    )
+    kernel_dilation = (
+        kernel_dilation if isinstance(kernel_dilation, int) else tuple(kernel_dilation)
+    )
+    return strides, padding, kernel_dilation
+
+
+def cast_all(dtype, *arrays) -> list:
+    """Each array (or ``nnx.Variable``'s value) as ``dtype``; ``None`` entries stay ``None``."""
+    return [
+        None if a is None else jnp.asarray(a[...] if isinstance(a, nnx.Variable) else a, dtype)
+        for a in arrays
+    ]
 
 
 def parameter_groups(params: PyTree, names: tuple[str, str], kind: str) -> dict[str, dict]:

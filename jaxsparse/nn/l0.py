@@ -24,6 +24,7 @@ Regularization", ICLR 2018.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,13 +38,18 @@ from jaxsparse.masks import Masks, PyTree
 from jaxsparse.nn._common import (
     Padding,
     add_bias,
+    cast_all,
     check_finite,
     compute_dtype,
-    conv_product,
+    conv_args,
+    conv_kernel_shape,
     dense_product,
-    key_from,
+    linen_noise_key,
+    linen_params,
     masks_at,
-    missing_rng_error,
+    module_conv_product,
+    nnx_noise_key,
+    nnx_params,
     parameter_groups,
     penalty_schedule,
 )
@@ -191,38 +197,16 @@ def l0_apply(
     return add_bias(product(x, kernel * z), bias)
 
 
-def _cast(dtype, *arrays):
-    return [None if a is None else jnp.asarray(a, dtype) for a in arrays]
-
-
 class _L0Linen(nn.Module):
     """Shared call logic of the linen L0 layers."""
 
     def _run(self, product, x, kernel, log_alpha, bias, deterministic, rng):
         beta, gamma, zeta = check_gate_hparams(self.beta, self.gamma, self.zeta)
-        det = nn.merge_param("deterministic", self.deterministic, deterministic)
-        key = None
-        if not det:
-            if rng is None:
-                if not self.has_rng(self.rng_collection):
-                    raise missing_rng_error(type(self).__name__)
-                rng = self.make_rng(self.rng_collection)
-            key = rng
+        det, key = linen_noise_key(self, deterministic, rng)
         dtype = compute_dtype(x, self.dtype)
-        x, kernel, log_alpha, bias = _cast(dtype, x, kernel, log_alpha, bias)
+        x, kernel, log_alpha, bias = cast_all(dtype, x, kernel, log_alpha, bias)
         return l0_apply(product, x, kernel, log_alpha, bias, deterministic=det, key=key,
                         beta=beta, gamma=gamma, zeta=zeta)
-
-    def _params(self, shape):
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        log_alpha = self.param(
-            "log_alpha", nn.initializers.constant(self.log_alpha_init), shape, self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None
-        )
-        return kernel, log_alpha, bias
 
 
 class L0Dense(_L0Linen):
@@ -260,12 +244,10 @@ class L0Dense(_L0Linen):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
-        kernel, log_alpha, bias = self._params((jnp.shape(x)[-1], self.features))
-
-        def product(a, k):
-            return dense_product(a, k, self.precision)
-
-        return self._run(product, x, kernel, log_alpha, bias, deterministic, rng)
+        shape = (jnp.shape(x)[-1], self.features)
+        params = linen_params(self, shape, "log_alpha", self.log_alpha_init)
+        product = functools.partial(dense_product, precision=self.precision)
+        return self._run(product, x, *params, deterministic, rng)
 
 
 class L0Conv(_L0Linen):
@@ -298,21 +280,10 @@ class L0Conv(_L0Linen):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
-        in_features = jnp.shape(x)[-1]
-        if in_features % self.feature_group_count:
-            raise ValueError(
-                f"input channels ({in_features}) must be divisible by feature_group_count "
-                f"({self.feature_group_count})"
-            )
-        kernel, log_alpha, bias = self._params(
-            (*self.kernel_size, in_features // self.feature_group_count, self.features)
-        )
-
-        def product(a, k):
-            return conv_product(a, k, self.strides, self.padding, self.kernel_dilation,
-                                self.feature_group_count, self.precision)
-
-        return self._run(product, x, kernel, log_alpha, bias, deterministic, rng)
+        shape = conv_kernel_shape(self.kernel_size, jnp.shape(x)[-1], self.features,
+                                  self.feature_group_count, "input channels")
+        params = linen_params(self, shape, "log_alpha", self.log_alpha_init)
+        return self._run(module_conv_product(self), x, *params, deterministic, rng)
 
 
 class _L0NNX(nnx.Module):
@@ -324,24 +295,16 @@ class _L0NNX(nnx.Module):
         self.deterministic = deterministic
         self.dtype = dtype
         self.precision = precision
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
-        self.log_alpha = nnx.Param(jnp.full(shape, log_alpha_init, param_dtype))
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
+        self.kernel, self.log_alpha, self.bias = nnx_params(
+            shape, out_features, log_alpha_init, use_bias=use_bias, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+        )
 
     def _run(self, product, x, deterministic, rngs):
-        det = self.deterministic if deterministic is None else deterministic
-        key = None
-        if not det:
-            if rngs is None:
-                raise missing_rng_error(type(self).__name__)
-            key = key_from(rngs, type(self).__name__)
-        bias = None if self.bias is None else self.bias[...]
+        det, key = nnx_noise_key(self, deterministic, rngs)
         dtype = compute_dtype(x, self.dtype)
-        x, kernel, log_alpha, bias = _cast(dtype, x, self.kernel[...], self.log_alpha[...], bias)
-        return l0_apply(product, x, kernel, log_alpha, bias, deterministic=bool(det), key=key,
+        x, kernel, log_alpha, bias = cast_all(dtype, x, self.kernel, self.log_alpha, self.bias)
+        return l0_apply(product, x, kernel, log_alpha, bias, deterministic=det, key=key,
                         beta=self.beta, gamma=self.gamma, zeta=self.zeta)
 
 
@@ -372,9 +335,7 @@ class L0DenseNNX(_L0NNX):
                     bias_init, rngs)
 
     def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
-        def product(a, k):
-            return dense_product(a, k, self.precision)
-
+        product = functools.partial(dense_product, precision=self.precision)
         return self._run(product, x, deterministic, rngs)
 
 
@@ -396,26 +357,14 @@ class L0ConvNNX(_L0NNX):
                  kernel_init: Callable = nn.initializers.lecun_normal(),
                  bias_init: Callable = nn.initializers.zeros_init(),
                  rngs: nnx.Rngs):
-        if in_features % feature_group_count:
-            raise ValueError(
-                f"in_features ({in_features}) must be divisible by feature_group_count "
-                f"({feature_group_count})"
-            )
-        self.strides = strides if isinstance(strides, int) else tuple(strides)
-        self.padding = padding if isinstance(padding, (str, int)) else tuple(
-            p if isinstance(p, int) else tuple(p) for p in padding
-        )
-        self.kernel_dilation = (
-            kernel_dilation if isinstance(kernel_dilation, int) else tuple(kernel_dilation)
+        shape = conv_kernel_shape(kernel_size, in_features, out_features, feature_group_count,
+                                  "in_features")
+        self.strides, self.padding, self.kernel_dilation = conv_args(
+            strides, padding, kernel_dilation
         )
         self.feature_group_count = feature_group_count
-        shape = (*kernel_size, in_features // feature_group_count, out_features)
         self._setup(shape, out_features, use_bias, log_alpha_init, beta, gamma, zeta,
                     deterministic, dtype, param_dtype, precision, kernel_init, bias_init, rngs)
 
     def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
-        def product(a, k):
-            return conv_product(a, k, self.strides, self.padding, self.kernel_dilation,
-                                self.feature_group_count, self.precision)
-
-        return self._run(product, x, deterministic, rngs)
+        return self._run(module_conv_product(self), x, deterministic, rngs)

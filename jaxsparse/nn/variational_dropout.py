@@ -25,6 +25,7 @@ Networks", ICML 2017.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,13 +38,18 @@ from jaxsparse.masks import Masks, PyTree
 from jaxsparse.nn._common import (
     Padding,
     add_bias,
+    cast_all,
     check_finite,
     compute_dtype,
-    conv_product,
+    conv_args,
+    conv_kernel_shape,
     dense_product,
-    key_from,
+    linen_noise_key,
+    linen_params,
     masks_at,
-    missing_rng_error,
+    module_conv_product,
+    nnx_noise_key,
+    nnx_params,
     parameter_groups,
     penalty_schedule,
 )
@@ -177,25 +183,14 @@ def vd_apply(
     return add_bias(mean + jnp.sqrt(variance + _EPS) * noise, bias)
 
 
-def _cast(dtype, *arrays):
-    return [None if a is None else jnp.asarray(a, dtype) for a in arrays]
-
-
 class _VDLinen(nn.Module):
     """Shared call logic of the linen VD layers."""
 
     def _run(self, product, x, kernel, log_sigma2, bias, deterministic, rng):
         threshold = check_threshold(self.threshold)
-        det = nn.merge_param("deterministic", self.deterministic, deterministic)
-        key = None
-        if not det:
-            if rng is None:
-                if not self.has_rng(self.rng_collection):
-                    raise missing_rng_error(type(self).__name__)
-                rng = self.make_rng(self.rng_collection)
-            key = rng
+        det, key = linen_noise_key(self, deterministic, rng)
         dtype = compute_dtype(x, self.dtype)
-        x, kernel, log_sigma2, bias = _cast(dtype, x, kernel, log_sigma2, bias)
+        x, kernel, log_sigma2, bias = cast_all(dtype, x, kernel, log_sigma2, bias)
         return vd_apply(product, x, kernel, log_sigma2, bias, deterministic=det, key=key,
                         threshold=threshold)
 
@@ -234,19 +229,9 @@ class VDDense(_VDLinen):
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
         shape = (jnp.shape(x)[-1], self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        log_sigma2 = self.param(
-            "log_sigma2", nn.initializers.constant(self.log_sigma2_init), shape, self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None
-        )
-
-        def product(a, k):
-            return dense_product(a, k, self.precision)
-
-        return self._run(product, x, kernel, log_sigma2, bias, deterministic, rng)
+        params = linen_params(self, shape, "log_sigma2", self.log_sigma2_init)
+        product = functools.partial(dense_product, precision=self.precision)
+        return self._run(product, x, *params, deterministic, rng)
 
 
 class VDConv(_VDLinen):
@@ -282,27 +267,10 @@ class VDConv(_VDLinen):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
-        in_features = jnp.shape(x)[-1]
-        if in_features % self.feature_group_count:
-            raise ValueError(
-                f"input channels ({in_features}) must be divisible by feature_group_count "
-                f"({self.feature_group_count})"
-            )
-        shape = (*self.kernel_size, in_features // self.feature_group_count, self.features)
-        kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-        log_sigma2 = self.param(
-            "log_sigma2", nn.initializers.constant(self.log_sigma2_init), shape, self.param_dtype
-        )
-        bias = (
-            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None
-        )
-
-        def product(a, k):
-            return conv_product(a, k, self.strides, self.padding, self.kernel_dilation,
-                                self.feature_group_count, self.precision)
-
-        return self._run(product, x, kernel, log_sigma2, bias, deterministic, rng)
+        shape = conv_kernel_shape(self.kernel_size, jnp.shape(x)[-1], self.features,
+                                  self.feature_group_count, "input channels")
+        params = linen_params(self, shape, "log_sigma2", self.log_sigma2_init)
+        return self._run(module_conv_product(self), x, *params, deterministic, rng)
 
 
 class _VDNNX(nnx.Module):
@@ -310,26 +278,16 @@ class _VDNNX(nnx.Module):
 
     def _init_params(self, shape, out_features, use_bias, log_sigma2_init, param_dtype,
                      kernel_init, bias_init, rngs):
-        self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
-        self.log_sigma2 = nnx.Param(jnp.full(shape, log_sigma2_init, param_dtype))
-        if use_bias:
-            self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-        else:
-            self.bias = nnx.data(None)
+        self.kernel, self.log_sigma2, self.bias = nnx_params(
+            shape, out_features, log_sigma2_init, use_bias=use_bias, param_dtype=param_dtype,
+            kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
+        )
 
     def _run(self, product, x, deterministic, rngs):
-        det = self.deterministic if deterministic is None else deterministic
-        key = None
-        if not det:
-            if rngs is None:
-                raise missing_rng_error(type(self).__name__)
-            key = key_from(rngs, type(self).__name__)
-        bias = None if self.bias is None else self.bias[...]
+        det, key = nnx_noise_key(self, deterministic, rngs)
         dtype = compute_dtype(x, self.dtype)
-        x, kernel, log_sigma2, bias = _cast(
-            dtype, x, self.kernel[...], self.log_sigma2[...], bias
-        )
-        return vd_apply(product, x, kernel, log_sigma2, bias, deterministic=bool(det), key=key,
+        x, kernel, log_sigma2, bias = cast_all(dtype, x, self.kernel, self.log_sigma2, self.bias)
+        return vd_apply(product, x, kernel, log_sigma2, bias, deterministic=det, key=key,
                         threshold=self.threshold)
 
 
@@ -372,9 +330,7 @@ class VDDenseNNX(_VDNNX):
                           log_sigma2_init, param_dtype, kernel_init, bias_init, rngs)
 
     def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
-        def product(a, k):
-            return dense_product(a, k, self.precision)
-
+        product = functools.partial(dense_product, precision=self.precision)
         return self._run(product, x, deterministic, rngs)
 
 
@@ -397,30 +353,18 @@ class VDConvNNX(_VDNNX):
                  kernel_init: Callable = nn.initializers.lecun_normal(),
                  bias_init: Callable = nn.initializers.zeros_init(),
                  rngs: nnx.Rngs):
-        if in_features % feature_group_count:
-            raise ValueError(
-                f"in_features ({in_features}) must be divisible by feature_group_count "
-                f"({feature_group_count})"
-            )
+        shape = conv_kernel_shape(kernel_size, in_features, out_features, feature_group_count,
+                                  "in_features")
         self.threshold = check_threshold(threshold)
         self.deterministic = deterministic
         self.dtype = dtype
         self.precision = precision
-        self.strides = strides if isinstance(strides, int) else tuple(strides)
-        self.padding = padding if isinstance(padding, (str, int)) else tuple(
-            p if isinstance(p, int) else tuple(p) for p in padding
-        )
-        self.kernel_dilation = (
-            kernel_dilation if isinstance(kernel_dilation, int) else tuple(kernel_dilation)
+        self.strides, self.padding, self.kernel_dilation = conv_args(
+            strides, padding, kernel_dilation
         )
         self.feature_group_count = feature_group_count
-        shape = (*kernel_size, in_features // feature_group_count, out_features)
         self._init_params(shape, out_features, use_bias, log_sigma2_init, param_dtype,
                           kernel_init, bias_init, rngs)
 
     def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
-        def product(a, k):
-            return conv_product(a, k, self.strides, self.padding, self.kernel_dilation,
-                                self.feature_group_count, self.precision)
-
-        return self._run(product, x, deterministic, rngs)
+        return self._run(module_conv_product(self), x, deterministic, rngs)
