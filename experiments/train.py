@@ -312,7 +312,11 @@ def create_setup(c, ds: data_lib.Dataset) -> Setup:
     tx = make_optimizer(c, total, k_tx)
     opt_state = tx.init(params)
     if c.algorithm != "dense":
-        params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
+        masks = jaxsparse.get_masks(opt_state)
+        if c.sparse_init:
+            params = jaxsparse.sparse_init(params, masks)
+        else:
+            params = jaxsparse.apply_masks(params, masks)
     state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), k_rng)
     # Committed to one device like the step's outputs, so the step compiles once (jit's cache
     # tells committed and uncommitted inputs apart).

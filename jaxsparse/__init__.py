@@ -46,6 +46,7 @@ from jaxsparse.masks import (
     default_prunable,
     map_masked,
     ones_masks,
+    sparse_init,
     validate_masks,
 )
 from jaxsparse.metrics import (
@@ -137,6 +138,7 @@ __all__ = [
     "masks",
     "metrics",
     "ones_masks",
+    "sparse_init",
     "pruning_targets",
     "random_init",
     "random_pruning",

@@ -135,6 +135,36 @@ def apply_masks(params: PyTree, masks: Masks) -> PyTree:
     return map_masked(lambda m, w: jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params)
 
 
+def sparse_init(params: PyTree, masks: Masks) -> PyTree:
+    """Masks ``params`` and rescales each neuron's active weights by
+    ``sqrt(dense fan-in / active fan-in)`` (sparsity-aware initialisation, Evci et al. 2022).
+
+    A fan-in-scaled init (LeCun / He / Glorot) assumes every input is present; masking a
+    neuron down to ``a`` of its ``F`` inputs shrinks the variance of its pre-activation by
+    ``a / F``, and through several sparse layers without normalisation the signal (and the
+    gradient) all but vanishes at high sparsity. Rescaling restores the dense variance per
+    neuron. The neuron axis is the last one (Dense ``(in, out)``, Conv ``(h, w, in, out)``);
+    a neuron without active inputs stays zero. Dense leaves (``None`` mask) are unchanged.
+
+    Example:
+      >>> state = tx.init(params)
+      >>> params = jaxsparse.sparse_init(params, jaxsparse.get_masks(state))
+    """
+    validate_masks(masks, params)
+
+    def rescale(m, w):
+        if m.ndim == 0:
+            return jnp.where(m, w, jnp.zeros((), w.dtype))
+        fan_in = int(np.prod(m.shape[:-1])) if m.ndim > 1 else 1
+        active = jnp.sum(m.reshape(-1, m.shape[-1]), axis=0, dtype=jnp.int32)
+        scale = jnp.sqrt(fan_in / jnp.maximum(active, 1).astype(jnp.float32))
+        scale = scale.reshape((1,) * (m.ndim - 1) + (m.shape[-1],))
+        scaled = (w.astype(jnp.float32) * scale).astype(w.dtype)
+        return jnp.where(m, scaled, jnp.zeros((), w.dtype))
+
+    return map_masked(rescale, masks, params)
+
+
 def validate_masks(masks: Masks, params: PyTree) -> None:
     """Raises ``ValueError`` naming the first leaf whose mask does not fit the params."""
     m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)

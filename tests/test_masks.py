@@ -115,3 +115,35 @@ def test_overrides_keep_first_layer_dense_in_rigl():
     masks = jaxsparse.get_masks(tx.init(params))
     assert masks["dense0"]["kernel"] is None
     assert int(masks["dense1"]["kernel"].sum()) == round(0.2 * 128)
+
+
+def test_sparse_init_rescales_each_neuron_to_its_active_fan_in():
+    w = jnp.arange(1.0, 13.0).reshape(4, 3)  # fan-in 4, 3 neurons
+    m = jnp.array([[1, 1, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]], bool)  # active 4, 1, 0
+    params = {"k": w, "b": jnp.ones(3)}
+    out = jaxsparse.sparse_init(params, {"k": m, "b": None})
+    expected = np.where(np.asarray(m), np.asarray(w) * np.sqrt([4 / 4, 4 / 1, 1.0]), 0.0)
+    np.testing.assert_allclose(out["k"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["b"], params["b"])
+    # Conv kernels: the neuron is the output channel, fan-in h * w * in.
+    conv = jnp.ones((3, 3, 2, 4))
+    cm = jnp.zeros((3, 3, 2, 4), bool).at[0, 0, 0, :].set(True).at[1, 1, 1, 2].set(True)
+    out = jaxsparse.sparse_init({"c": conv}, {"c": cm})["c"]
+    assert float(out[0, 0, 0, 0]) == pytest.approx(np.sqrt(18.0))
+    assert float(out[0, 0, 0, 2]) == pytest.approx(np.sqrt(9.0))
+    with pytest.raises(ValueError, match="mask for 'k' must be a bool array"):
+        jaxsparse.sparse_init(params, {"k": m.astype(jnp.float32), "b": None})
+
+
+def test_sparse_init_restores_the_dense_output_variance():
+    # A lecun-normal 512 -> 256 layer masked to 5%: plain masking shrinks the output
+    # variance ~20x; the rescaled init keeps it at the dense value.
+    kw, kx, km = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(kw, (512, 256)) / np.sqrt(512)
+    x = jax.random.normal(kx, (2048, 512))
+    m = jax.random.bernoulli(km, 0.05, (512, 256))
+    dense_var = float(jnp.var(x @ w))
+    plain_var = float(jnp.var(x @ jaxsparse.apply_masks({"k": w}, {"k": m})["k"]))
+    scaled_var = float(jnp.var(x @ jaxsparse.sparse_init({"k": w}, {"k": m})["k"]))
+    assert plain_var < 0.1 * dense_var
+    assert scaled_var == pytest.approx(dense_var, rel=0.1)

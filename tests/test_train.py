@@ -152,6 +152,16 @@ def test_config_errors(field, value, message):
         train_lib.make_optimizer(tiny(**overrides), 100, jax.random.key(0))
 
 
+def test_sparse_init_option_rescales_the_masked_init(digits):
+    plain = train_lib.create_setup(tiny(), digits)
+    scaled = train_lib.create_setup(tiny(sparse_init=True), digits)
+    masks = jaxsparse.get_masks(plain.state.opt_state)
+    k, m = plain.state.params["Dense_0"]["kernel"], masks["Dense_0"]["kernel"]
+    expected = jaxsparse.sparse_init({"k": k}, {"k": m})["k"]
+    np.testing.assert_allclose(scaled.state.params["Dense_0"]["kernel"], expected, rtol=1e-6)
+    assert float(jnp.abs(expected).sum()) > 2 * float(jnp.abs(k).sum())
+
+
 def test_step_schedule_divides_at_epoch_boundaries():
     # 10 epochs of 20 steps: /3 from epoch 5 (step 100), /9 from epoch 8 (step 160).
     c = tiny(lr_schedule="step", learning_rate=0.3, epochs=10, num_steps=0,

@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.end_fraction = 0.75  # DST updates / pruning stop at end_fraction * total steps
     c.prune_begin_fraction = 0.1  # magnitude / random pruning start at this fraction
     c.algorithm_kwargs = ml_collections.ConfigDict()  # extra keyword args for the factory
+    # True: rescale each neuron's initial active weights by sqrt(fan-in / active fan-in)
+    # (jaxsparse.sparse_init); False: plain masking of the dense init, as the papers do.
+    c.sparse_init = False
     # Optimizer.
     c.optimizer = "sgd"  # sgd (with momentum), adam, adamw
     c.learning_rate = 0.1
