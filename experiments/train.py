@@ -11,6 +11,8 @@ stored, already-masked params and its dense gradient goes to ``tx.update`` (RigL
 it); the forward never multiplies kernel * mask.
 
 Outputs in the workdir: ``metrics.jsonl`` (one JSON record per log / eval / final event;
+also as TensorBoard scalars under ``tensorboard/`` when ``tensorboard=True`` and tensorboardX
+is installed;
 ``time`` is host seconds since start when the record was queued; a resumed run appends and
 repeats the steps after its checkpoint),
 ``checkpoints/<step>/`` (Orbax: params, optimizer state with masks, step, PRNG key, data
@@ -354,17 +356,40 @@ def restore_state(c, workdir: str | os.PathLike, ds: data_lib.Dataset | None = N
 
 
 class JsonlWriter:
-    def __init__(self, path: Path | None):
+    """Appends each record as one JSON line; with ``tensorboard=True`` and ``tensorboardX``
+    installed, also writes every numeric field as a scalar ``<event>/<field>`` at its step
+    (event files next to ``metrics.jsonl``)."""
+
+    _SKIP = ("step", "epoch", "time")
+
+    def __init__(self, path: Path | None, tensorboard: bool = False):
         self._f = open(path, "a") if path is not None else None  # noqa: SIM115
+        self._tb = None
+        if path is not None and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("tensorboard=True but tensorboardX is not installed "
+                      "(pip install tensorboardX); writing metrics.jsonl only", file=sys.stderr)
+            else:
+                self._tb = SummaryWriter(str(Path(path).parent / "tensorboard"))
 
     def write(self, record: dict) -> None:
         if self._f is not None:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+        if self._tb is not None and "step" in record:
+            for k, v in record.items():
+                if k not in self._SKIP and isinstance(v, (int, float)) and \
+                        not isinstance(v, bool):
+                    self._tb.add_scalar(f"{record.get('event', 'metrics')}/{k}", v,
+                                        global_step=int(record["step"]))
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
@@ -404,7 +429,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
         elif resume:
             print(f"no checkpoint in {workdir}; starting from scratch", file=sys.stderr)
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-        log = JsonlWriter(workdir / "metrics.jsonl")
+        log = JsonlWriter(workdir / "metrics.jsonl", tensorboard=c.tensorboard)
 
     it = data_lib.BatchIterator(ds.x_train, ds.y_train, c.batch_size, seed=c.seed,
                                 position=position)

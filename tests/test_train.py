@@ -111,6 +111,31 @@ def test_metrics_jsonl_and_table(tmp_path, digits, capsys):
     printed = capsys.readouterr().out
     assert "Dense_0/kernel" in printed and "total" in printed
     assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "rigl"
+    # The same scalars as TensorBoard events (tensorboardX is a test dependency).
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["eval/test_accuracy"] == [(r["step"], pytest.approx(r["test_accuracy"]))
+                                             for r in evals]
+    assert [st for st, _ in scalars["train/train_loss"]] == [r["step"] for r in train]
+
+
+def tensorboard_scalars(folder):
+    """``{tag: [(step, value), ...]}`` from the event files in ``folder`` (TFRecord framing:
+    length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
 
 
 def test_existing_checkpoints_need_resume(tmp_path, digits):

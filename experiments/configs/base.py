@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # steps between checkpoints (0: only at the end)
     c.max_to_keep = 2
     c.progress = True  # tqdm progress bar
+    c.tensorboard = True  # also TensorBoard scalars in <workdir>/tensorboard (if tensorboardX)
     c.print_table = True  # per-layer sparsity table at the end
     # Testing hook: SIGKILL this process right after this step (< 0: never).
     c.debug_kill_at_step = -1
