@@ -12,7 +12,8 @@
 // * large batch: a batch tile of T rows is transposed once into xt[n_in][T] (f32), so each
 //   slot of a neuron reads one contiguous T-wide row of xt: y_tile[i, :] += v * xt[idx, :].
 // Neurons are split over XLA's intra-op thread pool when the work is large enough.
-// Indices are range-checked first: a bad index is an error, never an out-of-bounds read.
+// Indices are range-checked (per chunk, in parallel) before any read through them: a bad
+// index is an error, never an out-of-bounds read.
 
 #include <algorithm>
 #include <atomic>
@@ -51,6 +52,17 @@ inline void store(bf16* p, float v) {
   }
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   p->bits = static_cast<uint16_t>(u >> 16);
+}
+
+// Whether every index of idx[0, n) lies in [0, n_in) (a min/max pass that vectorises).
+template <typename I>
+bool in_range(const I* idx, int64_t n, int64_t n_in) {
+  int64_t lo = 0, hi = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    lo = std::min<int64_t>(lo, idx[e]);
+    hi = std::max<int64_t>(hi, idx[e]);
+  }
+  return n == 0 || (lo >= 0 && hi < n_in);
 }
 
 constexpr int kLanes = 16;  // partial sums in the small-batch loop
@@ -149,35 +161,48 @@ ffi::Error run(ffi::ThreadPool* pool, const V* x, int64_t batch, int64_t n_in,
                const V* values, const I* idx, const V* bias, int64_t n_active, int64_t k,
                V* y) {
   const int64_t nnz = n_active * k;
-  int64_t lo = 0, hi = 0;
-  for (int64_t e = 0; e < nnz; ++e) {
-    lo = std::min<int64_t>(lo, idx[e]);
-    hi = std::max<int64_t>(hi, idx[e]);
-  }
-  if (nnz && (lo < 0 || hi >= n_in)) {
-    return ffi::Error::InvalidArgument(
-        "condensed_matmul: index " + std::to_string(lo < 0 ? lo : hi) +
-        " out of range [0, " + std::to_string(n_in) + ")");
-  }
   int64_t threads = pool ? std::max<int64_t>(1, pool->num_threads()) : 1;
-  // ~1 chunk per 256k multiply-adds: small layers stay on one thread (a shared, busy
-  // machine makes the hand-off cost more than it saves below that).
-  const int64_t work = batch * nnz;
+  // ~1 chunk per 64k multiply-adds: tiny layers stay on one thread. Chunks are claimed
+  // dynamically (see parallel_for), so a busy pool costs little more than a hand-off.
+  const int64_t work = std::max<int64_t>(batch, 1) * nnz;
   const int64_t chunks = std::max<int64_t>(
-      1, std::min<int64_t>({threads, work / (1 << 18), n_active / 16}));
+      1, std::min<int64_t>({threads, work / (1 << 16), n_active / 16}));
   const int64_t per = (n_active + chunks - 1) / chunks;
+  // Each chunk range-checks its own neurons' indices (in parallel, and just before a small
+  // batch reads them again from cache); nothing is computed unless all are in range.
+  std::vector<char> ok(chunks, 1);
+  auto check = [&](int64_t c) {
+    const int64_t n0 = c * per, n1 = std::min(n_active, n0 + per);
+    ok[c] = n1 > n0 ? in_range(idx + n0 * k, (n1 - n0) * k, n_in) : 1;
+    return ok[c];
+  };
+  auto first_bad = [&]() {
+    for (int64_t e = 0; e < nnz; ++e) {
+      const int64_t j = static_cast<int64_t>(idx[e]);
+      if (j < 0 || j >= n_in) {
+        return ffi::Error::InvalidArgument(
+            "condensed_matmul: index " + std::to_string(j) + " out of range [0, " +
+            std::to_string(n_in) + ")");
+      }
+    }
+    return ffi::Error::Success();
+  };
 
   if (batch < 8) {
     std::vector<float> xf(batch * n_in);
     for (int64_t e = 0; e < batch * n_in; ++e) xf[e] = to_f32(x[e]);
     parallel_for(pool, chunks, [&](int64_t c) {
+      if (!check(c)) return;
       const int64_t n0 = c * per, n1 = std::min(n_active, n0 + per);
       for (int64_t r = 0; r < batch; ++r) {
         rows_small(xf.data() + r * n_in, values, idx, bias, n0, n1, k, y + r * n_active);
       }
     });
+    if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return first_bad();
     return ffi::Error::Success();
   }
+  parallel_for(pool, chunks, check);
+  if (std::find(ok.begin(), ok.end(), 0) != ok.end()) return first_bad();
   std::vector<float> xt(n_in * kTile);
   for (int64_t r0 = 0; r0 < batch; r0 += kTile) {
     const int64_t rows = std::min<int64_t>(kTile, batch - r0);
