@@ -51,7 +51,10 @@ with masked kernels, evaluated by ``experiments.train.make_eval``):
   there is no validation split, so read it as an optimistic frontier, as in the paper's
   per-sparsity tuning). ``--finetune_fraction f`` also trains the cut model (plain MLP,
   fixed masks, a fresh lr schedule of ``round(f * T)`` steps) and writes it as ``vd_ft`` /
-  ``l0_ft``; the default 0 keeps the cut model only.
+  ``l0_ft``; the default 0 keeps the cut model only. The penalised training does not depend
+  on the target, so VD / L0 train once per (seed, penalty weight) and are cut at every
+  target; each record's ``wall_time`` is that shared ``train_time`` plus its own cut (and
+  fine-tuning).
 
 ``--study retrain`` (Frankle & Carbin 2019; Liu et al. 2019): one dense run per seed
 (weights saved at step 0, at the rewind step and at the end), then per sparsity:
@@ -292,11 +295,10 @@ def _layers(params):
     return sorted(k for k in params if k.startswith("Dense_"))
 
 
-def penalized_target(ctx: Context, method: str, sparsity: float, seed: int,
-                     penalty_weight: float):
-    """Trains VD or L0 with a ramped penalty (peak ``penalty_weight / N_train``), then masks
-    to ``sparsity`` by global ranking (see the module docstring). Returns ``(eval params,
-    masks, seconds, extra fields)``."""
+def penalized_train(ctx: Context, method: str, seed: int, penalty_weight: float):
+    """Trains VD or L0 with a ramped penalty (peak ``penalty_weight / N_train``); the
+    training does not depend on the target sparsity, so one run serves every target (see
+    :func:`cut_to_target`). Returns ``(params, seconds)``."""
     a = ctx.args
     t0 = time.perf_counter()
     k_init, k_noise = jax.random.split(jax.random.key(seed))
@@ -316,7 +318,14 @@ def penalized_target(ctx: Context, method: str, sparsity: float, seed: int,
         else "main", params)
     tx = optax.multi_transform({"main": ctx.inner(), "aux": optax.adam(a.aux_lr)}, labels)
     params, _, _ = ctx.fit(loss_fn, params, tx, ctx.total, seed, k_noise)
+    return params, time.perf_counter() - t0
 
+
+def cut_to_target(ctx: Context, method: str, params, sparsity: float, penalty_weight: float):
+    """Masks trained VD / L0 ``params`` to ``sparsity`` by global ranking (see the module
+    docstring). Returns ``(eval params, masks, seconds, extra fields)``."""
+    a = ctx.args
+    t0 = time.perf_counter()
     layers = _layers(params)
     # Global ranking on log alpha (VD, low kept) / gate (L0, high kept); ties of clipped
     # values (log alpha at -8 or 8, gate at 1 or 0) are broken by |weight|.
@@ -354,7 +363,7 @@ def penalized_target(ctx: Context, method: str, sparsity: float, seed: int,
         "threshold": threshold,
         "natural_sparsity": kernel_sparsity(nat_params),
         "natural_accuracy": float(ctx.evaluate(nat_params)["test_accuracy"]),
-        "penalty_weight": peak * n_train, "aux_lr": a.aux_lr,
+        "penalty_weight": penalty_weight, "aux_lr": a.aux_lr,
     }
     return plain, full, time.perf_counter() - t0, extra
 
@@ -374,18 +383,22 @@ def finetune(ctx: Context, params, masks, steps: int, seed: int):
 
 def run_pruning(ctx: Context, methods, sparsities, seeds, write):
     a = ctx.args
-    ft_steps = int(round(a.finetune_fraction * ctx.total))
-    for s in sparsities:
-        for seed in seeds:
-            for m in methods:
-                if m in ("magnitude", "random"):
+    ft_steps = max(1, int(round(a.finetune_fraction * ctx.total))) \
+        if a.finetune_fraction > 0 else 0
+    for seed in seeds:
+        for m in methods:
+            if m in ("magnitude", "random"):
+                for s in sparsities:
                     params, masks, wall = ctx.train_gradual(m, s, seed)
                     write(ctx.record("pruning", m, s, seed, params, masks, wall,
                                      ranking=a.ranking))
-                    continue
-                for w in (a.vd_weight if m == "vd" else a.l0_weight):
-                    params, masks, wall, extra = penalized_target(ctx, m, s, seed, w)
-                    extra["ranking"] = "global"
+                continue
+            for w in (a.vd_weight if m == "vd" else a.l0_weight):
+                trained, train_time = penalized_train(ctx, m, seed, w)
+                for s in sparsities:
+                    params, masks, cut_time, extra = cut_to_target(ctx, m, trained, s, w)
+                    extra.update(ranking="global", train_time=train_time)
+                    wall = train_time + cut_time
                     write(ctx.record("pruning", m, s, seed, params, masks, wall, **extra))
                     if ft_steps:
                         t0 = time.perf_counter()
@@ -515,9 +528,11 @@ def summary_table(records: Sequence[dict]) -> str:
 
 
 def _method(r: dict) -> str:
-    """Method name; magnitude / random pruning with global ranking get a ``_global`` suffix
-    (their default is per-layer ranking)."""
-    if r["method"] in ("magnitude", "random") and r.get("ranking") == "global":
+    """Method name; gradual magnitude / random pruning with global ranking get a ``_global``
+    suffix (their default there is per-layer ranking; the init study always ranks
+    globally)."""
+    if (r["method"] in ("magnitude", "random") and r.get("ranking") == "global"
+            and r.get("study") in ("pruning", "retrain")):
         return f"{r['method']}_global"
     return r["method"]
 
@@ -551,7 +566,14 @@ def plot_frontier(records: Sequence[dict], out, title: str = "") -> Path:
     mean +- std over seeds; dense as a band when present."""
     from experiments import plots
 
-    best = best_per_target(records)
+    # One VD / L0 run serves every target below its own (penalty) sparsity: the same model
+    # then appears under several targets; plot it once.
+    seen, best = set(), []
+    for r in best_per_target(records):
+        key = (_method(r), r.get("seed"), r.get("penalty_weight"), round(r["sparsity"], 4))
+        if key not in seen:
+            seen.add(key)
+            best.append(r)
     # x = the achieved sparsity (mean over the group's seeds): L0's penalty alone can prune
     # past the target, and such a run belongs where it actually is on the frontier.
     achieved: dict[tuple, list[float]] = {}

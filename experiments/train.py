@@ -384,6 +384,7 @@ class JsonlWriter:
                         not isinstance(v, bool):
                     self._tb.add_scalar(f"{record.get('event', 'metrics')}/{k}", v,
                                         global_step=int(record["step"]))
+            self._tb.flush()  # like the JSONL: nothing lost if the process is killed
 
     def close(self) -> None:
         if self._f is not None:

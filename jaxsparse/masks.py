@@ -143,8 +143,9 @@ def sparse_init(params: PyTree, masks: Masks) -> PyTree:
     neuron down to ``a`` of its ``F`` inputs shrinks the variance of its pre-activation by
     ``a / F``, and through several sparse layers without normalisation the signal (and the
     gradient) all but vanishes at high sparsity. Rescaling restores the dense variance per
-    neuron. The neuron axis is the last one (Dense ``(in, out)``, Conv ``(h, w, in, out)``);
-    a neuron without active inputs stays zero. Dense leaves (``None`` mask) are unchanged.
+    neuron. The neuron axis is the last one (Dense ``(in, out)``, Conv ``(h, w, in, out)``;
+    for a ``DenseGeneral`` kernel ``(d, heads, head_dim)`` that pools the heads); a neuron
+    without active inputs stays zero. Dense leaves (``None`` mask) are unchanged.
 
     Example:
       >>> state = tx.init(params)
@@ -153,7 +154,7 @@ def sparse_init(params: PyTree, masks: Masks) -> PyTree:
     validate_masks(masks, params)
 
     def rescale(m, w):
-        if m.ndim == 0:
+        if m.ndim == 0 or m.size == 0:
             return jnp.where(m, w, jnp.zeros((), w.dtype))
         fan_in = int(np.prod(m.shape[:-1])) if m.ndim > 1 else 1
         active = jnp.sum(m.reshape(-1, m.shape[-1]), axis=0, dtype=jnp.int32)

@@ -117,3 +117,19 @@ def test_best_per_target_and_frontier_plot(tmp_path):
 def test_bad_penalty_and_finetune_arguments(flag, value):
     with pytest.raises(SystemExit):
         sos.parse_args(["--study", "pruning", "--out", "x", flag, value])
+
+
+def test_penalized_methods_train_once_per_seed_and_weight(tmp_path):
+    out = tmp_path / "p"
+    records = sos.main(["--study", "pruning", "--quick", "--methods", "vd",
+                        "--sparsities", "0.5,0.8", "--out", str(out)])
+    assert [(r["method"], r["target_sparsity"]) for r in records] == [("vd", 0.5), ("vd", 0.8)]
+    assert records[0]["train_time"] == records[1]["train_time"]  # one shared training
+    assert [round(r["sparsity"], 2) for r in records] == [0.5, 0.8]
+
+
+def test_global_suffix_only_where_layerwise_is_the_default():
+    recs = [{"study": "init", "method": "random", "ranking": "global"},
+            {"study": "pruning", "method": "random", "ranking": "global"},
+            {"study": "pruning", "method": "magnitude", "ranking": "layerwise"}]
+    assert [sos._method(r) for r in recs] == ["random", "random_global", "magnitude"]
