@@ -162,7 +162,7 @@ def _save(fig, out) -> Path:
 
 
 def plot_sweep(results: str | os.PathLike, out_dir: str | os.PathLike,
-               itop_sparsity: float | None = None) -> list[Path]:
+               itop_sparsity: float | None = None, neuron_layer: str | None = None) -> list[Path]:
     """All RESULTS.md plots for one sweep results file; returns the PNG paths."""
     records = [r for r in load_jsonl(results) if r.get("event", "final") == "final"]
     if not records:
@@ -181,9 +181,12 @@ def plot_sweep(results: str | os.PathLike, out_dir: str | os.PathLike,
             paths.append(plot_curves(runs, out_dir / "curves.png"))
             layers = sorted({k.split("/", 1)[1] for r in sparse for k in r
                              if k.startswith("active_neurons/")})
+            if neuron_layer is not None and neuron_layer not in layers:
+                raise ValueError(f"no active-neuron records for layer {neuron_layer!r}; "
+                                 f"layers: {layers}")
             if layers:
                 paths.append(plot_active_neurons(runs, out_dir / "active_neurons.png",
-                                                 layers[0]))
+                                                 neuron_layer or layers[0]))
     if records[0].get("model_config") and records[0].get("image_shape"):
         paths.append(plot_layer_sparsity(json.loads(records[0]["model_config"]),
                                          tuple(records[0]["image_shape"]),
@@ -198,8 +201,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for the PNG files")
     parser.add_argument("--itop_sparsity", type=float, default=None,
                         help="sparsity whose runs go in the ITOP plot (default: first)")
+    parser.add_argument("--neuron_layer", default=None,
+                        help="layer of the active-neurons plot, e.g. Dense_1/kernel "
+                             "(default: the first)")
     args = parser.parse_args(argv)
-    for p in plot_sweep(args.results, args.out, args.itop_sparsity):
+    for p in plot_sweep(args.results, args.out, args.itop_sparsity, args.neuron_layer):
         print(p)
 
 

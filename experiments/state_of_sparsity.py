@@ -561,6 +561,38 @@ def best_per_target(records: Sequence[dict]) -> list[dict]:
     return [r for _, rs in best.values() for r in rs]
 
 
+def best_table(records: Sequence[dict]) -> str:
+    """Markdown pivot: test accuracy (mean +- std, %) per method and target sparsity, the
+    best penalty weight per cell for VD / L0 (``w=``), and the achieved sparsity when it
+    differs from the target by more than half a point."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in best_per_target(records):
+        cells.setdefault((_method(r), r["target_sparsity"]), []).append(r)
+    targets = sorted({t for _, t in cells})
+    order = ["dense", "magnitude", "magnitude_global", "random", "random_global", "vd",
+             "vd_ft", "l0", "l0_ft"]
+    methods = sorted({m for m, _ in cells}, key=lambda m: (order.index(m) if m in order
+                                                           else len(order), m))
+    lines = ["| method | " + " | ".join(f"{t:g}" for t in targets) + " |",
+             "|---" * (len(targets) + 1) + "|"]
+    for m in methods:
+        row = []
+        for t in targets:
+            rs = cells.get((m, t))
+            if not rs:
+                row.append("")
+                continue
+            acc = 100 * np.array([r["test_accuracy"] for r in rs])
+            text = f"{acc.mean():.2f} +- {acc.std():.2f}"
+            if rs[0].get("penalty_weight") is not None:
+                text += f" (w={rs[0]['penalty_weight']:g}"
+                achieved = float(np.mean([r["sparsity"] for r in rs]))
+                text += f", at {achieved:.3f})" if abs(achieved - t) > 0.005 else ")"
+            row.append(text)
+        lines.append(f"| {m} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot_frontier(records: Sequence[dict], out, title: str = "") -> Path:
     """Accuracy vs achieved sparsity per method (best penalty weight per target for VD / L0),
     mean +- std over seeds; dense as a band when present."""
@@ -603,8 +635,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", choices=sorted(STUDIES))
     p.add_argument("--out", help="folder; results go to <out>/results.jsonl")
-    p.add_argument("--summarize", default=None,
-                   help="print a markdown table of this results.jsonl and exit")
+    p.add_argument("--summarize", default=None, nargs="+",
+                   help="print a markdown table of these results.jsonl files and exit")
+    p.add_argument("--best", action="store_true",
+                   help="with --summarize: one row per method, one column per target, the "
+                        "best penalty weight per cell")
     p.add_argument("--plot", default=None,
                    help="with --summarize: also write the sparsity-accuracy frontier PNG here")
     p.add_argument("--methods", default=None, help="comma list; default: all of the study")
@@ -681,9 +716,9 @@ def main(argv=None) -> list[dict]:
     """Runs the study; returns the records it wrote."""
     args = parse_args(argv)
     if args.summarize:
-        lines = Path(args.summarize).read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
-        print(summary_table(records))
+        records = [json.loads(line) for path in args.summarize
+                   for line in Path(path).read_text().splitlines() if line.strip()]
+        print(best_table(records) if args.best else summary_table(records))
         if args.plot:
             print(f"wrote {plot_frontier(records, args.plot)}")
         return []

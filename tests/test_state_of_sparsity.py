@@ -133,3 +133,16 @@ def test_global_suffix_only_where_layerwise_is_the_default():
             {"study": "pruning", "method": "random", "ranking": "global"},
             {"study": "pruning", "method": "magnitude", "ranking": "layerwise"}]
     assert [sos._method(r) for r in recs] == ["random", "random_global", "magnitude"]
+
+
+def test_best_table_pivots_the_best_weight_per_cell():
+    def rec(method, w, target, acc, sparsity):
+        return {"study": "pruning", "method": method, "penalty_weight": w,
+                "target_sparsity": target, "test_accuracy": acc, "sparsity": sparsity,
+                "seed": 0, "wall_time": 1.0}
+
+    recs = [rec("l0", 1.0, 0.9, 0.5, 0.9), rec("l0", 10.0, 0.9, 0.8, 0.95),
+            rec("magnitude", None, 0.9, 0.85, 0.9)]
+    table = sos.best_table(recs)
+    assert "| magnitude | 85.00 +- 0.00 |" in table
+    assert "| l0 | 80.00 +- 0.00 (w=10, at 0.950) |" in table
