@@ -268,6 +268,20 @@ def test_loop_overhead_benchmark_prints_a_table(capsys):
     assert "bare ms/step" in printed and "digits lenet300 b128 dense" in printed
 
 
+def test_topology_benchmark_selections_agree_with_argsort():
+    from experiments.benchmarks import topology as bench
+
+    scores = jax.random.normal(jax.random.key(0), (40, 12))
+    k = jnp.int32(100)
+    np.testing.assert_array_equal(jaxsparse.topology.top_k_mask(scores, k),
+                                  bench.argsort_top_k(scores, k))
+    np.testing.assert_array_equal(jaxsparse.topology.top_k_per_neuron(scores, jnp.int32(7)),
+                                  bench.argsort_per_column(scores, jnp.int32(7)))
+    times = bench.bench_shape((40, 12), repeats=1)
+    assert set(times) >= {"top_k_mask", "argsort", "srigl_layer"}
+    assert all(t > 0 for t in times.values())
+
+
 def test_cli_rejects_extra_arguments():
     with pytest.raises(ValueError, match=r"unexpected arguments: \['extra'\]"):
         train_lib.main(["experiments.train", "extra"])
