@@ -10,9 +10,10 @@ counter, a PRNG key and per-algorithm extras. Each ``update``:
    any gradient is non-finite the masks keep their previous value for that step, so they are
    never corrupted (the weight update itself is the inner optimizer's business: wrap the
    whole transform in ``optax.apply_if_finite`` to skip it too);
-3. runs the inner optimizer on gradients masked by the current masks;
-4. zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
-   entries of weights that were just grown: their moments start from zero;
+3. zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
+   entries of weights that were just grown, then runs the inner optimizer on gradients
+   masked by the current (pre-update) masks: a grown weight's gradient is masked to zero,
+   so its moments are zero after the step too;
 5. emits ``updates`` with ``params + updates == where(kept, params + inner_updates, 0)``
    where ``kept = old_mask & new_mask``: kept weights take the inner update unchanged,
    dropped and grown weights become exactly zero.
@@ -113,6 +114,18 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
     return optax.tree.map_params(inner, reset, inner_state, grown)
 
 
+def _rewrites_extra(propose, masks, extra) -> bool:
+    """Whether ``propose(masks, extra) -> (masks, extra)`` returns an ``extra`` other than
+    its input, leaf for leaf (traced once, abstractly; no tracing for an empty ``extra``)."""
+    n_extra = len(jax.tree.leaves(extra))
+    if not n_extra:
+        return False
+    jaxpr = jax.make_jaxpr(propose)(masks, extra).jaxpr
+    extra_in = jaxpr.invars[len(jaxpr.invars) - n_extra:]
+    extra_out = jaxpr.outvars[len(jaxpr.outvars) - n_extra:]
+    return len(extra_out) != n_extra or any(o is not i for o, i in zip(extra_out, extra_in))
+
+
 def _masked_updates(old, new, u, p):
     kept = old & new
     return jnp.where(kept, u, -p.astype(u.dtype))
@@ -173,31 +186,50 @@ def sparse_transform(
         if rule.accumulate is not None:
             extra = rule.accumulate(extra, grads, state.masks)
 
-        def topology(masks, extra, ever):
+        def propose(masks, extra):
             key = jax.random.fold_in(state.key, step)
-            proposed, new_extra = rule.update_masks(
-                UpdateInputs(masks, params, grads, step, key, extra)
-            )
-            # Non-finite gradients: the masks keep their previous value for this step.
+            return rule.update_masks(UpdateInputs(masks, params, grads, step, key, extra))
+
+        # The topology update runs under lax.cond and hands back only what it changes: the
+        # flipped positions (a plain step returns zeros, where passing the masks through the
+        # cond made XLA copy them twice per step) and the algorithm state when the rule
+        # rewrites it (a rule that returns ``extra`` untouched, as all built-in ones do,
+        # keeps it out of the cond: SNFS's momentum would otherwise be copied every step).
+        masks = state.masks
+        rewrites_extra = _rewrites_extra(propose, masks, extra)
+
+        def topology(masks, extra, ever):
+            proposed, new_extra = propose(masks, extra)
+            # Non-finite gradients: the masks (and extra) keep their value for this step.
             finite = _all_finite(grads)
             new_masks = map_masked(lambda new, old: jnp.where(finite, new, old), proposed, masks)
-            extra = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_extra, extra)
             if ever is not None:
                 ever = map_masked(jnp.logical_or, ever, new_masks)
-            return new_masks, extra, ever
+            if not rewrites_extra:
+                return new_masks, ever, ()
+            return new_masks, ever, jax.tree.map(
+                lambda a, b: jnp.where(finite, a, b), new_extra, extra)
 
         def keep(masks, extra, ever):
-            return masks, extra, ever
+            return masks, ever, (extra if rewrites_extra else ())
 
-        masks = state.masks
-        new_masks, extra, ever = jax.lax.cond(
+        new_masks, ever, cond_extra = jax.lax.cond(
             rule.is_update_step(step), topology, keep, masks, extra, state.ever_active
         )
+        if rewrites_extra:
+            extra = cond_extra
         # Gradients of inactive weights never reach the inner optimizer.
         masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, grads)
-        inner_updates, inner_state = inner.update(masked, state.inner_state, params, **extra_args)
+        # Grown weights were inactive, so their masked gradient is zero: zeroing their
+        # moments *before* the inner step leaves them zero after it (any optimizer whose
+        # state update maps zero state and zero gradient to zero state: momentum, Adam,
+        # RMSProp, Adagrad, Lion, MultiSteps, ...). Done before rather than after, XLA fuses
+        # the reset into the moment update and writes the moments in place: resetting after
+        # made it keep a copy of the old moments on every step (the updates are computed
+        # from the pre-reset moments).
         grown = map_masked(lambda old, new: new & ~old, masks, new_masks)
-        inner_state = reset_moments(inner, inner_state, grown)
+        inner_state = reset_moments(inner, state.inner_state, grown)
+        inner_updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
         out = map_masked(
             _masked_updates, masks, new_masks, inner_updates, params, dense=lambda n, u, p: u
         )

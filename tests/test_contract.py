@@ -308,3 +308,80 @@ def test_state_shares_no_buffer_with_params(name):
     assert len(pointers) == len(set(pointers))
     step = jax.jit(make_step(tx), donate_argnums=(0, 1))
     params, state, _ = step(params, state, *tiny_batch(0))
+
+
+OPTIMIZERS = {
+    "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+    "adagrad": lambda: optax.adagrad(1e-2, initial_accumulator_value=0.1),
+    "rmsprop": lambda: optax.rmsprop(1e-2, momentum=0.9),
+    "lion": lambda: optax.lion(1e-3),
+    "multisteps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+}
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+def test_every_param_shaped_moment_of_grown_weights_is_zero(opt):
+    # Moments are zeroed before the inner step (a grown weight's masked gradient is zero):
+    # afterwards every param-shaped leaf of the inner state is zero at grown positions, for
+    # optimizers with non-zero initial state (Adagrad) and accumulators (MultiSteps) too.
+    tx = jaxsparse.rigl(lenient(OPTIMIZERS[opt]()), 0.8, key=jax.random.key(0), end_step=END,
+                        update_every=EVERY)
+    history, _ = run(tx, STEPS)
+    grew = 0
+    for t in range(1, len(history)):
+        old = dict(_sparse_items(history[t - 1]["masks"]))
+        inner = jaxsparse.get_sparse_state(history[t]["state"]).inner_state
+        for path, new in _sparse_items(history[t]["masks"]):
+            grown = new & ~old[path]
+            grew += int(grown.sum())
+            leaves = [leaf for leaf in jax.tree.leaves(inner)
+                      if np.shape(leaf) == grown.shape]
+            assert leaves, opt
+            for leaf in leaves:
+                assert np.all(np.asarray(leaf)[grown] == 0), f"{opt} step {t} {path}"
+    assert grew > 0
+
+
+def _rule_counting_updates():
+    """A rule whose topology update rewrites its extra state (counts its updates)."""
+    base = jaxsparse.transform.SparsityRule(
+        init_masks=lambda params, key: jaxsparse.get_masks(
+            jaxsparse.static(optax.sgd(0.1), 0.8, key=key).init(params)),
+        is_update_step=jaxsparse.schedules.periodic(EVERY, END),
+        update_masks=lambda x: (x.masks, x.extra + 1),
+        init_extra=lambda params, masks: jnp.zeros((), jnp.int32),
+    )
+    return base
+
+
+def test_a_rule_may_rewrite_its_extra_state_at_updates():
+    tx = jaxsparse.sparse_transform(lenient(optax.sgd(0.1)), _rule_counting_updates(),
+                                    key=jax.random.key(0))
+    history, _ = run(tx, 10)
+    is_update = jaxsparse.schedules.periodic(EVERY, END)
+    for snap in history:
+        sparse = jaxsparse.get_sparse_state(snap["state"])
+        done = sum(bool(is_update(t)) for t in range(int(sparse.count)))
+        assert int(sparse.extra) == done
+    assert int(jaxsparse.get_sparse_state(history[-1]["state"]).extra) == 3
+    # A non-finite gradient leaves the extra state alone.
+    state = history[-1]["state"]
+    while not bool(jaxsparse.schedules.periodic(EVERY, END)(
+            jaxsparse.get_sparse_state(state).count)):
+        _, state = tx.update(jax.tree.map(jnp.zeros_like, history[-1]["params"]), state,
+                             history[-1]["params"])
+    before = int(jaxsparse.get_sparse_state(state).extra)
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), history[-1]["params"])
+    _, state = jax.jit(tx.update)(bad, state, history[-1]["params"])
+    assert int(jaxsparse.get_sparse_state(state).extra) == before
+
+
+def test_rules_that_keep_extra_leave_it_out_of_the_cond():
+    from jaxsparse.transform import _rewrites_extra
+
+    masks = {"w": jnp.ones((3,), bool), "b": None}
+    extra = {"m": jnp.zeros(3)}
+    assert not _rewrites_extra(lambda m, e: (m, e), masks, extra)
+    assert _rewrites_extra(lambda m, e: (m, jax.tree.map(jnp.negative, e)), masks, extra)
+    assert not _rewrites_extra(lambda m, e: (m, ()), masks, ())
