@@ -40,9 +40,9 @@ def sortable_key(scores: jax.Array) -> jax.Array:
     return jnp.where(nan, jnp.uint32(1), keys)
 
 
-def _count_ge(keys: jax.Array, pivot: jax.Array, whole: bool) -> jax.Array:
-    """``count(keys >= pivot)`` per column of ``keys`` (m, s), or over all of it when
-    ``whole`` (then ``pivot`` has shape (1,)); int32.
+def _count_ge(keys: jax.Array, pivot: jax.Array, whole: bool, among=None) -> jax.Array:
+    """``count(keys >= pivot)`` (only where ``among``, if given) per column of ``keys``
+    (m, s), or over all of it when ``whole`` (then ``pivot`` has shape (1,)); int32.
 
     Counted per column with the narrowest exact accumulator, which XLA's CPU backend reduces
     fastest (measured on 784x300 and 3072x768 layers): int16 for columns shorter than 2**15,
@@ -51,6 +51,8 @@ def _count_ge(keys: jax.Array, pivot: jax.Array, whole: bool) -> jax.Array:
     """
     m, s = keys.shape
     ge = keys >= pivot[None, :]
+    if among is not None:
+        ge = ge & among
     if s > 1 and m < (1 << 15):
         cols = jnp.sum(ge.astype(jnp.int16), axis=0, dtype=jnp.int16).astype(jnp.int32)
     elif m < (1 << 24):
@@ -93,12 +95,16 @@ def _sample_bracket(keys, k, lo, hi, c_lo, c_hi):
             jnp.where(take_lo, c_slo, c_lo), jnp.where(take_hi, c_shi, c_hi))
 
 
-def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False):
+def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
+            n_valid=None, key_range=None, among=None):
     """A counting bracket around the k-th largest key, per column of ``keys`` (m, s) or,
     when ``whole``, over all of it (then ``k`` and every output have shape (1,)).
 
-    Keys are 0 for non-candidates and >= 1 for candidates (``all_valid``: all are, which
-    saves a counting pass). Returns ``(lo, hi, c_lo, c_hi,
+    Keys are 0 for non-candidates and >= 1 for candidates (``all_valid``: all are; or give
+    their count as ``n_valid``: either saves a counting pass). ``key_range`` ``(lo, hi)``
+    bounds the candidate keys (``lo <= key < hi``) and saves the min/max passes. With
+    ``among`` (bool, with ``n_valid`` and ``key_range``) the candidates are the positions
+    it marks, whatever their keys. Returns ``(lo, hi, c_lo, c_hi,
     k)`` with ``k`` clipped to the candidate count and
     ``c_lo = count(keys >= lo) >= k > c_hi = count(keys >= hi)``, where either
     ``c_lo == k`` (then ``keys >= lo`` is exactly the top k) or ``hi == lo + 1`` (then ``lo``
@@ -111,16 +117,18 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False)
     so a smooth score distribution is pinned in a handful of passes and any input in at most
     ~3 x 32. An exact count ends the search early: no threshold key has to be pinned down.
     """
-    count = functools.partial(_count_ge, whole=whole)
+    count = functools.partial(_count_ge, whole=whole, among=among)
     width_s = 1 if whole else keys.shape[1]
     if all_valid:
         n_valid = jnp.full((width_s,), keys.size if whole else keys.shape[0], jnp.int32)
-    else:
+    elif n_valid is None:
         n_valid = count(keys, jnp.ones((width_s,), jnp.uint32))
     k = jnp.minimum(k, n_valid)
     some = k > 0
-    sampled = whole and keys.size >= _SAMPLE_MIN_SIZE
-    if sampled:  # the sample gives a tighter start than the key range
+    sampled = whole and keys.size >= _SAMPLE_MIN_SIZE and key_range is None
+    if key_range is not None:
+        lo, hi = (jnp.broadcast_to(jnp.asarray(b, jnp.uint32), (width_s,)) for b in key_range)
+    elif sampled:  # the sample gives a tighter start than the key range
         lo, hi = jnp.ones((1,), jnp.uint32), jnp.full((1,), _U32_MAX, jnp.uint32)
     else:
         coarse = _coarse(keys)
@@ -175,67 +183,53 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False)
     return lo, hi, c_lo, c_hi, k
 
 
-def _first_n(candidates: jax.Array, n: jax.Array, whole: bool) -> jax.Array:
-    """The first ``n`` True entries of ``candidates`` (m, s) in row-major order (whole) or
-    down each column.
-
-    A selection over distinct position keys (earlier = larger) through the same counting
-    search: a few passes, where a prefix count (cumsum) costs ~1 ms per 235k entries on CPU.
-    """
-    m, s = candidates.shape
-    row = jax.lax.broadcasted_iota(jnp.uint32, candidates.shape, 0)
-    if whole:
-        col = jax.lax.broadcasted_iota(jnp.uint32, candidates.shape, 1)
-        earliness = jnp.uint32(m * s) - (row * jnp.uint32(s) + col)
-    else:
-        earliness = jnp.uint32(m) - row
-    keys = jnp.where(candidates, earliness, jnp.uint32(0))
-    lo = _search(keys, n, whole)[0]
-    return keys >= lo[None, :]
-
-
-def _hash_bits(key, shape) -> jax.Array:
-    """Pseudo-random uint32 per position: a murmur3 finaliser of the position mixed with two
-    words drawn from ``key``. Much cheaper than drawing ``shape`` threefry bits, and
-    plenty for breaking ties."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
-    x = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(shape[1]) + \
-        jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    x = (x ^ seed[0]) * jnp.uint32(0x9E3779B1)
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13) ^ seed[1]) * jnp.uint32(0xC2B2AE35)
+def _unique_ranks(tie_key, shape, whole: bool) -> jax.Array:
+    """Distinct uint32 values below 2**31 for the positions of (m, s): a keyed bijective
+    hash of the position (mod 2**31) when ``tie_key`` is given, else "earliness" (larger
+    for earlier positions: row-major over the whole array, or down each column)."""
+    m, s = shape
+    row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    col = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    if tie_key is None:
+        if whole:
+            return jnp.uint32(m * s - 1) - (row * jnp.uint32(s) + col)
+        return jnp.uint32(m - 1) - row
+    # Every step below is a bijection of [0, 2**31): xor with a constant, multiplication
+    # by an odd constant, xorshift.
+    mask = jnp.uint32(0x7FFFFFFF)
+    seed = jax.random.bits(tie_key, (2,), jnp.uint32) & mask
+    x = (row * jnp.uint32(s) + col) & mask
+    x = ((x ^ seed[0]) * jnp.uint32(0x9E3779B1)) & mask
+    x = ((x ^ (x >> 15)) * jnp.uint32(0x85EBCA6B)) & mask
+    x = ((x ^ (x >> 13) ^ seed[1]) * jnp.uint32(0xC2B2AE35)) & mask
     return x ^ (x >> 16)
 
 
 def _select(keys, k, valid, tie_key, whole):
     """Top k of ``keys`` (m, s) among ``valid`` (None: all): per column, or over all of it
-    (whole)."""
+    (whole).
+
+    Two counting searches and no ``lax.cond``: inside a training step's topology branch
+    every conditional and every while loop over a large array costs each step a few
+    microseconds on CPU (XLA's runtime), taken or not. The second search ranks the keys tied
+    at the threshold by distinct per-position values (a keyed hash, or position), and ends
+    at once when nothing ties.
+    """
+    if keys.size >= (1 << 31):
+        raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
+                         f"{keys.shape})")
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size if whole else keys.shape[0])
     k = jnp.broadcast_to(k, (1,) if whole else (keys.shape[1],))
     if valid is not None:
         keys = jnp.where(valid, keys, jnp.uint32(0))
     lo, hi, c_lo, c_hi, k = _search(keys, k, whole, all_valid=valid is None)
-
-    def exact(keys, lo, hi, c_hi):
-        return keys >= lo[None, :]
-
-    def with_ties(keys, lo, hi, c_hi):
-        # Some column has more keys tied at its k-th key than free slots.
-        above = keys >= hi[None, :]
-        tie = (keys >= lo[None, :]) & ~above
-        need = k - c_hi
-        if tie_key is not None:
-            # Rank the tied keys by cheap hashed random bits (>= 1, so 0 still means "not a
-            # candidate"), then by position if the bits tie too.
-            bits = jnp.where(tie, (_hash_bits(tie_key, keys.shape) >> 1) + jnp.uint32(1),
-                             jnp.uint32(0))
-            lo2, hi2, _, c_hi2, _ = _search(bits, need, whole)
-            above = above | (bits >= hi2[None, :])
-            tie = (bits >= lo2[None, :]) & (bits < hi2[None, :])
-            need = need - c_hi2
-        return above | _first_n(tie, need, whole)
-
-    return jax.lax.cond(jnp.any(c_lo > k), with_ties, exact, keys, lo, hi, c_hi)
+    # Keys in [lo, hi) fill the free slots exactly unless they tie at the threshold.
+    above = keys >= hi[None, :]
+    tie = (keys >= lo[None, :]) & ~above
+    ranks = _unique_ranks(tie_key, keys.shape, whole)
+    lo2 = _search(ranks, k - c_hi, whole, n_valid=c_lo - c_hi, key_range=(0, 1 << 31),
+                  among=tie)[0]
+    return above | (tie & (ranks >= lo2[None, :]))
 
 
 def _layer_view(shape) -> tuple[int, int]:
