@@ -6,15 +6,15 @@ counter, a PRNG key and per-algorithm extras. Each ``update``:
 
 1. lets the rule accumulate per-step statistics (e.g. SNFS's gradient momentum);
 2. on an update step (``rule.is_update_step(count)``, under ``lax.cond``, so a plain step
-   pays nothing for it) computes new masks from the *dense* gradients, params and key; when
-   any gradient is non-finite the masks keep their previous value for that step, so they are
-   never corrupted (the weight update itself is the inner optimizer's business: wrap the
+   pays almost nothing for it) computes new masks from the *dense* gradients, params and
+   key; when any gradient is non-finite the masks keep their previous value for that step,
+   so they are never corrupted (the weight update itself is the inner optimizer's business: wrap the
    whole transform in ``optax.apply_if_finite`` to skip it too);
 3. zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
    entries of weights that were just grown, then runs the inner optimizer on gradients
    masked by the current (pre-update) masks: a grown weight's gradient is masked to zero,
    so its moments are zero after the step too;
-5. emits ``updates`` with ``params + updates == where(kept, params + inner_updates, 0)``
+4. emits ``updates`` with ``params + updates == where(kept, params + inner_updates, 0)``
    where ``kept = old_mask & new_mask``: kept weights take the inner update unchanged,
    dropped and grown weights become exactly zero.
 
@@ -190,11 +190,9 @@ def sparse_transform(
             key = jax.random.fold_in(state.key, step)
             return rule.update_masks(UpdateInputs(masks, params, grads, step, key, extra))
 
-        # The topology update runs under lax.cond and hands back only what it changes: the
-        # flipped positions (a plain step returns zeros, where passing the masks through the
-        # cond made XLA copy them twice per step) and the algorithm state when the rule
-        # rewrites it (a rule that returns ``extra`` untouched, as all built-in ones do,
-        # keeps it out of the cond: SNFS's momentum would otherwise be copied every step).
+        # The topology update runs under lax.cond. The algorithm state goes through the cond
+        # only when the rule rewrites it: a rule that returns ``extra`` untouched, as all
+        # built-in ones do, keeps it out (XLA would copy SNFS's momentum on every step).
         masks = state.masks
         rewrites_extra = _rewrites_extra(propose, masks, extra)
 
