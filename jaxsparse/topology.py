@@ -106,8 +106,8 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
     their count as ``n_valid``: either saves a counting pass). ``key_range`` ``(lo, hi)``
     bounds the candidate keys (``lo <= key < hi``) and saves the min/max passes. With
     ``among`` (bool, with ``n_valid`` and ``key_range``) the candidates are the positions
-    it marks, whatever their keys. Returns ``(lo, hi, c_lo, c_hi,
-    k)`` with ``k`` clipped to the candidate count and
+    it marks, whatever their keys. Returns ``(lo, hi, c_lo, c_hi, k)`` with ``k`` clipped
+    to the candidate count and
     ``c_lo = count(keys >= lo) >= k > c_hi = count(keys >= hi)``, where either
     ``c_lo == k`` (then ``keys >= lo`` is exactly the top k) or ``hi == lo + 1`` (then ``lo``
     is the k-th largest key and ``c_lo - c_hi`` keys tie at it); ``k == 0`` gives

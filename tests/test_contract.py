@@ -346,14 +346,13 @@ def test_every_param_shaped_moment_of_grown_weights_is_zero(opt):
 
 def _rule_counting_updates():
     """A rule whose topology update rewrites its extra state (counts its updates)."""
-    base = jaxsparse.transform.SparsityRule(
+    return jaxsparse.transform.SparsityRule(
         init_masks=lambda params, key: jaxsparse.get_masks(
             jaxsparse.static(optax.sgd(0.1), 0.8, key=key).init(params)),
         is_update_step=jaxsparse.schedules.periodic(EVERY, END),
         update_masks=lambda x: (x.masks, x.extra + 1),
         init_extra=lambda params, masks: jnp.zeros((), jnp.int32),
     )
-    return base
 
 
 def test_a_rule_may_rewrite_its_extra_state_at_updates():
