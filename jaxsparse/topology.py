@@ -14,9 +14,11 @@ whole-layer selection over >= 16k weights starts from a bracket read off a fixed
 sample. Keys tied at the threshold are ranked by a second search over distinct
 per-position ranks: a keyed bijective hash of the position (given a ``tie_key``, so ties
 break at random) or the position itself (earliest first); it ends at once when nothing ties.
-There is no ``lax.cond`` in here: inside a training step's topology branch, each untaken
-conditional costs every step a few microseconds on CPU. ~50x faster than ``argsort`` for a
-784x300 layer on CPU, and it works per neuron (per column) at no extra cost.
+Counts are matrix products, not reductions, and there is no ``lax.cond`` in here: XLA's CPU
+runtime pays for every reduction, constant and conditional of a program on each execution,
+those in an untaken topology branch included (see :func:`column_counts`). ~50x faster than
+``argsort`` for a 784x300 layer on CPU, and it works per neuron (per column) at no extra
+cost.
 NaN scores rank below every number, -inf included.
 """
 
@@ -42,26 +44,111 @@ def sortable_key(scores: jax.Array) -> jax.Array:
     return jnp.where(nan, jnp.uint32(1), keys)
 
 
+# Sums of 0/1 values below this are exact in float32 in any order.
+_EXACT_F32 = 1 << 24
+
+
+def column_counts(x: jax.Array) -> jax.Array:
+    """Number of true (nonzero) entries per column of a 2-D array, as int32.
+
+    A matrix product with a ones vector rather than a reduction, and this matters on CPU:
+    on each execution of a program, XLA's CPU client allocates a buffer-table entry for every
+    constant and every value of every reducer computation, *those in a ``lax.cond`` branch
+    that is not taken included*, so each reduction costs every training step ~1 us; a
+    topology update holds dozens of counts. The product is
+    exact: 0/1 inputs are exact in every input precision (bf16, TF32), and the float32
+    accumulator holds every integer below 2**24 (taller columns fall back to a reduction).
+    The left operand is an iota with rows of 0s and 1s, not ``ones((1, m))``: XLA turns a
+    1-row product back into a reduction, and a broadcast constant is one more per-execution
+    buffer on CPU; an iota has no operand.
+    """
+    m, s = x.shape
+    x = _nonzero(x)
+    if m >= _EXACT_F32:
+        return jnp.sum(x, axis=0, dtype=jnp.int32)
+    return jnp.dot(_zeros_ones((2, m), 0), x.astype(jnp.float32),
+                   preferred_element_type=jnp.float32)[1].astype(jnp.int32)
+
+
+def _nonzero(x: jax.Array) -> jax.Array:
+    return x if x.dtype == jnp.bool_ else x != jnp.zeros((), x.dtype)
+
+
+def _zeros_ones(shape, dimension) -> jax.Array:
+    """float32 0, 1 along ``dimension`` (of size 2): a ones vector for a matrix product
+    made without a constant (see :func:`column_counts`)."""
+    return jax.lax.broadcasted_iota(jnp.float32, shape, dimension)
+
+
+def total(v: jax.Array) -> jax.Array:
+    """Sum of a 1-D vector of non-negative integers as a ``(1,)`` int32 array, by a matrix
+    product (see :func:`column_counts`): exact when the sum is below 2**24, which the
+    callers ensure."""
+    s = v.shape[0]
+    if s == 1:
+        return v.astype(jnp.int32)
+    return jnp.dot(v.astype(jnp.float32)[None, :], _zeros_ones((s, 2), 1),
+                   preferred_element_type=jnp.float32)[0, 1:].astype(jnp.int32)
+
+
+def count_true(x: jax.Array) -> jax.Array:
+    """Number of true (nonzero) entries of ``x`` (any shape) as an int32 scalar; by matrix
+    products below 2**24 entries (see :func:`column_counts`), else a reduction."""
+    x = jnp.asarray(x)
+    if x.size >= _EXACT_F32 or x.ndim == 0:
+        return jnp.sum(_nonzero(x), dtype=jnp.int32)
+    return total(column_counts(x.reshape(_layer_view(x.shape))))[0]
+
+
+def float_sum(x: jax.Array) -> jax.Array:
+    """Sum of a float array (any shape) as a float32 scalar, by matrix products (see
+    :func:`column_counts`); the summation order differs from ``jnp.sum``'s."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 0:
+        return x
+    rows, cols = _layer_view(x.shape)
+    col = jnp.dot(_zeros_ones((2, rows), 0), x.reshape(rows, cols),
+                  preferred_element_type=jnp.float32)[1]
+    return col[0] if cols == 1 else _vsum(col)
+
+
+def count_per_neuron(x: jax.Array) -> jax.Array:
+    """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
+    x = jnp.asarray(x)
+    return column_counts(x.reshape(-1, x.shape[-1]))
+
+
+def _vsum(v: jax.Array) -> jax.Array:
+    """Sum of a short 1-D int32 or float32 vector by a matrix product in its own dtype
+    (exact for int32); a scalar."""
+    n = v.shape[0]
+    return jnp.dot(v[None, :], jax.lax.broadcasted_iota(v.dtype, (n, 2), 1),
+                   preferred_element_type=v.dtype)[0, 1]
+
+
+def _any(v: jax.Array) -> jax.Array:
+    """``any(v)`` for a 1-D bool vector without a reduction (see :func:`column_counts`)."""
+    if v.shape[0] == 1:
+        return v[0]
+    return total(v)[0] > 0
+
+
 def _count_ge(keys: jax.Array, pivot: jax.Array, whole: bool, among=None) -> jax.Array:
     """``count(keys >= pivot)`` (only where ``among``, if given) per column of ``keys``
     (m, s), or over all of it when ``whole`` (then ``pivot`` has shape (1,)); int32.
 
-    Counted per column with the narrowest exact accumulator, which XLA's CPU backend reduces
-    fastest (measured on 784x300 and 3072x768 layers): int16 for columns shorter than 2**15,
-    float32 below 2**24 rows (every partial sum is an integer below 2**24, so it is exact in
-    any order), int32 beyond; a whole-layer count then adds the column counts in int32.
+    By matrix products (:func:`column_counts`); a whole-layer count over 2**24 or more
+    keys adds its column counts by an int32 reduction.
     """
-    m, s = keys.shape
     ge = keys >= pivot[None, :]
     if among is not None:
         ge = ge & among
-    if s > 1 and m < (1 << 15):
-        cols = jnp.sum(ge.astype(jnp.int16), axis=0, dtype=jnp.int16).astype(jnp.int32)
-    elif m < (1 << 24):
-        cols = jnp.sum(ge.astype(jnp.float32), axis=0).astype(jnp.int32)
-    else:
-        cols = jnp.sum(ge, axis=0, dtype=jnp.int32)
-    return jnp.sum(cols, keepdims=True) if whole else cols
+    cols = column_counts(ge)
+    if not whole:
+        return cols
+    if keys.size >= _EXACT_F32:
+        return jnp.sum(cols, keepdims=True)
+    return total(cols)
 
 
 def _coarse(keys: jax.Array) -> jax.Array:
@@ -134,10 +221,12 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
         lo, hi = jnp.ones((1,), jnp.uint32), jnp.full((1,), _U32_MAX, jnp.uint32)
     else:
         coarse = _coarse(keys)
-        axis = None if whole else 0
-        c_min = jnp.min(jnp.where(keys > 0, coarse, jnp.float32(1 << 24)), axis=axis,
-                        initial=float(1 << 24))
-        c_max = jnp.max(coarse, axis=axis, initial=0.0)
+        # min and max in one reduction (min x = -max -x, exact on these integers): each
+        # reduction costs every step a little on CPU (see column_counts).
+        both = jnp.stack([-jnp.where(keys > 0, coarse, jnp.float32(1 << 24)), coarse])
+        both = jnp.max(both.reshape(2, -1) if whole else both, axis=1,
+                       initial=-float(1 << 24))
+        c_min, c_max = -both[0], jnp.maximum(both[1], 0.0)
         lo = jnp.maximum(c_min.astype(jnp.uint32) << 8, jnp.uint32(1))
         # Keys never exceed 0xFF800000 (+inf), so this does not wrap.
         hi = (c_max.astype(jnp.uint32) + jnp.uint32(1)) << 8
@@ -180,7 +269,7 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
 
     zeros = jnp.zeros((width_s,), jnp.int32)
     lo, hi, c_lo, c_hi, *_ = jax.lax.while_loop(
-        lambda c: jnp.any(~done(c[0], c[1], c[2])), body,
+        lambda c: _any(~done(c[0], c[1], c[2])), body,
         (lo, hi, c_lo, c_hi, f(c_lo), f(c_hi), zeros, zeros))
     return lo, hi, c_lo, c_hi, k
 
@@ -199,7 +288,11 @@ def _unique_ranks(tie_key, shape, whole: bool) -> jax.Array:
     # Every step below is a bijection of [0, 2**31): xor with a constant, multiplication
     # by an odd constant, xorshift.
     mask = jnp.uint32(0x7FFFFFFF)
-    seed = jax.random.bits(tie_key, (2,), jnp.uint32) & mask
+    # The key's own bits seed the hash: keys from split / fold_in are already random words,
+    # and drawing fresh bits would add a threefry loop (a per-step cost on CPU, see
+    # column_counts) for each selection.
+    words = jax.random.key_data(tie_key).reshape(-1).astype(jnp.uint32)
+    seed = jnp.stack([words[0], words[-1] ^ jnp.uint32(0x5BD1E995)]) & mask
     x = (row * jnp.uint32(s) + col) & mask
     x = ((x ^ seed[0]) * jnp.uint32(0x9E3779B1)) & mask
     x = ((x ^ (x >> 15)) * jnp.uint32(0x85EBCA6B)) & mask
@@ -211,9 +304,9 @@ def _select(keys, k, valid, tie_key, whole):
     """Top k of ``keys`` (m, s) among ``valid`` (None: all): per column, or over all of it
     (whole).
 
-    Two counting searches and no ``lax.cond``: inside a training step's topology branch
-    every conditional and every while loop over a large array costs each step a few
-    microseconds on CPU (XLA's runtime), taken or not. The second search ranks the keys tied
+    Two counting searches and no ``lax.cond`` (each conditional in a training step's topology
+    branch costs every step a few microseconds on CPU, taken or not). The second search ranks
+    the keys tied
     at the threshold by distinct per-position values (a keyed hash, or position), and ends
     at once when nothing ties.
     """
@@ -285,7 +378,7 @@ def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:
     Example:
       >>> drop_lowest(mask, jnp.abs(w), 10)   # SET / RigL drop step
     """
-    nnz = jnp.sum(mask, dtype=jnp.int32)
+    nnz = count_true(mask)
     return top_k_mask(scores, nnz - jnp.asarray(n_drop, jnp.int32), where=mask, tie_key=tie_key)
 
 
@@ -328,28 +421,31 @@ def distribute(total, weights, capacities) -> jax.Array:
     weights = jnp.asarray(weights, jnp.float32)
     caps = jnp.asarray(capacities, jnp.int32)
     capf = caps.astype(jnp.float32)
-    total = jnp.minimum(jnp.asarray(total, jnp.int32), jnp.sum(caps))
+    total = jnp.minimum(jnp.asarray(total, jnp.int32), _vsum(caps))
     totalf = total.astype(jnp.float32)
     alloc = jnp.zeros_like(weights)
     for _ in range(weights.shape[0]):
         room = capf - alloc
         open_ = room > 0.5
         w = jnp.where(open_, weights, 0.0)
-        w = jnp.where(jnp.sum(w) > 0, w, open_.astype(jnp.float32))
-        share = w / jnp.maximum(jnp.sum(w), 1e-30) * (totalf - jnp.sum(alloc))
+        w = jnp.where(_vsum(w) > 0, w, open_.astype(jnp.float32))
+        share = w / jnp.maximum(_vsum(w), 1e-30) * (totalf - _vsum(alloc))
         alloc = alloc + jnp.clip(share, 0.0, room)
     base = jnp.minimum(jnp.floor(alloc).astype(jnp.int32), caps)
     frac = alloc - base.astype(jnp.float32)
     # Float round-off can overshoot by a unit: take it back from the smallest remainders.
-    over = jnp.sum(base) - total
+    over = _vsum(base) - total
     base = base - top_k_mask(-frac, over, where=base > 0).astype(jnp.int32)
     # Largest remainder: one more for the slots with the biggest fractional parts ...
-    rest = total - jnp.sum(base)
+    rest = total - _vsum(base)
     base = base + top_k_mask(frac, rest, where=base < caps).astype(jnp.int32)
     # ... and whatever is still missing (underflowing weights) fills free room in slot order.
-    rest = total - jnp.sum(base)
+    rest = total - _vsum(base)
     room = caps - base
-    before = jnp.cumsum(room) - room
+    # Exclusive prefix sum, as a product with a strictly upper-triangular matrix.
+    n = room.shape[0]
+    upper = jnp.arange(n)[:, None] < jnp.arange(n)[None, :]
+    before = jnp.dot(room, upper.astype(jnp.int32), preferred_element_type=jnp.int32)
     return base + jnp.clip(rest - before, 0, room)
 
 
@@ -395,5 +491,7 @@ def nm_mask(scores, n: int, m: int, *, priority=None) -> jax.Array:
     kj, ki = keys[:, :, None, :], keys[:, None, :, :]
     first = (idx[:, None] < idx[None, :])[None, :, :, None]
     beats = (pj & ~pi) | ((pj == pi) & ((kj > ki) | ((kj == ki) & first)))
-    rank = jnp.sum(beats, axis=1, dtype=jnp.int32)
+    # Summed over the group by m - 1 adds rather than a reduction (see column_counts).
+    rank = sum(beats[:, j].astype(jnp.int32) for j in range(1, m)) + beats[:, 0].astype(
+        jnp.int32)
     return (rank < jnp.asarray(n, jnp.int32)).reshape(shape)

@@ -396,6 +396,34 @@ def _count_primitive(jaxpr, name):
     return n
 
 
+def _primitives_under_cond(jaxpr, counts=None, inside=False):
+    counts = {} if counts is None else counts
+    for eqn in jaxpr.eqns:
+        if inside:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _primitives_under_cond(sub, counts, inside or eqn.primitive.name == "cond")
+    return counts
+
+
+_REDUCTIONS = ("reduce_sum", "reduce_and", "reduce_or", "reduce_prod", "reduce_min", "argmax",
+               "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_topology_update_counts_by_products(name):
+    # XLA's CPU runtime sets up every reduction's reducer computation (and every constant)
+    # again on each execution of a program, including those in the untaken topology branch:
+    # ~1 us per reduction per step. The update counts by matrix products instead; the only
+    # reduction left is one min/max pass per counting search (two loops).
+    tx = ALGORITHMS[name][0](optax.sgd(0.1, momentum=0.9), jax.random.key(0))
+    params = tiny_params()
+    state = tx.init(params)
+    counts = _primitives_under_cond(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
+    assert {p: n for p, n in counts.items() if p in _REDUCTIONS} == {}
+    assert counts.get("reduce_max", 0) <= counts.get("while", 0) // 2
+
+
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_one_conditional_per_step(name):
     # The topology update is the only lax.cond in a step: on XLA:CPU every conditional inside

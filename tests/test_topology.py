@@ -251,3 +251,56 @@ def test_random_tie_break_among_many_ties_is_exact_and_only_among_ties():
     assert sel.sum() == 1700
     assert sel[:500].all() and not sel[3500:].any()  # all above, none below the tie
     assert 0 < sel[500:1500].sum() < 1000  # spread over the tied block, not its head
+
+
+# Counting by matrix products (XLA's CPU runtime re-creates every reduction's reducer on each
+# execution of a program, untaken topology branch included, so the update counts by dots).
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+    density=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from(["bool", "int32", "float32"]),
+)
+def test_counts_by_products_match_numpy(shape, density, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = rng.random(shape) < density
+    if dtype == "int32":
+        x = x * rng.integers(-3, 4, shape)
+    elif dtype == "float32":
+        x = x * rng.standard_normal(shape)
+        x.flat[rng.integers(0, x.size)] = np.nan  # NaN counts as nonzero, as in numpy
+    x = np.asarray(x, dtype)
+    assert int(topology.count_true(x)) == np.count_nonzero(x)
+    per = topology.count_per_neuron(x)
+    assert per.dtype == jnp.int32
+    np.testing.assert_array_equal(per, np.count_nonzero(x.reshape(-1, shape[-1]), axis=0))
+    cols = topology.column_counts(x.reshape(-1, shape[-1]))
+    np.testing.assert_array_equal(cols, per)
+
+
+def test_counts_exact_near_float32_limit_and_fallback(monkeypatch):
+    # Column counts up to 2**24 - 1 are exact in float32; a whole-layer total above that
+    # goes through the int32 reduction.
+    x = jnp.ones(((1 << 24) - 1, 1), bool)
+    assert int(topology.column_counts(x)[0]) == (1 << 24) - 1
+    monkeypatch.setattr(topology, "_EXACT_F32", 64)
+    y = np.random.default_rng(0).random((100, 3)) < 0.5
+    np.testing.assert_array_equal(topology.column_counts(jnp.asarray(y)), y.sum(0))
+    assert int(topology.count_true(jnp.asarray(y))) == y.sum()
+    scores = jnp.asarray(np.random.default_rng(1).standard_normal((100, 3)), jnp.float32)
+    np.testing.assert_array_equal(
+        topology.top_k_mask(scores, 37),
+        np.asarray(scores).ravel().argsort()[::-1].argsort().reshape(100, 3) < 37)
+
+
+def test_float_sum_and_short_sums():
+    x = np.random.default_rng(0).standard_normal((7, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(float(topology.float_sum(x)), x.sum(dtype=np.float64),
+                               rtol=1e-5, atol=1e-5)
+    assert float(topology.float_sum(jnp.float32(2.5))) == 2.5
+    v = jnp.array([2**30, 2**30 - 7, -5, 3], jnp.int32)
+    assert int(topology._vsum(v[:2])) == 2**31 - 7  # int32 product: exact
+    assert int(topology._vsum(v)) == 2**31 - 9

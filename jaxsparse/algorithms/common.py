@@ -132,7 +132,7 @@ def layerwise(
 
 def drop_count(mask: jax.Array, fraction) -> jax.Array:
     """``floor(fraction * nnz)`` as int32."""
-    nnz = jnp.sum(mask, dtype=jnp.int32)
+    nnz = topology.count_true(mask)
     return jnp.floor(jnp.asarray(fraction, jnp.float32) * nnz.astype(jnp.float32)).astype(
         jnp.int32
     )

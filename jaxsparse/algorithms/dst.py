@@ -206,16 +206,17 @@ def snfs(
         keys = jax.random.split(x.key, 2 * len(ms))
         kept, n_drop, weights, caps = [], [], [], []
         for j, (m, w, v) in enumerate(zip(ms, ws, moms)):
-            nnz = jnp.sum(m, dtype=jnp.int32)
+            nnz = topology.count_true(m)
             n = drop_count(m, f)
             kept.append(topology.drop_lowest(m, jnp.abs(w), n, tie_key=keys[2 * j]))
             n_drop.append(n)
             weights.append(
-                jnp.sum(jnp.where(m, jnp.abs(v), 0.0)) / jnp.maximum(nnz, 1).astype(jnp.float32)
+                topology.float_sum(jnp.where(m, jnp.abs(v), 0.0))
+                / jnp.maximum(nnz, 1).astype(jnp.float32)
             )
             caps.append(m.size - (nnz - n))
         regrow = topology.distribute(
-            jnp.sum(jnp.stack(n_drop)), jnp.stack(weights), jnp.stack(caps)
+            sum(n_drop), jnp.stack(weights), jnp.stack(caps)
         )
         new = list(m_leaves)
         for j, i in enumerate(idx):

@@ -103,7 +103,7 @@ def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity,
             if free:
                 flat_s = jnp.concatenate([scores[j].ravel().astype(jnp.float32) for j in free])
                 flat_m = jnp.concatenate([ms[j].ravel() for j in free])
-                total = jnp.sum(targets[jnp.asarray(free)])
+                total = sum(targets[j] for j in free)  # adds, not a reduction
                 keep = topology.top_k_mask(flat_s, total, where=flat_m)
                 offsets = np.cumsum([0] + [ms[j].size for j in free])
                 for n, j in enumerate(free):

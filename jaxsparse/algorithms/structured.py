@@ -74,21 +74,21 @@ def srigl_layer(mask, weight, grad, key, *, k0: int, fraction, gamma_sal: float,
     kept = topology.top_k_mask(abs_w, n_keep, where=mask, tie_key=k_keep)
     if ablation:
         salient = kept | topology.top_k_mask(abs_g, n_drop, tie_key=k_grow)
-        counts = jnp.sum(salient.reshape(-1, n_out), axis=0, dtype=jnp.int32)
+        counts = topology.count_per_neuron(salient)
         tau = max(1, int(np.floor(gamma_sal * k0)))
         active = counts >= tau
         guard = topology.top_k_mask(counts.astype(jnp.float32), min_neurons, tie_key=k_abl)
-        active = jnp.where(jnp.sum(active, dtype=jnp.int32) < min_neurons, guard, active)
+        active = jnp.where(topology.count_true(active) < min_neurons, guard, active)
     else:
         active = jnp.ones((n_out,), bool)
-    n_active = jnp.maximum(jnp.sum(active, dtype=jnp.int32), 1)
+    n_active = jnp.maximum(topology.count_true(active), 1)
     k_new = jnp.minimum(budget // n_active, _fan_in(shape))
     k_vec = jnp.where(active, k_new, 0)
     # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
     # k' fell since the last update (neurons came back), so this search usually ends at
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
     keep = topology.top_k_per_neuron(abs_w, k_vec, where=kept)
-    need = k_vec - jnp.sum(keep.reshape(-1, n_out), axis=0, dtype=jnp.int32)
+    need = k_vec - topology.count_per_neuron(keep)
     grow = topology.top_k_per_neuron(abs_g, need, where=~keep, tie_key=k_fill)
     return keep | grow
 
