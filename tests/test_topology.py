@@ -282,8 +282,8 @@ def test_counts_by_products_match_numpy(shape, density, seed, dtype):
 
 
 def test_counts_exact_near_float32_limit_and_fallback(monkeypatch):
-    # Column counts up to 2**24 - 1 are exact in float32; a whole-layer total above that
-    # goes through the int32 reduction.
+    # Column counts up to 2**24 - 1 are exact in float32; taller columns are counted by an
+    # int32 reduction (forced here on small arrays); totals add column counts in int32.
     x = jnp.ones(((1 << 24) - 1, 1), bool)
     assert int(topology.column_counts(x)[0]) == (1 << 24) - 1
     monkeypatch.setattr(topology, "_EXACT_F32", 64)
@@ -304,3 +304,6 @@ def test_float_sum_and_short_sums():
     v = jnp.array([2**30, 2**30 - 7, -5, 3], jnp.int32)
     assert int(topology._vsum(v[:2])) == 2**31 - 7  # int32 product: exact
     assert int(topology._vsum(v)) == 2**31 - 9
+    big = jnp.full((1000,), 2**21, jnp.int32)  # a sum past 2**24: exact in the int32 tree
+    assert int(topology.total(big)[0]) == 1000 * 2**21
+    assert bool(topology._any(jnp.arange(37) == 36)) and not bool(topology._any(jnp.zeros(5, bool)))
