@@ -290,6 +290,9 @@ def test_counts_exact_near_float32_limit_and_fallback(monkeypatch):
     y = np.random.default_rng(0).random((100, 3)) < 0.5
     np.testing.assert_array_equal(topology.column_counts(jnp.asarray(y)), y.sum(0))
     assert int(topology.count_true(jnp.asarray(y))) == y.sum()
+    monkeypatch.setattr(topology, "_DOT_MAX_SIZE", 0)  # the large-array reductions
+    tall = np.random.default_rng(2).random(((1 << 15) + 3, 2)) < 0.3
+    np.testing.assert_array_equal(topology.column_counts(jnp.asarray(tall)), tall.sum(0))
     scores = jnp.asarray(np.random.default_rng(1).standard_normal((100, 3)), jnp.float32)
     np.testing.assert_array_equal(
         topology.top_k_mask(scores, 37),
