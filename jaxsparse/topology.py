@@ -105,8 +105,8 @@ def total(v: jax.Array) -> jax.Array:
 
 
 def count_true(x: jax.Array) -> jax.Array:
-    """Number of true (nonzero) entries of ``x`` (any shape) as an int32 scalar, without a
-    reduction (see :func:`column_counts` and :func:`total`)."""
+    """Number of true (nonzero) entries of ``x`` (any shape) as an int32 scalar: column
+    counts of its 2-D view (:func:`column_counts`), added by :func:`total`."""
     x = jnp.asarray(x)
     if x.ndim == 0:
         return _nonzero(x).astype(jnp.int32)
@@ -122,7 +122,7 @@ def float_sum(x: jax.Array) -> jax.Array:
     rows, cols = _layer_view(x.shape)
     col = jnp.dot(jnp.ones((rows,), jnp.float32), x.reshape(rows, cols),
                   preferred_element_type=jnp.float32)
-    return col[0] if cols == 1 else _vsum(col)
+    return _vsum(col)
 
 
 def count_per_neuron(x: jax.Array) -> jax.Array:
