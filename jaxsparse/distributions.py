@@ -52,8 +52,46 @@ def check_sparsity(value, name: str = "sparsity") -> float:
     return v
 
 
+def check_spec(spec: LayerSpec) -> LayerSpec:
+    """Refuses a prunable leaf that has no weights to prune, naming it.
+
+    A scalar has no fan-in or fan-out (ER's score is undefined) and a zero-size array (a
+    kernel with 0 input or output features) has no weights to distribute a budget over.
+
+    Raises:
+      ValueError: ``spec`` is a scalar or has a zero dimension.
+    """
+    if len(spec.shape) == 0:
+        raise ValueError(
+            f"prunable leaf {spec.path!r} is a scalar; only arrays of rank >= 1 can be "
+            f"pruned: exclude it with prunable="
+        )
+    if spec.size == 0:
+        if len(spec.shape) == 1:
+            what = "no entries"
+        elif spec.shape[-1] == 0:
+            what = "0 output features"
+        else:
+            what = "0 input features"
+        raise ValueError(
+            f"prunable leaf {spec.path!r} has shape {spec.shape} ({what}): it has no weights "
+            f"to prune; exclude it with prunable= or give the layer a nonzero size"
+        )
+    return spec
+
+
 def layer_specs(params: PyTree, prunable: Prunable = None) -> list[LayerSpec]:
-    """The prunable leaves of ``params`` in flattening order."""
+    """The prunable leaves of ``params`` in flattening order.
+
+    Args:
+      params: the params tree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      prunable: which leaves are pruned (see :data:`jaxsparse.masks.Prunable`); the default
+        selects floating-point ``kernel``/``weight``/``w`` leaves of rank >= 2.
+
+    Raises:
+      ValueError: a selected leaf is a scalar or has a zero dimension.
+      TypeError: an explicit ``prunable`` selects a bool or integer leaf.
+    """
     import jax
 
     pred = as_predicate(prunable)
@@ -62,7 +100,7 @@ def layer_specs(params: PyTree, prunable: Prunable = None) -> list[LayerSpec]:
     for p, leaf in flat:
         path = path_to_str(p)
         if pred(path, leaf):
-            specs.append(LayerSpec(path, tuple(int(d) for d in np.shape(leaf))))
+            specs.append(check_spec(LayerSpec(path, tuple(int(d) for d in np.shape(leaf)))))
     return specs
 
 
@@ -135,6 +173,8 @@ def layer_budgets(
       >>> layer_budgets(specs, 0.9, "erk", overrides={"Dense_0": 0.0})
     """
     sparsity = check_sparsity(sparsity)
+    for spec in specs:
+        check_spec(spec)
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
     fixed_s = resolve_overrides(specs, overrides)

@@ -56,27 +56,71 @@ def leaf_paths(tree: PyTree, is_leaf=None) -> list[str]:
     return [path_to_str(p) for p, _ in flat]
 
 
+def leaf_dtype(leaf) -> np.dtype | None:
+    """The dtype of an array-like leaf, ``None`` for a leaf that is not numeric."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None:
+        return np.dtype(dtype)
+    try:
+        return np.result_type(leaf)
+    except TypeError:
+        return None
+
+
+def is_floating(leaf) -> bool:
+    """Whether ``leaf`` holds floating-point values (float16/32/64, bfloat16, float8, ...).
+
+    Only such leaves are weights that can be pruned: a bool or integer leaf (a step counter,
+    a quantized table, a mask) keeps its values whatever its name."""
+    dtype = leaf_dtype(leaf)
+    return dtype is not None and bool(jnp.issubdtype(dtype, jnp.floating))
+
+
 def default_prunable(path: str, leaf) -> bool:
-    """Kernels of rank >= 2 (Dense, DenseGeneral, Conv). Biases, norm scales and embeddings
-    stay dense."""
+    """Floating-point kernels of rank >= 2 (Dense, DenseGeneral, Conv): leaves named
+    ``kernel``, ``weight`` or ``w``. Biases, norm scales, embeddings and bool or integer
+    leaves stay dense."""
     name = path.rsplit("/", 1)[-1]
-    return name in DEFAULT_PRUNABLE_NAMES and np.ndim(leaf) >= 2
+    return name in DEFAULT_PRUNABLE_NAMES and np.ndim(leaf) >= 2 and is_floating(leaf)
+
+
+def _refuse_non_floating(select: Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
+    """Wraps an explicit selector so that selecting a bool/integer leaf is an error, not a
+    silent change of the leaf's values."""
+
+    def predicate(path: str, leaf) -> bool:
+        if not select(path, leaf):
+            return False
+        if not is_floating(leaf):
+            raise TypeError(
+                f"prunable selects leaf {path!r} of dtype {leaf_dtype(leaf)}, but only "
+                f"floating-point leaves can be pruned; exclude it from prunable="
+            )
+        return True
+
+    return predicate
 
 
 def as_predicate(prunable: Prunable) -> Callable[[str, Any], bool]:
-    """Normalises a :data:`Prunable` spec into a ``(path, leaf) -> bool`` predicate."""
+    """Normalises a :data:`Prunable` spec into a ``(path, leaf) -> bool`` predicate.
+
+    ``None`` gives :func:`default_prunable`. A regex (or list of regexes) selects the leaves
+    of rank >= 1 whose path it matches; a callable is used as is. An explicit selector that
+    selects a bool or integer leaf raises ``TypeError`` naming the leaf.
+    """
     if prunable is None:
         return default_prunable
     if isinstance(prunable, str):
         prunable = [prunable]
     if callable(prunable):
-        return prunable
-    if isinstance(prunable, Sequence):
+        return _refuse_non_floating(prunable)
+    if isinstance(prunable, Sequence) and all(isinstance(p, str) for p in prunable):
         patterns = [re.compile(p) for p in prunable]
-        return lambda path, leaf: np.ndim(leaf) >= 1 and any(p.search(path) for p in patterns)
+        return _refuse_non_floating(
+            lambda path, leaf: np.ndim(leaf) >= 1 and any(p.search(path) for p in patterns))
     raise TypeError(
         f"prunable must be a predicate (path, leaf) -> bool, a regex string or a list of "
-        f"regexes; got {type(prunable).__name__}"
+        f"regexes; got {prunable!r}"
     )
 
 
@@ -167,7 +211,14 @@ def sparse_init(params: PyTree, masks: Masks) -> PyTree:
 
 
 def validate_masks(masks: Masks, params: PyTree) -> None:
-    """Raises ``ValueError`` naming the first leaf whose mask does not fit the params."""
+    """Raises naming the first leaf whose mask does not fit the params.
+
+    Raises:
+      ValueError: the trees differ in structure, a mask is not a bool array or its shape
+        differs from the parameter's.
+      TypeError: a mask covers a bool or integer parameter (only floating-point leaves are
+        pruned, so :func:`apply_masks` and :func:`sparse_init` never change other leaves).
+    """
     m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
     m_paths = [path_to_str(p) for p, _ in m_flat]
@@ -192,6 +243,11 @@ def validate_masks(masks: Masks, params: PyTree) -> None:
             raise ValueError(
                 f"mask for {path!r} has shape {tuple(m.shape)} but the parameter has shape "
                 f"{tuple(np.shape(p))}"
+            )
+        if not is_floating(p):
+            raise TypeError(
+                f"mask for {path!r} covers a leaf of dtype {leaf_dtype(p)}; only "
+                f"floating-point leaves can be masked: give this leaf a None mask"
             )
 
 

@@ -1,11 +1,15 @@
 """Per-layer budgets: uniform, ER, ERK, overrides, and their errors."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxsparse.distributions import LayerSpec, layer_budgets
+import jaxsparse
+from jaxsparse.distributions import LayerSpec, layer_budgets, layer_specs
 
 LENET = [LayerSpec("fc1/kernel", (784, 300)), LayerSpec("fc2/kernel", (300, 100)),
          LayerSpec("fc3/kernel", (100, 10))]
@@ -128,3 +132,34 @@ def test_largest_remainder_sum_exact_for_many_layers():
     b = layer_budgets(specs, 0.83, "erk")
     assert sum(b.values()) == round(0.17 * total(specs))
     assert np.all(np.array(list(b.values())) > 0)
+
+
+@pytest.mark.parametrize("dist", ["uniform", "er", "erk"])
+@pytest.mark.parametrize("shape, what", [((0, 10), "0 input features"),
+                                          ((3, 3, 0, 16), "0 input features"),
+                                          ((10, 0), "0 output features"),
+                                          ((0,), "no entries")])
+def test_zero_size_leaf_is_refused_naming_it(dist, shape, what):
+    specs = LENET[:1] + [LayerSpec("empty/kernel", shape)]
+    with pytest.raises(ValueError, match=rf"'empty/kernel' has shape .*\({what}\).*prunable="):
+        layer_budgets(specs, 0.9, dist)
+
+
+def test_zero_size_kernel_is_refused_by_layer_specs_and_factories():
+    params = {"a": {"kernel": jnp.ones((4, 3))}, "b": {"kernel": jnp.ones((0, 3))}}
+    with pytest.raises(ValueError, match=r"'b/kernel' has shape \(0, 3\) \(0 input features\)"):
+        layer_specs(params)
+    for tx in (jaxsparse.static(optax.sgd(0.1), 0.5, key=jax.random.key(0)),
+               jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.5, end_step=10)):
+        with pytest.raises(ValueError, match="'b/kernel'"):
+            tx.init(params)
+    assert layer_specs(params, "a/kernel") == [LayerSpec("a/kernel", (4, 3))]
+
+
+@pytest.mark.parametrize("dist", ["uniform", "er", "erk"])
+def test_scalar_selected_by_prunable_is_refused_naming_it(dist):
+    params = {"kernel": jnp.ones((4, 3)), "temperature": jnp.ones(())}
+    with pytest.raises(ValueError, match="'temperature' is a scalar.*prunable="):
+        layer_specs(params, lambda path, leaf: True)
+    with pytest.raises(ValueError, match="'temperature' is a scalar"):
+        layer_budgets([LayerSpec("temperature", ())], 0.5, dist)

@@ -147,3 +147,44 @@ def test_sparse_init_restores_the_dense_output_variance():
     scaled_var = float(jnp.var(x @ jaxsparse.sparse_init({"k": w}, {"k": m})["k"]))
     assert plain_var < 0.1 * dense_var
     assert scaled_var == pytest.approx(dense_var, rel=0.1)
+
+
+def _mixed_params():
+    """A float kernel beside bool and int8 leaves named like kernels."""
+    return {"dense": {"kernel": jnp.full((4, 3), 2.0)},
+            "flags": {"kernel": jnp.ones((4, 3), bool)},
+            "quant": {"kernel": jnp.full((4, 3), 7, jnp.int8)}}
+
+
+def test_only_floating_leaves_are_prunable_by_default():
+    params = _mixed_params()
+    assert M.prunable_paths(params) == ["dense/kernel"]
+    assert jaxsparse.layer_specs(params) == [jaxsparse.LayerSpec("dense/kernel", (4, 3))]
+    masks = M.ones_masks(params)
+    assert masks["flags"]["kernel"] is None and masks["quant"]["kernel"] is None
+    masks["dense"]["kernel"] = jnp.zeros((4, 3), bool)
+    for fn in (jaxsparse.apply_masks, jaxsparse.sparse_init):
+        out = fn(params, masks)
+        assert out["flags"]["kernel"].dtype == jnp.bool_ and bool(jnp.all(out["flags"]["kernel"]))
+        np.testing.assert_array_equal(out["quant"]["kernel"], params["quant"]["kernel"])
+        assert not bool(jnp.any(out["dense"]["kernel"]))
+    # bfloat16 and float16 kernels are floating: prunable.
+    half = {"kernel": jnp.ones((2, 2), jnp.bfloat16), "w": jnp.ones((2, 2), jnp.float16)}
+    assert M.prunable_paths(half) == ["kernel", "w"]
+
+
+@pytest.mark.parametrize("prunable", [r"kernel", lambda path, leaf: leaf.ndim == 2])
+def test_explicit_prunable_selecting_a_non_floating_leaf_names_it(prunable):
+    with pytest.raises(TypeError, match=r"leaf 'flags/kernel' of dtype bool.*floating"):
+        jaxsparse.layer_specs(_mixed_params(), prunable)
+    with pytest.raises(TypeError, match="leaf 'flags/kernel'"):
+        M.ones_masks(_mixed_params(), prunable)
+
+
+def test_a_mask_over_an_integer_leaf_is_refused_naming_it():
+    params = _mixed_params()
+    masks = {"dense": {"kernel": None}, "flags": {"kernel": None},
+             "quant": {"kernel": jnp.zeros((4, 3), bool)}}
+    for fn in (jaxsparse.apply_masks, jaxsparse.sparse_init):
+        with pytest.raises(TypeError, match=r"mask for 'quant/kernel' covers a leaf of dtype int8"):
+            fn(params, masks)
