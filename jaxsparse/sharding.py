@@ -1,0 +1,229 @@
+"""Sharding helpers: a device mesh, params sharded by logical axis rules, and per-weight
+state (masks, ``ever_active``, SNFS momentum, packed masks) placed like the params.
+
+A model names the axes of its params *logically* (``("embed", "mlp")``: flax's
+``nn.with_logical_partitioning`` or NNX sharding metadata); a table of rules maps logical
+names to mesh axes (``("mlp", "model")``), as in MaxText and t5x. jaxsparse keeps every
+per-weight array of the sparse optimizer sharded exactly like its weight
+(:func:`like_params`), so a layer's topology update runs on the shards that hold the layer
+and checkpoints shard the masks with the params.
+
+Example:
+  >>> mesh = make_mesh((4, 2), ("data", "model"))
+  >>> shardings = logical_shardings(logical_specs, mesh, rules, shapes=abstract_params)
+  >>> params = jax.device_put(params, shardings)
+  >>> masks = like_params(masks, params)            # each mask sharded like its kernel
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def _path(path) -> str:
+    names = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return "/".join(names)
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None,
+              explicit: bool = False) -> Mesh:
+    """A ``Mesh`` of ``shape`` over ``devices`` (default: all devices of all processes).
+
+    Axes are ``Auto`` (XLA's sharding propagation between the shardings you pin) unless
+    ``explicit`` (JAX's sharding-in-types mode, where :func:`like_params` also works under
+    ``jit``).
+
+    Raises:
+      ValueError: naming ``shape`` when its product is not the number of devices.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    shape, axis_names = tuple(int(s) for s in shape), tuple(axis_names)
+    if len(shape) != len(axis_names):
+        raise ValueError(f"mesh shape {shape} and axis_names {axis_names} differ in length")
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(
+            f"mesh shape {shape} needs {int(np.prod(shape))} devices but {len(devices)} are "
+            f"available ({jax.process_count()} process(es)); choose a shape whose product is "
+            f"{len(devices)}")
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    types = (kind,) * len(shape)
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, axis_names, devices=devices, axis_types=types)
+    return Mesh(np.asarray(devices).reshape(shape), axis_names, axis_types=types)
+
+
+def logical_to_mesh_spec(logical: PartitionSpec, rules: Rules) -> PartitionSpec:
+    """Maps a spec of logical axis names to mesh axes with ``rules`` (first match wins;
+    a logical name without a rule, or ``None``, is replicated)."""
+    table = {}
+    for name, axis in rules:
+        table.setdefault(name, axis)
+    out = []
+    for name in logical:
+        if name is None:
+            out.append(None)
+        elif isinstance(name, tuple):
+            axes = [a for n in name for a in _as_tuple(table.get(n))]
+            out.append(tuple(axes) or None)
+        else:
+            out.append(table.get(name))
+    return PartitionSpec(*out)
+
+
+def _as_tuple(axis):
+    if axis is None:
+        return ()
+    return (axis,) if isinstance(axis, str) else tuple(axis)
+
+
+def check_divisible(shapes: PyTree, shardings: PyTree) -> None:
+    """Raises if a mesh axis does not divide the dimension of a leaf it shards.
+
+    Args:
+      shapes: a tree of arrays or ``jax.ShapeDtypeStruct`` (the params).
+      shardings: the matching tree of ``NamedSharding``.
+
+    Raises:
+      ValueError: naming the leaf, the dimension and the mesh axes.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(shapes)
+    sh = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+    if len(sh) != len(flat):
+        raise ValueError(f"{len(sh)} shardings for {len(flat)} leaves")
+    for (path, leaf), s in zip(flat, sh):
+        for dim, axis in enumerate(s.spec):
+            axes = _as_tuple(axis)
+            n = int(np.prod([s.mesh.shape[a] for a in axes])) if axes else 1
+            if leaf.shape[dim] % n:
+                raise ValueError(
+                    f"leaf {_path(path)!r}: dimension {dim} of shape {tuple(leaf.shape)} "
+                    f"is not divisible by mesh axes {axes} of size {n}; change the mesh "
+                    f"shape or the model size, or map this logical axis to None in the rules")
+
+
+def logical_shardings(logical_specs: PyTree, mesh: Mesh, rules: Rules,
+                      shapes: PyTree | None = None) -> PyTree:
+    """``NamedSharding`` per leaf from logical specs (``nn.get_partition_spec``) and rules.
+
+    With ``shapes`` (the params or their ``jax.eval_shape``), checks that every sharded
+    dimension divides evenly (:func:`check_divisible`).
+    """
+    out = jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_to_mesh_spec(spec, rules)), logical_specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if shapes is not None:
+        check_divisible(shapes, out)
+    return out
+
+
+def _known_sharding(p):
+    """The param's sharding when known: a concrete array's ``NamedSharding``, or under
+    ``jit`` the type's sharding when its mesh has explicit axes; else ``None``."""
+    if isinstance(p, jax.core.Tracer):
+        try:
+            s = jax.typeof(p).sharding
+        except Exception:  # noqa: BLE001 - no sharding in the type: nothing to follow
+            return None
+        mesh = getattr(s, "mesh", None)
+        types = getattr(mesh, "axis_types", ())
+        if isinstance(s, NamedSharding) and any(
+                t == jax.sharding.AxisType.Explicit for t in types):
+            return s
+        return None
+    s = getattr(p, "sharding", None)
+    return s if isinstance(s, NamedSharding) else None
+
+
+def like_params(tree: PyTree, params: PyTree) -> PyTree:
+    """``tree`` with every array leaf placed with the sharding of its param.
+
+    ``tree`` has the params' structure, with ``None`` allowed for dense leaves (masks,
+    ``ever_active``, per-weight algorithm state). For concrete params with a
+    ``NamedSharding`` each leaf is ``jax.device_put`` there; under ``jit`` the leaf gets
+    ``jax.sharding.reshard`` to the param's sharding when the param's type carries one
+    (explicit-axes meshes) and is left as it is otherwise (XLA's propagation decides).
+    Leaves whose shape differs from their param's (factored statistics) are left as they
+    are, as are params without a ``NamedSharding`` (single device).
+
+    Args:
+      tree: param-shaped pytree; ``None`` leaves stay ``None``.
+      params: the params (arrays, or tracers under ``jit``).
+
+    Returns:
+      ``tree`` with the same structure and values.
+    """
+
+    def place(x, p):
+        if x is None or not hasattr(x, "shape") or tuple(x.shape) != tuple(np.shape(p)):
+            return x
+        s = _known_sharding(p)
+        if s is None:
+            return x
+        if isinstance(x, jax.core.Tracer) or isinstance(p, jax.core.Tracer):
+            return jax.sharding.reshard(x, s.spec)
+        return jax.device_put(x, s)
+
+    return jax.tree.map(place, tree, params, is_leaf=lambda x: x is None)
+
+
+def shardings_of(tree: PyTree) -> PyTree:
+    """The ``sharding`` of every array leaf (``None`` leaves stay ``None``)."""
+    return jax.tree.map(lambda x: None if x is None else x.sharding, tree,
+                        is_leaf=lambda x: x is None)
+
+
+def _keystr_parts(path) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr((k,)) for k in path)
+
+
+def state_shardings(state: PyTree, params: PyTree, param_shardings: PyTree,
+                    default: NamedSharding) -> PyTree:
+    """A ``NamedSharding`` for every leaf of an optimizer state (or any pytree holding
+    param-shaped trees): a leaf whose key path ends with a param's key path and whose shape
+    equals that param's gets the param's sharding (moments, masks, ``ever_active``, SNFS
+    momentum, whatever the nesting: chain, inject_hyperparams, MultiSteps); every other
+    leaf (counters, keys, hyperparameters) gets ``default``.
+
+    Args:
+      state: the state or its ``jax.eval_shape``.
+      params: the params or their ``jax.eval_shape``.
+      param_shardings: the params' shardings (same structure as ``params``).
+      default: the sharding of everything else (usually replicated: ``P()``).
+    """
+    p_flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    s_leaves = jax.tree.leaves(param_shardings,
+                               is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    by_path = {_keystr_parts(path): (tuple(np.shape(leaf)), s)
+               for (path, leaf), s in zip(p_flat, s_leaves)}
+    lengths = sorted({len(k) for k in by_path}, reverse=True)
+
+    def pick(path, leaf):
+        parts = _keystr_parts(path)
+        for n in lengths:
+            hit = by_path.get(parts[len(parts) - n:]) if len(parts) >= n else None
+            if hit is not None and hit[0] == tuple(np.shape(leaf)):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+def place(tree: PyTree, shardings: PyTree) -> PyTree:
+    """``tree`` resharded to ``shardings`` by a jitted identity: works for arrays that span
+    several processes, where eager ``device_put`` between meshes may not."""
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)
