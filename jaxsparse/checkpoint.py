@@ -53,6 +53,11 @@ def _is_key(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _key_impl_name(x) -> str:
+    """The PRNG implementation's name of a key array or of its ``ShapeDtypeStruct``."""
+    return str(x.dtype._impl.name)
+
+
 def _is_bool(x) -> bool:
     return hasattr(x, "dtype") and x.dtype == jnp.bool_ and len(getattr(x, "shape", ())) >= 1
 
@@ -123,7 +128,7 @@ def _to_disk(tree):
     for path, x in flat:
         entry = {"path": jax.tree_util.keystr(path), "shape": list(np.shape(x))}
         if _is_key(x):
-            entry["dtype"] = f"key<{jax.random.key_impl(x)}>"
+            entry["dtype"] = f"key<{_key_impl_name(x)}>"
             x = jax.random.key_data(x)
         else:
             entry["dtype"] = str(np.dtype(x.dtype))
@@ -159,7 +164,7 @@ def _from_disk(restored, target):
     out = []
     for (_, want), got in zip(flat_t, flat_r):
         if _is_key(want):
-            got = jax.random.wrap_key_data(got, impl=jax.random.key_impl(want))
+            got = jax.random.wrap_key_data(got, impl=_key_impl_name(want))
         out.append(got)
     tree = treedef.unflatten(out)
     return unpack_masks(tree, target)
@@ -291,7 +296,7 @@ def _to_disk_manifest(tree):
     out = []
     for path, x in flat:
         entry = {"path": jax.tree_util.keystr(path), "shape": list(np.shape(x))}
-        entry["dtype"] = (f"key<{jax.random.key_impl(x)}>" if _is_key(x)
+        entry["dtype"] = (f"key<{_key_impl_name(x)}>" if _is_key(x)
                           else str(np.dtype(x.dtype)))
         out.append(entry)
     return None, out
