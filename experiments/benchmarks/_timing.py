@@ -1,0 +1,136 @@
+"""Measuring helpers shared by the benchmark scripts.
+
+The discipline (from ``train_step.py``): every variant being compared is timed in the same
+process, repetitions of the variants alternate (and rotate their order) so that load from
+other processes hits all of them alike, and results are ratios of medians and of minima
+(noise only ever adds time, so the fastest repetition is the least disturbed one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+
+class Ratio(NamedTuple):
+    """``numerator / denominator`` of two timing samples.
+
+    Attributes:
+      median: ratio of the medians.
+      best: ratio of the minima.
+    """
+
+    median: float
+    best: float
+
+
+def ratio(numerator: Sequence[float], denominator: Sequence[float]) -> Ratio:
+    """Ratio of medians and of minima of two samples of seconds."""
+    if not numerator or not denominator:
+        raise ValueError("ratio needs two non-empty timing samples")
+    return Ratio(
+        statistics.median(numerator) / statistics.median(denominator),
+        min(numerator) / min(denominator),
+    )
+
+
+class Compiled(NamedTuple):
+    """A compiled function and what compiling it cost.
+
+    Attributes:
+      executable: ``jax.jit(fn).lower(...).compile()``.
+      wall_s: wall seconds of tracing, lowering and XLA compilation together.
+      cpu_s: CPU seconds of this process over the same span (all threads): on a loaded
+        machine it varies far less than ``wall_s``.
+    """
+
+    executable: Any
+    wall_s: float
+    cpu_s: float
+
+
+def compile_timed(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()) -> Compiled:
+    """Compiles ``jax.jit(fn, donate_argnums=...)`` for ``args`` and times it."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    executable = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    return Compiled(executable, time.perf_counter() - t0, time.process_time() - c0)
+
+
+def memory_stats(compiled) -> dict[str, int]:
+    """XLA's buffer assignment of a compiled function, in bytes (``temp`` is the scratch
+    memory the program needs beyond its arguments and outputs; ``peak`` where the backend
+    reports it, else 0)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"temp": 0, "peak": 0, "argument": 0, "output": 0, "alias": 0}
+    return {
+        "temp": int(stats.temp_size_in_bytes),
+        "peak": int(getattr(stats, "peak_memory_in_bytes", 0) or 0),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+    }
+
+
+def tree_nbytes(tree: Any) -> int:
+    """Bytes held by the array leaves of a pytree (``None`` leaves hold none)."""
+    return int(sum(np.asarray(x.nbytes) for x in jax.tree.leaves(tree)))
+
+
+def mean_seconds(call: Callable[[], Any], n: int) -> float:
+    """Mean wall time of ``n`` back-to-back calls, blocking once on the last result (as a
+    training loop does: dispatch of step ``i + 1`` overlaps step ``i``)."""
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(n):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def calls_for(seconds_per_call: float, target_seconds: float, most: int = 200) -> int:
+    """How many calls make one timed repetition last about ``target_seconds``."""
+    return max(1, min(most, math.ceil(target_seconds / max(seconds_per_call, 1e-9))))
+
+
+def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``repeats`` times, variants alternating.
+
+    Args:
+      variants: ``name -> (call, n)``: one timed repetition of ``name`` is ``n`` calls.
+      repeats: repetitions per variant; the variants' order rotates every repetition.
+
+    Returns:
+      ``name -> [mean seconds per call of each repetition]``.
+    """
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, n = variants[name]
+            times[name].append(mean_seconds(call, n))
+    return times
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. ``"1.9/0.8/0.3"``."""
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine_line() -> str:
+    """One line naming the machine and software the numbers were measured on."""
+    device = jax.devices()[0]
+    return (f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+            f"{platform.machine()} with {os.cpu_count()} CPUs, load {load_average()}")

@@ -1,0 +1,168 @@
+"""Smoke test of the scaling benchmark (experiments/benchmarks/scaling.py).
+
+Checks that a tiny ``--quick`` run prints well-formed tables and writes its JSON record;
+timings are never asserted.
+"""
+
+import contextlib
+import functools
+import io
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from experiments.benchmarks import scaling
+
+
+def _tables(text):
+    """The markdown tables of ``text``: lists of rows, each a list of cells."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("scaling") / "quick.json"
+    out = io.StringIO()
+    # optax's optimizers are not written for the suite's strict dtype promotion.
+    with contextlib.redirect_stdout(out), jax.numpy_dtype_promotion("standard"):
+        rows = scaling.main(["--quick", "--algorithms", "static", "--depths", "2",
+                             "--sizes", "", "--json", str(path)])
+    return out.getvalue(), rows, json.loads(path.read_text()), path
+
+
+def test_quick_run_prints_both_tables(quick):
+    text, rows, _, _ = quick
+    opt, full = _tables(text)
+    assert tuple(opt[0]) == scaling.OPT_COLUMNS
+    assert tuple(full[0]) == scaling.FULL_COLUMNS
+    assert all(set(c) <= set("-") for c in opt[1]), "second line must be the separator"
+    models = [scaling.depth_spec("2").label]
+    for table, columns in [(opt, scaling.OPT_COLUMNS), (full, scaling.FULL_COLUMNS)]:
+        body = [dict(zip(columns, r)) for r in table[2:]]
+        assert all(len(r) == len(columns) for r in table[2:])
+        assert [(r["model"], r["algorithm"], r["inner"]) for r in body] == [
+            (m, "static", "sgdm") for m in models]
+        for r in body:
+            assert r["plain/dense med"].endswith("x") and float(r["plain/dense med"][:-1]) > 0
+            # static never updates its topology
+            assert r["update/dense med"] == r["update/dense min"] == "-"
+            for column in ("compile s dense->sparse", "compile CPU s dense->sparse"):
+                dense_s, sparse_s = (float(x) for x in r[column].split(" -> "))
+                assert dense_s > 0 and sparse_s > 0
+    body = [dict(zip(scaling.OPT_COLUMNS, r)) for r in opt[2:]]
+    assert [int(r["kernels"]) for r in body] == [2]
+    # one mask (at most a byte) per prunable weight, plus a counter and a key per model
+    assert all(0 < float(r["state B/weight"]) <= 1.01 for r in body)
+    assert len(rows) == 2
+
+
+def test_table_formats_update_columns():
+    row = dict(model="m", series="size", params=2_000_000, kernels=4, algorithm="rigl",
+               inner="adam", part="opt", dense_ms=1.5, plain_ratio_median=1.04,
+               plain_ratio_best=1.01, update_ratio_median=12.34, update_ratio_best=10.0,
+               update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
+               compile_dense_cpu_s=0.2, compile_sparse_cpu_s=3.0,
+               state_bytes_per_weight=2.0, temp_dense_bytes=0, temp_sparse_bytes=8_000_000,
+               extra_temp_per_param_largest=16.0, extra_temp_per_param_model=4.0)
+    (header, _, cells), = _tables(scaling.table([row, dict(row, part="full", batch=8)], "opt"))
+    assert dict(zip(header, cells)) == {
+        "model": "m", "params": "2.00M", "kernels": "4", "algorithm": "rigl", "inner": "adam",
+        "dense ms": "1.500", "plain/dense med": "1.04x", "plain/dense min": "1.01x",
+        "update/dense med": "12.3x", "update/dense min": "10.0x", "update ms/M params": "9.25",
+        "compile s dense->sparse": "0.10 -> 2.50",
+        "compile CPU s dense->sparse": "0.20 -> 3.00", "state B/weight": "2.00",
+        "temp MB dense->sparse": "0.0 -> 8.0", "extra temp B/param largest": "16.0",
+        "extra temp B/param model": "4.00"}
+
+
+def test_quick_run_writes_json_without_local_paths(quick):
+    _, rows, record, _ = quick
+    assert [r["part"] for r in record["rows"]] == [r["part"] for r in rows]
+    assert record["args"]["algorithms"] == ["static"]
+    assert "json" not in record["args"] and "plot" not in record["args"]
+    opt = [r for r in record["rows"] if r["part"] == "opt"]
+    assert [r["params"] for r in opt] == [scaling.depth_spec("2").n_params]
+    assert all(len(r["times"]["dense"]) == len(r["times"]["plain"]) == 2 for r in opt)
+
+
+def test_load_reprints_the_recorded_tables(quick, capsys):
+    text, _, _, path = quick
+    scaling.main(["--load", str(path)])
+    assert _tables(capsys.readouterr().out) == _tables(text)
+
+
+def test_load_names_the_unreadable_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="--load: cannot read a scaling record from .*bad.json"):
+        scaling.main(["--load", str(bad)])
+
+
+@pytest.mark.parametrize("text,blocks,d,ff", [
+    ("1M", 2, 256, 1024), ("10M", 2, 768, 3072), ("50M", 11, 768, 3072),
+    ("100M", 21, 768, 3072)])
+def test_size_series_models(text, blocks, d, ff):
+    spec = scaling.size_spec(text)
+    assert (spec.blocks, spec.d_model, spec.d_ff) == (blocks, d, ff)
+    shapes = jax.eval_shape(functools.partial(scaling.init_params, spec), jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == spec.n_params
+    assert abs(spec.n_params / scaling.parse_count(text, "--sizes") - 1) < 0.1
+
+
+def test_depth_series_models():
+    spec = scaling.depth_spec("96")
+    shapes = jax.eval_shape(functools.partial(scaling.init_params, spec), jax.random.key(0))
+    kernels = [x for x in jax.tree.leaves(shapes) if x.ndim == 2]
+    assert len(kernels) == spec.n_kernels == 96
+    assert {x.shape for x in kernels} == {(256, 256)}
+
+
+class _State(NamedTuple):
+    masks: dict
+    count: jax.Array
+
+
+def test_pin_count_sets_every_sparse_counter():
+    inner = optax.ScaleByAdamState(jnp.asarray(3, jnp.int32), {}, {})
+    state = (_State({"w": None}, jnp.asarray(1, jnp.int32)), inner,
+             [_State({}, jnp.asarray(2, jnp.int32))])
+    pinned = scaling.pin_count(state, jnp.asarray(7, jnp.uint32))
+    assert [int(pinned[0].count), int(pinned[2][0].count)] == [7, 7]
+    assert pinned[0].count.dtype == jnp.int32
+    assert int(pinned[1].count) == 3  # the inner optimizer's own counter is left alone
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--sizes", "10Q"], "--sizes"),
+    (["--depths", "3"], "--depths"),
+    (["--algorithms", "rigl,nope"], "--algorithms"),
+    (["--inner", "lamb"], "--inner"),
+    (["--parts", "full"], "--parts"),
+    (["--sizes", "", "--depths", ""], "--sizes"),
+])
+def test_bad_options_are_refused_by_name(argv, option, capsys):
+    with pytest.raises(SystemExit):
+        scaling.parse_args(argv)
+    assert option in capsys.readouterr().err
+
+
+def test_dense_optimizer_cannot_be_pinned():
+    params = scaling.init_params(scaling.depth_spec("2"), jax.random.key(0))
+    with pytest.raises(ValueError, match="no sparse state"):
+        scaling.Runner(optax.sgd(0.1), params, sparse=True)
+
+
+def test_unknown_algorithm_names_the_option():
+    with pytest.raises(ValueError, match="--algorithms: unknown algorithm 'nope'"):
+        scaling.make_sparse("nope", optax.sgd(0.1), 0.9, 10, jax.random.key(0))
