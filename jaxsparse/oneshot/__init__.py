@@ -1,5 +1,14 @@
-"""One-shot (post-training) pruning: magnitude, Wanda and SparseGPT on trained Flax models."""
+"""One-shot (post-training) pruning: magnitude, Wanda and SparseGPT on trained Flax models.
 
+  >>> result = jaxsparse.oneshot.prune(model, variables, calibration_batches,
+  ...                                  method="sparsegpt", sparsity=0.5)   # or nm=(2, 4)
+  >>> result.params, result.masks     # pruned params and a Masks tree (None = dense leaf)
+
+Per-layer functions (``magnitude_layer``, ``wanda_layer``, ``sparsegpt_layer``) work on one
+(d_in, d_out) kernel; ``calibrate`` holds the linen / NNX input recording.
+"""
+
+from jaxsparse.oneshot import calibrate, methods
 from jaxsparse.oneshot.methods import (
     InputStats,
     LayerResult,
@@ -12,8 +21,14 @@ from jaxsparse.oneshot.methods import (
     wanda_layer,
     wanda_scores,
 )
+from jaxsparse.oneshot.pipeline import METHODS, OneShotResult, prune
 
 __all__ = [
+    "METHODS",
+    "OneShotResult",
+    "calibrate",
+    "methods",
+    "prune",
     "InputStats",
     "LayerResult",
     "add_stats",
