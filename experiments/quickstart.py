@@ -6,7 +6,8 @@
 Trains LeNet-300-100 twice (dense, then RigL/ERK at 90%), prints both test accuracies and
 RigL's per-layer sparsity table, writes ``quickstart.png`` (test accuracy over training and
 per-layer density) to ``--out``, and, when this jaxsparse provides ``jaxsparse.condense``,
-exports the sparse model in condensed form.
+exports the sparse model in condensed form to ``condensed.npz`` (a safe file: npz arrays +
+JSON metadata, no pickle; ``jaxsparse.condensed.load_condensed`` reads and validates it).
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ def export_condensed(params, masks, out_dir: Path) -> str:
     condense = getattr(jaxsparse, "condense", None)
     if condense is None:
         return "jaxsparse.condense is not available in this version: condensed export skipped"
-    import pickle
-
     import jax
 
     try:
@@ -64,11 +63,12 @@ def export_condensed(params, masks, out_dir: Path) -> str:
         err = float(np.max(np.abs(np.asarray(kernel) - np.asarray(flat[f"{name}/kernel"]))))
         lines.append(f"  {name}: values {tuple(layer.values.shape)}, indices "
                      f"{layer.indices.dtype}, max |dense - condensed| = {err:g}")
-    path = out_dir / "condensed.pkl"
-    with open(path, "wb") as f:
-        pickle.dump(jax.device_get(layers), f)
-    return "\n".join([f"condensed model (padded to the largest fan-in) written to {path}:",
-                      *lines])
+    # A safe file (npz + JSON metadata, validated on load): reading it never runs code.
+    path = jaxsparse.condensed.save_condensed(out_dir / "condensed.npz", layers)
+    reloaded = jaxsparse.condensed.load_condensed(path)
+    assert list(reloaded) == list(layers)
+    return "\n".join([f"condensed model (padded to the largest fan-in) written to {path} "
+                      "(read it back with jaxsparse.condensed.load_condensed):", *lines])
 
 
 def plot(runs: dict, rows, out: Path) -> Path:

@@ -123,9 +123,9 @@ def test_bad_inputs_raise_clear_errors():
         jax.jit(lambda k: C.condense_layer(k, mask, bias))(kernel)
     layer = C.condense_layer(kernel, mask, bias)
     bad = layer.replace(indices=layer.indices.at[0, 0].set(8))
-    with pytest.raises(ValueError, match="index 8 out of range"):
+    with pytest.raises(ValueError, match=r"indices\[0, 0\] = 8 is out of range"):
         C.validate_condensed(bad)
-    with pytest.raises(ValueError, match="index -1 out of range"):
+    with pytest.raises(ValueError, match=r"indices\[1, 1\] = -1 is out of range"):
         C.validate_condensed(layer.replace(indices=layer.indices.at[1, 1].set(-1)))
     with pytest.raises(ValueError, match="must both be"):
         C.validate_condensed(layer.replace(indices=layer.indices[:, :1]))

@@ -62,7 +62,7 @@ def test_cpu_kernel_rejects_out_of_range_indices_at_run_time():
     x, v, i, b = random_condensed(0, 2, 64, 10, 7, jnp.float32, jnp.int8)
     with pytest.raises(Exception, match=r"index 64 out of range \[0, 64\)"):
         jax.block_until_ready(jax.jit(cpu.condensed_matmul_cpu)(x, v, i.at[3, 2].set(64), b))
-    with pytest.raises(Exception, match="index -2 out of range"):
+    with pytest.raises(ValueError, match=r"indices\[0, 0\] = -2 is out of range"):
         jax.block_until_ready(cpu.condensed_matmul_cpu(x, v, i.at[0, 0].set(-2), b))
 
 

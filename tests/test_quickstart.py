@@ -23,7 +23,7 @@ def test_quickstart_on_digits(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if hasattr(jaxsparse, "condense"):
         assert "max |dense - condensed| = 0" in printed
-        assert (tmp_path / "condensed.pkl").exists()
+        assert (tmp_path / "condensed.npz").exists()
     else:
         assert "condensed export skipped" in printed
 

@@ -11,6 +11,8 @@ measured in the same run.
 
     python experiments/benchmarks/condensed.py                  # CPU, writes the table + plot
     python experiments/benchmarks/condensed.py --batches 1 256 2048   # on a GPU machine
+    python experiments/benchmarks/condensed.py --group-sizes 1 2 4 8 16 --sparsities 0.9
+        # group-shared layout: kernel speed vs G, bytes moved, GB/s vs measured bandwidth
 
 Run on a GPU machine as is: the kernel column then times the Pallas kernel.
 """
@@ -60,7 +62,6 @@ def bench_config(n_in, n_out, sparsity, ablate, batch, dtype, repeats, skip_slow
     layer = C.sparse_linear(kernel, mask, bias)
     x = jnp.asarray(rng.standard_normal((batch, n_in)), dtype)
     w, b = jnp.asarray(kernel), jnp.asarray(bias)
-    on_gpu = jax.default_backend() == "gpu"
     fns = {
         "dense": (jax.jit(lambda x, w, b: x @ w + b[None, :]), (x, w, b)),
         "structured": (jax.jit(lambda x, s: C.structured_dense(x, s)), (x, layer.structured)),
@@ -74,8 +75,8 @@ def bench_config(n_in, n_out, sparsity, ablate, batch, dtype, repeats, skip_slow
     cl = layer.condensed
     fns["condensed-xla"] = (jax.jit(lambda x, c: C.condensed_dense(x, c, impl="reference")),
                             (x, cl))
-    impl = "pallas" if on_gpu else "cpu"
-    if on_gpu or cpu_kernel.available():
+    impl = C.choose_impl(C.detect_platform())  # mosaic_gpu / triton / pallas_tpu / cpu
+    if impl != "cpu" or cpu_kernel.available():
         fns["condensed-kernel"] = (jax.jit(lambda x, c: C.condensed_dense(x, c, impl=impl)),
                                    (x, cl))
     fns["auto"] = (jax.jit(lambda x, s: C.sparse_dense(x, s)), (x, layer))
@@ -84,6 +85,75 @@ def bench_config(n_in, n_out, sparsity, ablate, batch, dtype, repeats, skip_slow
 
 
 COLUMNS = ["dense", "structured", "bcoo", "bcsr", "condensed-xla", "condensed-kernel", "auto"]
+
+
+def stream_bandwidth(repeats: int, mbytes: int = 256) -> float:
+    """Measured copy bandwidth in bytes/s (read + write), as STREAM's copy kernel counts it."""
+    a = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+    f = jax.jit(lambda a: a + 1.0)  # one read and one write per element, no reuse
+    t = timeit(f, a, repeats=repeats)
+    return 2 * a.nbytes / t
+
+
+def group_mask(rng, n_in, n_out, sparsity, g):
+    """Constant fan-in mask whose groups of ``g`` consecutive neurons share one column."""
+    return np.repeat(make_mask(rng, n_in, n_out // g, sparsity, 0.0), g, axis=1)
+
+
+def bench_groups(args):
+    """Kernel speed vs group size G, with the bytes each call moves and the achieved rate.
+
+    Bytes per call: dense = the weight matrix + x + y; condensed = values + indices + bias
+    + x + y (each read once: the floor any kernel pays). Achieved GB/s = bytes / time; the
+    machine's copy bandwidth is measured in the same process.
+    """
+    dtypes = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+    bw = stream_bandwidth(args.repeats)
+    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s")
+    header = ("layer", "sparsity", "batch", "dtype", "G", "dense us", "kernel us",
+              "kernel/dense", "dense MB", "kernel MB", "dense GB/s", "kernel GB/s")
+    rows = []
+    print(" | ".join(header))
+    for layer_s in args.layers:
+        n_in, n_out = map(int, layer_s.split("x"))
+        for dt in args.dtypes:
+            dtype = dtypes[dt]
+            item = np.dtype(dtype).itemsize
+            for sp in args.sparsities:
+                for batch in args.batches:
+                    rng = np.random.default_rng(0)
+                    x = jnp.asarray(rng.standard_normal((batch, n_in)), dtype)
+                    kernel = rng.standard_normal((n_in, n_out)).astype(dtype)
+                    bias = jnp.asarray(rng.standard_normal(n_out), dtype)
+                    for g in args.group_sizes:
+                        mask = group_mask(rng, n_in, n_out, sp, g)
+                        w = jnp.asarray(np.where(mask, kernel, 0).astype(dtype))
+                        cl = C.condense_layer(w, mask, bias, group_size=g)
+                        t_dense = timeit(jax.jit(lambda x, w, b: x @ w + b[None, :]),
+                                         x, w, bias, repeats=args.repeats)
+                        t_kern = timeit(jax.jit(lambda x, c: C.condensed_dense(
+                            x, c, impl="cpu")), x, cl, repeats=args.repeats)
+                        io = (batch * n_in + batch * n_out) * item
+                        b_dense = n_in * n_out * item + n_out * item + io
+                        b_kern = (cl.values.nbytes + cl.indices.nbytes + cl.bias.nbytes
+                                  + batch * n_in * item + batch * cl.n_active * item)
+                        row = (layer_s, f"{sp:.0%}", batch, dt, g, f"{t_dense * 1e6:.0f}",
+                               f"{t_kern * 1e6:.0f}", f"{t_dense / t_kern:.2f}x",
+                               f"{b_dense / 1e6:.2f}", f"{b_kern / 1e6:.2f}",
+                               f"{b_dense / t_dense / 1e9:.1f}",
+                               f"{b_kern / t_kern / 1e9:.1f}")
+                        rows.append(row)
+                        print(" | ".join(map(str, row)), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_name(out.name + "_groups").with_suffix(".md")
+    with open(path, "w") as f:
+        f.write(f"backend: {jax.default_backend()}; times in microseconds (median of "
+                f"{args.repeats}); measured copy bandwidth {bw / 1e9:.1f} GB/s\n\n")
+        f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
+        for row in rows:
+            f.write("| " + " | ".join(map(str, row)) + " |\n")
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -98,7 +168,12 @@ def main(argv=None):
     ap.add_argument("--skip-slow", action="store_true",
                     help="skip BCOO/BCSR at large batch (minutes on CPU)")
     ap.add_argument("--out", default="experiments/benchmarks/condensed")
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=None,
+                    help="instead of the main table: kernel speed vs group size G (CPU "
+                         "kernel), bytes moved and achieved GB/s vs measured bandwidth")
     args = ap.parse_args(argv)
+    if args.group_sizes:
+        return bench_groups(args)
     dtypes = {"float32": np.float32, "bfloat16": jnp.bfloat16}
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
     header = ("layer", "sparsity", "ablated", "batch", "dtype", "n_act", "k", *COLUMNS,

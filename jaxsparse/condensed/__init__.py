@@ -3,15 +3,20 @@
 Export (host): :func:`condense` (a whole params tree), :func:`condense_layer`,
 :func:`structure_layer`, :func:`sparse_linear`, :func:`condense_mlp` (model level: ablated
 neurons folded into the next layer). Forward: :func:`condensed_dense` (C++ FFI kernel on
-CPU, Pallas on GPU), :func:`sparse_dense` (per-batch dispatch), :func:`mlp_apply`.
-Reference: :func:`condensed_matmul_reference`. Flax: :mod:`jaxsparse.condensed.layers`.
+CPU, Pallas on Mosaic GPU / Triton / TPU, XLA elsewhere; :func:`choose_impl`),
+:func:`sparse_dense` (per-batch dispatch), :func:`mlp_apply`. Reference:
+:func:`condensed_matmul_reference`. Flax: :mod:`jaxsparse.condensed.layers`. Files:
+:func:`save_condensed` / :func:`load_condensed` (npz + JSON, no pickle, validated).
 """
 
 from jaxsparse.condensed.dispatch import (
     CostModel,
+    Platform,
     SparseLinear,
     choose_form,
+    choose_impl,
     condensed_dense,
+    detect_platform,
     sparse_dense,
     sparse_dense_full,
     sparse_linear,
@@ -28,6 +33,7 @@ from jaxsparse.condensed.export import (
     to_dense,
     validate_condensed,
 )
+from jaxsparse.condensed.io import CondensedFileError, load_condensed, save_condensed
 from jaxsparse.condensed.model import CondensedMLP, condense_mlp, dense_mlp_apply, mlp_apply
 from jaxsparse.condensed.reference import (
     condensed_matmul_reference,
@@ -35,21 +41,27 @@ from jaxsparse.condensed.reference import (
 )
 
 __all__ = [
+    "CondensedFileError",
     "CondensedLinear",
     "CondensedMLP",
     "CostModel",
+    "Platform",
     "SparseLinear",
     "StructuredLinear",
     "choose_form",
+    "choose_impl",
     "condense",
     "condense_layer",
     "condense_mlp",
     "condensed_dense",
     "condensed_matmul_reference",
     "dense_mlp_apply",
+    "detect_platform",
     "expand",
     "index_dtype",
+    "load_condensed",
     "mlp_apply",
+    "save_condensed",
     "sparse_dense",
     "sparse_dense_full",
     "sparse_linear",

@@ -1,16 +1,32 @@
-"""Forward passes of exported layers and the per-layer, per-batch-size form dispatch.
+"""Forward passes of exported layers, the kernel dispatch and the per-batch form dispatch.
 
-``condensed_dense`` runs a :class:`CondensedLinear` through the best kernel for the current
-backend (the fused C++ FFI kernel on CPU, the Pallas Triton kernel on GPU, the jnp reference
-elsewhere). ``sparse_dense`` runs a :class:`SparseLinear`, which carries the condensed form
-and optionally the structured-only form (the dense matmul when nothing is ablated), and picks
-whichever a simple cost model predicts is faster for the (static) batch size.
+``condensed_dense`` runs a :class:`CondensedLinear` through the kernel :func:`choose_impl`
+picks for the platform and what is available there (issue 16):
+
+==========  ==============================================================================
+platform    kernel
+==========  ==============================================================================
+cpu         the fused C++ XLA FFI kernel (``kernels/cpu.py``); XLA if it cannot be built
+gpu         Pallas on Mosaic GPU on Hopper and newer (``kernels/pallas_mosaic_gpu.py``);
+            else Pallas on Triton while the installed JAX has it, compute capability >= 8.0
+            (``kernels/pallas_gpu.py``); else XLA
+tpu         Pallas TPU (``kernels/pallas_tpu.py``): index lists scalar-prefetched to SMEM,
+            gathered rows DMA'd to VMEM, an MXU matmul per group
+other       XLA (the reference formulation)
+==========  ==============================================================================
+
+On a GPU or TPU where no kernel is usable the XLA formulation runs, with one warning per
+process and platform. ``impl=`` forces a choice. ``sparse_dense`` runs a
+:class:`SparseLinear`, which carries the condensed form and optionally the structured-only
+form, and picks whichever a simple cost model predicts is faster for the (static) batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 
 import jax
 import numpy as np
@@ -22,41 +38,164 @@ from jaxsparse.condensed.export import (
     condense_layer,
     expand,
     structure_layer,
+    validate_condensed,
 )
 from jaxsparse.condensed.reference import (
     condensed_matmul_reference,
     structured_matmul_reference,
 )
 
-IMPLS = ("auto", "reference", "cpu", "pallas", "pallas_interpret")
+KERNELS = ("reference", "xla", "cpu", "mosaic_gpu", "triton", "pallas_tpu")
+INTERPRET = ("mosaic_gpu_interpret", "triton_interpret", "pallas_tpu_interpret")
+ALIASES = {"pallas": "triton", "pallas_interpret": "triton_interpret"}
+IMPLS = ("auto", *KERNELS, *INTERPRET, *ALIASES)
 FORMS = ("auto", "condensed", "structured")
+
+_warned_platforms: set[str] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """What :func:`choose_impl` decides on: the backend and what runs there.
+
+    Attributes:
+        name: ``jax.default_backend()`` (``"cpu"``, ``"gpu"``, ``"tpu"``, ...).
+        compute_capability: CUDA compute capability of device 0 (e.g. 9.0), else ``None``.
+        have: kernels whose code is importable and usable in this process.
+    """
+
+    name: str
+    compute_capability: float | None = None
+    have: frozenset[str] = frozenset()
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+@functools.cache
+def detect_platform(backend: str | None = None) -> Platform:
+    """The :class:`Platform` of this process (cached; the C++ build is checked lazily)."""
+    name = backend or jax.default_backend()
+    cc = None
+    if name in ("gpu", "cuda"):
+        name = "gpu"
+        try:
+            cc = float(jax.devices("gpu")[0].compute_capability)
+        except (AttributeError, RuntimeError, ValueError, TypeError):
+            cc = None
+    have = set()
+    if _importable("jaxsparse.condensed.kernels.pallas_mosaic_gpu"):
+        have.add("mosaic_gpu")
+    from jaxsparse.condensed.kernels import pallas_gpu
+
+    if pallas_gpu.TRITON_AVAILABLE:
+        have.add("triton")
+    if _importable("jaxsparse.condensed.kernels.pallas_tpu"):
+        have.add("pallas_tpu")
+    if name == "cpu":
+        have.add("cpu")  # availability (a compiler) is decided by the kernel's own fallback
+    return Platform(name, cc, frozenset(have))
+
+
+def choose_impl(platform: Platform) -> str:
+    """The kernel for ``platform``: a pure function of it, so every branch is testable.
+
+    Returns one of :data:`KERNELS`; ``"xla"`` where no kernel fits.
+    """
+    have, cc = platform.have, platform.compute_capability
+    if platform.name == "cpu":
+        return "cpu" if "cpu" in have else "xla"
+    if platform.name == "gpu":
+        if "mosaic_gpu" in have and cc is not None and cc >= 9.0:
+            return "mosaic_gpu"
+        if "triton" in have and cc is not None and cc >= 8.0:
+            return "triton"
+        return "xla"
+    if platform.name == "tpu":
+        return "pallas_tpu" if "pallas_tpu" in have else "xla"
+    return "xla"
+
+
+def _warn_fallback(platform: Platform) -> None:
+    if platform.name in ("gpu", "tpu") and platform.name not in _warned_platforms:
+        _warned_platforms.add(platform.name)
+        cc = "" if platform.compute_capability is None else (
+            f" (compute capability {platform.compute_capability})")
+        warnings.warn(
+            f"jaxsparse: no condensed kernel is usable on this {platform.name}{cc}; running "
+            "the XLA formulation (correct, slower). Mosaic GPU needs compute capability >= "
+            "9.0, Triton >= 8.0.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def run_kernel(impl: str, x, values, indices, bias, *, group_size: int = 1):
+    """Runs one kernel by name (see :data:`IMPLS`) on raw operands."""
+    impl = ALIASES.get(impl, impl)
+    interpret = impl.endswith("_interpret")
+    kernel = impl.removesuffix("_interpret")
+    if kernel in ("reference", "xla"):
+        return condensed_matmul_reference(x, values, indices, bias, group_size=group_size)
+    if kernel == "cpu":
+        from jaxsparse.condensed.kernels.cpu import condensed_matmul_cpu
+
+        return condensed_matmul_cpu(x, values, indices, bias, group_size=group_size)
+    if kernel == "triton":
+        from jaxsparse.condensed.kernels.pallas_gpu import condensed_matmul_pallas
+
+        return condensed_matmul_pallas(x, values, indices, bias, group_size=group_size,
+                                       interpret=interpret)
+    if kernel == "mosaic_gpu":
+        from jaxsparse.condensed.kernels.pallas_mosaic_gpu import condensed_matmul_mosaic_gpu
+
+        return condensed_matmul_mosaic_gpu(x, values, indices, bias, group_size=group_size,
+                                           interpret=interpret)
+    if kernel == "pallas_tpu":
+        from jaxsparse.condensed.kernels.pallas_tpu import condensed_matmul_tpu
+
+        return condensed_matmul_tpu(x, values, indices, bias, group_size=group_size,
+                                    interpret=interpret)
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
 def condensed_dense(x: jax.Array, layer: CondensedLinear, *, impl: str = "auto") -> jax.Array:
     """``[..., n_in] -> [..., n_active]`` through a condensed layer.
 
+    The layer is validated first (shapes, dtypes; index ranges when concrete), so no kernel
+    ever gathers through an unchecked index.
+
     Args:
-        impl: ``"auto"`` (C++ kernel on CPU, Pallas on GPU, reference otherwise),
-            ``"reference"``, ``"cpu"``, ``"pallas"`` or ``"pallas_interpret"``.
+        x: ``[..., n_in]`` inputs of the layer's dtype.
+        layer: the layer (``group_size`` > 1: the group-shared layout).
+        impl: ``"auto"`` (:func:`choose_impl` for this platform), or force one of
+            ``"reference"``/``"xla"``, ``"cpu"``, ``"mosaic_gpu"``, ``"triton"``,
+            ``"pallas_tpu"``, or an ``*_interpret`` variant (a Pallas kernel interpreted on
+            any backend, for tests). ``"pallas"`` is an alias of ``"triton"``.
+
+    Example:
+        >>> y = condensed_dense(x, jaxsparse.condense_layer(kernel, mask, bias))
     """
-    if x.shape[-1] != layer.n_in:
-        raise ValueError(f"x has {x.shape[-1]} input features, the layer expects {layer.n_in}")
-    args = (x, layer.values, layer.indices, layer.bias)
-    if impl == "auto":
-        impl = {"cpu": "cpu", "gpu": "pallas", "cuda": "pallas"}.get(
-            jax.default_backend(), "reference"
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    if x.shape[-1:] != (layer.n_in,):
+        raise ValueError(
+            f"x has {x.shape[-1] if x.ndim else 0} input features, the layer expects "
+            f"{layer.n_in}"
         )
-    if impl == "reference":
-        return condensed_matmul_reference(*args)
-    if impl == "cpu":
-        from jaxsparse.condensed.kernels.cpu import condensed_matmul_cpu
-
-        return condensed_matmul_cpu(*args)
-    if impl in ("pallas", "pallas_interpret"):
-        from jaxsparse.condensed.kernels.pallas_gpu import condensed_matmul_pallas
-
-        return condensed_matmul_pallas(*args, interpret=impl == "pallas_interpret")
-    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    validate_condensed(layer, "condensed_dense layer")
+    if impl == "auto":
+        platform = detect_platform()
+        impl = choose_impl(platform)
+        if impl == "xla":
+            _warn_fallback(platform)
+    return run_kernel(impl, x, layer.values, layer.indices, layer.bias,
+                      group_size=layer.group_size)
 
 
 def structured_dense(x: jax.Array, layer: StructuredLinear) -> jax.Array:

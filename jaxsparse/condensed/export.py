@@ -9,6 +9,12 @@ so it outputs ``bias[i]`` (and ``act(bias[i])`` after the activation).
   Masks whose active neurons do not all have the same fan-in (RigL, SET, ...) are rejected
   with a ``ValueError`` by default; ``pad=True`` pads every neuron to the largest fan-in with
   zero-valued slots (exactly equivalent, but costs ``max fan-in`` per neuron).
+* **Group-shared condensed** (``group_size=G``): ``G`` consecutive output neurons (kernel
+  columns ``[g*G, (g+1)*G)``) share one index list, so ``indices`` is
+  ``[n_active // G, k]`` and one gather of ``k`` inputs feeds a ``[G, k]`` matmul (the
+  shape tensor cores and TPU MXUs run; also fewer index bytes on CPU). A group is dropped
+  only when all its neurons are ablated; an ablated neuron inside a live group keeps
+  zero values and its bias (exactly its dense output).
 * **Structured-only** (:class:`StructuredLinear`): the ablated neurons removed, a smaller
   dense ``[n_in, n_active]`` matmul.
 
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxsparse.condensed.checks import check_index_range, check_operands, is_traced
 from jaxsparse.masks import is_none, path_to_str
 
 PyTree = Any
@@ -64,6 +71,8 @@ class CondensedLinear:
             output of the dense layer where the condensed one has no neuron.
         n_in, n_out: static sizes of the dense layer.
         padded: static; ``True`` when built with ``pad=True`` from a non-constant fan-in mask.
+        group_size: static ``G``; ``indices`` is ``[n_active // G, k]`` and neuron ``i``
+            reads ``indices[i // G]`` (1: every neuron has its own list).
     """
 
     values: jax.Array
@@ -74,6 +83,7 @@ class CondensedLinear:
     n_in: int = struct.field(pytree_node=False)
     n_out: int = struct.field(pytree_node=False)
     padded: bool = struct.field(pytree_node=False, default=False)
+    group_size: int = struct.field(pytree_node=False, default=1)
 
     @property
     def n_active(self) -> int:
@@ -155,9 +165,9 @@ def fan_in_profile(mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def condense_layer(
-    kernel, mask, bias=None, *, pad: bool = False, name: str = "layer"
+    kernel, mask, bias=None, *, pad: bool = False, group_size: int = 1, name: str = "layer"
 ) -> CondensedLinear:
-    """Condenses one Dense layer.
+    """Condenses one Dense layer (optionally in the group-shared layout).
 
     Args:
         kernel: ``[n_in, n_out]`` weights (entries outside the mask are ignored).
@@ -165,6 +175,10 @@ def condense_layer(
         bias: optional ``[n_out]``, same dtype as the kernel.
         pad: accept masks whose active neurons have different fan-in by padding to the
             largest with zero-valued slots. Without it such masks raise ``ValueError``.
+        group_size: ``G`` > 1 builds the group-shared layout; it must divide ``n_out``, and
+            the live neurons of each group must share one mask column (as
+            ``srigl(..., group_size=G)`` trains them) unless ``pad=True``, which gives each
+            group the union of its neurons' inputs.
         name: layer name used in error messages.
 
     Example:
@@ -173,6 +187,10 @@ def condense_layer(
         >>> y_full = expand(y, layer)              # == x @ (kernel * mask) + bias
     """
     kernel, mask, bias = _check_layer(kernel, mask, bias, name)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"{name}: group_size must be a positive int, got {group_size!r}")
+    if group_size > 1:
+        return _condense_grouped(kernel, mask, bias, pad, group_size, name)
     n_in, n_out = kernel.shape
     fan, active = fan_in_profile(mask)
     fans = np.unique(fan[active])
@@ -205,6 +223,57 @@ def condense_layer(
     )
 
 
+def _condense_grouped(kernel, mask, bias, pad: bool, g: int, name: str) -> CondensedLinear:
+    n_in, n_out = kernel.shape
+    if n_out % g:
+        raise ValueError(
+            f"{name}: group_size={g} does not divide the layer's n_out={n_out} output neurons"
+        )
+    _, col_active = fan_in_profile(mask)
+    union = mask.reshape(n_in, n_out // g, g).any(axis=2)  # [n_in, n_groups]
+    live = union.any(axis=0)
+    shared = (mask == np.repeat(union, g, axis=1)) | ~col_active[None, :]
+    if not pad and not shared.all():
+        col = int(np.flatnonzero(~shared.all(axis=0))[0])
+        raise ValueError(
+            f"{name}: group_size={g} needs the live neurons of each group to share one mask "
+            f"column, but neuron {col} (group {col // g}) differs from its group's other "
+            "neurons. Train with srigl(..., group_size=G), or pass pad=True to give each "
+            "group the union of its inputs."
+        )
+    fan = union.sum(axis=0)
+    fans = np.unique(fan[live])
+    if len(fans) > 1 and not pad:
+        bad = np.flatnonzero(live & (fan != fans[-1]))[:5]
+        raise ValueError(
+            f"{name}: the condensed form needs constant fan-in, but groups have fan-in between "
+            f"{fans[0]} and {fans[-1]} (e.g. groups {bad.tolist()} have {fan[bad].tolist()}). "
+            "Pass pad=True to pad to the largest fan-in."
+        )
+    k = int(fans[-1]) if len(fans) else 0
+    u = union[:, live]  # [n_in, n_live]
+    order = np.argsort(~u, axis=0, kind="stable")[:k]  # [k, n_live], active rows first
+    cols = (np.flatnonzero(live)[:, None] * g + np.arange(g)[None, :]).reshape(-1)
+    w = np.where(mask, kernel, np.zeros((), kernel.dtype))[:, cols]  # [n_in, n_live * g]
+    rows = np.repeat(order, g, axis=1)  # [k, n_live * g]
+    values = np.take_along_axis(w, rows, axis=0).T
+    in_cols = np.zeros(n_out, bool)
+    in_cols[cols] = True
+    b_active, ablated_bias = _split_bias(bias, in_cols)
+    padded = bool(len(fans) > 1 or not shared.all())
+    return CondensedLinear(
+        values=jnp.asarray(values),
+        indices=jnp.asarray(order.T.astype(index_dtype(n_in))),
+        bias=jnp.asarray(b_active),
+        neurons=jnp.asarray(cols.astype(np.int32)),
+        ablated_bias=jnp.asarray(ablated_bias),
+        n_in=n_in,
+        n_out=n_out,
+        padded=padded,
+        group_size=g,
+    )
+
+
 def structure_layer(kernel, mask, bias=None, *, name: str = "layer") -> StructuredLinear:
     """Structured-only form of one Dense layer: ablated neurons removed, ``[n_in, n_active]``."""
     kernel, mask, bias = _check_layer(kernel, mask, bias, name)
@@ -222,39 +291,48 @@ def structure_layer(kernel, mask, bias=None, *, name: str = "layer") -> Structur
 
 
 def validate_condensed(layer: CondensedLinear, name: str = "layer") -> None:
-    """Host check of a (possibly hand-built) :class:`CondensedLinear`; raises on bad input.
+    """Checks a (possibly hand-built or loaded) :class:`CondensedLinear`; raises on bad input.
 
-    Kernels trust their inputs (Pallas interpret mode and XLA gathers clamp out-of-range
-    reads silently), so every public entry point that receives concrete arrays calls this.
+    Shapes and dtypes always; index and neuron ranges when the arrays are concrete (on the
+    host). Kernels never trust a gather to catch a bad index (gathers clamp), so every
+    public entry point calls this or the per-call checks of
+    :mod:`jaxsparse.condensed.checks`.
+
+    Raises:
+        ValueError / TypeError naming ``name`` and the offending field.
     """
+    if not isinstance(layer, CondensedLinear):
+        raise TypeError(f"{name}: expected a CondensedLinear, got {type(layer).__name__}")
     v, i, b, nrn, ab = (layer.values, layer.indices, layer.bias, layer.neurons,
                         layer.ablated_bias)
-    if v.ndim != 2 or i.shape != v.shape:
+    g = layer.group_size
+    for field in ("n_in", "n_out"):
+        n = getattr(layer, field)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"{name}: {field} must be a non-negative int, got {n!r}")
+    check_operands(jax.ShapeDtypeStruct((layer.n_in,), v.dtype), v, i, b, group_size=g,
+                   name=name)
+    if nrn.shape != (v.shape[0],) or nrn.dtype != jnp.int32:
         raise ValueError(
-            f"{name}: values {tuple(v.shape)} and indices {tuple(i.shape)} must both be "
-            "[n_active, k]"
+            f"{name}: neurons must be int32[{v.shape[0]}], got {nrn.dtype}{list(nrn.shape)}"
         )
-    if not jnp.issubdtype(i.dtype, jnp.integer):
-        raise TypeError(f"{name}: indices must be integers, got {i.dtype}")
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-        raise TypeError(f"{name}: values must be floating point, got {v.dtype}")
-    if b.shape != (v.shape[0],) or b.dtype != v.dtype:
+    if ab.shape != (layer.n_out,) or ab.dtype != v.dtype:
         raise ValueError(
-            f"{name}: bias must be [{v.shape[0]}] {v.dtype}, got {tuple(b.shape)} {b.dtype}"
+            f"{name}: ablated_bias must be {v.dtype}[{layer.n_out}], got "
+            f"{ab.dtype}{list(ab.shape)}"
         )
-    if nrn.shape != (v.shape[0],):
-        raise ValueError(f"{name}: neurons must be [{v.shape[0]}], got {tuple(nrn.shape)}")
-    if ab.shape != (layer.n_out,):
-        raise ValueError(f"{name}: ablated_bias must be [{layer.n_out}], got {tuple(ab.shape)}")
-    if isinstance(i, jax.core.Tracer) or isinstance(nrn, jax.core.Tracer):
-        return  # values only checkable on the host
-    ih = np.asarray(i)
-    if ih.size and (ih.min() < 0 or ih.max() >= layer.n_in):
-        bad = int(ih.min()) if ih.min() < 0 else int(ih.max())
-        raise ValueError(f"{name}: index {bad} out of range [0, n_in={layer.n_in})")
-    nh = np.asarray(nrn)
-    if nh.size and (nh.min() < 0 or nh.max() >= layer.n_out):
-        raise ValueError(f"{name}: neuron positions must lie in [0, n_out={layer.n_out})")
+    if v.shape[0] > layer.n_out:
+        raise ValueError(f"{name}: {v.shape[0]} active neurons but n_out={layer.n_out}")
+    check_index_range(i, layer.n_in, what="indices", bound="n_in", name=name)
+    if not is_traced(nrn):
+        check_index_range(nrn, layer.n_out, what="neurons", bound="n_out", name=name)
+        nh = np.asarray(nrn)
+        if nh.size > 1 and not (np.diff(nh) > 0).all():
+            pos = int(np.flatnonzero(np.diff(nh) <= 0)[0]) + 1
+            raise ValueError(
+                f"{name}: neurons must be strictly increasing positions, but neurons[{pos}] "
+                f"= {int(nh[pos])} follows {int(nh[pos - 1])}"
+            )
 
 
 # ----------------------------------------------------------------------------- forward
@@ -278,7 +356,7 @@ def to_dense(layer: CondensedLinear | StructuredLinear) -> tuple[jax.Array, jax.
         cols = layer.kernel
     else:
         cols = jnp.zeros((layer.n_in, layer.n_active), layer.values.dtype)
-        rows = layer.indices.astype(jnp.int32)
+        rows = jnp.repeat(layer.indices.astype(jnp.int32), layer.group_size, axis=0)
         cols = cols.at[rows, jnp.arange(layer.n_active, dtype=jnp.int32)[:, None]].add(
             layer.values
         )
@@ -290,11 +368,13 @@ def to_dense(layer: CondensedLinear | StructuredLinear) -> tuple[jax.Array, jax.
 # ----------------------------------------------------------------------------- whole tree
 
 
-def condense(params: PyTree, masks: PyTree, *, pad: bool = False) -> dict[str, CondensedLinear]:
+def condense(params: PyTree, masks: PyTree, *, pad: bool = False,
+             group_size: int = 1) -> dict[str, CondensedLinear]:
     """Condenses every sparse 2-D Dense kernel of a params tree.
 
     Each masked leaf named ``.../kernel`` of rank 2 becomes one :class:`CondensedLinear`,
-    using the sibling ``.../bias`` if there is one. Masked leaves of other ranks (conv
+    using the sibling ``.../bias`` if there is one (``pad`` and ``group_size`` as in
+    :func:`condense_layer`). Masked leaves of other ranks (conv
     kernels) are not condensed; they raise unless excluded from the masks.
 
     Returns:
@@ -323,5 +403,6 @@ def condense(params: PyTree, masks: PyTree, *, pad: bool = False) -> dict[str, C
                 f"mask of shape {np.shape(m)}; set its mask to None or condense it yourself"
             )
         bias = by_path.get(f"{prefix}/bias" if prefix else "bias")
-        out[prefix] = condense_layer(by_path[path], m, bias, pad=pad, name=path)
+        out[prefix] = condense_layer(by_path[path], m, bias, pad=pad, group_size=group_size,
+                                     name=path)
     return out

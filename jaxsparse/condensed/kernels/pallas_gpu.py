@@ -26,12 +26,20 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu_triton
 
-from jaxsparse.condensed.kernels.cpu import check_operands
+from jaxsparse.condensed.checks import check_operands, guarded
 from jaxsparse.condensed.reference import condensed_matmul_reference
 
+try:  # deprecated upstream from JAX 0.11: this kernel exists only while JAX ships Triton
+    from jax.experimental.pallas import triton as plgpu_triton
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    plgpu_triton = None
+    TRITON_AVAILABLE = False
+
 __all__ = [
+    "TRITON_AVAILABLE",
     "PallasConfig",
     "condensed_matmul_pallas",
     "condensed_matmul_reference",
@@ -70,17 +78,29 @@ def _kernel(xt_ref, vt_ref, it_ref, b_ref, o_ref, *, k: int, block_b: int):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def condensed_matmul_pallas(
-    x, values, indices, bias=None, *, config: PallasConfig = PallasConfig(), interpret=False
+    x, values, indices, bias=None, *, group_size: int = 1,
+    config: PallasConfig = PallasConfig(), interpret=False
 ):
-    """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]`` as a Pallas kernel.
+    """``y[..., i] = sum_j values[i, j] * x[..., indices[i // G, j]] + bias[i]`` (Triton).
 
-    Indices are trusted (validate them on the host, e.g. with
-    :func:`jaxsparse.condensed.validate_condensed`): an out-of-range index reads garbage on
-    GPU and a clamped value in interpret mode.
+    Index ranges are checked before the kernel runs (:func:`jaxsparse.condensed.checks.
+    guarded`): concrete indices on the host (error), traced ones clamped for the kernel with
+    the affected neurons' outputs set to NaN. The group-shared layout (``group_size`` > 1)
+    runs with its index lists repeated per neuron.
     """
-    check_operands(x, values, indices, bias)
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("this JAX has no Pallas Triton backend; use impl='mosaic_gpu'")
+    check_operands(x, values, indices, bias, group_size=group_size,
+                   name="condensed_matmul_pallas")
+    if group_size > 1:
+        indices = jax.numpy.repeat(indices, group_size, axis=0)
+    return guarded(functools.partial(_pallas, config=config, interpret=interpret),
+                   x, values, indices, bias, name="condensed_matmul_pallas")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _pallas(x, values, indices, bias, *, config: PallasConfig, interpret: bool):
     if bias is None:
         bias = jnp.zeros((values.shape[0],), values.dtype)
     lead, n_in = x.shape[:-1], x.shape[-1]
