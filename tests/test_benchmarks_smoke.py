@@ -56,7 +56,8 @@ def test_quick_run_prints_both_tables(quick):
         for r in body:
             assert r["plain/dense med"].endswith("x") and float(r["plain/dense med"][:-1]) > 0
             # static never updates its topology
-            assert r["update/dense med"] == r["update/dense min"] == "-"
+            assert r["update/dense med"] == r["update/dense min"] == r["update/dense CPU"] == "-"
+            assert float(r["plain/dense CPU"][:-1]) > 0
             for column in ("compile s dense->sparse", "compile CPU s dense->sparse"):
                 dense_s, sparse_s = (float(x) for x in r[column].split(" -> "))
                 assert dense_s > 0 and sparse_s > 0
@@ -71,6 +72,7 @@ def test_table_formats_update_columns():
     row = dict(model="m", series="size", params=2_000_000, kernels=4, algorithm="rigl",
                inner="adam", part="opt", dense_ms=1.5, plain_ratio_median=1.04,
                plain_ratio_best=1.01, update_ratio_median=12.34, update_ratio_best=10.0,
+               plain_cpu_ratio=1.1, update_cpu_ratio=11.0,
                update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
                compile_dense_cpu_s=0.2, compile_sparse_cpu_s=3.0,
                state_bytes_per_weight=2.0, temp_dense_bytes=0, temp_sparse_bytes=8_000_000,
@@ -79,7 +81,8 @@ def test_table_formats_update_columns():
     assert dict(zip(header, cells)) == {
         "model": "m", "params": "2.00M", "kernels": "4", "algorithm": "rigl", "inner": "adam",
         "dense ms": "1.500", "plain/dense med": "1.04x", "plain/dense min": "1.01x",
-        "update/dense med": "12.3x", "update/dense min": "10.0x", "update ms/M params": "9.25",
+        "plain/dense CPU": "1.10x", "update/dense med": "12.3x", "update/dense min": "10.0x",
+        "update/dense CPU": "11.0x", "update ms/M params": "9.25",
         "compile s dense->sparse": "0.10 -> 2.50",
         "compile CPU s dense->sparse": "0.20 -> 3.00", "state B/weight": "2.00",
         "temp MB dense->sparse": "0.0 -> 8.0", "extra temp B/param largest": "16.0",
@@ -93,7 +96,8 @@ def test_quick_run_writes_json_without_local_paths(quick):
     assert "json" not in record["args"] and "plot" not in record["args"]
     opt = [r for r in record["rows"] if r["part"] == "opt"]
     assert [r["params"] for r in opt] == [scaling.depth_spec("2").n_params]
-    assert all(len(r["times"]["dense"]) == len(r["times"]["plain"]) == 2 for r in opt)
+    assert all(len(r["times"][clock][variant]) == 2 for r in opt
+               for clock in ("wall", "cpu") for variant in ("dense", "plain"))
 
 
 def test_load_reprints_the_recorded_tables(quick, capsys):

@@ -85,15 +85,27 @@ def tree_nbytes(tree: Any) -> int:
     return int(sum(np.asarray(x.nbytes) for x in jax.tree.leaves(tree)))
 
 
-def mean_seconds(call: Callable[[], Any], n: int) -> float:
-    """Mean wall time of ``n`` back-to-back calls, blocking once on the last result (as a
+class Timing(NamedTuple):
+    """Seconds per call: ``wall`` clock, and ``cpu`` time of this process (all threads).
+
+    On a machine shared with other processes ``wall`` includes the time the scheduler gave
+    to them; ``cpu`` does not (it still includes cache and memory-bandwidth contention, and
+    time that XLA's worker threads spend spinning).
+    """
+
+    wall: float
+    cpu: float
+
+
+def mean_seconds(call: Callable[[], Any], n: int) -> Timing:
+    """Mean time of ``n`` back-to-back calls, blocking once on the last result (as a
     training loop does: dispatch of step ``i + 1`` overlaps step ``i``)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = None
     for _ in range(n):
         out = call()
     jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n
+    return Timing((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
 
 
 def calls_for(seconds_per_call: float, target_seconds: float, most: int = 200) -> int:
@@ -102,7 +114,7 @@ def calls_for(seconds_per_call: float, target_seconds: float, most: int = 200) -
 
 
 def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int
-                ) -> dict[str, list[float]]:
+                ) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each variant, ``repeats`` times, variants alternating.
 
     Args:
@@ -110,14 +122,16 @@ def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int
       repeats: repetitions per variant; the variants' order rotates every repetition.
 
     Returns:
-      ``name -> [mean seconds per call of each repetition]``.
+      ``{"wall": {name: [seconds per call of each repetition]}, "cpu": {...}}``.
     """
     names = list(variants)
-    times = {n: [] for n in names}
+    times = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             call, n = variants[name]
-            times[name].append(mean_seconds(call, n))
+            t = mean_seconds(call, n)
+            times["wall"][name].append(t.wall)
+            times["cpu"][name].append(t.cpu)
     return times
 
 

@@ -79,12 +79,14 @@ DEFAULTS = dict(sizes="1M,10M,50M,100M", depths="2,8,32,96",
                 batch=32, target_ms=50.0)
 
 OPT_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "dense ms",
-               "plain/dense med", "plain/dense min", "update/dense med", "update/dense min",
+               "plain/dense med", "plain/dense min", "plain/dense CPU",
+               "update/dense med", "update/dense min", "update/dense CPU",
                "update ms/M params", "compile s dense->sparse",
                "compile CPU s dense->sparse", "state B/weight",
                "temp MB dense->sparse", "extra temp B/param largest", "extra temp B/param model")
 FULL_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "batch", "dense ms",
-                "plain/dense med", "plain/dense min", "update/dense med", "update/dense min",
+                "plain/dense med", "plain/dense min", "plain/dense CPU",
+                "update/dense med", "update/dense min", "update/dense CPU",
                 "compile s dense->sparse", "compile CPU s dense->sparse")
 
 
@@ -344,18 +346,22 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
         if has_update:
             variants["update"] = lambda c=s_compiled, a=args: sparse(c, *a, at_update)
         # One warm call each, then enough calls per repetition to last ~target_s.
-        n = {k: _timing.calls_for(_timing.mean_seconds(f, 1), target_s)
+        n = {k: _timing.calls_for(_timing.mean_seconds(f, 1).wall, target_s)
              for k, f in variants.items()}
         n["plain"] = n["dense"]
         times = _timing.interleaved({k: (f, n[k]) for k, f in variants.items()}, repeats)
-        plain = _timing.ratio(times["plain"], times["dense"])
-        update = _timing.ratio(times["update"], times["dense"]) if has_update else None
-        row = dict(common, part=part, dense_ms=1e3 * float(np.median(times["dense"])),
-                   plain_ms=1e3 * float(np.median(times["plain"])),
-                   update_ms=(1e3 * float(np.median(times["update"])) if has_update else None),
+        wall, cpu = times["wall"], times["cpu"]
+        plain = _timing.ratio(wall["plain"], wall["dense"])
+        update = _timing.ratio(wall["update"], wall["dense"]) if has_update else None
+        row = dict(common, part=part, dense_ms=1e3 * float(np.median(wall["dense"])),
+                   plain_ms=1e3 * float(np.median(wall["plain"])),
+                   update_ms=(1e3 * float(np.median(wall["update"])) if has_update else None),
                    plain_ratio_median=plain.median, plain_ratio_best=plain.best,
                    update_ratio_median=update.median if update else None,
                    update_ratio_best=update.best if update else None,
+                   plain_cpu_ratio=_timing.ratio(cpu["plain"], cpu["dense"]).median,
+                   update_cpu_ratio=(_timing.ratio(cpu["update"], cpu["dense"]).median
+                                     if has_update else None),
                    compile_dense_s=setup.dense_compile[part], compile_sparse_s=compiled.wall_s,
                    compile_dense_cpu_s=setup.dense_compile_cpu[part],
                    compile_sparse_cpu_s=compiled.cpu_s,
@@ -400,9 +406,12 @@ def table(rows: Sequence[dict], part: str) -> str:
         if part == "full":
             cells.append(str(r["batch"]))
         cells += [_fmt(r["dense_ms"], ".3f"),
-                  _fmt(r["plain_ratio_median"], ".2f", "x"), _fmt(r["plain_ratio_best"], ".2f", "x"),
+                  _fmt(r["plain_ratio_median"], ".2f", "x"),
+                  _fmt(r["plain_ratio_best"], ".2f", "x"),
+                  _fmt(r.get("plain_cpu_ratio"), ".2f", "x"),
                   _fmt(r["update_ratio_median"], ".1f", "x"),
-                  _fmt(r["update_ratio_best"], ".1f", "x")]
+                  _fmt(r["update_ratio_best"], ".1f", "x"),
+                  _fmt(r.get("update_cpu_ratio"), ".1f", "x")]
         if part == "opt":
             cells.append(_fmt(r["update_ms_per_mparam"], ".2f"))
         cells.append(f"{r['compile_dense_s']:.2f} -> {r['compile_sparse_s']:.2f}")
