@@ -19,13 +19,12 @@ Reference: Evci et al. 2020, "Rigging the Lottery" (ERK); Mocanu et al. 2018 (ER
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
 
-from jaxsparse.masks import Prunable, PyTree, as_predicate, path_to_str
+from jaxsparse.masks import Prunable, PyTree, as_predicate, compile_regex, path_to_str
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 
@@ -117,7 +116,9 @@ def resolve_overrides(
         )
     for pattern, value in overrides.items():
         s = check_sparsity(value, name=f"overrides[{pattern!r}]")
-        rx = re.compile(pattern)
+        if not isinstance(pattern, str):
+            raise TypeError(f"overrides keys must be path regex strings, got {pattern!r}")
+        rx = compile_regex(pattern, "overrides")
         hits = [spec.path for spec in specs if rx.search(spec.path)]
         if not hits:
             raise ValueError(

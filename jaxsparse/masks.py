@@ -84,6 +84,15 @@ def default_prunable(path: str, leaf) -> bool:
     return name in DEFAULT_PRUNABLE_NAMES and np.ndim(leaf) >= 2 and is_floating(leaf)
 
 
+def compile_regex(pattern: str, name: str) -> re.Pattern:
+    """``re.compile(pattern)``; an invalid pattern raises ``ValueError`` naming the argument
+    ``name`` it came from."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {e}") from None
+
+
 def _refuse_non_floating(select: Callable[[str, Any], bool]) -> Callable[[str, Any], bool]:
     """Wraps an explicit selector so that selecting a bool/integer leaf is an error, not a
     silent change of the leaf's values."""
@@ -115,7 +124,7 @@ def as_predicate(prunable: Prunable) -> Callable[[str, Any], bool]:
     if callable(prunable):
         return _refuse_non_floating(prunable)
     if isinstance(prunable, Sequence) and all(isinstance(p, str) for p in prunable):
-        patterns = [re.compile(p) for p in prunable]
+        patterns = [compile_regex(p, "prunable") for p in prunable]
         return _refuse_non_floating(
             lambda path, leaf: np.ndim(leaf) >= 1 and any(p.search(path) for p in patterns))
     raise TypeError(

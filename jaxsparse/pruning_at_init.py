@@ -196,15 +196,27 @@ def _prunable_positions(scores: PyTree, prunable: Prunable):
     return [leaf for _, leaf in flat], treedef, positions
 
 
-def _where_leaves(where: Masks | None, n: int):
+def _where_leaves(where: Masks | None, scores: PyTree, positions):
+    """The candidate-mask leaves of ``where`` (``None`` = every weight a candidate), after
+    checking each one at a prunable position is a bool array of its score's shape."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(scores)
     if where is None:
-        return [None] * n
+        return [None] * len(flat)
     leaves = jax.tree.leaves(where, is_leaf=is_none)
-    if len(leaves) != n:
+    if len(leaves) != len(flat):
         raise ValueError(
             f"where (the candidate masks) must have the structure of the scores: it has "
-            f"{len(leaves)} leaves, the scores have {n}"
+            f"{len(leaves)} leaves, the scores have {len(flat)}"
         )
+    for i in positions:
+        c, (p, score) = leaves[i], flat[i]
+        if c is None:
+            continue
+        if getattr(c, "dtype", None) != jnp.bool_ or tuple(np.shape(c)) != np.shape(score):
+            raise ValueError(
+                f"where[{path_to_str(p)!r}] must be a bool array of shape {np.shape(score)}, "
+                f"got {getattr(c, 'dtype', type(c).__name__)} of shape {tuple(np.shape(c))}"
+            )
     return leaves
 
 
@@ -282,7 +294,7 @@ def one_shot_masks(
     fixed = resolve_overrides(specs, overrides)
     free = [j for j, s in enumerate(specs) if s.path not in fixed]
     targets = jnp.asarray([budgets[s.path] for s in specs], jnp.int32)
-    candidates = _where_leaves(where, len(leaves))
+    candidates = _where_leaves(where, scores, positions)
     new = _select(leaves, tuple(positions), candidates, targets, tuple(free), ranking)
     return _assemble(treedef, len(leaves), positions, new)
 

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -206,10 +207,34 @@ def nnx_params(shape: tuple[int, ...], out_features: int, aux_init: float, *, us
     return kernel, aux, bias
 
 
+def check_size(value, name: str) -> int:
+    """``value`` as an int after checking that it is an int >= 1 (a layer size); the error
+    names the argument ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def dense_kernel_shape(in_features, out_features, in_name: str,
+                       out_name: str) -> tuple[int, int]:
+    """``(in_features, out_features)`` after checking both are ints >= 1 (a layer with no
+    inputs or outputs has no weights; errors name ``in_name`` / ``out_name``)."""
+    return check_size(in_features, in_name), check_size(out_features, out_name)
+
+
 def conv_kernel_shape(kernel_size: Sequence[int], in_features: int, out_features: int,
-                      feature_group_count: int, in_name: str) -> tuple[int, ...]:
+                      feature_group_count: int, in_name: str,
+                      out_name: str = "features") -> tuple[int, ...]:
     """``(*kernel_size, in_features // feature_group_count, out_features)``, after checking
-    that ``feature_group_count`` divides ``in_features`` (named ``in_name`` in the error)."""
+    the sizes are ints >= 1 and that ``feature_group_count`` divides ``in_features`` (named
+    ``in_name`` / ``out_name`` in the errors)."""
+    if isinstance(kernel_size, (int, np.integer)) or not isinstance(kernel_size, Sequence):
+        raise ValueError(f"kernel_size must be a sequence of ints >= 1, got {kernel_size!r}")
+    for i, k in enumerate(kernel_size):
+        check_size(k, f"kernel_size[{i}]")
+    check_size(in_features, in_name)
+    check_size(out_features, out_name)
+    check_size(feature_group_count, "feature_group_count")
     if in_features % feature_group_count:
         raise ValueError(
             f"{in_name} ({in_features}) must be divisible by feature_group_count "

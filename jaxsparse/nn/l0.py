@@ -43,6 +43,8 @@ from jaxsparse.nn._common import (
     compute_dtype,
     conv_args,
     conv_kernel_shape,
+    conv_padding,
+    dense_kernel_shape,
     dense_product,
     linen_noise_key,
     linen_params,
@@ -244,7 +246,8 @@ class L0Dense(_L0Linen):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
-        shape = (jnp.shape(x)[-1], self.features)
+        shape = dense_kernel_shape(jnp.shape(x)[-1], self.features,
+                                   "input features (x.shape[-1])", "features")
         params = linen_params(self, shape, "log_alpha", self.log_alpha_init)
         product = functools.partial(dense_product, precision=self.precision)
         return self._run(product, x, *params, deterministic, rng)
@@ -281,7 +284,8 @@ class L0Conv(_L0Linen):
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
         shape = conv_kernel_shape(self.kernel_size, jnp.shape(x)[-1], self.features,
-                                  self.feature_group_count, "input channels")
+                                  self.feature_group_count, "input channels (x.shape[-1])")
+        conv_padding(self.padding, len(shape) - 2)  # refuse a bad padding before any init
         params = linen_params(self, shape, "log_alpha", self.log_alpha_init)
         return self._run(module_conv_product(self), x, *params, deterministic, rng)
 
@@ -330,7 +334,8 @@ class L0DenseNNX(_L0NNX):
                  kernel_init: Callable = nn.initializers.lecun_normal(),
                  bias_init: Callable = nn.initializers.zeros_init(),
                  rngs: nnx.Rngs):
-        self._setup((in_features, out_features), out_features, use_bias, log_alpha_init, beta,
+        shape = dense_kernel_shape(in_features, out_features, "in_features", "out_features")
+        self._setup(shape, out_features, use_bias, log_alpha_init, beta,
                     gamma, zeta, deterministic, dtype, param_dtype, precision, kernel_init,
                     bias_init, rngs)
 
@@ -358,7 +363,8 @@ class L0ConvNNX(_L0NNX):
                  bias_init: Callable = nn.initializers.zeros_init(),
                  rngs: nnx.Rngs):
         shape = conv_kernel_shape(kernel_size, in_features, out_features, feature_group_count,
-                                  "in_features")
+                                  "in_features", "out_features")
+        conv_padding(padding, len(shape) - 2)  # refuse a bad padding before any init
         self.strides, self.padding, self.kernel_dilation = conv_args(
             strides, padding, kernel_dilation
         )

@@ -43,6 +43,8 @@ from jaxsparse.nn._common import (
     compute_dtype,
     conv_args,
     conv_kernel_shape,
+    conv_padding,
+    dense_kernel_shape,
     dense_product,
     linen_noise_key,
     linen_params,
@@ -228,7 +230,8 @@ class VDDense(_VDLinen):
 
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
-        shape = (jnp.shape(x)[-1], self.features)
+        shape = dense_kernel_shape(jnp.shape(x)[-1], self.features,
+                                   "input features (x.shape[-1])", "features")
         params = linen_params(self, shape, "log_sigma2", self.log_sigma2_init)
         product = functools.partial(dense_product, precision=self.precision)
         return self._run(product, x, *params, deterministic, rng)
@@ -268,7 +271,8 @@ class VDConv(_VDLinen):
     @nn.compact
     def __call__(self, x, *, deterministic: bool | None = None, rng: jax.Array | None = None):
         shape = conv_kernel_shape(self.kernel_size, jnp.shape(x)[-1], self.features,
-                                  self.feature_group_count, "input channels")
+                                  self.feature_group_count, "input channels (x.shape[-1])")
+        conv_padding(self.padding, len(shape) - 2)  # refuse a bad padding before any init
         params = linen_params(self, shape, "log_sigma2", self.log_sigma2_init)
         return self._run(module_conv_product(self), x, *params, deterministic, rng)
 
@@ -326,7 +330,8 @@ class VDDenseNNX(_VDNNX):
         self.deterministic = deterministic
         self.dtype = dtype
         self.precision = precision
-        self._init_params((in_features, out_features), out_features, use_bias,
+        shape = dense_kernel_shape(in_features, out_features, "in_features", "out_features")
+        self._init_params(shape, out_features, use_bias,
                           log_sigma2_init, param_dtype, kernel_init, bias_init, rngs)
 
     def __call__(self, x, *, deterministic: bool | None = None, rngs=None):
@@ -354,7 +359,8 @@ class VDConvNNX(_VDNNX):
                  bias_init: Callable = nn.initializers.zeros_init(),
                  rngs: nnx.Rngs):
         shape = conv_kernel_shape(kernel_size, in_features, out_features, feature_group_count,
-                                  "in_features")
+                                  "in_features", "out_features")
+        conv_padding(padding, len(shape) - 2)  # refuse a bad padding before any init
         self.threshold = check_threshold(threshold)
         self.deterministic = deterministic
         self.dtype = dtype
