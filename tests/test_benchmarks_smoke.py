@@ -32,12 +32,13 @@ def _tables(text):
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    path = tmp_path_factory.mktemp("scaling") / "quick.json"
+    tmp = tmp_path_factory.mktemp("scaling")
+    path = tmp / "quick.json"
     out = io.StringIO()
     # optax's optimizers are not written for the suite's strict dtype promotion.
     with contextlib.redirect_stdout(out), jax.numpy_dtype_promotion("standard"):
         rows = scaling.main(["--quick", "--algorithms", "static", "--depths", "2",
-                             "--sizes", "", "--json", str(path)])
+                             "--sizes", "", "--json", str(path), "--plot", str(tmp / "q.png")])
     return out.getvalue(), rows, json.loads(path.read_text()), path
 
 
@@ -90,7 +91,8 @@ def test_table_formats_update_columns():
 
 
 def test_quick_run_writes_json_without_local_paths(quick):
-    _, rows, record, _ = quick
+    _, rows, record, path = quick
+    assert (path.parent / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["part"] for r in record["rows"]] == [r["part"] for r in rows]
     assert record["args"]["algorithms"] == ["static"]
     assert "json" not in record["args"] and "plot" not in record["args"]

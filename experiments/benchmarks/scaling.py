@@ -427,31 +427,44 @@ def table(rows: Sequence[dict], part: str) -> str:
 
 
 def plot(rows: Sequence[dict], path: str) -> None:
-    """Optimizer-step ratios and compile seconds against size and against depth."""
+    """Optimizer-step ratios and compile seconds against size and against depth.
+
+    Uses CPU-time ratios and compile CPU seconds where every row has them (they vary less
+    on a shared machine), wall-clock medians otherwise; the axis labels say which.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    opt_rows = [r for r in rows if r["part"] == "opt"]
+    cpu = bool(opt_rows) and all(r.get("plain_cpu_ratio") is not None for r in opt_rows)
+    plain_key, update_key = (("plain_cpu_ratio", "update_cpu_ratio") if cpu else
+                             ("plain_ratio_median", "update_ratio_median"))
+    dense_key, sparse_key = (("compile_dense_cpu_s", "compile_sparse_cpu_s") if cpu else
+                             ("compile_dense_s", "compile_sparse_s"))
+    clock = "CPU time" if cpu else "wall clock, median"
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, (series, xkey, xlabel) in enumerate(
             [("size", "params", "parameters"), ("depth", "kernels", "kernel leaves")]):
-        opt = [r for r in rows if r["series"] == series and r["part"] == "opt"]
+        opt = [r for r in opt_rows if r["series"] == series]
         for algo, inner in sorted({(r["algorithm"], r["inner"]) for r in opt}):
             rs = sorted((r for r in opt if (r["algorithm"], r["inner"]) == (algo, inner)),
                         key=lambda r: r[xkey])
             x = [r[xkey] for r in rs]
-            line, = axes[0, col].plot(x, [r["plain_ratio_median"] for r in rs], "o-",
+            line, = axes[0, col].plot(x, [r[plain_key] for r in rs], "o-",
                                       label=f"{algo}/{inner} plain")
-            if any(r["update_ratio_median"] for r in rs):
-                axes[0, col].plot(x, [r["update_ratio_median"] or np.nan for r in rs], "s--",
+            if any(r[update_key] for r in rs):
+                axes[0, col].plot(x, [r[update_key] or np.nan for r in rs], "s--",
                                   color=line.get_color(), label=f"{algo}/{inner} update")
-            axes[1, col].plot(x, [r["compile_sparse_s"] for r in rs], "o-",
+            axes[1, col].plot(x, [r[sparse_key] for r in rs], "o-",
                               color=line.get_color(), label=f"{algo}/{inner}")
         if opt:
-            dense = sorted({(r[xkey], r["compile_dense_s"]) for r in opt})
-            axes[1, col].plot(*zip(*dense), "k:", label="dense")
-        for row, ylabel in enumerate(["optimizer step / dense", "compile s (optimizer step)"]):
+            dense = sorted({(r[xkey], r[dense_key]) for r in opt})
+            axes[1, col].plot([d[0] for d in dense], [d[1] for d in dense], "k.:",
+                              label="dense")
+        for row, ylabel in enumerate([f"optimizer step / dense ({clock})",
+                                      f"compile s, optimizer step ({clock.split(',')[0]})"]):
             ax = axes[row, col]
             ax.set_xscale("log")
             ax.set_yscale("log")
