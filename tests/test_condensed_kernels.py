@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jaxsparse.condensed as C
-from jaxsparse.condensed.kernels import cpu, pallas_gpu
+from jaxsparse.condensed.kernels import cpu, pallas_gpu, pallas_mosaic_gpu, pallas_tpu
 
 
 def random_condensed(seed, batch, n_in, n_active, k, dtype, index_dtype):
@@ -68,7 +68,8 @@ def test_cpu_kernel_rejects_out_of_range_indices_at_run_time():
 
 def test_kernel_wrappers_reject_bad_shapes_and_dtypes():
     x, v, i, b = random_condensed(0, 2, 64, 10, 7, jnp.float32, jnp.int8)
-    for f in (cpu.condensed_matmul_cpu, pallas_gpu.condensed_matmul_pallas):
+    for f in (cpu.condensed_matmul_cpu, pallas_tpu.condensed_matmul_tpu,
+              pallas_mosaic_gpu.condensed_matmul_mosaic_gpu):
         with pytest.raises(TypeError, match="must share one dtype"):
             f(x.astype(jnp.bfloat16), v, i, b)
         with pytest.raises(ValueError, match=r"must both be \[n_active, k\]"):
@@ -112,8 +113,11 @@ def test_condensed_dense_auto_uses_kernel_on_cpu():
 
 
 SMALL = pallas_gpu.PallasConfig(block_n=16, block_b=16)
+needs_triton = pytest.mark.skipif(not pallas_gpu.TRITON_AVAILABLE,
+                                  reason="this JAX no longer ships Pallas Triton")
 
 
+@needs_triton
 @pytest.mark.parametrize("batch, n_active", [(1, 16), (20, 40)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_interpret_matches_reference(batch, n_active, dtype):
@@ -124,6 +128,7 @@ def test_pallas_interpret_matches_reference(batch, n_active, dtype):
                                np.asarray(reference(*args), np.float32), **tol(dtype))
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype, index_dtype", [(jnp.float32, jnp.int16),
                                                 (jnp.bfloat16, jnp.int16),
                                                 (jnp.float32, jnp.int32)])
@@ -135,6 +140,7 @@ def test_pallas_lowers_for_cuda_through_triton(dtype, index_dtype):
     assert "triton" in text.lower()
 
 
+@needs_triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch", [1, 256])

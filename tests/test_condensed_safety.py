@@ -15,6 +15,7 @@ import pytest
 
 import jaxsparse.condensed as C
 from jaxsparse.condensed.kernels import cpu
+from jaxsparse.condensed.layers import CondensedDense
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,10 @@ def test_group_shared_export_and_reference_match_the_masked_dense_layer():
     for impl in ("reference", "cpu"):
         got = C.expand(C.condensed_dense(x, layer, impl=impl), layer)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    mod = CondensedDense(features=16, n_active=12, k=5, index_dtype=layer.indices.dtype,
+                         group_size=4, impl="reference")
+    got = mod.apply(CondensedDense.variables_from(layer), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_group_shared_export_errors_and_padding():

@@ -38,7 +38,7 @@ class CondensedDense(nn.Module):
 
         layer = jaxsparse.condensed.condense_layer(kernel, mask, bias)
         mod = CondensedDense(features=layer.n_out, n_active=layer.n_active, k=layer.k,
-                             index_dtype=layer.indices.dtype)
+                             index_dtype=layer.indices.dtype, group_size=layer.group_size)
         y = mod.apply(CondensedDense.variables_from(layer), x)
     """
 
@@ -49,6 +49,7 @@ class CondensedDense(nn.Module):
     param_dtype: Any = jnp.float32
     expand_output: bool = True
     impl: str = "auto"
+    group_size: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -56,14 +57,15 @@ class CondensedDense(nn.Module):
                             self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.n_active,),
                           self.param_dtype)
-        indices = self.variable("condensed", "indices", jnp.zeros, (self.n_active, self.k),
+        indices = self.variable("condensed", "indices", jnp.zeros,
+                                (self.n_active // self.group_size, self.k),
                                 self.index_dtype).value
         neurons = self.variable("condensed", "neurons", jnp.arange, self.n_active,
                                 dtype=jnp.int32).value
         ablated = self.variable("condensed", "ablated_bias", jnp.zeros, (self.features,),
                                 self.param_dtype).value
         layer = CondensedParams(values, indices, bias, neurons, ablated, x.shape[-1],
-                                self.features)
+                                self.features, group_size=self.group_size)
         y = condensed_dense(x, layer, impl=self.impl)
         return expand(y, layer) if self.expand_output else y
 
@@ -129,6 +131,7 @@ class CondensedLinear(nnx.Module):
         self.ablated_bias = CondensedStructure(layer.ablated_bias)
         self.in_features = layer.n_in
         self.out_features = layer.n_out
+        self.group_size = layer.group_size
         self.expand_output = expand_output
         self.impl = impl
 
@@ -139,7 +142,7 @@ class CondensedLinear(nnx.Module):
     def params(self) -> CondensedParams:
         return CondensedParams(self.values[...], self.indices[...], self.bias[...],
                                self.neurons[...], self.ablated_bias[...], self.in_features,
-                               self.out_features)
+                               self.out_features, group_size=self.group_size)
 
     def __call__(self, x):
         layer = self.params()

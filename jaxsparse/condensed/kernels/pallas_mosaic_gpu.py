@@ -16,9 +16,11 @@ neurons share one index list; ``G = 1`` is the plain condensed layout):
   gather is paid once per group, not once per neuron;
 * the ``[G, block_b]`` output tile leaves through shared memory with a TMA store.
 
-Every input is passed whole (``memory_space=GMEM``) and all copies are explicit, which keeps
-the kernel within what the Mosaic GPU interpret mode simulates (it supports no blocked
-``BlockSpec``), so CPU tests run the same kernel logic. Sizes are padded so every TMA moves
+The kernel is a ``plgpu.kernel`` (``pallas_call`` is deprecated for Mosaic GPU, and its
+interpret mode in JAX 0.10 runs only grid point 0). Every input is passed whole and all
+copies are explicit, which keeps the kernel within what the Mosaic GPU interpret mode
+simulates (TMA, barriers, shared memory, several blocks), so CPU tests run the same kernel
+logic. Sizes are padded so every TMA moves
 a multiple of 128 bytes (``k`` to 32 or 64 slots, the bias to 32 lanes).
 
 Not yet measured on a GPU (none was available while writing it): the per-neuron
@@ -70,11 +72,10 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _kernel(idx_g, v_g, b_g, xt_g, o_g, idx_s, v_s, b_s, rows, out_s, *, k: int, g: int,
-            block_b: int, n_bt: int, n_work: int):
+            block_b: int, n_bt: int, n_work: int, blocks: int):
     # Persistent blocks: block ``pid`` takes work items pid, pid + blocks, ... (a work item is
-    # one (group, batch tile)). Barriers are scoped per item, inside the kernel, where the
-    # interpret mode allocates them.
-    pid, blocks = pl.program_id(0), pl.num_programs(0)
+    # one (group, batch tile)). Barriers are scoped per item, so each starts at phase 0.
+    pid = jax.lax.axis_index("blocks")
 
     @pl.loop(pid, n_work, step=blocks)
     def _(w):
@@ -135,28 +136,24 @@ def _call(x, values, indices, bias, *, group_size: int, config: MosaicGpuConfig,
     idx = jnp.pad(indices.astype(jnp.int32), ((0, 0), (0, k_p - k)))  # pad: row 0, value 0
     v3 = jnp.pad(values.reshape(n_groups, g, k), ((0, 0), (0, 0), (0, k_p - k)))
     b2 = jnp.pad(bias.astype(jnp.float32).reshape(n_groups, g), ((0, 0), (0, g_p - g)))
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
     n_bt = b_p // bb
     n_work = n_groups * n_bt
-    # The interpret mode of JAX 0.10 runs only grid point 0, so interpreted runs use one
-    # persistent block that walks every work item; on a GPU, up to ``config.blocks``.
-    blocks = 1 if interpret else min(n_work, config.blocks)
-    yt = pl.pallas_call(
-        functools.partial(_kernel, k=k_p, g=g, block_b=bb, n_bt=n_bt, n_work=n_work),
-        grid=(blocks,),
-        in_specs=[gmem, gmem, gmem, gmem],
-        out_specs=gmem,
-        out_shape=jax.ShapeDtypeStruct((n_active, b_p), x.dtype),
-        scratch_shapes=[
+    blocks = min(n_work, config.blocks)
+    yt = plgpu.kernel(
+        functools.partial(_kernel, k=k_p, g=g, block_b=bb, n_bt=n_bt, n_work=n_work,
+                          blocks=blocks),
+        out_type=jax.ShapeDtypeStruct((n_active, b_p), x.dtype),
+        scratch_types=[
             plgpu.SMEM((1, k_p), jnp.int32),
             plgpu.SMEM((1, g, k_p), x.dtype),
             plgpu.SMEM((1, g_p), jnp.float32),
             plgpu.SMEM((k_p, bb), x.dtype),
             plgpu.SMEM((g, bb), x.dtype),
         ],
+        grid=(blocks,),
+        grid_names=("blocks",),
         compiler_params=plgpu.CompilerParams(),
-        interpret=interpret_params() if interpret else False,
-        name="condensed_matmul_mosaic_gpu",
+        interpret=interpret_params() if interpret else None,
     )(idx, v3, b2, xt)
     return yt[:, :batch].T.reshape(*lead, n_active)
 
