@@ -1,43 +1,54 @@
-"""The same train step on a Mesh of 8 simulated CPU devices (data x model) gives the same
-masks and params as on one device."""
+"""Sharding: the same train step on a Mesh of 8 simulated CPU devices (data x model) gives
+the same masks and params as on one device; masks and per-weight state are placed like
+their params (jaxsparse.sharding.like_params / state_shardings); bad meshes are refused
+naming the leaf."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsparse
+from jaxsparse import sharding as sh
 from jaxsparse.masks import map_masked
 from tests.helpers import lenient, make_step, tiny_batch, tiny_params
 
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
-@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+SPEC = {
+    "dense0": {"kernel": P(None, "model"), "bias": P("model")},
+    "norm": {"scale": P("model")},
+    "dense1": {"kernel": P("model", None), "bias": P()},
+}
+
+
+def _shardings(mesh):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), SPEC,
+                        is_leaf=lambda s: isinstance(s, P))
+
+
+def _make(algo):
+    key = jax.random.key(0)
+    if algo == "rigl":
+        return jaxsparse.rigl(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=12,
+                              update_every=3)
+    if algo == "snfs":
+        return jaxsparse.snfs(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=12,
+                              update_every=3)
+    return jaxsparse.magnitude_pruning(lenient(optax.adam(1e-2)), 0.8, end_step=9,
+                                       frequency=3)
+
+
 @pytest.mark.parametrize("algo", ["rigl", "snfs", "magnitude"])
 def test_sharded_step_matches_single_device(algo):
-    def make():
-        key = jax.random.key(0)
-        if algo == "rigl":
-            return jaxsparse.rigl(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=12,
-                                  update_every=3)
-        if algo == "snfs":
-            return jaxsparse.snfs(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=12,
-                                  update_every=3)
-        return jaxsparse.magnitude_pruning(lenient(optax.adam(1e-2)), 0.8, end_step=9,
-                                           frequency=3)
-
-    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
-    spec = {
-        "dense0": {"kernel": P(None, "model"), "bias": P("model")},
-        "norm": {"scale": P("model")},
-        "dense1": {"kernel": P("model", None), "bias": P()},
-    }
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec,
-                             is_leaf=lambda s: isinstance(s, P))
+    mesh = sh.make_mesh((4, 2), ("data", "model"))
+    shardings = _shardings(mesh)
 
     def train(sharded):
-        tx = make()
+        tx = _make(algo)
         params = tiny_params()
         state = tx.init(params)
         params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
@@ -60,10 +71,106 @@ def test_sharded_step_matches_single_device(algo):
 
     p1, s1 = train(False)
     p8, s8 = train(True)
-    assert len(p8["dense0"]["kernel"].sharding.device_set) == 8 or \
-        len(p8["dense0"]["kernel"].devices()) >= 2
+    # The sharded run stays sharded as laid out: XLA's propagation keeps every param and
+    # mask on its param's sharding through 14 steps and 4 topology updates.
+    for path, s in jax.tree_util.tree_leaves_with_path(shardings):
+        p = dict(jax.tree_util.tree_leaves_with_path(p8))[path]
+        assert p.sharding.is_equivalent_to(s, p.ndim), (path, p.sharding)
+    for path, m in jax.tree_util.tree_leaves_with_path(jaxsparse.get_masks(s8)):
+        s = dict(jax.tree_util.tree_leaves_with_path(shardings))[path]
+        assert m.sharding.is_equivalent_to(s, m.ndim), (path, m.sharding)
     m1, m8 = jaxsparse.get_masks(s1), jaxsparse.get_masks(s8)
     for a, b in zip(jax.tree.leaves(m1), jax.tree.leaves(m8)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _wired() -> bool:
+    """Whether the optimizer's init places masks like the params (the lead's wiring of
+    like_params into SparseState init)."""
+    import inspect
+
+    import jaxsparse.transform as t
+    return "like_params" in inspect.getsource(t)
+
+
+@pytest.mark.xfail(not _wired(), strict=True,
+                   reason="SparseState init does not call jaxsparse.sharding.like_params yet")
+@pytest.mark.parametrize("algo", ["rigl", "snfs"])
+def test_init_places_masks_and_state_like_params(algo):
+    mesh = sh.make_mesh((4, 2), ("data", "model"))
+    params = jax.device_put(tiny_params(), _shardings(mesh))
+    state = _make(algo).init(params)
+    sparse = jaxsparse.transform.get_sparse_state(state)
+    trees = [sparse.masks, sparse.ever_active]
+    if algo == "snfs":
+        trees.append(sparse.extra)
+    for tree in trees:
+        n = 0
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            want = dict(jax.tree_util.tree_leaves_with_path(params))[path].sharding
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.sharding)
+            n += 1
+        assert n == 2
+
+
+def test_like_params_concrete_jit_and_none_leaves():
+    mesh = sh.make_mesh((4, 2), ("data", "model"))
+    params = jax.device_put(tiny_params(), _shardings(mesh))
+    masks = jax.tree.map(lambda p: p > 0, tiny_params())
+    masks["dense0"]["bias"] = None
+    masks["norm"]["scale"] = None
+    masks["dense1"]["kernel"] = jnp.ones((3, 3), bool)  # not param-shaped: left alone
+    out = sh.like_params(masks, params)
+    assert out["dense0"]["bias"] is None and out["norm"]["scale"] is None
+    assert out["dense0"]["kernel"].sharding == params["dense0"]["kernel"].sharding
+    assert out["dense1"]["bias"].sharding == params["dense1"]["bias"].sharding
+    assert out["dense1"]["kernel"].sharding == masks["dense1"]["kernel"].sharding
+    np.testing.assert_array_equal(np.asarray(out["dense0"]["kernel"]),
+                                  np.asarray(masks["dense0"]["kernel"]))
+
+    # Under jit with explicit mesh axes the params' types carry their shardings.
+    emesh = sh.make_mesh((4, 2), ("data", "model"), explicit=True)
+    eparams = jax.device_put(tiny_params(), _shardings(emesh))
+    fresh = jax.tree.map(lambda p: jnp.zeros(p.shape, bool), tiny_params())
+    with jax.set_mesh(emesh):
+        placed = jax.jit(lambda m, p: sh.like_params(jax.tree.map(jnp.logical_not, m), p))(
+            fresh, eparams)
+    for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(eparams)):
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (a.sharding, b.sharding)
+    assert placed["dense0"]["kernel"].sharding.spec == P(None, "model")
+    # Single-device params: nothing to follow.
+    plain = tiny_params()
+    assert sh.like_params(masks, plain)["dense0"]["kernel"] is masks["dense0"]["kernel"]
+
+
+def test_state_shardings_follow_params_through_nesting():
+    mesh = sh.make_mesh((4, 2), ("data", "model"))
+    shardings = _shardings(mesh)
+    tx = optax.chain(optax.clip(1.0), _make("snfs"))
+    abstract = jax.eval_shape(tx.init, tiny_params())
+    rep = NamedSharding(mesh, P())
+    out = sh.state_shardings(abstract, tiny_params(), shardings, rep)
+    sparse = out[1]
+    assert sparse.masks["dense0"]["kernel"] == shardings["dense0"]["kernel"]
+    assert sparse.masks["dense0"]["bias"] is None
+    assert sparse.extra["dense1"]["kernel"] == shardings["dense1"]["kernel"]
+    assert sparse.inner_state[0].mu["norm"]["scale"] == shardings["norm"]["scale"]
+    assert sparse.count == rep and sparse.key == rep
+
+
+def test_mesh_and_divisibility_errors_name_the_culprit():
+    with pytest.raises(ValueError, match=r"mesh shape \(3, 3\) needs 9 devices but 8"):
+        sh.make_mesh((3, 3), ("data", "model"))
+    mesh = sh.make_mesh((2, 4), ("data", "model"))
+    rules = (("embed", None), ("mlp", "model"))
+    logical = {"fc": {"kernel": P("embed", "mlp")}}
+    shapes = {"fc": {"kernel": jax.ShapeDtypeStruct((8, 6), jnp.float32)}}
+    with pytest.raises(ValueError, match=r"leaf 'fc/kernel': dimension 1 of shape \(8, 6\) "
+                                         r"is not divisible by mesh axes \('model',\) of "
+                                         r"size 4"):
+        sh.logical_shardings(logical, mesh, rules, shapes=shapes)
+    ok = sh.logical_shardings(logical, mesh, rules,
+                              shapes={"fc": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}})
+    assert ok["fc"]["kernel"].spec == P(None, "model")
