@@ -49,9 +49,12 @@ def test_erk_uses_kernel_dims_and_er_does_not():
     er = layer_budgets(CNN, 0.9, "er")
     assert erk != er
     d_erk = {s.path: erk[s.path] / s.size for s in CNN}
+    assert d_erk["conv1/kernel"] < 1  # neither conv saturates: their ratio is the scores'
     ratio = d_erk["conv1/kernel"] / d_erk["conv2/kernel"]
-    if d_erk["conv1/kernel"] < 1:
-        assert ratio == pytest.approx((25 / 432) / (54 / 4608), rel=1e-2)
+    assert ratio == pytest.approx((25 / 432) / (54 / 4608), rel=1e-2)
+    d_er = {s.path: er[s.path] / s.size for s in CNN}
+    assert d_er["conv1/kernel"] / d_er["conv2/kernel"] == pytest.approx(
+        ((3 + 16) / 48) / ((16 + 32) / 512), rel=1e-2)  # ER: last two dims only
 
 
 def test_erk_override_dense_moves_to_other_side():

@@ -165,8 +165,8 @@ def test_to_masks_matches_gate_rule():
 @given(st.floats(0.0, 0.99), st.integers(0, 2**16))
 def test_masked_eval_equals_gated_eval(threshold, seed):
     """Eval output with the gates equals the dense product with gates zeroed outside the
-    mask (the mask keeps exactly the nonzero gates at threshold 0)."""
-    del threshold
+    mask (the mask keeps exactly the nonzero gates at threshold 0); a higher threshold keeps
+    exactly the gates above it, a subset."""
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     p = {"kernel": jax.random.normal(k1, (3, 2)),
          "log_alpha": jax.random.uniform(k2, (3, 2), minval=-6.0, maxval=6.0),
@@ -177,6 +177,9 @@ def test_masked_eval_equals_gated_eval(threshold, seed):
     gate = l0.deterministic_gate(p["log_alpha"])
     y_masked = x @ jnp.where(mask, p["kernel"] * gate, 0.0)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_masked), rtol=1e-5, atol=1e-6)
+    above = np.asarray(l0.to_masks(p, threshold)["kernel"])
+    np.testing.assert_array_equal(above, np.asarray(gate) > threshold)
+    assert not np.any(above & ~np.asarray(mask))
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, float("nan")])
