@@ -20,6 +20,7 @@ layer's statistics.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -129,6 +130,18 @@ def _stats_fn(forward: Forward, target: str, with_gram: bool):
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_stats_fn(forward: Forward, target: str, with_gram: bool):
+    return _stats_fn(forward, target, with_gram)
+
+
+@functools.lru_cache(maxsize=32)
+def cached_linen_forward(apply_fn) -> Forward:
+    """:func:`linen_forward`, one per ``apply_fn`` (so repeated pruning of the same model
+    reuses the compiled calibration passes)."""
+    return linen_forward(apply_fn)
+
+
 def layer_stats(forward: Forward, params, batches: Sequence, target: str, *,
                 with_gram: bool, put: Callable[[Any], Any] | None = None) -> InputStats:
     """Sums the :class:`InputStats` of layer ``target``'s inputs over ``batches``.
@@ -139,7 +152,7 @@ def layer_stats(forward: Forward, params, batches: Sequence, target: str, *,
     Raises:
       LookupError: ``target`` is not called on some batch.
     """
-    run = _stats_fn(forward, target, with_gram)
+    run = _cached_stats_fn(forward, target, with_gram)
     total = None
     for batch in batches:
         total = add_stats(total, run(params, put(batch) if put else batch))

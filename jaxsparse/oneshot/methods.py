@@ -254,7 +254,7 @@ def _sparsegpt_solve(kernel, u, block_keep, valid, *, blocksize: int, nm):
     """
     d, d_out = kernel.shape
     rows = jnp.arange(d)
-    group = blocksize if nm is None else nm[1]
+    group = 1 if nm is None else nm[1]
 
     def block(b, carry):
         w, mask = carry

@@ -51,10 +51,12 @@ def _forward_of(model, params, call):
         raise TypeError("call= is for NNX models; for linen pass apply_fn(params, batch)")
     if params is None:
         raise TypeError("params is required for a linen model or an apply function")
-    if isinstance(model, nn.Module):
-        return calibrate.linen_forward(model.apply), params
-    if callable(model):
-        return calibrate.linen_forward(model), params
+    apply_fn = model.apply if isinstance(model, nn.Module) else model
+    if callable(apply_fn):
+        try:
+            return calibrate.cached_linen_forward(apply_fn), params
+        except TypeError:  # unhashable callable
+            return calibrate.linen_forward(apply_fn), params
     raise TypeError(
         "model must be a flax.linen Module, an apply function (params, batch) -> outputs, or "
         f"an nnx.Module; got {type(model).__name__}"
