@@ -228,6 +228,12 @@ def validate_masks(masks: Masks, params: PyTree) -> None:
       TypeError: a mask covers a bool or integer parameter (only floating-point leaves are
         pruned, so :func:`apply_masks` and :func:`sparse_init` never change other leaves).
     """
+    if masks is None or (hasattr(masks, "masks") and hasattr(masks, "inner_state")):
+        raise ValueError(
+            f"masks must be a mask tree with the structure of the params, got "
+            f"{type(masks).__name__}; take it from the optimizer state with "
+            f"jaxsparse.get_masks(opt_state)"
+        )
     m_flat, m_def = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
     p_flat, p_def = jax.tree_util.tree_flatten_with_path(params)
     m_paths = [path_to_str(p) for p, _ in m_flat]

@@ -199,6 +199,11 @@ CASES = [
     ("apply-masks-structure", lambda p: jaxsparse.apply_masks(
         p, {"dense0": {"kernel": None, "bias": None}}),
      ValueError, r"params leaves without a mask entry: \['dense1/bias', 'dense1/kernel'"),
+    ("apply-masks-none", lambda p: jaxsparse.apply_masks(p, None),
+     ValueError, r"masks must be a mask tree.*got NoneType.*jaxsparse.get_masks\(opt_state\)"),
+    ("apply-masks-given-the-state", lambda p: jaxsparse.apply_masks(
+        p, jaxsparse.static(SGD, 0.5, key=KEY, distribution="uniform").init(p)),
+     ValueError, r"got SparseState; take it from the optimizer state with jaxsparse.get_masks"),
     ("apply-masks-nested-list", lambda p: jaxsparse.apply_masks(
         {"k": jnp.ones((2, 2))}, {"k": [[True, False], [True, True]]}),
      ValueError, r"mask entries without a params leaf: \['k/0/0'"),
