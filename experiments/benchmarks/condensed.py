@@ -133,6 +133,17 @@ def bench_groups(args):
     dtypes = {"float32": np.float32, "bfloat16": jnp.bfloat16}
     bw = stream_bandwidth(args.repeats)
     print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s")
+    # Per-call fixed cost: the same two calls on a 64x64 layer with k=8 (no real work).
+    rng = np.random.default_rng(1)
+    tiny = C.condense_layer(rng.standard_normal((64, 64)).astype(np.float32),
+                            make_mask(rng, 64, 64, 0.875, 0.0))
+    xs = jnp.ones((1, 64), jnp.float32)
+    fixed_dense, fixed_kern = timeit_pair(
+        jax.jit(lambda x, w: x @ w), (xs, jnp.ones((64, 64), jnp.float32)),
+        jax.jit(lambda x, c: C.condensed_dense(x, c, impl="cpu")), (xs, tiny), args.repeats)
+    fixed = (f"per-call fixed cost (64x64 layer, k=8, batch 1): dense {fixed_dense * 1e6:.0f}"
+             f" us, kernel {fixed_kern * 1e6:.0f} us")
+    print(fixed)
     header = ("layer", "sparsity", "batch", "dtype", "G", "dense us", "kernel us",
               "kernel/dense", "dense MB", "kernel MB", "dense GB/s", "kernel GB/s")
     rows = []
@@ -173,7 +184,7 @@ def bench_groups(args):
     with open(path, "w") as f:
         f.write(f"backend: {jax.default_backend()}; times in microseconds (best of "
                 f"{args.repeats} interleaved calls); measured copy bandwidth "
-                f"{bw / 1e9:.1f} GB/s (one thread, DRAM)\n\n")
+                f"{bw / 1e9:.1f} GB/s (one thread, DRAM); {fixed}\n\n")
         f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for row in rows:
             f.write("| " + " | ".join(map(str, row)) + " |\n")
