@@ -403,3 +403,59 @@ def test_built_library_records_its_checksum_and_loads():
     lib = cpu.library_path()  # the process's own cache (built once for all the tests)
     assert cpu.read_verified(lib)
     assert stat.S_IMODE(os.stat(lib).st_mode) & 0o022 == 0
+
+
+def test_remaining_error_paths_name_their_argument(saved_models, tmp_path):
+    layer, x, *_ = layer_and_x()
+    v, i, b = layer.values, layer.indices, layer.bias
+    with pytest.raises(ValueError, match="condensed_matmul_reference: group_size must be a "
+                                         "positive int, got 0"):
+        C.condensed_matmul_reference(x, v, i, b, group_size=0)
+    with pytest.raises(ValueError, match="condensed_matmul_reference: x must have a trailing"):
+        C.condensed_matmul_reference(x[0, 0], v, i, b)
+    big = layer.replace(values=jnp.zeros((13, 5)), indices=jnp.zeros((13, 5), jnp.int8),
+                        bias=jnp.zeros(13), neurons=jnp.arange(13, dtype=jnp.int32))
+    with pytest.raises(ValueError, match="Dense_9: 13 active neurons but n_out=12"):
+        C.validate_condensed(big, "Dense_9")
+    rng = np.random.default_rng(5)
+    mask = np.repeat(np_mask(rng, 20, 2, 4), 2, axis=1)
+    mask[np.flatnonzero(~mask[:, 2])[0], 2:4] = True  # group 1: fan-in 5, group 0: 4
+    with pytest.raises(ValueError, match=r"Dense_4: .*groups have fan-in between 4 and 5"):
+        C.condense_layer(np.ones((20, 4), np.float32), mask, group_size=2, name="Dense_4")
+    with pytest.raises(TypeError, match="layer names must be strings, got 3"):
+        C.save_condensed(tmp_path / "k.npz", {3: layer})
+    src = saved_models[1]["mlp"]
+
+    def chain(m):
+        m["layers"][1]["n_in"] = 7
+
+    cases = [
+        (_rewrite(src, tmp_path / "kind.npz", lambda m: m.__setitem__("kind", "exe")),
+         "unknown kind 'exe'"),
+        (_rewrite(src, tmp_path / "nolayers.npz", lambda m: m.__setitem__("layers", {})),
+         "metadata has no layer list"),
+        (_rewrite(src, tmp_path / "rec.npz", lambda m: m["layers"].__setitem__(0, 5)),
+         "layer record l0 is malformed"),
+        (_rewrite(src, tmp_path / "int.npz",
+                  lambda m: m["layers"][0].__setitem__("k", -1)),
+         "layer 0: metadata k=-1 is not a non-negative int"),
+        (_rewrite(src, tmp_path / "chain.npz", chain),
+         r"layer 1: indices\[\d+, \d+\] = \d+ is out of range \[0, n_in=7\)"),
+        (_rewrite(src, tmp_path / "one.npz", lambda m: m.__setitem__("kind", "layer")),
+         "a 'layer' file holds exactly one such layer"),
+    ]
+    for path, msg in cases:
+        with pytest.raises(C.CondensedFileError, match=msg):
+            C.load_condensed(path)
+    np.savez(tmp_path / "nometa.npz", values=np.zeros(3))
+    with pytest.raises(C.CondensedFileError, match="nometa.npz: no __metadata__ entry"):
+        C.load_condensed(tmp_path / "nometa.npz")
+    np.savez(tmp_path / "json.npz", __metadata__=np.frombuffer(b"{no", np.uint8))
+    with pytest.raises(C.CondensedFileError, match="json.npz: metadata is not valid JSON"):
+        C.load_condensed(tmp_path / "json.npz")
+
+
+def test_cache_path_that_is_a_file_is_refused(cache):
+    cache.write_text("not a directory")
+    with pytest.raises((cpu.CacheError, FileExistsError), match=str(cache)):
+        cpu.secure_cache_dir()
