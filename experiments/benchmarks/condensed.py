@@ -10,7 +10,7 @@ Pallas Triton kernel on GPU) and auto (the cost-model dispatch). Each cell is th
 measured in the same run.
 
     python experiments/benchmarks/condensed.py                  # CPU, writes the table + plot
-    python experiments/benchmarks/condensed.py --batches 1 256 2048   # on a GPU machine
+    python experiments/benchmarks/condensed.py --batches 1 16 256 2048 --peak-gbs 4800  # H200
     python experiments/benchmarks/condensed.py --group-sizes 1 2 4 8 16 --sparsities 0.9
         # group-shared layout: kernel speed vs G, bytes moved, GB/s vs measured bandwidth
 
@@ -81,7 +81,10 @@ def bench_config(n_in, n_out, sparsity, ablate, batch, dtype, repeats, skip_slow
                                    (x, cl))
     fns["auto"] = (jax.jit(lambda x, s: C.sparse_dense(x, s)), (x, layer))
     times = {name: timeit(f, *a, repeats=repeats) for name, (f, a) in fns.items()}
-    return times, C.choose_form(layer, batch), cl.n_active, cl.k
+    item = np.dtype(dtype).itemsize
+    moved = (cl.values.nbytes + cl.indices.nbytes + cl.bias.nbytes
+             + batch * (n_in + cl.n_active) * item)  # the least any kernel must move
+    return times, C.choose_form(layer, batch), cl.n_active, cl.k, moved
 
 
 COLUMNS = ["dense", "structured", "bcoo", "bcsr", "condensed-xla", "condensed-kernel", "auto"]
@@ -203,6 +206,10 @@ def main(argv=None):
     ap.add_argument("--skip-slow", action="store_true",
                     help="skip BCOO/BCSR at large batch (minutes on CPU)")
     ap.add_argument("--out", default="experiments/benchmarks/condensed")
+    ap.add_argument("--peak-gbs", type=float, default=0.0,
+                    help="the device's peak memory bandwidth in GB/s (H100 SXM 3350, H200 "
+                         "4800) for the 'of peak' column; kernel GB/s counts the bytes any "
+                         "kernel must move (values, indices, bias, x, y) once")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=None,
                     help="instead of the main table: kernel speed vs group size G (CPU "
                          "kernel), bytes moved and achieved GB/s vs measured bandwidth")
@@ -212,7 +219,7 @@ def main(argv=None):
     dtypes = {"float32": np.float32, "bfloat16": jnp.bfloat16}
     print(f"backend={jax.default_backend()} devices={jax.devices()}")
     header = ("layer", "sparsity", "ablated", "batch", "dtype", "n_act", "k", *COLUMNS,
-              "kernel/dense", "kernel/bcoo", "auto form")
+              "kernel/dense", "kernel/bcoo", "auto form", "kernel GB/s", "of peak")
     rows = []
     print(" | ".join(header))
     for layer_s in args.layers:
@@ -221,7 +228,7 @@ def main(argv=None):
             for ablate in args.ablate:
                 for sp in args.sparsities:
                     for batch in args.batches:
-                        times, form, n_act, k = bench_config(
+                        times, form, n_act, k, moved = bench_config(
                             n_in, n_out, sp, ablate, batch, dtypes[dt], args.repeats,
                             args.skip_slow)
                         kern = times.get("condensed-kernel")
@@ -230,7 +237,10 @@ def main(argv=None):
                                  for c in COLUMNS],
                                f"{times['dense'] / kern:.2f}x" if kern else "-",
                                f"{times['bcoo'] / kern:.2f}x" if kern and "bcoo" in times
-                               else "-", form)
+                               else "-", form,
+                               f"{moved / kern / 1e9:.1f}" if kern else "-",
+                               f"{moved / kern / 1e9 / args.peak_gbs:.0%}"
+                               if kern and args.peak_gbs else "-")
                         rows.append((row, times))
                         print(" | ".join(map(str, row)), flush=True)
     out = Path(args.out)
