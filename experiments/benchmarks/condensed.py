@@ -134,8 +134,10 @@ def bench_groups(args):
     ``--repeats`` interleaved calls (:func:`timeit_pair`).
     """
     dtypes = {"float32": np.float32, "bfloat16": jnp.bfloat16}
-    bw = stream_bandwidth(args.repeats)
-    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s")
+    impl = C.choose_impl(C.detect_platform())
+    on_cpu = jax.default_backend() == "cpu"
+    bw = stream_bandwidth(args.repeats) if on_cpu else float("nan")  # host copy: CPU only
+    print(f"kernel: {impl}; measured copy bandwidth: {bw / 1e9:.1f} GB/s")
     # Per-call fixed cost: the same two calls on a 64x64 layer with k=8 (no real work).
     rng = np.random.default_rng(1)
     tiny = C.condense_layer(rng.standard_normal((64, 64)).astype(np.float32),
@@ -143,7 +145,7 @@ def bench_groups(args):
     xs = jnp.ones((1, 64), jnp.float32)
     fixed_dense, fixed_kern = timeit_pair(
         jax.jit(lambda x, w: x @ w), (xs, jnp.ones((64, 64), jnp.float32)),
-        jax.jit(lambda x, c: C.condensed_dense(x, c, impl="cpu")), (xs, tiny), args.repeats)
+        jax.jit(lambda x, c: C.condensed_dense(x, c, impl=impl)), (xs, tiny), args.repeats)
     fixed = (f"per-call fixed cost (64x64 layer, k=8, batch 1): dense {fixed_dense * 1e6:.0f}"
              f" us, kernel {fixed_kern * 1e6:.0f} us")
     print(fixed)
@@ -168,7 +170,7 @@ def bench_groups(args):
                         cl = C.condense_layer(w, mask, bias, group_size=g)
                         t_dense, t_kern = timeit_pair(
                             jax.jit(lambda x, w, b: x @ w + b[None, :]), (x, w, bias),
-                            jax.jit(lambda x, c: C.condensed_dense(x, c, impl="cpu")),
+                            jax.jit(lambda x, c: C.condensed_dense(x, c, impl=impl)),
                             (x, cl), args.repeats)
                         io = (batch * n_in + batch * n_out) * item
                         b_dense = n_in * n_out * item + n_out * item + io
@@ -186,8 +188,8 @@ def bench_groups(args):
     path = out.with_name(out.name + "_groups").with_suffix(".md")
     with open(path, "w") as f:
         f.write(f"backend: {jax.default_backend()}; times in microseconds (best of "
-                f"{args.repeats} interleaved calls); measured copy bandwidth "
-                f"{bw / 1e9:.1f} GB/s (one thread, DRAM); {fixed}\n\n")
+                f"{args.repeats} interleaved calls); kernel {impl}; measured copy "
+                f"bandwidth {bw / 1e9:.1f} GB/s (one host thread, DRAM); {fixed}\n\n")
         f.write("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n")
         for row in rows:
             f.write("| " + " | ".join(map(str, row)) + " |\n")
