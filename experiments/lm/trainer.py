@@ -108,8 +108,13 @@ def make_setup(c: ml_collections.ConfigDict, devices=None) -> LMSetup:
 def init_state(setup: LMSetup) -> LMState:
     """The initial state, created in place on the mesh (params masked by the initial
     masks)."""
+    k_init = jax.random.split(jax.random.key(setup.config.seed), 3)[0]
+    return jax.jit(init_state_fn(setup), out_shardings=setup.state_shardings)(k_init)
+
+
+def init_state_fn(setup: LMSetup):
+    """``key -> LMState``: the (unjitted) initial state."""
     c = setup.config
-    k_init = jax.random.split(jax.random.key(c.seed), 3)[0]
 
     def init(key):
         params = nn.unbox(model_lib._init_boxed(setup.model, key))
@@ -118,7 +123,7 @@ def init_state(setup: LMSetup) -> LMState:
             params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
         return LMState(params, opt_state, jnp.zeros((), jnp.int32))
 
-    return jax.jit(init, out_shardings=setup.state_shardings)(k_init)
+    return init
 
 
 def make_train_step(setup: LMSetup):
@@ -171,8 +176,30 @@ def _write(path: Path | None, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def abstract_state(setup: LMSetup) -> LMState:
+    """The state's shapes, dtypes and shardings on ``setup``'s mesh (a restore target)."""
+    k_init = jax.random.split(jax.random.key(setup.config.seed), 3)[0]
+    shapes = jax.eval_shape(lambda: init_state_fn(setup)(k_init))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, setup.state_shardings)
+
+
+def restore_state(setup: LMSetup, directory, step: int | None = None,
+                  allow_reshard: bool = True) -> LMState:
+    """A checkpoint from ``directory`` (a run's ``checkpoints/``) laid out on ``setup``'s
+    mesh, whatever mesh and process count wrote it (``allow_reshard=False`` refuses a
+    different one, naming the manifest file)."""
+    from jaxsparse.checkpoint import Checkpointer
+    ck = Checkpointer(directory, max_to_keep=None)
+    try:
+        return ck.restore(abstract_state(setup), step, allow_reshard=allow_reshard)
+    finally:
+        ck.close()
+
+
 def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None,
-          state: LMState | None = None, num_steps: int | None = None) -> tuple[LMState, dict]:
+          state: LMState | None = None, num_steps: int | None = None,
+          resume: bool = False) -> tuple[LMState, dict]:
     """Trains config ``c``; returns the final state and the final record.
 
     Args:
@@ -183,8 +210,17 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
       state: continue from this state (e.g. a restored checkpoint) instead of a fresh one.
       num_steps: stop after this step (default ``c.num_steps``; the schedules still follow
         ``c.num_steps``).
+      resume: continue from the newest checkpoint in ``workdir/checkpoints`` (written on
+        any mesh / process count) when there is one.
     """
     setup = make_setup(c, devices)
+    if resume and state is None and workdir is not None:
+        from jaxsparse.checkpoint import Checkpointer
+        ck = Checkpointer(Path(workdir) / "checkpoints")
+        has = ck.latest_step() is not None
+        ck.close()
+        if has:
+            state = restore_state(setup, Path(workdir) / "checkpoints")
     corpus = data_lib.load_corpus(c.corpus, c.data_dir or None)
     data = replicated_array(corpus.train, setup)
     n_data = setup.mesh.shape[dict(setup.rules).get("batch")]
@@ -260,13 +296,14 @@ def _count(m):
 
 def main(argv):
     del argv
-    from absl import flags
+    from absl import flags, logging
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     c = flags.FLAGS.config
     if flags.FLAGS.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes,
                                    flags.FLAGS.process_id)
-    _, final = train(c, flags.FLAGS.workdir)
+    _, final = train(c, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
     if jax.process_index() == 0:
         print(json.dumps(final))
 
@@ -280,6 +317,8 @@ def _define_flags():
                         "(multi-process runs; see experiments/lm/launch.py)")
     flags.DEFINE_integer("num_processes", 1, "number of processes")
     flags.DEFINE_integer("process_id", 0, "this process's index")
+    flags.DEFINE_bool("resume", False, "continue from the newest checkpoint in the workdir "
+                      "(any mesh or process count wrote it)")
     flags.mark_flags_as_required(["config"])
 
 
