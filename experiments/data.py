@@ -14,7 +14,12 @@ Sources, tried in order for ``mnist`` / ``fashion_mnist``:
 ``digits`` is scikit-learn's embedded 8x8 digits set (1797 images, no download): the default,
 so everything runs on a fresh machine. ``cifar10`` reads the standard CIFAR-10 *binary*
 batches (``data_batch_1.bin`` ... ``test_batch.bin``, each record 1 label byte + 3072 pixel
-bytes) or the python-pickle batches (``data_batch_1`` ... ``test_batch``), or uses tfds.
+bytes), or uses tfds. The python-pickle batches are refused: unpickling a received file can
+run arbitrary code.
+
+Every loader can hold out a validation split from its training set
+(:func:`with_validation`, ``validation_size`` in the configs): hyperparameters are chosen on
+it, and the test split is evaluated once, for the chosen setting.
 
 This module does not import jaxsparse (or jax at import time): it is plain data handling.
 """
@@ -23,8 +28,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import pickle
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -48,8 +53,7 @@ _EXPECTED = {
 }
 CIFAR10_BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 CIFAR10_BINARY_TEST = ("test_batch.bin",)
-CIFAR10_PICKLE_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_PICKLE_TEST = ("test_batch",)
+CIFAR10_PICKLE_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
 class Dataset(NamedTuple):
@@ -62,6 +66,9 @@ class Dataset(NamedTuple):
       y_test: ``int32[M]`` test labels.
       name: dataset name.
       num_classes: number of classes.
+      x_val: ``uint8[V, H, W, C]`` validation images held out of the training set, or
+        ``None`` (see :func:`with_validation`).
+      y_val: ``int32[V]`` validation labels, or ``None``.
     """
 
     x_train: np.ndarray
@@ -70,6 +77,8 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
     name: str
     num_classes: int = 10
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -87,8 +96,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads one IDX file (gzip'd or plain): magic 0x0801 labels, 0x0803 images (uint8)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); the file is "
+                        "truncated, corrupted or not gzip'd: download it again") from e
     if len(data) < 4:
         raise DataError(f"{path}: not an IDX file (only {len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -96,6 +109,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(
             f"{path}: not a uint8 IDX file (magic bytes {data[:4].hex()}, expected 0000080N)"
         )
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: IDX header truncated ({len(data)} bytes for {ndim} dims)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -227,16 +242,11 @@ def _read_cifar_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), raw[:, 0].astype(np.int32)
 
 
-def _read_cifar_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    data = np.asarray(batch[b"data"], np.uint8)
-    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(x), np.asarray(batch[b"labels"], np.int32)
-
-
 def load_cifar10_dir(folder: str | os.PathLike, check_sizes: bool = True) -> Dataset:
-    """CIFAR-10 from its standard batch files (binary ``*.bin`` or python pickles).
+    """CIFAR-10 from its standard binary batch files (``*.bin``).
+
+    The python-version batches are pickles (a crafted one runs code when loaded), so they
+    are refused with a :class:`DataError` naming the file; use the binary version.
 
     The real files cannot be fetched on our CI machines, so the tests exercise this reader on
     tiny fabricated batches in the same format; results on real CIFAR-10 are unverified here.
@@ -246,16 +256,20 @@ def load_cifar10_dir(folder: str | os.PathLike, check_sizes: bool = True) -> Dat
     for sub in ("cifar-10-batches-bin", "cifar-10-batches-py"):
         if (folder / sub).is_dir():
             folder = folder / sub
-    if all((folder / f).exists() for f in CIFAR10_BINARY_TRAIN + CIFAR10_BINARY_TEST):
-        reader, train, test = _read_cifar_binary, CIFAR10_BINARY_TRAIN, CIFAR10_BINARY_TEST
-    elif all((folder / f).exists() for f in CIFAR10_PICKLE_TRAIN + CIFAR10_PICKLE_TEST):
-        reader, train, test = _read_cifar_pickle, CIFAR10_PICKLE_TRAIN, CIFAR10_PICKLE_TEST
-    else:
+    if not all((folder / f).exists() for f in CIFAR10_BINARY_TRAIN + CIFAR10_BINARY_TEST):
+        pickles = [f for f in CIFAR10_PICKLE_FILES if (folder / f).exists()]
+        if pickles:
+            raise DataError(
+                f"cifar10: {folder / pickles[0]} is a python-pickle batch; pickles are not "
+                "loaded (unpickling a received file can run code). Extract the binary "
+                "version (cifar-10-binary.tar.gz, data_batch_1.bin ...) there instead."
+            )
         raise DataError(
-            f"cifar10: {folder} holds neither the binary batches ({', '.join(CIFAR10_BINARY_TRAIN)}"
-            f", test_batch.bin) nor the python batches (data_batch_1..5, test_batch). Extract "
-            "cifar-10-binary.tar.gz there, or pip install tensorflow-datasets."
+            f"cifar10: {folder} lacks the binary batches ({', '.join(CIFAR10_BINARY_TRAIN)}"
+            ", test_batch.bin). Extract cifar-10-binary.tar.gz there, or pip install "
+            "tensorflow-datasets."
         )
+    reader, train, test = _read_cifar_binary, CIFAR10_BINARY_TRAIN, CIFAR10_BINARY_TEST
     tr = [reader(folder / f) for f in train]
     te = [reader(folder / f) for f in test]
     ds = Dataset(
@@ -266,16 +280,47 @@ def load_cifar10_dir(folder: str | os.PathLike, check_sizes: bool = True) -> Dat
     return _check(ds, _EXPECTED["cifar10"] if check_sizes else None)
 
 
+# --------------------------------------------------------------------------------- validation
+
+
+def with_validation(ds: Dataset, size: int | float, seed: int = 0) -> Dataset:
+    """``ds`` with ``size`` training examples held out as its validation split.
+
+    The held-out examples are a fixed random subset (a pure function of ``seed`` and the
+    training-set size); the rest stay, in their original order, as the training split.
+    ``size`` is a count (``6000``: sparse_learning's 54k/6k MNIST split) or, below 1, a
+    fraction of the training set; 0 returns ``ds`` unchanged (no validation split).
+
+    Raises:
+      ValueError: ``size`` is negative or leaves no training example (names ``size``).
+    """
+    n = len(ds.x_train)
+    count = int(round(size * n)) if 0 < size < 1 else int(size)
+    if size < 0 or count != size and size >= 1 or count >= n:
+        raise ValueError(f"validation_size={size!r} must be 0, a fraction in (0, 1) or an "
+                         f"integer count below the {n} training examples of {ds.name}")
+    if count == 0:
+        return ds
+    held = np.zeros(n, bool)
+    held[np.random.default_rng([seed, n]).permutation(n)[:count]] = True
+    return ds._replace(x_train=ds.x_train[~held], y_train=ds.y_train[~held],
+                       x_val=ds.x_train[held], y_val=ds.y_train[held])
+
+
 # --------------------------------------------------------------------------------- entry
 
 
-def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None,
+                 validation_size: int | float = 0, validation_seed: int = 0) -> Dataset:
     """Loads ``name`` (one of :data:`DATASETS`).
 
     Args:
       name: ``digits`` (default, embedded), ``mnist``, ``fashion_mnist`` or ``cifar10``.
       data_dir: folder with the dataset files; defaults to ``$JAXSPARSE_DATA_DIR``. Without
         either, tensorflow-datasets is used if installed.
+      validation_size: training examples held out as the validation split (a count, or a
+        fraction below 1; see :func:`with_validation`). 0: none.
+      validation_seed: which examples are held out.
 
     Example:
       >>> ds = load_dataset("mnist", data_dir="../shared/data/mnist")
@@ -284,6 +329,10 @@ def load_dataset(name: str = "digits", data_dir: str | os.PathLike | None = None
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return with_validation(_load_full(name, data_dir), validation_size, validation_seed)
+
+
+def _load_full(name: str, data_dir) -> Dataset:
     if name == "digits":
         return load_digits()
     folder = resolve_data_dir(name, data_dir)

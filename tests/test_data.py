@@ -180,23 +180,33 @@ def test_cifar10_binary_format(tmp_path):
         data.load_dataset("cifar10", tmp_path)
 
 
-def test_cifar10_pickle_format(tmp_path):
+class _Planted:
+    """Unpickling this creates a marker file: what a crafted CIFAR batch could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_cifar10_pickle_batches_are_refused_without_unpickling(tmp_path):
     sub = tmp_path / "cifar-10-batches-py"
     sub.mkdir()
-    first = None
-    for fname in data.CIFAR10_PICKLE_TRAIN + data.CIFAR10_PICKLE_TEST:
-        x, y = _fake_cifar(2)
-        first = first if first is not None else x
-        batch = {b"data": x.transpose(0, 3, 1, 2).reshape(2, -1), b"labels": list(y)}
+    marker = tmp_path / "code_ran"
+    for fname in data.CIFAR10_PICKLE_FILES:
         with open(sub / fname, "wb") as f:
-            pickle.dump(batch, f)
-    ds = data.load_cifar10_dir(tmp_path, check_sizes=False)
-    assert ds.x_train.shape == (10, 32, 32, 3)
-    np.testing.assert_array_equal(ds.x_train[:2], first)
+            pickle.dump({b"data": _Planted(marker), b"labels": [0]}, f)
+    before = {p.name: p.read_bytes() for p in sub.iterdir()}
+    with pytest.raises(data.DataError, match=r"cifar-10-batches-py/data_batch_1 is a "
+                                             r"python-pickle batch; pickles are not loaded"):
+        data.load_cifar10_dir(tmp_path, check_sizes=False)
+    assert not marker.exists()
+    assert {p.name: p.read_bytes() for p in sub.iterdir()} == before
 
 
 def test_cifar10_bad_record_size_and_missing(tmp_path):
-    with pytest.raises(data.DataError, match="neither the binary batches"):
+    with pytest.raises(data.DataError, match="lacks the binary batches"):
         data.load_cifar10_dir(tmp_path)
     for fname in data.CIFAR10_BINARY_TRAIN + data.CIFAR10_BINARY_TEST:
         np.zeros(100, np.uint8).tofile(tmp_path / fname)
@@ -278,3 +288,62 @@ def test_digits_without_scikit_learn(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(data.DataError, match="pip install scikit-learn"):
         data.load_digits()
+
+
+# ------------------------------------------------------------------------- corrupted files
+
+
+def _good_idx(tmp_path):
+    _write_idx(tmp_path / "good.gz", np.arange(600, dtype=np.uint8).reshape(6, 10, 10) % 251)
+    return (tmp_path / "good.gz").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit_flipped", "not_gzip", "empty"])
+def test_damaged_idx_files_name_the_file_and_stay_untouched(tmp_path, damage):
+    raw = _good_idx(tmp_path)
+    if damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "bit_flipped":
+        mid = len(raw) // 2
+        raw = raw[:mid] + bytes([raw[mid] ^ 0x10]) + raw[mid + 1:]
+    elif damage == "not_gzip":
+        raw = b"this is not gzip data at all" * 4
+    else:
+        raw = b""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(raw)
+    with pytest.raises(data.DataError, match=r"train-images-idx3-ubyte\.gz"):
+        data.read_idx(path)
+    assert path.read_bytes() == raw
+
+
+def test_truncated_idx_header_names_the_file(tmp_path):
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + b"\x00\x00\x00")
+    with pytest.raises(data.DataError, match=r"short\.gz: IDX header truncated"):
+        data.read_idx(tmp_path / "short.gz")
+
+
+# ------------------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_held_out_of_training_and_fixed():
+    full = data.load_dataset("digits")
+    ds = data.load_dataset("digits", validation_size=0.1)
+    assert full.x_val is None and len(ds.x_val) == 144 and len(ds.x_train) == 1438 - 144
+    assert ds.x_val.shape[1:] == ds.x_train.shape[1:] and ds.y_val.dtype == np.int32
+    # Together they are exactly the original training set, each example once.
+    merged = np.concatenate([ds.x_train, ds.x_val]).reshape(1438, -1)
+    np.testing.assert_array_equal(np.sort(merged, axis=0),
+                                  np.sort(full.x_train.reshape(1438, -1), axis=0))
+    again = data.load_dataset("digits", validation_size=144)
+    np.testing.assert_array_equal(again.x_val, ds.x_val)  # a count and a fraction agree
+    other = data.load_dataset("digits", validation_size=144, validation_seed=1)
+    assert not np.array_equal(other.y_val, ds.y_val)
+    np.testing.assert_array_equal(ds.x_test, full.x_test)  # the test split is untouched
+
+
+@pytest.mark.parametrize("size", [-1, 1438, 5000, 2.5])
+def test_validation_size_errors_name_the_argument(size):
+    with pytest.raises(ValueError, match=rf"validation_size={size!r} must be"):
+        data.load_dataset("digits", validation_size=size)
