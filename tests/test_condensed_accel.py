@@ -113,6 +113,21 @@ def test_interpreted_kernels_match_the_reference(cases, impl):
                C.condensed_dense(x, layer, impl="reference"), x.dtype)
 
 
+@pytest.mark.parametrize("dma_mode", ["on_wait", "eager"])
+def test_tpu_double_buffering_is_race_free(cases, dma_mode):
+    """The interpreter's happens-before race detector over the prefetch of group g + 1
+    while group g computes, with DMAs run when waited on and as soon as issued."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+    from jax.experimental.pallas import tpu as pltpu
+
+    x, layer = cases[0]
+    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=dma_mode)
+    y = pallas_tpu.condensed_matmul_tpu(x, layer.values, layer.indices, layer.bias,
+                                        group_size=layer.group_size, interpret=params)
+    assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+    _close(y, C.condensed_dense(x, layer, impl="reference"), x.dtype)
+
+
 def test_interpreted_tpu_kernel_traced_bad_index_gives_nan(cases):
     x, layer = cases[0]
     bad = layer.replace(indices=layer.indices.at[1, 0].set(-3))  # group 1 = neurons 4..7

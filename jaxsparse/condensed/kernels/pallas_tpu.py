@@ -100,6 +100,12 @@ def _kernel(idx_ref, xt_hbm, v_ref, b_ref, o_ref, rows, sems, *, k: int, block_b
     o_ref[0] = (acc + b_ref[0]).astype(o_ref.dtype)
 
 
+def _interpret_params(interpret):
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret else False
+
+
 def _call(x, values, indices, bias, *, group_size: int, config: TpuConfig, interpret):
     lead, n_in = x.shape[:-1], x.shape[-1]
     n_active, k = values.shape
@@ -136,7 +142,7 @@ def _call(x, values, indices, bias, *, group_size: int, config: TpuConfig, inter
         out_shape=jax.ShapeDtypeStruct((n_groups, g, b_p), x.dtype),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=_interpret_params(interpret),
         name="condensed_matmul_tpu",
     )(idx, xt, v3, b3)
     return yt.reshape(n_active, b_p)[:, :batch].T.reshape(*lead, n_active)
@@ -146,7 +152,7 @@ _jitted = jax.jit(_call, static_argnames=("group_size", "config", "interpret"))
 
 
 def condensed_matmul_tpu(x, values, indices, bias=None, *, group_size: int = 1,
-                         config: TpuConfig = TpuConfig(), interpret: bool = False):
+                         config: TpuConfig = TpuConfig(), interpret=False):
     """``y[..., i] = sum_j values[i, j] * x[..., indices[i // G, j]] + bias[i]`` on TPU.
 
     Args:
@@ -155,7 +161,8 @@ def condensed_matmul_tpu(x, values, indices, bias=None, *, group_size: int = 1,
         bias: optional ``[n_active]``.
         group_size: neurons sharing one index list (an MXU tile wants 8 or more).
         config: :class:`TpuConfig`.
-        interpret: run in the Pallas TPU interpret mode (any backend; tests).
+        interpret: run in the Pallas TPU interpret mode (any backend; tests): ``True`` or a
+            ``pltpu.InterpretParams`` (e.g. with ``detect_races=True``).
 
     Index ranges are checked first (:func:`jaxsparse.condensed.checks.guarded`): concrete
     indices on the host (error), traced ones clamped with the affected outputs set to NaN.
