@@ -1,4 +1,7 @@
-"""Markdown tables (mean +- std over seeds) from a sweep's ``results.jsonl``.
+"""Markdown tables (mean +- sample std, ddof=1, over seeds) from a sweep's ``results.jsonl``.
+
+For RESULTS.md (every table and number generated from all records, with intervals and
+tests) see :mod:`experiments.results_report`; this prints one sweep's tables.
 
   python -m experiments.results_table --results runs/mnist_lenet300/results.jsonl \
       [--published lenet300_mnist] [--neurons]
@@ -46,7 +49,8 @@ def accuracy_table(records, published=None) -> str:
                 cells.append("-")
                 continue
             acc = 100 * np.array([r["test_accuracy"] for r in runs])
-            cell = f"{acc.mean():.2f} +- {acc.std():.2f} (n={len(acc)})"
+            sd = f"{acc.std(ddof=1):.2f}" if len(acc) > 1 else "n/a"
+            cell = f"{acc.mean():.2f} +- {sd} (n={len(acc)})"
             pub = (published or {}).get(m, {})
             ref = pub.get(s, pub.get(0.0) if m == "dense" else None)
             if ref is not None:

@@ -12,8 +12,11 @@ def test_accuracy_table_mean_std_and_published():
     text = results_table.accuracy_table(recs, results_table.PUBLISHED["lenet300_mnist"])
     lines = text.splitlines()
     assert lines[0] == "| method | 90% |"
-    assert "98.50 +- 0.50 (n=2) / pub. 98.69" in lines[2]
-    assert "96.00 +- 1.00 (n=2) / pub. 98.39" in lines[3]
+    # Sample std (ddof=1): |a - b| / sqrt(2) for two values.
+    assert "98.50 +- 0.71 (n=2) / pub. 98.69" in lines[2]
+    assert "96.00 +- 1.41 (n=2) / pub. 98.39" in lines[3]
+    one = results_table.accuracy_table([_rec("set", 0.9, 0, 0.97)])
+    assert "97.00 +- n/a (n=1)" in one
 
 
 def test_neurons_table():
