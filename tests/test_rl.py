@@ -1,0 +1,94 @@
+"""DQN with a sparse Q-network on gymnax CartPole: a tiny run learns, records and errors."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("gymnax")
+
+from experiments.configs import rl_cartpole_tiny  # noqa: E402
+from experiments.rl import dqn, run  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_records():
+    c = rl_cartpole_tiny.get_config()
+    cfg = run.dqn_config(c, "rigl", 0.8)
+    return cfg, run.run_setting(cfg, seeds=(0, 1))
+
+
+@pytest.fixture(scope="module")
+def random_return():
+    return float(dqn.random_policy_return("CartPole-v1", jax.random.key(0), 256))
+
+
+def test_random_policy_is_weak(random_return):
+    # CartPole's uniform random policy lasts ~22 steps.
+    assert 10.0 < random_return < 40.0
+
+
+def test_sparse_dqn_beats_random_policy(tiny_records, random_return):
+    cfg, records = tiny_records
+    finals = [r for r in records if r["event"] == "final"]
+    assert [r["seed"] for r in finals] == [0, 1]
+    returns = np.array([r["final_return"] for r in finals])
+    # Both seeds' greedy policies beat the random policy by a wide margin.
+    assert np.all(returns > random_return + 50.0), (returns, random_return)
+    for r in finals:
+        assert r["sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert r["gradient_steps"] == dqn.train_iterations(cfg)
+        assert r["env_steps"] == (dqn.warmup_iterations(cfg) + r["gradient_steps"]) * cfg.num_envs
+        assert json.loads(r["config"])["algorithm"] == "rigl"
+
+
+def test_training_return_rises(tiny_records):
+    _, records = tiny_records
+    for r in (r for r in records if r["event"] == "curve"):
+        curve = np.array([np.nan if v is None else v for v in r["train_return"]])
+        assert len(curve) == rl_cartpole_tiny.get_config().num_logs
+        assert np.nanmean(curve[-2:]) > 2 * np.nanmean(curve[:2]), curve
+        assert all(np.isfinite(r["td_loss"]))
+
+
+def test_seeds_differ(tiny_records):
+    _, records = tiny_records
+    curves = [r["train_return"] for r in records if r["event"] == "curve"]
+    assert curves[0] != curves[1]
+
+
+def test_table_and_plot(tiny_records, tmp_path):
+    _, records = tiny_records
+    table = run.summary_table(records)
+    assert "| rigl |" in table and "(n=2)" in table and "80%" in table
+    out = run.plot_returns(records, tmp_path / "returns.png", "CartPole-v1")
+    assert out.stat().st_size > 1000
+
+
+def test_settings_run_dense_once():
+    assert run.settings(("dense", "set"), (0.8, 0.9)) == [
+        ("dense", 0.0), ("set", 0.8), ("set", 0.9)]
+
+
+def test_unknown_env_name():
+    with pytest.raises(ValueError, match="'CartPoleX-v1'.*not a gymnax environment"):
+        dqn.make_env("CartPoleX-v1")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("algorithm", "snip", "unknown algorithm 'snip'"),
+    ("buffer_size", 1001, "buffer_size=1001 must be a multiple of num_envs=4"),
+    ("learning_starts", 10, "learning_starts=10 must be >= batch_size=64"),
+    ("total_steps", 1100, "total_steps=1100 leaves 25 learning iterations"),
+])
+def test_bad_config(field, value, message):
+    cfg = dqn.DQNConfig(num_envs=4)._replace(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        dqn.check_config(cfg)
+
+
+def test_unknown_algorithm_on_command_line(tmp_path):
+    with pytest.raises(ValueError, match="--algorithms: unknown algorithm 'ppo'"):
+        run.main(["--config=experiments/configs/rl_cartpole_tiny.py", f"--out={tmp_path}",
+                  "--algorithms=ppo"])
