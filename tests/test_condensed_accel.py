@@ -128,6 +128,21 @@ def test_tpu_double_buffering_is_race_free(cases, dma_mode):
     _close(y, C.condensed_dense(x, layer, impl="reference"), x.dtype)
 
 
+def test_mosaic_gpu_persistent_blocks_are_race_free(cases):
+    """Two persistent blocks walking three work items (block 0 reuses its shared-memory
+    buffers for its second item), under the GPU interpreter's race detector."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    x, layer = cases[0]
+    y = pallas_mosaic_gpu.condensed_matmul_mosaic_gpu(
+        x, layer.values, layer.indices, layer.bias, group_size=layer.group_size,
+        interpret=InterpretGPUParams(detect_races=True),
+        config=pallas_mosaic_gpu.MosaicGpuConfig(blocks=2))
+    assert not gpu_callbacks.get_races().races_found
+    _close(y, C.condensed_dense(x, layer, impl="reference"), x.dtype)
+
+
 def test_interpreted_tpu_kernel_traced_bad_index_gives_nan(cases):
     x, layer = cases[0]
     bad = layer.replace(indices=layer.indices.at[1, 0].set(-3))  # group 1 = neurons 4..7

@@ -153,7 +153,8 @@ def _call(x, values, indices, bias, *, group_size: int, config: MosaicGpuConfig,
         grid=(blocks,),
         grid_names=("blocks",),
         compiler_params=plgpu.CompilerParams(),
-        interpret=interpret_params() if interpret else None,
+        interpret=(interpret if not isinstance(interpret, bool)
+                   else interpret_params() if interpret else None),
     )(idx, v3, b2, xt)
     return yt[:, :batch].T.reshape(*lead, n_active)
 
@@ -163,7 +164,7 @@ _jitted = jax.jit(_call, static_argnames=("group_size", "config", "interpret"))
 
 def condensed_matmul_mosaic_gpu(x, values, indices, bias=None, *, group_size: int = 1,
                                 config: MosaicGpuConfig = MosaicGpuConfig(),
-                                interpret: bool = False):
+                                interpret=False):
     """``y[..., i] = sum_j values[i, j] * x[..., indices[i // G, j]] + bias[i]``, Mosaic GPU.
 
     Args:
@@ -172,14 +173,15 @@ def condensed_matmul_mosaic_gpu(x, values, indices, bias=None, *, group_size: in
         bias: optional ``[n_active]``.
         group_size: neurons sharing one index list.
         config: :class:`MosaicGpuConfig`.
-        interpret: run in the Mosaic GPU interpret mode on any backend (tests).
+        interpret: run in the Mosaic GPU interpret mode on any backend (tests): ``True`` or
+            an ``InterpretGPUParams`` (e.g. with ``detect_races=True``).
 
     Index ranges are checked first (:func:`jaxsparse.condensed.checks.guarded`): concrete
     indices on the host (error), traced ones clamped with the affected outputs set to NaN.
     """
     check_operands(x, values, indices, bias, group_size=group_size,
                    name="condensed_matmul_mosaic_gpu")
-    if interpret and interpret_params() is None:
+    if interpret is True and interpret_params() is None:
         raise RuntimeError("this JAX has no Mosaic GPU interpret mode")
     if bias is None:
         bias = jnp.zeros((values.shape[0],), values.dtype)
