@@ -24,8 +24,13 @@ logic. Sizes are padded so every TMA moves
 a multiple of 128 bytes (``k`` to 32 or 64 slots, the bias to 32 lanes).
 
 Not yet measured on a GPU (none was available while writing it): the per-neuron
-accumulation runs on CUDA cores; a tensor-core (WGMMA) version, ``[block_b, k] @ [k, G]``
-per group with ``G >= 8``, is the next step once it can be timed.
+accumulation runs on CUDA cores. A tensor-core (WGMMA) version, ``values[g] [G, k] @
+rows [k, block_b]`` per group (``G = 64``, bf16), was tried without a GPU and needs one to
+finish: JAX 0.10 refuses a one-row TMA into a tiled/swizzled shared-memory buffer (the
+slice start must be a multiple of the 8-row tile), copying the gathered rows through
+registers into a swizzled buffer fails Mosaic GPU's bank-conflict-free transfer planning,
+and the interpret mode implements neither ``transpose_ref`` nor ``layout_cast``, so it could
+not be checked on CPU either.
 
 Example:
     >>> y = condensed_matmul_mosaic_gpu(x, layer.values, layer.indices, layer.bias,
