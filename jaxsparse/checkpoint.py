@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 PyTree = Any
@@ -188,7 +188,10 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 2):
-        self.directory = Path(directory).absolute()
+        # epath: local folders and cloud buckets (gs://...) alike.
+        directory = os.fspath(directory)
+        self.directory = epath.Path(directory if "://" in directory
+                                    else os.path.abspath(directory))
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -201,7 +204,7 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def manifest_path(self, step: int) -> Path:
+    def manifest_path(self, step: int) -> epath.Path:
         return self.directory / str(step) / MANIFEST
 
     def save(self, step: int, tree: PyTree, shardings: PyTree | None = None) -> None:
@@ -304,7 +307,7 @@ def _to_disk_manifest(tree):
 
 def disk_bytes(directory: str | os.PathLike) -> int:
     """Total size of the files under ``directory`` (for bits-per-weight accounting)."""
-    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in epath.Path(directory).rglob("*") if f.is_file())
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh_shape = (4, 2)
     c.mesh_axes = ("data", "model")
     c.logical_axis_rules = DEFAULT_RULES
+    # "auto": jax.distributed.initialize() from the environment (TPU pod slices, SLURM);
+    # local multi-process runs get their coordinator from experiments/lm/launch.py.
+    c.distributed = ""
     # Sparsity and optimizer: the fields of experiments/configs/base.py, built by
     # experiments.train.make_optimizer (algorithms: dense, static, set, rigl, snfs, srigl,
     # magnitude, random, granet).

@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 STDLIB_TRAIN = (
     "argparse", "ast", "base64", "bisect", "calendar", "codecs", "configparser", "contextlib",
@@ -55,7 +56,7 @@ class CorpusError(ValueError):
     """A corpus folder or file that cannot be used."""
 
 
-def _read(files: list[Path]) -> np.ndarray:
+def _read(files: list) -> np.ndarray:
     parts = []
     for f in files:
         try:
@@ -85,7 +86,8 @@ def stdlib_files() -> tuple[list[Path], list[Path]]:
 
 def load_text_dir(folder: str | os.PathLike, valid_fraction: float = 0.1,
                   suffixes: tuple[str, ...] = (".txt", ".md", ".py", ".rst")) -> Corpus:
-    """Every file under ``folder`` (recursively) whose name ends in one of ``suffixes``,
+    """Every file under ``folder`` (recursively; a ``gs://`` bucket folder: its top level)
+    whose name ends in one of ``suffixes``,
     sorted by relative path; the last ``ceil(valid_fraction * n)`` files (at least one) are
     the validation set.
 
@@ -93,12 +95,15 @@ def load_text_dir(folder: str | os.PathLike, valid_fraction: float = 0.1,
       CorpusError: naming ``folder`` when it is missing, holds fewer than 2 such files, or
         ``valid_fraction`` is outside (0, 1).
     """
-    folder = Path(folder)
+    # Local folders recursively; cloud buckets (gs://..., through epath) one level deep.
+    remote = "://" in os.fspath(folder)
+    folder = epath.Path(folder) if remote else Path(folder)
     if not 0.0 < valid_fraction < 1.0:
         raise CorpusError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
     if not folder.is_dir():
         raise CorpusError(f"corpus folder {str(folder)!r} does not exist")
-    files = sorted((f for f in folder.rglob("*") if f.is_file() and f.name.endswith(suffixes)),
+    found = folder.glob("*") if remote else folder.rglob("*")
+    files = sorted((f for f in found if f.is_file() and f.name.endswith(suffixes)),
                    key=lambda f: f.relative_to(folder).as_posix())
     if len(files) < 2:
         raise CorpusError(f"corpus folder {str(folder)!r} holds {len(files)} file(s) ending in "

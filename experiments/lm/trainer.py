@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -170,9 +170,9 @@ def replicated_array(x: np.ndarray, setup: LMSetup) -> jax.Array:
     return jax.make_array_from_callback(x.shape, setup.replicated, lambda idx: x[idx])
 
 
-def _write(path: Path | None, record: dict) -> None:
+def _write(path: epath.Path | None, record: dict) -> None:
     if path is not None:
-        with open(path, "a") as f:
+        with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -216,11 +216,11 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     setup = make_setup(c, devices)
     if resume and state is None and workdir is not None:
         from jaxsparse.checkpoint import Checkpointer
-        ck = Checkpointer(Path(workdir) / "checkpoints")
+        ck = Checkpointer(epath.Path(workdir) / "checkpoints")
         has = ck.latest_step() is not None
         ck.close()
         if has:
-            state = restore_state(setup, Path(workdir) / "checkpoints")
+            state = restore_state(setup, epath.Path(workdir) / "checkpoints")
     corpus = data_lib.load_corpus(c.corpus, c.data_dir or None)
     data = replicated_array(corpus.train, setup)
     n_data = setup.mesh.shape[dict(setup.rules).get("batch")]
@@ -230,7 +230,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     state = init_state(setup) if state is None else state
     end = int(c.num_steps if num_steps is None else num_steps)
     lead = jax.process_index() == 0
-    out = Path(workdir) if workdir is not None else None
+    out = epath.Path(workdir) if workdir is not None else None
     if out is not None and lead:
         out.mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl" if out is not None and lead else None
@@ -299,10 +299,12 @@ def main(argv):
     from absl import flags, logging
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     c = flags.FLAGS.config
-    if flags.FLAGS.coordinator:
+    if flags.FLAGS.coordinator:  # local processes (experiments/lm/launch.py), CPU devices
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(flags.FLAGS.coordinator, flags.FLAGS.num_processes,
                                    flags.FLAGS.process_id)
+    elif c.get("distributed", "") == "auto":  # TPU pod slice / cluster: found by JAX
+        jax.distributed.initialize()
     _, final = train(c, flags.FLAGS.workdir, resume=flags.FLAGS.resume)
     if jax.process_index() == 0:
         print(json.dumps(final))
