@@ -80,7 +80,7 @@ def test_unknown_env_name():
     ("algorithm", "snip", "unknown algorithm 'snip'"),
     ("buffer_size", 1001, "buffer_size=1001 must be a multiple of num_envs=4"),
     ("learning_starts", 10, "learning_starts=10 must be >= batch_size=64"),
-    ("total_steps", 1100, "total_steps=1100 leaves 25 learning iterations"),
+    ("total_steps", 1100, "total_steps=1100 leaves 0 learning iterations, fewer than num_logs=50"),
 ])
 def test_bad_config(field, value, message):
     cfg = dqn.DQNConfig(num_envs=4)._replace(**{field: value})
