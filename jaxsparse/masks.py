@@ -178,13 +178,33 @@ def mask_leaves(masks: Masks) -> list:
     return jax.tree.leaves(masks, is_leaf=is_none)
 
 
+def validate_prunable_masks(masks: Masks, params: PyTree) -> None:
+    """:func:`validate_masks`, and every masked leaf must be floating-point.
+
+    Only floating-point leaves are pruned, so :func:`apply_masks` and :func:`sparse_init`
+    never change a bool or integer leaf: a mask over one is refused.
+
+    Raises:
+      ValueError: as :func:`validate_masks`.
+      TypeError: a mask covers a bool or integer parameter (the error names it).
+    """
+    validate_masks(masks, params)
+    m_flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_none)
+    for (path, m), p in zip(m_flat, jax.tree.leaves(params), strict=True):
+        if m is not None and not is_floating(p):
+            raise TypeError(
+                f"mask for {path_to_str(path)!r} covers a leaf of dtype {leaf_dtype(p)}; only "
+                f"floating-point leaves can be masked: give this leaf a None mask"
+            )
+
+
 def apply_masks(params: PyTree, masks: Masks) -> PyTree:
     """Zeroes the inactive weights: ``where(mask, w, 0)`` on prunable leaves.
 
     Example:
         >>> params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
     """
-    validate_masks(masks, params)
+    validate_prunable_masks(masks, params)
     return map_masked(lambda m, w: jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params)
 
 
@@ -204,7 +224,7 @@ def sparse_init(params: PyTree, masks: Masks) -> PyTree:
       >>> state = tx.init(params)
       >>> params = jaxsparse.sparse_init(params, jaxsparse.get_masks(state))
     """
-    validate_masks(masks, params)
+    validate_prunable_masks(masks, params)
 
     def rescale(m, w):
         if m.ndim == 0 or m.size == 0:
@@ -225,8 +245,6 @@ def validate_masks(masks: Masks, params: PyTree) -> None:
     Raises:
       ValueError: the trees differ in structure, a mask is not a bool array or its shape
         differs from the parameter's.
-      TypeError: a mask covers a bool or integer parameter (only floating-point leaves are
-        pruned, so :func:`apply_masks` and :func:`sparse_init` never change other leaves).
     """
     if masks is None or (hasattr(masks, "masks") and hasattr(masks, "inner_state")):
         raise ValueError(
@@ -258,11 +276,6 @@ def validate_masks(masks: Masks, params: PyTree) -> None:
             raise ValueError(
                 f"mask for {path!r} has shape {tuple(m.shape)} but the parameter has shape "
                 f"{tuple(np.shape(p))}"
-            )
-        if not is_floating(p):
-            raise TypeError(
-                f"mask for {path!r} covers a leaf of dtype {leaf_dtype(p)}; only "
-                f"floating-point leaves can be masked: give this leaf a None mask"
             )
 
 

@@ -48,6 +48,7 @@ from jaxsparse.masks import (
     map_masked,
     path_to_str,
     validate_masks,
+    validate_prunable_masks,
 )
 from jaxsparse.transform import SparsityRule, sparse_transform
 
@@ -378,7 +379,7 @@ def fixed_masks(inner: optax.GradientTransformation, masks: Masks,
 
     def init_masks(params, key):
         del key
-        validate_masks(masks, params)
+        validate_prunable_masks(masks, params)
         return masks
 
     rule = SparsityRule(

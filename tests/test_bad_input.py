@@ -243,6 +243,9 @@ CASES = [
     ("fixed-masks-shape", lambda p: pai.fixed_masks(
         SGD, _masks_with(p, "dense1/kernel", jnp.ones((8, 16), bool))).init(p),
      ValueError, r"mask for 'dense1/kernel' has shape \(8, 16\)"),
+    ("fixed-masks-over-int8", lambda p: pai.fixed_masks(SGD, {"q": jnp.ones((2, 2), bool)}).init(
+        {"q": jnp.ones((2, 2), jnp.int8)}),
+     TypeError, r"mask for 'q' covers a leaf of dtype int8"),
     ("imp-rounds", lambda p: lottery.imp(lambda *a: None, p, num_steps=10, rounds=0,
                                          prune_fraction=0.2),
      ValueError, r"rounds must be an int >= 1, got 0"),
