@@ -121,12 +121,14 @@ def add_stats(a: InputStats | None, b: InputStats) -> InputStats:
     return InputStats(gram, a.sq_norms + b.sq_norms, a.count + b.count)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def _select(scores, pat: Pattern) -> jax.Array:
     if pat.nm is not None:
         return topology.nm_mask(scores, *pat.nm)
     return topology.top_k_per_neuron(scores, kept_per_neuron(scores.shape[0], pat.sparsity))
 
 
+@jax.jit
 def _masked(kernel, mask) -> LayerResult:
     return LayerResult(jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask)
 
