@@ -6,15 +6,25 @@ leaf's path, shape and dtype, so restoring into a different model fails with an 
 names the first mismatching leaf instead of an opaque shape error. Typed PRNG keys
 (``jax.random.key``) are stored as their raw ``key_data`` and re-wrapped on restore.
 
+Restoring without a step takes the newest *intact* checkpoint: a step whose metadata or
+arrays cannot be read (a run killed mid-save on a filesystem without atomic renames, a
+truncated or edited file) is skipped with a warning naming it. Errors name the file or step
+folder: :class:`CheckpointCorruptError` (unreadable), :class:`CheckpointWriteError` (the
+directory cannot be written; the previous checkpoints are kept),
+:class:`CheckpointMismatchError` (another model or optimizer).
+
 Example:
   >>> ckpt = Checkpointer(workdir + "/checkpoints")
   >>> ckpt.save(step, state, {"data_position": [epoch, index]})
-  >>> state, meta = ckpt.restore(fresh_state)     # latest step
+  >>> state, meta = ckpt.restore(fresh_state)     # newest intact step
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -24,6 +34,14 @@ import orbax.checkpoint as ocp
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written for a different model or optimizer."""
+
+
+class CheckpointCorruptError(ValueError):
+    """A checkpoint's files cannot be read (truncated, corrupted or missing)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (read-only or full disk)."""
 
 
 def _is_key(x) -> bool:
@@ -79,23 +97,65 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any, meta: dict | None = None, force: bool = True) -> None:
-        """Saves ``state`` (any pytree of arrays / typed keys) and JSON-able ``meta``."""
+        """Saves ``state`` (any pytree of arrays / typed keys) and JSON-able ``meta``.
+
+        Raises:
+          CheckpointWriteError: the directory cannot be written (naming it); the checkpoints
+            already there are left as they were.
+        """
         paths, shapes, dtypes, leaves = _describe(state)
         record = dict(meta or {})
         record["_leaves"] = {"paths": paths, "shapes": shapes, "dtypes": dtypes}
         arrays = {_name(i): x for i, x in enumerate(leaves)}
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                    meta=ocp.args.JsonSave(record)),
-            force=force,
-        )
+        self._check_writable(step)
+        try:
+            self._manager.save(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                        meta=ocp.args.JsonSave(record)),
+                force=force,
+            )
+        except OSError as e:
+            raise self._write_error(step, e) from e
+
+    def _check_writable(self, step: int) -> None:
+        # A probe file, not os.access: permission bits do not bind root, and an immutable or
+        # read-only-mounted directory refuses writes whatever the bits say.
+        probe = Path(self.directory) / f".write_probe_{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise self._write_error(step, e) from e
+
+    def _write_error(self, step, e: OSError) -> CheckpointWriteError:
+        kept = self.all_steps()
+        return CheckpointWriteError(
+            f"cannot write checkpoint step {step} to {self.directory} ({e.strerror or e}); "
+            f"the checkpoints already there are kept (steps {kept}). Free space or make the "
+            "directory writable, then resume.")
+
+    def meta_path(self, step: int) -> Path:
+        return Path(self.directory) / str(int(step)) / "meta" / "metadata"
 
     def read_meta(self, step: int | None = None) -> dict:
-        """The JSON metadata saved with ``step`` (default: latest)."""
+        """The JSON metadata saved with ``step`` (default: latest).
+
+        Raises:
+          CheckpointCorruptError: the metadata file is missing, truncated or not the
+            checkpointer's (the message names the file).
+        """
         step = self._resolve(step)
-        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out["meta"])
+        path = self.meta_path(step)
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointCorruptError(
+                f"{path}: checkpoint metadata unreadable ({type(e).__name__}: {e})") from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("_leaves"), dict):
+            raise CheckpointCorruptError(
+                f"{path}: not a jaxsparse checkpoint's metadata (no '_leaves' record)")
+        return meta
 
     def _resolve(self, step):
         if step is None:
@@ -105,22 +165,50 @@ class Checkpointer:
         return int(step)
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores the checkpoint at ``step`` (default: latest) into ``target``'s structure.
+        """Restores the checkpoint at ``step`` into ``target``'s structure.
 
         ``target`` is a state of the same model and optimizer (e.g. a fresh init); its arrays
-        give the dtypes and shardings. Raises :class:`CheckpointMismatchError` naming the
-        first leaf whose path, shape or dtype differs.
+        give the dtypes and shardings. Without ``step``, the newest intact checkpoint: broken
+        newer ones are skipped with a warning naming them.
+
+        Raises:
+          CheckpointMismatchError: naming the first leaf whose path, shape or dtype differs.
+          CheckpointCorruptError: ``step`` (or, without it, every checkpoint) is unreadable.
+          FileNotFoundError: there is no checkpoint.
         """
-        step = self._resolve(step)
+        if step is not None:
+            return self._restore_step(target, int(step))
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        broken = []
+        for s in steps:
+            try:
+                return self._restore_step(target, s)
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable step: try an older one
+                broken.append(f"{Path(self.directory) / str(s)} ({type(e).__name__}: {e})")
+                if s != steps[-1]:
+                    warnings.warn(f"checkpoint {broken[-1]} is broken; falling back to the "
+                                  "next older one", stacklevel=2)
+        raise CheckpointCorruptError("no intact checkpoint: " + "; ".join(broken))
+
+    def _restore_step(self, target: Any, step: int) -> tuple[Any, dict]:
         meta = self.read_meta(step)
         saved = meta.pop("_leaves")
         paths, shapes, dtypes, leaves = _describe(target)
         check_compatible(saved, {"paths": paths, "shapes": shapes, "dtypes": dtypes},
                          where=f"{self.directory} step {step}", meta=meta)
         abstract = {_name(i): x for i, x in enumerate(leaves)}
-        out = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )
+        try:
+            out = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types
+            raise CheckpointCorruptError(
+                f"{Path(self.directory) / str(step) / 'state'}: arrays unreadable "
+                f"({type(e).__name__}: {e})") from e
         restored = out["state"]
         _, treedef = jax.tree_util.tree_flatten(target)
         target_leaves = jax.tree_util.tree_leaves(target)
@@ -133,7 +221,10 @@ class Checkpointer:
         return jax.tree_util.tree_unflatten(treedef, new_leaves), meta
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise self._write_error("(in progress)", e) from e
 
     def close(self) -> None:
         self._manager.wait_until_finished()

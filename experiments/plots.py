@@ -125,9 +125,13 @@ def plot_itop(metrics: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
 
 
 def plot_curves(metrics: dict[str, str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Test accuracy vs step, one line per run."""
-    return _plot_series(metrics, out, "eval", "test_accuracy", "test accuracy",
-                        "test accuracy during training")
+    """Validation accuracy vs step, one line per run (test accuracy for runs without a
+    validation split: their per-epoch evaluations used the test split)."""
+    with_val = any(r.get("event") == "eval" and "val_accuracy" in r
+                   for path in metrics.values() for r in load_jsonl(path))
+    key, name = ("val_accuracy", "validation") if with_val else ("test_accuracy", "test")
+    return _plot_series(metrics, out, "eval", key, f"{name} accuracy",
+                        f"{name} accuracy during training")
 
 
 def plot_active_neurons(metrics: dict[str, str | os.PathLike], out: str | os.PathLike,

@@ -1,8 +1,10 @@
 """Grid sweep: methods x sparsities x seeds of ``experiments.train``, run in-process.
 
 Each finished run appends one record (final test accuracy, sparsity, wall time, machine,
-config) to ``<out>/results.jsonl``; runs already in that file are skipped, so an interrupted
-sweep continues where it stopped. Each run keeps its metrics in ``<out>/runs/<name>/``.
+config) to ``<out>/results.jsonl``; runs already in that file are skipped, and a run that an
+interruption left unfinished resumes from its newest intact checkpoint (``train(...,
+resume=True)``, which refuses a changed config), so an interrupted sweep continues where it
+stopped. Each run keeps its metrics and checkpoints in ``<out>/runs/<name>/``.
 Dense runs ignore the sparsity axis (one per seed).
 
   python -m experiments.sweep --config=experiments/configs/digits_mlp.py --out=/tmp/sweep \
@@ -16,11 +18,9 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
-from experiments import data as data_lib
 from experiments import train as train_lib
 
 
@@ -88,7 +88,7 @@ def sweep(config, out_dir: str | os.PathLike, methods, sparsities, seeds, progre
     out_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / "results.jsonl"
     done = done_runs(results)
-    dataset = data_lib.load_dataset(config.dataset, config.data_dir or None)
+    dataset = train_lib.load_data(config)
     new = []
     for method, sparsity, seed in grid(methods, sparsities, seeds):
         name = run_name(method, sparsity, seed)
@@ -100,9 +100,10 @@ def sweep(config, out_dir: str | os.PathLike, methods, sparsities, seeds, progre
         if method != "dense":
             c.sparsity = sparsity
         workdir = out_dir / "runs" / name
-        if workdir.exists():  # an unfinished run from an interrupted sweep: start it again
-            shutil.rmtree(workdir)
-        out = train_lib.train(c, workdir, dataset=dataset)
+        resume = workdir.exists()
+        if resume:
+            log(f"{name}: unfinished run in {workdir}, resuming it")
+        out = train_lib.train(c, workdir, resume=resume, dataset=dataset)
         record = {k: v for k, v in out.items() if k not in ("state", "table")}
         record.update(
             run=name, sparsity_target=0.0 if method == "dense" else sparsity,

@@ -3,10 +3,19 @@
   python -m experiments.train --config=experiments/configs/digits_mlp.py \
       --config.algorithm=set --config.sparsity=0.95 --workdir=/tmp/run
   python -m experiments.train --config=... --workdir=/tmp/run --resume   # after a crash
+  python -m experiments.train --config=... --workdir=/tmp/run --resume \
+      --config.epochs=20 --allow_changes=epochs                            # train longer
 
 One jitted train step (batch gather, forward, backward, sparse optimizer update, metric sums)
 per iteration; the host only syncs every ``log_every`` steps (progress bar, train metrics),
-at each epoch end (test evaluation) and when checkpointing. The loss is computed on the
+at each epoch end (validation evaluation; the test split only at the end, or at every
+evaluation when the config holds out no validation split: ``validation_size=0``) and when
+checkpointing. ``--resume`` continues from the newest intact checkpoint and refuses a config
+that differs from the run's ``config.json`` (the error lists the keys).
+
+The function is split along what a reader looks for: :func:`open_run` (workdir, resume,
+config check), :func:`run_loop` (the hot loop), :func:`make_evaluation` and
+:class:`Logger` (asynchronous metric records). The loss is computed on the
 stored, already-masked params and its dense gradient goes to ``tx.update`` (RigL grows by
 it); the forward never multiplies kernel * mask.
 
@@ -25,7 +34,6 @@ import functools
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -55,15 +63,35 @@ class TrainState(NamedTuple):
 # ----------------------------------------------------------------------------- algorithms
 
 
+def _drop_fraction(c) -> dict:
+    """``drop_fraction`` for the factory only when the config sets one (``None`` keeps the
+    algorithm's own default, e.g. SNFS's 0.5 vs RigL's 0.3)."""
+    return {} if c.drop_fraction is None else {"drop_fraction": float(c.drop_fraction)}
+
+
 def _dst(factory):
     def build(inner, c, key, total_steps):
         return factory(
             inner, c.sparsity, key=key, end_step=max(1, int(c.end_fraction * total_steps)),
-            distribution=c.distribution, update_every=c.update_every,
-            drop_fraction=c.drop_fraction, **dict(c.algorithm_kwargs),
+            distribution=c.distribution, update_every=c.update_every, **_drop_fraction(c),
+            **dict(c.algorithm_kwargs),
         )
 
     return build
+
+
+def _nm_pruning(inner, c, key, total_steps):
+    del key
+    end = max(1, int(c.end_fraction * total_steps))
+    return jaxsparse.nm_pruning(
+        inner, end_step=end, begin_step=min(int(c.prune_begin_fraction * total_steps), end - 1),
+        frequency=c.update_every, **dict(c.algorithm_kwargs))
+
+
+def _nm_rigl(inner, c, key, total_steps):
+    return jaxsparse.nm_rigl(
+        inner, key=key, end_step=max(1, int(c.end_fraction * total_steps)),
+        update_every=c.update_every, **_drop_fraction(c), **dict(c.algorithm_kwargs))
 
 
 def _static(inner, c, key, total_steps):
@@ -94,6 +122,8 @@ def algorithm_registry() -> dict:
     """``name -> build(inner, config, key, total_steps) -> optax transformation``.
 
     ``srigl_no_ablation`` is SRigL with ``ablation=False`` (constant fan-in RigL).
+    ``nm_pruning`` / ``nm_rigl`` take N and M from ``algorithm_kwargs`` (default 2:4) and
+    ignore ``sparsity`` (theirs is ``1 - N/M``).
     """
     registry = {
         "dense": _dense,
@@ -107,6 +137,8 @@ def algorithm_registry() -> dict:
     registry["srigl"] = _dst(jaxsparse.srigl)
     registry["srigl_no_ablation"] = _dst(functools.partial(jaxsparse.srigl, ablation=False))
     registry["granet"] = _dst(jaxsparse.granet)
+    registry["nm_pruning"] = _nm_pruning
+    registry["nm_rigl"] = _nm_rigl
     return registry
 
 
@@ -114,7 +146,8 @@ def learning_rate_schedule(c, total_steps: int):
     """Linear warmup then cosine decay to 0, constant, or step decay, as ``count -> lr``.
 
     ``step``: multiply by ``lr_decay_factor`` at each epoch in ``lr_decay_epochs`` (the rigl
-    MNIST recipe: /3 at epochs 75 and 95). Written out rather than with optax's schedules,
+    MNIST recipe: /3 at epochs 75 and 95) and at each step in ``lr_decay_steps``
+    (sparse_learning: x0.1 every 25k iterations). Written out rather than with optax's schedules,
     whose int/float mixing fails under ``jax_numpy_dtype_promotion="strict"``.
     """
     if c.lr_schedule not in ("cosine", "constant", "step"):
@@ -131,6 +164,7 @@ def learning_rate_schedule(c, total_steps: int):
         if steps_per_epoch is None:
             raise ValueError("lr_schedule='step' counts epochs; set epochs, not num_steps")
         boundaries = [float(round(e * steps_per_epoch)) for e in c.lr_decay_epochs]
+        boundaries += [float(b) for b in c.get("lr_decay_steps", ())]
 
     def schedule(count):
         t = jnp.asarray(count).astype(jnp.float32)
@@ -205,8 +239,10 @@ def zero_sums():
     )
 
 
-def make_eval(model, x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
-    """``params -> {"test_loss", "test_accuracy"}`` (device scalars) over the whole test set in one jitted call."""
+def make_eval(model, x_test: np.ndarray, y_test: np.ndarray, batch_size: int,
+              prefix: str = "test"):
+    """``params -> {"<prefix>_loss", "<prefix>_accuracy"}`` (device scalars) over the whole
+    split ``(x_test, y_test)`` in one jitted call."""
     n = len(x_test)
     batch_size = min(batch_size, n)
     n_chunks = -(-n // batch_size)
@@ -230,7 +266,8 @@ def make_eval(model, x_test: np.ndarray, y_test: np.ndarray, batch_size: int):
 
         loss, correct = jax.lax.fori_loop(
             0, n_chunks, body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)))
-        return {"test_loss": loss / n, "test_accuracy": correct.astype(jnp.float32) / n}
+        return {f"{prefix}_loss": loss / n,
+                f"{prefix}_accuracy": correct.astype(jnp.float32) / n}
 
     return lambda params: evaluate(params, x, y, valid)
 
@@ -327,7 +364,10 @@ def create_setup(c, ds: data_lib.Dataset) -> Setup:
 
 
 def load_data(c) -> data_lib.Dataset:
-    return data_lib.load_dataset(c.dataset, c.data_dir or None)
+    """The dataset of config ``c``, with its validation split (``c.validation_size``)."""
+    return data_lib.load_dataset(c.dataset, c.data_dir or None,
+                                 validation_size=c.get("validation_size", 0),
+                                 validation_seed=c.get("validation_seed", 0))
 
 
 def _meta(c, position, step) -> dict:
@@ -342,7 +382,7 @@ def _meta(c, position, step) -> dict:
 
 def restore_state(c, workdir: str | os.PathLike, ds: data_lib.Dataset | None = None,
                   step: int | None = None) -> tuple[TrainState, dict]:
-    """The checkpointed state of a run in ``workdir`` (default: its latest step)."""
+    """The checkpointed state of a run in ``workdir`` (default: its newest intact step)."""
     ds = load_data(c) if ds is None else ds
     setup = create_setup(c, ds)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
@@ -352,7 +392,7 @@ def restore_state(c, workdir: str | os.PathLike, ds: data_lib.Dataset | None = N
         ckpt.close()
 
 
-# ----------------------------------------------------------------------------- loop
+# ----------------------------------------------------------------------------- outputs
 
 
 class JsonlWriter:
@@ -393,87 +433,194 @@ class JsonlWriter:
             self._tb.close()
 
 
-def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
-          resume: bool = False, dataset: data_lib.Dataset | None = None) -> dict:
-    """Trains per config ``c``; returns the final record (accuracy, sparsity, wall time...).
+# ----------------------------------------------------------------------------- resume
 
-    Args:
-      c: a config (see ``experiments/configs/base.py``).
-      workdir: where metrics, checkpoints and config go; ``None`` keeps nothing on disk.
-      resume: continue from the latest checkpoint in ``workdir`` (starts fresh if none).
-      dataset: an already loaded dataset (sweeps reuse one); default: load per ``c``.
+# Fields that do not change what a run computes: ignored when a run is resumed.
+BOOKKEEPING_FIELDS = frozenset({
+    "data_dir", "progress", "print_table", "tensorboard", "log_every", "checkpoint_every",
+    "max_to_keep", "eval_batch_size",
+})
+# Fields a resumed run may change when the caller says so (``allow_changes``): they extend
+# or shorten the run without making its past steps wrong for it.
+RESUMABLE_CHANGES = frozenset({"epochs", "num_steps", "eval_every_epochs"})
+
+
+class ConfigChangedError(ValueError):
+    """``--resume`` with a config that differs from the one the run was started with."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict:
+    """``key -> (saved value, current value)`` for every differing non-bookkeeping field."""
+    a = _flatten(json.loads(json.dumps(saved, default=list)))
+    b = _flatten(json.loads(json.dumps(current, default=list)))
+    keys = sorted((set(a) | set(b)) - BOOKKEEPING_FIELDS)
+    return {k: (a.get(k, "<absent>"), b.get(k, "<absent>")) for k in keys
+            if a.get(k, "<absent>") != b.get(k, "<absent>")}
+
+
+def check_resume_config(saved: dict, c, where: str, allow_changes=()) -> None:
+    """Raises :class:`ConfigChangedError` listing the fields that differ from ``saved``.
+
+    Bookkeeping fields (:data:`BOOKKEEPING_FIELDS`) may always change; the fields named in
+    ``allow_changes`` (only those in :data:`RESUMABLE_CHANGES`, e.g. more ``epochs``) may
+    change when the caller allows them.
     """
-    t_start = time.perf_counter()
-    ds = load_data(c) if dataset is None else dataset
-    setup = create_setup(c, ds)
-    state, total = setup.state, setup.total_steps
-    position = data_lib.Position(0, 0)
+    bad_allow = sorted(set(allow_changes) - RESUMABLE_CHANGES)
+    if bad_allow:
+        raise ValueError(f"allow_changes={bad_allow} cannot change on resume; only "
+                         f"{sorted(RESUMABLE_CHANGES)} can")
+    changes = config_changes(saved, c.to_dict())
+    refused = {k: v for k, v in changes.items() if k not in set(allow_changes)}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        hint = ""
+        if set(refused) <= RESUMABLE_CHANGES:
+            hint = f" Pass --allow_changes={','.join(refused)} to resume with the new value."
+        raise ConfigChangedError(
+            f"{where} was started with another config; differing keys: {listed}. Resume with "
+            f"the run's own config or use a fresh workdir.{hint}")
 
-    ckpt = None
-    log = JsonlWriter(None)
-    if workdir is not None:
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=c.max_to_keep)
-        latest = ckpt.latest_step()
+
+class Run(NamedTuple):
+    """An opened run: the state to continue from and where its outputs go."""
+
+    state: TrainState
+    position: data_lib.Position
+    ckpt: Checkpointer | None
+    log: JsonlWriter
+
+
+def open_run(c, setup: Setup, workdir, resume: bool, allow_changes=()) -> Run:
+    """Prepares ``workdir`` (or nothing when ``None``) and restores the newest intact
+    checkpoint when resuming; refuses existing checkpoints without ``resume`` and a changed
+    config with it (:func:`check_resume_config`)."""
+    state, position = setup.state, data_lib.Position(0, 0)
+    if workdir is None:
+        return Run(state, position, None, JsonlWriter(None))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=c.max_to_keep)
+    latest = ckpt.latest_step()
+    try:
         if latest is not None and not resume:
-            ckpt.close()
             raise FileExistsError(
                 f"{workdir} already holds checkpoints (latest step {latest}); pass --resume "
-                "to continue that run or use a fresh --workdir"
-            )
-        if resume and latest is not None:
+                "to continue that run or use a fresh --workdir")
+        if latest is not None:
+            config_file = workdir / "config.json"
+            if config_file.exists():
+                saved = _read_config(config_file)
+                check_resume_config(saved, c, str(config_file), allow_changes)
             state, meta = ckpt.restore(state)
             position = data_lib.Position(*meta["data_position"])
-            print(f"resumed from step {latest} (epoch {position.epoch}, batch "
+            print(f"resumed from step {int(state.step)} (epoch {position.epoch}, batch "
                   f"{position.index})", file=sys.stderr)
         elif resume:
             print(f"no checkpoint in {workdir}; starting from scratch", file=sys.stderr)
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
-        log = JsonlWriter(workdir / "metrics.jsonl", tensorboard=c.tensorboard)
+    except BaseException:
+        ckpt.close()
+        raise
+    (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    return Run(state, position, ckpt, JsonlWriter(workdir / "metrics.jsonl",
+                                                   tensorboard=c.tensorboard))
 
-    it = data_lib.BatchIterator(ds.x_train, ds.y_train, c.batch_size, seed=c.seed,
-                                position=position)
-    step_fn = make_train_step(setup.model, setup.tx, c.batch_size)
-    evaluate = make_eval(setup.model, ds.x_test, ds.y_test, c.eval_batch_size)
-    stats_fn = make_sparsity_stats(c.algorithm)
 
-    from tqdm.auto import tqdm
+def _read_config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigChangedError(f"{path} is not valid JSON ({e}); cannot check that the "
+                                 "resumed run uses its own config") from e
 
-    start_step = int(state.step)
-    pbar = tqdm(total=total, initial=start_step, disable=not c.progress, dynamic_ncols=True,
-                desc=f"{c.algorithm} {c.sparsity:g}" if c.algorithm != "dense" else "dense")
-    # Records wait here with device values until the next log point, so logging never
-    # stalls the device queue (their values are long computed by then).
-    pending: list[tuple[dict, dict]] = []
-    latest: dict[str, dict] = {}
 
-    def flush():
-        for host, dev in pending:
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_evaluation(c, setup: Setup, ds: data_lib.Dataset):
+    """``(state, final) -> {metric: device scalar}``: validation metrics (``val_*``) when
+    ``ds`` has a validation split, the test metrics (``test_*``) only at the final
+    evaluation (or at every evaluation without a validation split), plus sparsity stats."""
+    stats = make_sparsity_stats(c.algorithm)
+    test = make_eval(setup.model, ds.x_test, ds.y_test, c.eval_batch_size)
+    val = None
+    if ds.x_val is not None:
+        val = make_eval(setup.model, ds.x_val, ds.y_val, c.eval_batch_size, prefix="val")
+
+    def evaluate(state: TrainState, final: bool) -> dict:
+        out = {}
+        if val is not None:
+            out.update(val(state.params))
+        if val is None or final:
+            out.update(test(state.params))
+        return {**out, **stats(state.opt_state, state.params)}
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class Logger:
+    """Queues records with device values and writes them at the next :meth:`flush`, so
+    logging never stalls the device queue (the values are long computed by then)."""
+
+    def __init__(self, log: JsonlWriter, pbar, t_start: float):
+        self._log, self._pbar, self._t_start = log, pbar, t_start
+        self._pending: list[tuple[dict, dict]] = []
+        self.latest: dict[str, dict] = {}
+
+    def queue(self, event: str, step: int, epoch: int, values: dict) -> None:
+        host = {"event": event, "step": step, "epoch": epoch,
+                "time": time.perf_counter() - self._t_start}
+        self._pending.append((host, values))
+
+    def flush(self) -> None:
+        for host, dev in self._pending:
             record = {**host, **_finish(jax.device_get(dev))}
-            log.write(record)
-            latest[record["event"]] = record
-        pending.clear()
-        if "train" in latest:
-            r = latest["train"]
-            pbar.set_postfix(loss=f"{r['train_loss']:.3f}", acc=f"{r['train_accuracy']:.3f}",
-                             sparsity=f"{r['sparsity']:.3f}", refresh=False)
+            self._log.write(record)
+            self.latest[record["event"]] = record
+        self._pending.clear()
+        if "train" in self.latest:
+            r = self.latest["train"]
+            self._pbar.set_postfix(loss=f"{r['train_loss']:.3f}",
+                                   acc=f"{r['train_accuracy']:.3f}",
+                                   sparsity=f"{r['sparsity']:.3f}", refresh=False)
 
-    def queue_eval(step):
-        pending.append(({"event": "eval", "step": step, "epoch": it.position.epoch,
-                         "time": time.perf_counter() - t_start},
-                        {**evaluate(state.params), **stats_fn(state.opt_state, state.params)}))
 
-    queue_eval(start_step)  # also compiles the eval and stats functions before the loop
-    flush()
+# ----------------------------------------------------------------------------- loop
+
+
+class LoopResult(NamedTuple):
+    state: TrainState
+    step: int
+    first_step_time: float | None
+    loop_time: float
+
+
+def run_loop(c, setup: Setup, run: Run, it: data_lib.BatchIterator, evaluate, logger: Logger,
+             pbar) -> LoopResult:
+    """Trains from ``run.state`` to ``setup.total_steps``: one jitted step per iteration,
+    host syncs only at log points, evaluations at epoch ends, periodic checkpoints."""
+    step_fn = make_train_step(setup.model, setup.tx, c.batch_size)
+    state, total = run.state, setup.total_steps
+    start_step = step = int(state.step)
     zeros = zero_sums()
     sums, since_log = zeros, 0
     # ConfigDict attribute access costs microseconds: read the loop's settings once.
-    log_every, ckpt_every, kill_at = c.log_every, c.checkpoint_every, c.debug_kill_at_step
-    eval_every = c.eval_every_epochs
+    log_every, ckpt_every, eval_every = c.log_every, c.checkpoint_every, c.eval_every_epochs
+    stats_fn = make_sparsity_stats(c.algorithm)
     t_loop = time.perf_counter()
     first_step_time = None
-    step = start_step
     while step < total:
         perm, start = it.next_indices()
         state, sums = step_fn(state, sums, it.x, it.y, perm, start)
@@ -486,48 +633,83 @@ def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None
             t_loop = time.perf_counter()
         if (eval_every > 0 and it.position.index == 0 and it.position.epoch % eval_every == 0
                 and step < total):
-            queue_eval(step)
+            logger.queue("eval", step, it.position.epoch, evaluate(state, final=False))
         if step % log_every == 0 or step == total:
-            flush()
-            pending.append(({"event": "train", "step": step, "epoch": it.position.epoch,
-                             "time": time.perf_counter() - t_start},
-                            {"sums": sums, **stats_fn(state.opt_state, state.params)}))
+            logger.flush()
+            logger.queue("train", step, it.position.epoch,
+                         {"sums": sums, **stats_fn(state.opt_state, state.params)})
             pbar.update(since_log)
             sums, since_log = zeros, 0
-        if ckpt is not None and ckpt_every and step % ckpt_every == 0:
-            ckpt.save(step, state, _meta(c, it.position, step))
-        if step == kill_at:
-            if ckpt is not None:
-                ckpt.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-    if step > start_step:
-        queue_eval(step)
-    flush()
+        if run.ckpt is not None and ckpt_every and step % ckpt_every == 0:
+            run.ckpt.save(step, state, _meta(c, it.position, step))
     jax.block_until_ready(state)
-    loop_time = time.perf_counter() - t_loop
-    pbar.close()
-    if ckpt is not None:
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, _meta(c, it.position, step))
-        ckpt.close()
+    return LoopResult(state, step, first_step_time, time.perf_counter() - t_loop)
 
-    masks = final_masks(state.opt_state, state.params, c.algorithm)
-    table = jaxsparse.format_table(jaxsparse.sparsity_table(masks, state.params))
+
+def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
+          resume: bool = False, dataset: data_lib.Dataset | None = None,
+          allow_changes=()) -> dict:
+    """Trains per config ``c``; returns the final record (accuracy, sparsity, wall time...).
+
+    Args:
+      c: a config (see ``experiments/configs/base.py``).
+      workdir: where metrics, checkpoints and config go; ``None`` keeps nothing on disk.
+      resume: continue from the newest intact checkpoint in ``workdir`` (starts fresh if
+        none); refused when ``c`` differs from the run's ``config.json``
+        (:class:`ConfigChangedError` listing the keys).
+      dataset: an already loaded dataset (sweeps reuse one); default: load per ``c``.
+      allow_changes: config fields a resumed run may change (see :data:`RESUMABLE_CHANGES`).
+    """
+    t_start = time.perf_counter()
+    ds = load_data(c) if dataset is None else dataset
+    setup = create_setup(c, ds)
+    run = open_run(c, setup, workdir, resume, allow_changes)
+    try:
+        return _train_opened(c, ds, setup, run, t_start)
+    finally:
+        run.log.close()
+        if run.ckpt is not None:
+            run.ckpt.close()
+
+
+def _train_opened(c, ds, setup: Setup, run: Run, t_start: float) -> dict:
+    from tqdm.auto import tqdm
+
+    it = data_lib.BatchIterator(ds.x_train, ds.y_train, c.batch_size, seed=c.seed,
+                                position=run.position)
+    evaluate = make_evaluation(c, setup, ds)
+    start_step, total = int(run.state.step), setup.total_steps
+    pbar = tqdm(total=total, initial=start_step, disable=not c.progress, dynamic_ncols=True,
+                desc=f"{c.algorithm} {c.sparsity:g}" if c.algorithm != "dense" else "dense")
+    logger = Logger(run.log, pbar, t_start)
+    logger.queue("eval", start_step, it.position.epoch, evaluate(run.state, final=False))
+    logger.flush()  # also compiles the evaluation before the loop
+    out = run_loop(c, setup, run, it, evaluate, logger, pbar)
+    if out.step > start_step or "test_accuracy" not in logger.latest["eval"]:
+        logger.queue("eval", out.step, it.position.epoch, evaluate(out.state, final=True))
+    logger.flush()
+    pbar.close()
+    if run.ckpt is not None and run.ckpt.latest_step() != out.step:
+        run.ckpt.save(out.step, out.state, _meta(c, it.position, out.step))
+
+    masks = final_masks(out.state.opt_state, out.state.params, c.algorithm)
+    table = jaxsparse.format_table(jaxsparse.sparsity_table(masks, out.state.params))
     if c.print_table:
         print(table)
     final = {
         "event": "final", "algorithm": c.algorithm, "sparsity_target": c.sparsity,
         "distribution": c.distribution, "dataset": c.dataset, "model": c.model.name,
         "seed": c.seed, "steps": total, "steps_run": total - start_step,
-        **{k: v for k, v in latest["eval"].items() if k not in ("event", "step", "epoch", "time")},
-        "wall_time": time.perf_counter() - t_start, "first_step_time": first_step_time,
-        "loop_time": loop_time, "loop_steps": max(total - start_step - 1, 0),
+        "validation_size": len(ds.x_val) if ds.x_val is not None else 0,
+        **{k: v for k, v in logger.latest["eval"].items()
+           if k not in ("event", "step", "epoch", "time")},
+        "wall_time": time.perf_counter() - t_start, "first_step_time": out.first_step_time,
+        "loop_time": out.loop_time, "loop_steps": max(total - start_step - 1, 0),
         "machine": machine_description(),
     }
-    log.write(final)
-    log.close()
+    run.log.write(final)
     final["table"] = table
-    final["state"] = state
+    final["state"] = out.state
     return final
 
 
@@ -542,7 +724,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     cfg = flags.FLAGS.config
-    result = train(cfg, flags.FLAGS.workdir or None, resume=flags.FLAGS.resume)
+    result = train(cfg, flags.FLAGS.workdir or None, resume=flags.FLAGS.resume,
+                   allow_changes=[k for k in flags.FLAGS.allow_changes.split(",") if k])
+    if "val_accuracy" in result:
+        print(f"final validation accuracy {result['val_accuracy']:.4f}")
     print(f"final test accuracy {result['test_accuracy']:.4f}, sparsity "
           f"{result['sparsity']:.4f}, wall time {result['wall_time']:.1f}s")
 
@@ -555,6 +740,8 @@ def _define_flags():
                                     "Path to a config file (get_config()).")
     flags.DEFINE_string("workdir", "", "Where metrics, checkpoints and config are written.")
     flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+    flags.DEFINE_string("allow_changes", "", "Comma list of config fields a --resume may "
+                        "change (epochs, num_steps, eval_every_epochs).")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ gradient given to the optimizer is the dense one, metrics land in the JSONL, and
 error path says what is wrong."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,11 @@ from experiments.configs import digits_tiny
 @pytest.fixture(scope="module")
 def digits():
     return data_lib.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def digits_val():
+    return data_lib.load_dataset("digits", validation_size=0.1)
 
 
 def tiny(**overrides):
@@ -92,14 +98,17 @@ def test_gradient_passed_to_optimizer_is_dense(digits):
     assert np.count_nonzero(g[~m]) > 0.5 * (~m).sum()
 
 
-def test_metrics_jsonl_and_table(tmp_path, digits, capsys):
-    c = tiny(num_steps=0, epochs=2, log_every=10, print_table=True)
-    out = train_lib.train(c, tmp_path, dataset=digits)
+def test_metrics_jsonl_and_table(tmp_path, digits_val, capsys):
+    c = tiny(num_steps=0, epochs=2, log_every=10, print_table=True, tensorboard=True)
+    out = train_lib.train(c, tmp_path, dataset=digits_val)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     events = [r["event"] for r in records]
-    steps_per_epoch = len(digits.x_train) // c.batch_size
+    steps_per_epoch = len(digits_val.x_train) // c.batch_size
     evals = [r for r in records if r["event"] == "eval"]
     assert [r["step"] for r in evals] == [0, steps_per_epoch, 2 * steps_per_epoch]
+    # Validation at every evaluation, the test split only once, at the end.
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in evals)
+    assert ["test_accuracy" in r for r in evals] == [False, False, True]
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == list(range(10, 2 * steps_per_epoch, 10)) + [
         2 * steps_per_epoch]
@@ -107,14 +116,18 @@ def test_metrics_jsonl_and_table(tmp_path, digits, capsys):
     assert events[-1] == "final"
     final = records[-1]
     assert final["test_accuracy"] == evals[-1]["test_accuracy"] == out["test_accuracy"]
+    assert final["val_accuracy"] == evals[-1]["val_accuracy"]
+    assert final["validation_size"] == len(digits_val.x_val) == 144
     assert final["wall_time"] > 0 and "cores" in final["machine"]
     printed = capsys.readouterr().out
     assert "Dense_0/kernel" in printed and "total" in printed
     assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "rigl"
     # The same scalars as TensorBoard events (tensorboardX is a test dependency).
     scalars = tensorboard_scalars(tmp_path / "tensorboard")
-    assert scalars["eval/test_accuracy"] == [(r["step"], pytest.approx(r["test_accuracy"]))
-                                             for r in evals]
+    assert scalars["eval/val_accuracy"] == [(r["step"], pytest.approx(r["val_accuracy"]))
+                                            for r in evals]
+    assert scalars["eval/test_accuracy"] == [(evals[-1]["step"],
+                                              pytest.approx(evals[-1]["test_accuracy"]))]
     assert [st for st, _ in scalars["train/train_loss"]] == [r["step"] for r in train]
 
 
@@ -155,7 +168,7 @@ def test_structured_methods_are_registered_with_their_arguments(monkeypatch):
 
     monkeypatch.setattr(jaxsparse, "srigl", fake_srigl)
     registry = train_lib.algorithm_registry()
-    assert {"srigl", "srigl_no_ablation", "granet"} <= set(registry)
+    assert {"srigl", "srigl_no_ablation", "granet", "nm_pruning", "nm_rigl"} <= set(registry)
     train_lib.make_optimizer(tiny(algorithm="srigl"), 100, jax.random.key(0))
     assert calls["sparsity"] == 0.9 and calls["end_step"] == 75 and "ablation" not in calls
     train_lib.make_optimizer(tiny(algorithm="srigl_no_ablation"), 100, jax.random.key(0))
@@ -285,3 +298,120 @@ def test_topology_benchmark_selections_agree_with_argsort():
 def test_cli_rejects_extra_arguments():
     with pytest.raises(ValueError, match=r"unexpected arguments: \['extra'\]"):
         train_lib.main(["experiments.train", "extra"])
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+@pytest.mark.parametrize("algorithm", ["nm_pruning", "nm_rigl"])
+def test_nm_methods_train_to_n_of_m(algorithm, digits):
+    c = tiny(algorithm=algorithm, update_every=5, end_fraction=0.5,
+             algorithm_kwargs={"n": 1, "m": 4})
+    out = train_lib.train(c, None, dataset=digits)
+    for m in jaxsparse.masks.mask_leaves(jaxsparse.get_masks(out["state"].opt_state)):
+        if m is not None:
+            groups = np.asarray(m).T.reshape(-1, 4) if m.shape[0] % 4 == 0 else None
+            assert groups is not None and (groups.sum(-1) == 1).all()
+
+
+def test_snfs_keeps_its_own_drop_fraction_unless_the_config_sets_one(monkeypatch):
+    calls = []
+
+    def fake(inner, sparsity, **kwargs):
+        calls.append(kwargs)
+        return inner
+
+    monkeypatch.setattr(jaxsparse, "snfs", fake)
+    monkeypatch.setattr(jaxsparse, "rigl", fake)
+    registry = train_lib.algorithm_registry()
+    registry["snfs"](optax.sgd(0.1), tiny(algorithm="snfs"), jax.random.key(0), 100)
+    assert "drop_fraction" not in calls[-1]  # jaxsparse.snfs's default 0.5 applies
+    import inspect
+    assert inspect.signature(jaxsparse.algorithms.dst.snfs).parameters[
+        "drop_fraction"].default == 0.5
+    registry["snfs"](optax.sgd(0.1), tiny(algorithm="snfs", drop_fraction=0.3),
+                     jax.random.key(0), 100)
+    assert calls[-1]["drop_fraction"] == 0.3
+    registry["rigl"](optax.sgd(0.1), tiny(), jax.random.key(0), 100)
+    assert "drop_fraction" not in calls[-1]
+
+
+def test_sparse_learning_replica_config():
+    from experiments.configs import mnist_lenet300_sparse_learning as sl
+    c = sl.get_config()
+    assert (c.validation_size, c.distribution, c.update_every, c.drop_fraction,
+            c.end_fraction, c.weight_decay, c.nesterov, c.batch_size, c.epochs) == (
+        6000, "uniform", 540, 0.5, 1.0, 5e-4, True, 100, 100)
+    schedule = train_lib.learning_rate_schedule(c, 540 * 100)
+    np.testing.assert_allclose(
+        [float(schedule(t)) for t in (0, 24999, 25000, 49999, 50000, 53999)],
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-5)
+
+
+def test_tensorboard_defaults_to_whether_tensorboardx_is_installed(monkeypatch):
+    import importlib.util
+
+    from experiments.configs import base
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboardX" else real(name, *a))
+    assert base.get_config().tensorboard is False
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert base.get_config().tensorboard is True  # tensorboardX is a test dependency
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("field, value", [("algorithm", "set"), ("sparsity", 0.8),
+                                          ("batch_size", 16), ("seed", 3),
+                                          ("model.hidden", (8, 8))])
+def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path, digits, field, value):
+    train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
+    before = _files(tmp_path)
+    c = tiny(num_steps=5)
+    if field == "model.hidden":
+        c.model.hidden = value
+    else:
+        setattr(c, field, value)
+    with pytest.raises(train_lib.ConfigChangedError,
+                       match=rf"config.json was started with another config; differing keys: "
+                             rf"{field}: "):
+        train_lib.train(c, tmp_path, resume=True, dataset=digits)
+    assert _files(tmp_path) == before  # nothing on disk changed
+
+
+def test_resume_may_extend_a_run_when_allowed(tmp_path, digits):
+    train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
+    with pytest.raises(train_lib.ConfigChangedError,
+                       match=r"num_steps: 5 -> 8.*--allow_changes=num_steps"):
+        train_lib.train(tiny(num_steps=8), tmp_path, resume=True, dataset=digits)
+    # Bookkeeping fields may always change.
+    out = train_lib.train(tiny(num_steps=8, log_every=3), tmp_path, resume=True,
+                          dataset=digits, allow_changes=["num_steps"])
+    assert out["steps_run"] == 3 and int(out["state"].step) == 8
+    with pytest.raises(ValueError, match=r"allow_changes=\['seed'\] cannot change on resume"):
+        train_lib.train(tiny(num_steps=8), tmp_path, resume=True, dataset=digits,
+                        allow_changes=["seed"])
+
+
+def test_sweep_resumes_an_unfinished_run(tmp_path, digits):
+    from experiments import sweep
+
+    c = tiny(num_steps=10, checkpoint_every=4)
+    # An interrupted sweep: the run checkpointed at steps 4 and 8, then was killed (its last
+    # checkpoint is removed to stand for that), and no record was written.
+    workdir = tmp_path / "runs" / sweep.run_name("rigl", 0.8, 0)
+    c_run = c.copy_and_resolve_references()
+    c_run.algorithm, c_run.sparsity, c_run.seed = "rigl", 0.8, 0
+    reference = train_lib.train(c_run, workdir, dataset=digits)
+    shutil.rmtree(workdir / "checkpoints" / "10")
+    logs = []
+    records = sweep.sweep(c, tmp_path, ["rigl"], [0.8], [0], log=logs.append)
+    assert "resuming it" in logs[0]
+    assert records[0]["steps_run"] == 2 and records[0]["steps"] == 10
+    assert records[0]["test_accuracy"] == reference["test_accuracy"]

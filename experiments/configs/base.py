@@ -3,7 +3,10 @@
 Run:  python -m experiments.train --config=experiments/configs/base.py --workdir=/tmp/run
 """
 
+import importlib.util
+
 import ml_collections
+from ml_collections import config_dict
 
 from experiments.models import model_config
 
@@ -14,6 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
     # files (default $JAXSPARSE_DATA_DIR, else tensorflow-datasets).
     c.dataset = "digits"
     c.data_dir = ""
+    # Held out of the training set for choosing hyperparameters (a count, or a fraction
+    # below 1; 0: none, then the per-epoch evaluations use the test split). The test split
+    # is otherwise evaluated once, at the end.
+    c.validation_size = 0.1
+    c.validation_seed = 0
     # Model: see experiments/models.py (lenet300, lenet5, vgg, vit).
     c.model = model_config("lenet300")
     # Sparsity: dense, static, set, rigl, snfs, magnitude, random (+ srigl when available).
@@ -21,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sparsity = 0.9
     c.distribution = "erk"  # uniform, er, erk
     c.update_every = 100  # DST: topology update period; pruning: pruning frequency
-    c.drop_fraction = 0.3  # DST: initial drop fraction (cosine decayed to 0 at end_step)
+    # DST: initial drop fraction (cosine decayed to 0 at end_step); None keeps the
+    # algorithm's own default (RigL/SET 0.3, SNFS 0.5).
+    c.drop_fraction = config_dict.placeholder(float)
     c.end_fraction = 0.75  # DST updates / pruning stop at end_fraction * total steps
     c.prune_begin_fraction = 0.1  # magnitude / random pruning start at this fraction
     c.algorithm_kwargs = ml_collections.ConfigDict()  # extra keyword args for the factory
@@ -37,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lr_schedule = "cosine"  # cosine, constant, step
     c.lr_decay_epochs = (75, 95)  # step: epochs at which the rate is multiplied ...
     c.lr_decay_factor = 1.0 / 3.0  # ... by this factor
+    c.lr_decay_steps = ()  # step: also at these steps (sparse_learning: every 25k iterations)
     c.warmup_steps = 0
     # Loop.
     c.batch_size = 128
@@ -49,8 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # steps between checkpoints (0: only at the end)
     c.max_to_keep = 2
     c.progress = True  # tqdm progress bar
-    c.tensorboard = True  # also TensorBoard scalars in <workdir>/tensorboard (if tensorboardX)
+    # Also TensorBoard scalars in <workdir>/tensorboard: on when tensorboardX is installed.
+    c.tensorboard = importlib.util.find_spec("tensorboardX") is not None
     c.print_table = True  # per-layer sparsity table at the end
-    # Testing hook: SIGKILL this process right after this step (< 0: never).
-    c.debug_kill_at_step = -1
     return c

@@ -8,6 +8,7 @@ from experiments.models import model_config
 def get_config():
     c = base.get_config()
     c.dataset = "cifar10"
+    c.validation_size = 5000  # 45k/5k
     c.model = model_config("vgg")
     c.epochs = 60
     c.learning_rate = 0.05

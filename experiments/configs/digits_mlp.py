@@ -5,6 +5,7 @@ from experiments.configs import base
 
 def get_config():
     c = base.get_config()
+    c.validation_size = 0.1  # 10% of the training images
     c.epochs = 20
     c.batch_size = 64
     c.update_every = 20

@@ -7,6 +7,7 @@ from experiments.models import model_config
 def get_config():
     c = base.get_config()
     c.dataset = "fashion_mnist"
+    c.validation_size = 6000  # 54k/6k
     c.model = model_config("lenet5")
     c.epochs = 20
     c.learning_rate = 0.05

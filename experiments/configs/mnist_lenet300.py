@@ -10,6 +10,7 @@ from experiments.configs import base
 def get_config():
     c = base.get_config()
     c.dataset = "mnist"
+    c.validation_size = 6000  # 54k/6k, as sparse_learning
     c.epochs = 20
     c.batch_size = 128
     c.learning_rate = 0.05

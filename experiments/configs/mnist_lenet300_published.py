@@ -12,6 +12,7 @@ from experiments.configs import base
 def get_config():
     c = base.get_config()
     c.dataset = "mnist"
+    c.validation_size = 6000  # 54k/6k
     c.epochs = 100
     c.batch_size = 100
     c.learning_rate = 0.2

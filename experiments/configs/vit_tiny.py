@@ -9,6 +9,7 @@ from experiments.models import model_config
 def get_config():
     c = base.get_config()
     c.dataset = "mnist"
+    c.validation_size = 6000  # 54k/6k
     c.model = model_config("vit")
     c.optimizer = "adamw"
     c.learning_rate = 1e-3
