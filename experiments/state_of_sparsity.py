@@ -99,6 +99,14 @@ import jaxsparse
 from experiments import data as data_lib
 from experiments import models
 from experiments import train as train_lib
+from experiments.sos_report import (  # noqa: F401 - re-exported for the CLI and tests
+    _label,
+    _method,
+    best_per_target,
+    best_table,
+    plot_frontier,
+    summary_table,
+)
 from jaxsparse import lottery
 from jaxsparse import nn as jsnn
 from jaxsparse import pruning_at_init as pai
@@ -502,121 +510,6 @@ def run_init(ctx: Context, methods, sparsities, seeds, write):
 
 
 RUNNERS = {"pruning": run_pruning, "retrain": run_retrain, "init": run_init}
-
-
-def summary_table(records: Sequence[dict]) -> str:
-    """Markdown table of test accuracy (mean +- std over seeds), achieved sparsity and wall
-    time per (method, target sparsity); std is the population std (0 for one seed)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["target_sparsity"], _label(r)), []).append(r)
-    order = {m: i for i, m in enumerate(
-        ["dense", "magnitude", "magnitude_global", "vd", "vd_ft", "l0", "l0_ft", "random",
-         "random_global", *STUDIES["retrain"],
-         *STUDIES["init"]])}
-    lines = ["| target sparsity | method | seeds | test accuracy | achieved sparsity "
-             "| wall time (s) |", "|---|---|---|---|---|---|"]
-    for (target, method), rs in sorted(
-            groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1].split(" ")[0], 99),
-                                            kv[0][1])):
-        acc = np.array([r["test_accuracy"] for r in rs])
-        sp = np.array([r["sparsity"] for r in rs])
-        wall = np.array([r["wall_time"] for r in rs])
-        lines.append(f"| {target:g} | {method} | {len(rs)} | {acc.mean():.4f} ± "
-                     f"{acc.std():.4f} | {sp.mean():.4f} | {wall.mean():.0f} |")
-    return "\n".join(lines)
-
-
-def _method(r: dict) -> str:
-    """Method name; gradual magnitude / random pruning with global ranking get a ``_global``
-    suffix (their default there is per-layer ranking; the init study always ranks
-    globally)."""
-    if (r["method"] in ("magnitude", "random") and r.get("ranking") == "global"
-            and r.get("study") in ("pruning", "retrain")):
-        return f"{r['method']}_global"
-    return r["method"]
-
-
-def _label(r: dict) -> str:
-    """Method name, with the penalty weight for VD / L0 runs."""
-    if r.get("penalty_weight") is None:
-        return _method(r)
-    return f"{r['method']} (w={r['penalty_weight']:g})"
-
-
-def best_per_target(records: Sequence[dict]) -> list[dict]:
-    """For VD / L0 (and their fine-tuned variants): at each target sparsity, only the runs
-    of the penalty weight with the best mean test accuracy (the State of Sparsity frontier
-    takes the best hyperparameters per sparsity; here they are selected on the test set,
-    there is no validation split). Other methods pass through."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((_method(r), r["target_sparsity"], r.get("penalty_weight")),
-                          []).append(r)
-    best: dict[tuple, tuple[float, list[dict]]] = {}
-    for (method, target, _), rs in groups.items():
-        mean = float(np.mean([r["test_accuracy"] for r in rs]))
-        if (method, target) not in best or mean > best[(method, target)][0]:
-            best[(method, target)] = (mean, rs)
-    return [r for _, rs in best.values() for r in rs]
-
-
-def best_table(records: Sequence[dict]) -> str:
-    """Markdown pivot: test accuracy (mean +- std, %) per method and target sparsity, the
-    best penalty weight per cell for VD / L0 (``w=``), and the achieved sparsity when it
-    differs from the target by more than half a point."""
-    cells: dict[tuple, list[dict]] = {}
-    for r in best_per_target(records):
-        cells.setdefault((_method(r), r["target_sparsity"]), []).append(r)
-    targets = sorted({t for _, t in cells})
-    order = ["dense", "magnitude", "magnitude_global", "random", "random_global", "vd",
-             "vd_ft", "l0", "l0_ft"]
-    methods = sorted({m for m, _ in cells}, key=lambda m: (order.index(m) if m in order
-                                                           else len(order), m))
-    lines = ["| method | " + " | ".join(f"{t:g}" for t in targets) + " |",
-             "|---" * (len(targets) + 1) + "|"]
-    for m in methods:
-        row = []
-        for t in targets:
-            rs = cells.get((m, t))
-            if not rs:
-                row.append("")
-                continue
-            acc = 100 * np.array([r["test_accuracy"] for r in rs])
-            text = f"{acc.mean():.2f} +- {acc.std():.2f}"
-            if rs[0].get("penalty_weight") is not None:
-                text += f" (w={rs[0]['penalty_weight']:g}"
-                achieved = float(np.mean([r["sparsity"] for r in rs]))
-                text += f", at {achieved:.3f})" if abs(achieved - t) > 0.005 else ")"
-            row.append(text)
-        lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def plot_frontier(records: Sequence[dict], out, title: str = "") -> Path:
-    """Accuracy vs achieved sparsity per method (best penalty weight per target for VD / L0),
-    mean +- std over seeds; dense as a band when present."""
-    from experiments import plots
-
-    # One VD / L0 run serves every target below its own (penalty) sparsity: the same model
-    # then appears under several targets; plot it once.
-    seen, best = set(), []
-    for r in best_per_target(records):
-        key = (_method(r), r.get("seed"), r.get("penalty_weight"), round(r["sparsity"], 4))
-        if key not in seen:
-            seen.add(key)
-            best.append(r)
-    # x = the achieved sparsity (mean over the group's seeds): L0's penalty alone can prune
-    # past the target, and such a run belongs where it actually is on the frontier.
-    achieved: dict[tuple, list[float]] = {}
-    for r in best:
-        achieved.setdefault((_method(r), r["target_sparsity"]), []).append(r["sparsity"])
-    rows = [{"algorithm": _method(r),
-             "sparsity_target": round(float(np.mean(achieved[(_method(r),
-                                                              r["target_sparsity"])])), 4),
-             "test_accuracy": r["test_accuracy"]} for r in best]
-    return plots.plot_frontier(rows, out, title=title or
-                               "test accuracy vs achieved sparsity (best penalty weight)")
 
 
 # ----------------------------------------------------------------------------- CLI
