@@ -41,7 +41,14 @@ class LayerSpec(NamedTuple):
 
 
 def check_sparsity(value, name: str = "sparsity") -> float:
-    """Validates a sparsity in [0, 1) and returns it as a float."""
+    """Validates a sparsity in [0, 1) and returns it as a float.
+
+    Raises:
+      TypeError: ``value`` is not a number (strings and bools are refused, not parsed).
+      ValueError: ``value`` is outside [0, 1) or NaN.
+    """
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -47,6 +47,11 @@ CASES = [
      ValueError, r"sparsity.*\[0, 1\).*1\.0"),
     ("static-sparsity-str", lambda p: jaxsparse.static(SGD, "high", key=KEY),
      TypeError, r"sparsity.*'high'"),
+    ("rigl-sparsity-numeric-string", lambda p: jaxsparse.rigl(SGD, "0.9", key=KEY, end_step=10),
+     TypeError, r"sparsity.*'0.9'"),
+    ("static-override-bool", lambda p: jaxsparse.static(
+        SGD, 0.5, key=KEY, overrides={"dense0": False}).init(p),
+     TypeError, r"overrides\['dense0'\] must be a number.*False"),
     ("static-no-key", lambda p: jaxsparse.static(SGD, 0.5, key=None),
      ValueError, r"static needs key"),
     ("set-negative-sparsity", lambda p: jaxsparse.set(SGD, -0.1, key=KEY, end_step=10),
