@@ -129,10 +129,14 @@ def test_fixed_mask_fine_tuning_keeps_the_pattern(linen_setup):
     def loss(p):
         return jnp.mean((model.apply(p, batches[0]) - target) ** 2)
 
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
     start = loss(params)
     for _ in range(5):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state)
     assert loss(params) < start
     kernel = np.asarray(params["params"]["Dense_1"]["kernel"])
     assert np.all(kernel[~np.asarray(result.masks["params"]["Dense_1"]["kernel"])] == 0)
