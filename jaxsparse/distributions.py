@@ -19,6 +19,7 @@ Reference: Evci et al. 2020, "Rigging the Lottery" (ERK); Mocanu et al. 2018 (ER
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -123,7 +124,7 @@ def resolve_overrides(
         )
     for pattern, value in overrides.items():
         s = check_sparsity(value, name=f"overrides[{pattern!r}]")
-        if not isinstance(pattern, str):
+        if not isinstance(pattern, (str, re.Pattern)):
             raise TypeError(f"overrides keys must be path regex strings, got {pattern!r}")
         rx = compile_regex(pattern, "overrides")
         hits = [spec.path for spec in specs if rx.search(spec.path)]

@@ -84,7 +84,7 @@ def default_prunable(path: str, leaf) -> bool:
     return name in DEFAULT_PRUNABLE_NAMES and np.ndim(leaf) >= 2 and is_floating(leaf)
 
 
-def compile_regex(pattern: str, name: str) -> re.Pattern:
+def compile_regex(pattern: str | re.Pattern, name: str) -> re.Pattern:
     """``re.compile(pattern)``; an invalid pattern raises ``ValueError`` naming the argument
     ``name`` it came from."""
     try:
@@ -119,11 +119,12 @@ def as_predicate(prunable: Prunable) -> Callable[[str, Any], bool]:
     """
     if prunable is None:
         return default_prunable
-    if isinstance(prunable, str):
+    if isinstance(prunable, (str, re.Pattern)):
         prunable = [prunable]
     if callable(prunable):
         return _refuse_non_floating(prunable)
-    if isinstance(prunable, Sequence) and all(isinstance(p, str) for p in prunable):
+    if isinstance(prunable, Sequence) and all(isinstance(p, (str, re.Pattern))
+                                              for p in prunable):
         patterns = [compile_regex(p, "prunable") for p in prunable]
         return _refuse_non_floating(
             lambda path, leaf: np.ndim(leaf) >= 1 and any(p.search(path) for p in patterns))

@@ -1,5 +1,7 @@
 """Masks: prunable predicates, validation errors, get_masks lookup."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,10 @@ def test_prunable_regex_and_predicate():
         "dense0/bias", "dense1/bias", "norm/scale"]
     with pytest.raises(TypeError, match="prunable must be"):
         M.prunable_paths(params, 3)
+    # Compiled patterns work like strings, alone or in a list.
+    assert M.prunable_paths(params, re.compile(r"dense1/k")) == ["dense1/kernel"]
+    assert M.prunable_paths(params, [re.compile(r"norm"), r"dense0/k"]) == [
+        "dense0/kernel", "norm/scale"]
 
 
 def test_apply_masks_zeroes_inactive_and_keeps_dense():
