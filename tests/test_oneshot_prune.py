@@ -93,6 +93,9 @@ def test_magnitude_needs_no_data_and_nm_patterns(linen_setup):
     for name in ("Dense_0", "Dense_1", "Dense_2"):
         mask = np.asarray(result.masks["params"][name]["kernel"])
         assert np.all(mask.reshape(-1, 4, mask.shape[-1]).sum(1) == 2)
+    # Constant fan-in per neuron: the condensed export takes the result as it is.
+    layers = jaxsparse.condense(result.params, result.masks)
+    assert layers["params/Dense_0"].values.shape == (16, 12)
 
 
 def test_nnx_equals_linen_with_the_same_weights(linen_setup):
