@@ -306,8 +306,9 @@ def _to_disk_manifest(tree):
 
 
 def disk_bytes(directory: str | os.PathLike) -> int:
-    """Total size of the files under ``directory`` (for bits-per-weight accounting)."""
-    return sum(f.stat().st_size for f in epath.Path(directory).rglob("*") if f.is_file())
+    """Total size of the files under a local ``directory`` (bits-per-weight accounting)."""
+    return sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(os.fspath(directory)) for f in files)
 
 
 def read_json(path: str | os.PathLike) -> dict:

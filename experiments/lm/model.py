@@ -7,16 +7,18 @@ names a mesh axis. Attention and MLP weights are plain 2-D ``Dense`` kernels nam
 and LayerNorm scales stay dense. The output projection is tied to the token embedding, as in
 GPT-2 (Radford et al. 2019), so the vocabulary matrix is never pruned.
 
-Sizes (``vocab=256`` bytes, ``seq_len=256``; non-embedding parameters ~ ``12 * layers * d^2``):
+Sizes (``vocab=256``, ``seq_len=256``; "prunable" = the six 2-D kernels of each block):
 
-==========  ======  =======  =====  ======  ============
-preset      layers  d_model  heads  d_ff    params
-==========  ======  =======  =====  ======  ============
-``tiny``    2       64       4      256     0.12M
-``1m``      4       128      4      512     0.83M
-``10m``     6       384      6      1536    10.8M
-``125m``    12      768      12     3072    85M (+ GPT-2's 50k vocab = 124M)
-==========  ======  =======  =====  ======  ============
+==========  ======  =======  =====  ======  ============  ============
+preset      layers  d_model  heads  d_ff    params        prunable
+==========  ======  =======  =====  ======  ============  ============
+``tiny``    2       64       4      256     132,864       98,304
+``1m``      4       128      4      512     858,880       786,432
+``10m``     6       384      6      1536    10,844,160    10,616,832
+``125m``    12      768      12     3072    85,449,216    84,934,656
+==========  ======  =======  =====  ======  ============  ============
+
+(``125m`` is GPT-2 small's body; with GPT-2's 50,257-token vocabulary it would be 124M.)
 
 Example:
   >>> cfg = lm_config("1m")

@@ -1,0 +1,152 @@
+"""LM train-step benchmark on 8 CPU devices: tokens/s and the sparse / dense full-step ratio
+(averaged over whole topology-update periods, so each timed repetition holds exactly one
+update), in 1 process (mesh 4x2 over 8 devices) and 2 processes x 4 devices (same mesh,
+jax.distributed + gloo), plus the bytes per prunable weight that masks take in the
+optimizer state and in a checkpoint (bit-packed, Orbax).
+
+  python -m experiments.benchmarks.lm_step                       # 1m preset, 1 and 2 procs
+  python -m experiments.benchmarks.lm_step --preset=10m --algorithms=dense,rigl
+
+Each process count runs in its own child processes (launched like experiments/lm/launch.py);
+inside one, the algorithms' repetitions alternate (experiments/benchmarks/_timing.py) and
+ratios are of medians and of minima. The parent prints one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def worker(a) -> None:
+    import jax
+
+    if a.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    import numpy as np
+
+    import jaxsparse
+    from experiments.benchmarks import _timing
+    from experiments.configs import lm_base
+    from experiments.lm import data as data_lib
+    from experiments.lm import model as model_lib
+    from experiments.lm import trainer
+    from jaxsparse import checkpoint as ckpt_lib
+
+    corpus = data_lib.load_corpus()
+    variants, compile_s, extra = {}, {}, {}
+    for algo in a.algorithms.split(","):
+        c = lm_base.get_config()
+        c.model = model_lib.lm_config(a.preset, seq_len=a.seq_len)
+        c.batch_size, c.algorithm, c.sparsity = a.batch_size, algo, a.sparsity
+        c.update_every, c.num_steps, c.warmup_steps = a.update_every, 1_000_000, 0
+        setup = trainer.make_setup(c)
+        data = trainer.replicated_array(corpus.train, setup)
+        holder = {"state": trainer.init_state(setup)}
+        compiled = _timing.compile_timed(trainer.make_train_step(setup), holder["state"], data)
+        compile_s[algo] = compiled.cpu_s
+        step = compiled.executable
+
+        def call(step=step, holder=holder, data=data):
+            holder["state"], loss = step(holder["state"], data)
+            return loss
+
+        jax.block_until_ready(call())  # step 1: not a topology step
+        for _ in range(a.update_every - 1):
+            call()
+        variants[algo] = (call, a.update_every)
+        if algo != "dense" and not extra:
+            sparse = jaxsparse.transform.get_sparse_state(holder["state"].opt_state)
+            masks = sparse.masks
+            n = sum(int(m.size) for m in jax.tree.leaves(masks))
+            in_state = _timing.tree_nbytes(masks) + _timing.tree_nbytes(sparse.ever_active or {})
+            with tempfile.TemporaryDirectory() as d:
+                ck = ckpt_lib.Checkpointer(Path(d) / "masks")
+                ck.save(0, {"masks": masks})
+                ck.close()
+                on_disk = ckpt_lib.disk_bytes(Path(d) / "masks" / "0" / "state")
+                packed = _timing.tree_nbytes(ckpt_lib.pack_masks(masks))
+            extra = {"prunable": n, "state_bytes_per_weight": in_state / n,
+                     "packed_bits_per_weight": 8 * packed / n,
+                     "disk_bits_per_weight": 8 * on_disk / n}
+    times = _timing.interleaved(variants, a.repeats)
+    if jax.process_index() == 0:
+        tokens = a.batch_size * a.seq_len
+        out = {"machine": _timing.machine_line(), "processes": jax.process_count(),
+               "devices": jax.device_count(), "compile_cpu_s": compile_s, **extra,
+               "step_s": {k: float(np.median(v)) for k, v in times["wall"].items()},
+               "step_s_best": {k: float(min(v)) for k, v in times["wall"].items()},
+               "tokens_per_step": tokens}
+        if "dense" in times["wall"]:
+            out["ratio_vs_dense"] = {
+                k: list(_timing.ratio(v, times["wall"]["dense"]))
+                for k, v in times["wall"].items()}
+        Path(a.json_out).write_text(json.dumps(out))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="1m")
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--algorithms", default="dense,static,rigl,srigl")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--update_every", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--processes", default="1,2")
+    p.add_argument("--json_out", default="")
+    p.add_argument("--coordinator", default="")
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--process_id", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.json_out:
+        worker(a)
+        return
+    from experiments.lm.launch import launch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for n in (int(x) for x in a.processes.split(",")):
+            out = Path(d) / f"{n}.json"
+            args = [f"--{k}={v}" for k, v in vars(a).items()
+                    if k not in ("json_out", "coordinator", "num_processes", "process_id",
+                                 "processes")]
+            code = launch([*args, f"--json_out={out}"], n, 8 // n,
+                          module="experiments.benchmarks.lm_step", log_dir=str(Path(d) / "log"))
+            if code:
+                logs = "".join(f.read_text()[-2000:] for f in (Path(d) / "log").glob("*"))
+                sys.exit(f"{n}-process benchmark failed ({code}):\n{logs}")
+            rows.append(json.loads(out.read_text()))
+    print(f"# {rows[0]['machine']}")
+    print(f"# preset {a.preset}, batch {a.batch_size} x {a.seq_len} bytes, sparsity "
+          f"{a.sparsity}, one topology update per {a.update_every} steps, {a.repeats} "
+          f"repetitions of {a.update_every} steps per algorithm, alternating")
+    print("| processes x devices | algorithm | step ms (median) | tokens/s | sparse/dense "
+          "(median, best) | compile CPU s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for algo, s in r["step_s"].items():
+            ratio = r.get("ratio_vs_dense", {}).get(algo)
+            rt = f"{ratio[0]:.2f}, {ratio[1]:.2f}" if ratio else "-"
+            print(f"| {r['processes']} x {r['devices'] // r['processes']} | {algo} | "
+                  f"{1e3 * s:.1f} | {r['tokens_per_step'] / s:,.0f} | {rt} | "
+                  f"{r['compile_cpu_s'][algo]:.1f} |")
+    if len(rows) == 2:
+        print("\n| algorithm | 2-process / 1-process step time (median) |")
+        print("|---|---|")
+        for algo in rows[0]["step_s"]:
+            print(f"| {algo} | {rows[1]['step_s'][algo] / rows[0]['step_s'][algo]:.2f} |")
+    r = rows[0]
+    if "prunable" in r:
+        print(f"\nmasks: {r['prunable']:,} prunable weights; in the optimizer state "
+              f"{r['state_bytes_per_weight']:.2f} bytes/weight (bool masks + ever_active); "
+              f"packed {r['packed_bits_per_weight']:.3f} bits/weight; checkpoint on disk "
+              f"{r['disk_bits_per_weight']:.3f} bits/weight (Orbax files, compressed)")
+
+
+if __name__ == "__main__":
+    main()
