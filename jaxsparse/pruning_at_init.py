@@ -300,6 +300,27 @@ def one_shot_masks(
     return _assemble(treedef, len(leaves), positions, new)
 
 
+def _synflow_rounds(init, params, targets, apply_fn, input_shape, dtype, treedef, positions,
+                    free, ranking):
+    """The SynFlow rounds as one ``fori_loop``: round ``r`` rescores the network with the
+    current masks and keeps ``targets[r]`` weights among the still active ones."""
+    n = treedef.num_leaves
+
+    def body(r, layer_masks):
+        masks = _assemble(treedef, n, positions, list(layer_masks))
+        scores = synflow_scores(apply_fn, params, input_shape, masks=masks, dtype=dtype)
+        score_leaves = jax.tree.leaves(scores)
+        candidates = [None] * n
+        for j, i in enumerate(positions):
+            candidates[i] = layer_masks[j]
+        return tuple(_select(score_leaves, positions, candidates, targets[r], free, ranking))
+
+    return jax.lax.fori_loop(0, targets.shape[0], body, init)
+
+
+_synflow_rounds_jit = jax.jit(_synflow_rounds, static_argnums=tuple(range(3, 10)))
+
+
 def synflow_masks(
     apply_fn: Callable[[PyTree, jax.Array], jax.Array],
     params: PyTree,
@@ -346,25 +367,17 @@ def synflow_masks(
         budgets = layer_budgets(specs, s_r, distribution, overrides)
         table.append([budgets[s.path] for s in specs])
     targets = jnp.asarray(table, jnp.int32)
-    n = len(leaves)
-
-    def run(init, p, targets):
-        def body(r, layer_masks):
-            masks = _assemble(treedef, n, positions, list(layer_masks))
-            scores = synflow_scores(apply_fn, p, input_shape, masks=masks, dtype=dtype)
-            score_leaves = jax.tree.leaves(scores)
-            candidates = [None] * n
-            for j, i in enumerate(positions):
-                candidates[i] = layer_masks[j]
-            return tuple(_select(score_leaves, tuple(positions), candidates, targets[r],
-                                 tuple(free), ranking))
-
-        return jax.lax.fori_loop(0, rounds, body, init)
-
+    static = (apply_fn, tuple(int(d) for d in input_shape), dtype, treedef, tuple(positions),
+              tuple(free), ranking)
     # Params and targets are arguments, not constants baked into the compiled loop.
     init = tuple(jnp.ones(jnp.shape(leaves[i]), bool) for i in positions)
-    final = jax.jit(run)(init, params, targets)
-    return _assemble(treedef, n, positions, list(final))
+    try:
+        hash(static)
+    except TypeError:  # an unhashable apply_fn: compile for this call only
+        final = jax.jit(lambda i, p, t: _synflow_rounds(i, p, t, *static))(init, params, targets)
+    else:  # compiled once per model and settings, reused by later calls (e.g. a sweep)
+        final = _synflow_rounds_jit(init, params, targets, *static)
+    return _assemble(treedef, len(leaves), positions, list(final))
 
 
 def fixed_masks(inner: optax.GradientTransformation, masks: Masks,

@@ -166,6 +166,14 @@ def test_synflow_matches_explicit_formula():
     assert float(jnp.sum(masked["l0"]["kernel"][:, 0])) == 0.0
 
 
+TRACES = []
+
+
+def counting_linear3(params, x):
+    TRACES.append(None)  # runs once per trace
+    return linear3(params, x)
+
+
 def test_synflow_masks_exact_counts_and_one_round():
     params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)}
               for i, s in enumerate([(6, 8), (8, 8), (8, 3)])}
@@ -176,8 +184,8 @@ def test_synflow_masks_exact_counts_and_one_round():
 
     specs = layer_specs(params)
     for ranking, distribution in (("global", "uniform"), ("layerwise", "erk")):
-        masks = pai.synflow_masks(linear3, params, (1, 6), 0.8, rounds=10, ranking=ranking,
-                                  distribution=distribution)
+        masks = pai.synflow_masks(counting_linear3, params, (1, 6), 0.8, rounds=10,
+                                  ranking=ranking, distribution=distribution)
         jmasks.validate_masks(masks, params)
         budgets = layer_budgets(specs, 0.8, distribution)
         counts = jmasks.count_active(masks)
@@ -187,6 +195,25 @@ def test_synflow_masks_exact_counts_and_one_round():
             assert sum(counts.values()) == sum(budgets.values())
             # Iterative SynFlow keeps every layer connected.
             assert min(counts.values()) > 0
+    # Another sparsity and other params of the same shapes reuse the compiled rounds.
+    traces = len(TRACES)
+    other = jax.tree.map(lambda w: -2.0 * w, params)
+    masks = pai.synflow_masks(counting_linear3, other, (1, 6), 0.6, rounds=10,
+                              ranking="layerwise", distribution="erk")
+    assert len(TRACES) == traces
+    assert jmasks.count_active(masks) == layer_budgets(specs, 0.6, "erk")
+    # An unhashable apply_fn still works (compiled for that call).
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, p, x):
+            return linear3(p, x)
+
+    again = pai.synflow_masks(Unhashable(), other, (1, 6), 0.6, rounds=10,
+                              ranking="layerwise", distribution="erk")
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(masks), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_one_shot_layerwise_counts_and_selection():
