@@ -34,6 +34,9 @@ def test_pack_unpack_keeps_shape_and_sharding():
     assert packed["bias"] is None
     assert packed["a"].dtype == jnp.uint8 and packed["a"].shape == (16, 8)
     assert packed["b"].shape == (64, 3)
+    # 1 bit per weight (plus padding of each row to whole bytes: 24 -> 3 bytes, none here).
+    assert packed["a"].nbytes * 8 == t["masks"]["a"].size
+    assert packed["b"].nbytes * 8 == t["masks"]["b"].size
     # Shards of 32 columns pack to whole bytes: the model axis stays sharded; the rows of
     # "b" keep their sharding.
     assert packed["a"].sharding.spec == P(None, "model")

@@ -1,0 +1,64 @@
+"""Learning curves of an LM sweep: train loss (nats/byte) against step, one panel per
+sparsity, one line per method (mean over seeds), dense in every panel.
+
+  python -m experiments.lm.plot --results=results/lm_small/results.jsonl \
+      --out=results/lm_small/curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def curves(results: Path) -> dict:
+    """``{(algorithm, sparsity_target): (steps, mean train loss over seeds)}``."""
+    by = collections.defaultdict(list)
+    for line in results.read_text().splitlines():
+        r = json.loads(line)
+        path = Path(r["metrics_path"])
+        if not path.exists():
+            continue
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        pts = [(x["step"], x["train_loss"]) for x in rows if x.get("event") == "train"]
+        by[(r["algorithm"], r["sparsity_target"])].append(pts)
+    out = {}
+    for k, runs in by.items():
+        n = min(len(p) for p in runs)
+        steps = np.array([s for s, _ in runs[0][:n]])
+        out[k] = (steps, np.mean([[v for _, v in p[:n]] for p in runs], axis=0))
+    return out
+
+
+def main(argv=None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    data = curves(Path(a.results))
+    sparsities = sorted({s for (m, s) in data if m != "dense"})
+    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.5 * max(1, len(sparsities)), 3.5),
+                             sharey=True, squeeze=False)
+    for ax, sp in zip(axes[0], sparsities):
+        for (m, s), (steps, loss) in sorted(data.items()):
+            if s == sp or m == "dense":
+                ax.plot(steps, loss, label=m, linestyle="--" if m == "dense" else "-")
+        ax.set_title(f"sparsity {sp:g}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("train loss (nats/byte)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(a.out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
