@@ -429,25 +429,24 @@ def table(rows: Sequence[dict], part: str) -> str:
 def plot(rows: Sequence[dict], path: str) -> None:
     """Optimizer-step ratios and compile seconds against size and against depth.
 
-    Uses CPU-time ratios and compile CPU seconds where every row has them (they vary less
-    on a shared machine), wall-clock medians otherwise; the axis labels say which.
+    Uses CPU-time ratios and compile CPU seconds where every row of a series has them (they
+    vary less on a shared machine), wall-clock medians otherwise; the axis labels say which.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    opt_rows = [r for r in rows if r["part"] == "opt"]
-    cpu = bool(opt_rows) and all(r.get("plain_cpu_ratio") is not None for r in opt_rows)
-    plain_key, update_key = (("plain_cpu_ratio", "update_cpu_ratio") if cpu else
-                             ("plain_ratio_median", "update_ratio_median"))
-    dense_key, sparse_key = (("compile_dense_cpu_s", "compile_sparse_cpu_s") if cpu else
-                             ("compile_dense_s", "compile_sparse_s"))
-    clock = "CPU time" if cpu else "wall clock, median"
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, (series, xkey, xlabel) in enumerate(
             [("size", "params", "parameters"), ("depth", "kernels", "kernel leaves")]):
-        opt = [r for r in opt_rows if r["series"] == series]
+        opt = [r for r in rows if r["series"] == series and r["part"] == "opt"]
+        cpu = bool(opt) and all(r.get("plain_cpu_ratio") is not None for r in opt)
+        plain_key, update_key = (("plain_cpu_ratio", "update_cpu_ratio") if cpu else
+                                 ("plain_ratio_median", "update_ratio_median"))
+        dense_key, sparse_key = (("compile_dense_cpu_s", "compile_sparse_cpu_s") if cpu else
+                                 ("compile_dense_s", "compile_sparse_s"))
+        clock = "CPU time" if cpu else "wall clock, median"
         for algo, inner in sorted({(r["algorithm"], r["inner"]) for r in opt}):
             rs = sorted((r for r in opt if (r["algorithm"], r["inner"]) == (algo, inner)),
                         key=lambda r: r[xkey])
