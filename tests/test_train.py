@@ -367,11 +367,20 @@ def _files(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, digits):
+    """A finished 5-step run (trained once for the module)."""
+    workdir = tmp_path_factory.mktemp("finished")
+    train_lib.train(tiny(num_steps=5), workdir, dataset=digits)
+    return workdir
+
+
 @pytest.mark.parametrize("field, value", [("algorithm", "set"), ("sparsity", 0.8),
                                           ("batch_size", 16), ("seed", 3),
                                           ("model.hidden", (8, 8))])
-def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path, digits, field, value):
-    train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
+def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path, finished_run, digits,
+                                                        field, value):
+    shutil.copytree(finished_run, tmp_path, dirs_exist_ok=True)
     before = _files(tmp_path)
     c = tiny(num_steps=5)
     if field == "model.hidden":
