@@ -38,8 +38,9 @@ def _make(algo):
     if algo == "snfs":
         return jaxsparse.snfs(lenient(optax.adam(1e-2)), 0.8, key=key, end_step=12,
                               update_every=3)
+    # Global ranking: one threshold across all layers, i.e. across shards of every layer.
     return jaxsparse.magnitude_pruning(lenient(optax.adam(1e-2)), 0.8, end_step=9,
-                                       frequency=3)
+                                       frequency=3, ranking="global")
 
 
 @pytest.mark.parametrize("algo", ["rigl", "snfs", "magnitude"])
