@@ -7,6 +7,7 @@ already in the file are skipped. Each run's learning curve is ``<runs>/<name>/me
   python -m experiments.lm.sweep --config=experiments/configs/lm_small.py \
       --out=results/lm_small --runs=runs/lm_small \
       --methods=dense,static,rigl,srigl,magnitude --sparsities=0.5,0.75,0.9 --seeds=0,1
+  python -m experiments.lm.sweep --out=results/lm_small --table    # markdown table
 """
 
 from __future__ import annotations
@@ -25,18 +26,53 @@ def _machine() -> str:
             f"jax {jax.__version__} {jax.devices()[0].platform}")
 
 
+def table(results: Path) -> str:
+    """Markdown table: validation perplexity, mean +- sample std over seeds (n), per method
+    and sparsity, from a ``results.jsonl``."""
+    import statistics
+    rows: dict = {}
+    for line in Path(results).read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault((r["algorithm"], r["sparsity_target"]), []).append(
+            r["valid_perplexity"])
+    sparsities = sorted({s for (m, s) in rows if m != "dense"})
+    methods = ["dense"] + sorted({m for (m, _) in rows if m != "dense"})
+    out = ["| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |",
+           "|---|" + "---|" * len(sparsities)]
+
+    def cell(v):
+        if not v:
+            return "-"
+        sd = f" +- {statistics.stdev(v):.2f}" if len(v) > 1 else ""
+        return f"{statistics.mean(v):.2f}{sd} (n={len(v)})"
+
+    for m in methods:
+        cells = [cell(rows.get((m, 0.0), [])) if m == "dense" else cell(rows.get((m, s), []))
+                 for s in sparsities]
+        if m == "dense":
+            cells = [cells[0]] + ["" for _ in sparsities[1:]]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     from experiments.lm import trainer
     from experiments.sweep import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", default="")
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", required=True)
+    p.add_argument("--runs", default="")
+    p.add_argument("--table", action="store_true", help="print the table of <out> and exit")
     p.add_argument("--methods", default="dense,static,rigl,srigl,magnitude")
     p.add_argument("--sparsities", default="0.5,0.75,0.9")
     p.add_argument("--seeds", default="0,1")
     a = p.parse_args(argv)
+    if a.table:
+        print(table(Path(a.out) / "results.jsonl"))
+        return
+    if not a.config or not a.runs:
+        p.error("--config and --runs are needed to run the grid")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
