@@ -184,7 +184,8 @@ def lm_config(args):
     from experiments.lm.model import lm_config as model_config
 
     c = lm_base.get_config()
-    c.model = model_config(args.preset, seq_len=args.seq_len)
+    overrides = {"num_layers": args.num_layers} if args.num_layers else {}
+    c.model = model_config(args.preset, seq_len=args.seq_len, **overrides)
     c.algorithm = "dense"
     c.mesh_shape = (1, 1)
     c.num_steps = args.train_steps
@@ -237,7 +238,8 @@ def run_lm(args) -> None:
     model = setup.model
     params = jax.device_get(state.params)
     dense = math.exp(float(evaluate(params)))
-    base = dict(event="final", study="oneshot", dataset="stdlib", model=f"lm_{args.preset}",
+    base = dict(event="final", study="oneshot", dataset="stdlib",
+                model=f"lm_{args.preset}_L{c.model.num_layers}_T{c.model.seq_len}",
                 train_steps=args.train_steps, train_time=train_time,
                 params=sum(int(x.size) for x in jax.tree.leaves(params)),
                 calibration_tokens=args.calib_batches * args.calib_batch * c.model.seq_len,
@@ -302,6 +304,7 @@ def main(argv=None) -> None:
     lm.add_argument("--out", default="results/oneshot_lm")
     lm.add_argument("--preset", default="1m")
     lm.add_argument("--seq_len", type=int, default=128)
+    lm.add_argument("--num_layers", type=int, default=0, help="override the preset's depth")
     lm.add_argument("--train_steps", type=int, default=600)
     lm.add_argument("--batch", type=int, default=32)
     lm.add_argument("--eval_windows", type=int, default=256)
