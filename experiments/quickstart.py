@@ -131,7 +131,9 @@ def main(argv=None) -> dict:
         c.progress = args.progress
         workdir = out_dir / args.dataset / algorithm  # rerunning reuses finished runs
         runs[algorithm if algorithm == "dense" else "rigl 90%"] = workdir
-        results[algorithm] = train_lib.train(c, workdir, resume=True, dataset=ds)
+        # Resume only a run that exists: a first run prints nothing but its own output.
+        results[algorithm] = train_lib.train(c, workdir, dataset=ds,
+                                             resume=(workdir / "checkpoints").is_dir())
     dense, rigl = results["dense"], results["rigl"]
     state = rigl["state"]
     masks = jaxsparse.get_masks(state.opt_state)
