@@ -191,14 +191,17 @@ def _hessian(gram, count):
 
 @jax.jit
 def _inverse_factor(h, damp):
-    """Upper ``U`` with ``(h + damp I)^-1 = U^T U`` (nan when not positive definite)."""
+    """Upper ``U`` with ``(h + damp I)^-1 = U^T U`` (nan when not positive definite).
+
+    With ``J`` the order-reversing permutation and ``J h J = M M^T`` (Cholesky, ``M`` lower),
+    ``h^-1 = J M^-T M^-1 J``, so ``U = J M^-1 J`` (upper triangular, positive diagonal): one
+    Cholesky and one triangular inverse, with no explicit ``h^-1`` to factor again.
+    """
     n = h.shape[0]
     h = h + damp * jnp.eye(n, dtype=h.dtype)
-    lower = jnp.linalg.cholesky(h)
-    eye = jnp.eye(n, dtype=h.dtype)
-    inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-    inv = 0.5 * (inv + inv.T)
-    return jnp.linalg.cholesky(inv).T
+    m = jnp.linalg.cholesky(h[::-1, ::-1])
+    m_inv = jax.scipy.linalg.solve_triangular(m, jnp.eye(n, dtype=h.dtype), lower=True)
+    return m_inv[::-1, ::-1]
 
 
 def sparsegpt_factor(stats: InputStats, percdamp: float = 0.01, name: str = "kernel",
