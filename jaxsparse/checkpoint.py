@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
+
+from jaxsparse.sharding import packed_sharding
 
 PyTree = Any
 FORMAT = "jaxsparse-checkpoint-1"
@@ -72,14 +74,7 @@ def _packed_sharding(s, shape):
     bytes (or ``None`` without a ``NamedSharding``)."""
     if not isinstance(s, NamedSharding):
         return None
-    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
-    last = spec[-1]
-    if last is not None:
-        axes = (last,) if isinstance(last, str) else tuple(last)
-        n = int(np.prod([s.mesh.shape[a] for a in axes]))
-        if shape[-1] % (8 * n):
-            spec[-1] = None
-    return NamedSharding(s.mesh, PartitionSpec(*spec))
+    return packed_sharding(s, shape)
 
 
 def _pack_one(m):

@@ -131,6 +131,25 @@ def logical_shardings(logical_specs: PyTree, mesh: Mesh, rules: Rules,
     return out
 
 
+def _is_packed(x) -> bool:
+    """A bit-packed mask node (``bits`` of the mask's shape with the last axis packed eight
+    to a byte, and a static ``shape``), e.g. ``jaxsparse.bitmask.PackedMask``."""
+    return hasattr(x, "bits") and hasattr(x, "shape") and not hasattr(x, "dtype")
+
+
+def packed_sharding(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """The sharding for a mask of ``shape`` and sharding ``s`` packed along its last axis
+    (``ceil(n / 8)`` bytes): the same spec, with the last axis replicated when its shards do
+    not hold whole bytes."""
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    axes = _as_tuple(spec[-1]) if spec else ()
+    if axes:
+        n = int(np.prod([s.mesh.shape[a] for a in axes]))
+        if shape[-1] % (8 * n):
+            spec[-1] = None
+    return NamedSharding(s.mesh, PartitionSpec(*spec))
+
+
 def _known_sharding(p):
     """The param's sharding when known: a concrete array's ``NamedSharding``, or under
     ``jit`` the type's sharding when its mesh has explicit axes; else ``None``."""
@@ -168,17 +187,24 @@ def like_params(tree: PyTree, params: PyTree) -> PyTree:
       ``tree`` with the same structure and values.
     """
 
+    def put(x, s, traced):
+        if traced or isinstance(x, jax.core.Tracer):
+            return jax.sharding.reshard(x, s.spec)
+        return jax.device_put(x, s)
+
     def place(x, p):
         if x is None or not hasattr(x, "shape") or tuple(x.shape) != tuple(np.shape(p)):
             return x
         s = _known_sharding(p)
         if s is None:
             return x
-        if isinstance(x, jax.core.Tracer) or isinstance(p, jax.core.Tracer):
-            return jax.sharding.reshard(x, s.spec)
-        return jax.device_put(x, s)
+        traced = isinstance(p, jax.core.Tracer)
+        if _is_packed(x):  # bits of a packed mask: the param's spec, adapted to bytes
+            ps = packed_sharding(s, tuple(x.shape))
+            return jax.tree.map(lambda b: put(b, ps, traced), x)
+        return put(x, s, traced)
 
-    return jax.tree.map(place, tree, params, is_leaf=lambda x: x is None)
+    return jax.tree.map(place, tree, params, is_leaf=lambda x: x is None or _is_packed(x))
 
 
 def shardings_of(tree: PyTree) -> PyTree:
@@ -197,7 +223,9 @@ def state_shardings(state: PyTree, params: PyTree, param_shardings: PyTree,
     param-shaped trees): a leaf whose key path ends with a param's key path and whose shape
     equals that param's gets the param's sharding (moments, masks, ``ever_active``, SNFS
     momentum, whatever the nesting: chain, inject_hyperparams, MultiSteps); every other
-    leaf (counters, keys, hyperparameters) gets ``default``.
+    leaf (counters, keys, hyperparameters) gets ``default``. The ``bits`` of a bit-packed
+    mask (a node with ``bits`` and ``shape``, last axis packed) get the param's sharding
+    adapted by :func:`packed_sharding`.
 
     Args:
       state: the state or its ``jax.eval_shape``.
@@ -212,13 +240,26 @@ def state_shardings(state: PyTree, params: PyTree, param_shardings: PyTree,
                for (path, leaf), s in zip(p_flat, s_leaves)}
     lengths = sorted({len(k) for k in by_path}, reverse=True)
 
-    def pick(path, leaf):
-        parts = _keystr_parts(path)
+    def lookup(parts, shape, packed):
         for n in lengths:
             hit = by_path.get(parts[len(parts) - n:]) if len(parts) >= n else None
-            if hit is not None and hit[0] == tuple(np.shape(leaf)):
-                return hit[1]
-        return default
+            if hit is None:
+                continue
+            want, s = hit
+            if not packed and want == shape:
+                return s
+            if (packed and want and shape == (*want[:-1], -(-want[-1] // 8))
+                    and isinstance(s, NamedSharding)):
+                return packed_sharding(s, want)
+        return None
+
+    def pick(path, leaf):
+        parts = _keystr_parts(path)
+        shape = tuple(np.shape(leaf))
+        found = lookup(parts, shape, packed=False)
+        if found is None and len(parts) > 1 and str(getattr(leaf, "dtype", "")) == "uint8":
+            found = lookup(parts[:-1], shape, packed=True)  # a packed mask's bits
+        return default if found is None else found
 
     return jax.tree_util.tree_map_with_path(pick, state)
 

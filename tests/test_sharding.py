@@ -175,3 +175,40 @@ def test_mesh_and_divisibility_errors_name_the_culprit():
     ok = sh.logical_shardings(logical, mesh, rules,
                               shapes={"fc": {"kernel": jax.ShapeDtypeStruct((8, 8), jnp.float32)}})
     assert ok["fc"]["kernel"].spec == P(None, "model")
+
+
+@jax.tree_util.register_pytree_node_class
+class _Packed:
+    """A bit-packed mask node like jaxsparse.bitmask.PackedMask (bits + static shape)."""
+
+    def __init__(self, bits, shape):
+        self.bits, self.shape = bits, tuple(shape)
+
+    def tree_flatten(self):
+        return (self.bits,), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        return cls(children[0], shape)
+
+
+def test_packed_masks_follow_their_params():
+    mesh = sh.make_mesh((4, 2), ("data", "model"))
+    shardings = _shardings(mesh)
+    raw = {"dense0": {"kernel": jnp.zeros((20, 16), bool), "bias": None},
+           "norm": {"scale": None}, "dense1": {"kernel": jnp.zeros((16, 8), bool), "bias": None}}
+    packed = jax.tree.map(lambda m: None if m is None else _Packed(jnp.packbits(m, axis=-1),
+                                                                   m.shape),
+                          raw, is_leaf=lambda x: x is None)
+    params = jax.device_put(tiny_params(), shardings)
+    out = sh.like_params(packed, params)
+    # 16 columns over 2 shards = whole bytes per shard: stays sharded; 8 rows split 2 ways
+    # on dense1's first axis: kept.
+    assert out["dense0"]["kernel"].bits.sharding.spec == P(None, "model")
+    assert out["dense1"]["kernel"].bits.sharding.spec == P("model", None)
+    assert out["dense0"]["kernel"].shape == (20, 16)
+    rep = NamedSharding(mesh, P())
+    st = sh.state_shardings({"masks": packed}, tiny_params(), shardings, rep)
+    assert st["masks"]["dense0"]["kernel"].bits.spec == P(None, "model")
+    odd = sh.packed_sharding(NamedSharding(mesh, P(None, "model")), (4, 12))
+    assert odd.spec == P(None, None)  # 6 columns per shard: not whole bytes
