@@ -35,10 +35,10 @@ import numpy as np
 import optax
 
 import jaxsparse
-from jaxsparse import features
 from experiments import data as data_lib
 from experiments.sweep import load_config
 from experiments.train import machine_description
+from jaxsparse import features
 
 METHODS = ("quickselection", "variance", "random", "all")
 
@@ -234,8 +234,12 @@ def run(cfg: FSConfig, done: set | None = None, write=None) -> list[dict]:
                         "dae_sparsity": float(jaxsparse.metrics.global_sparsity(masks)),
                         "dae_time": time.perf_counter() - start}
         for method, k in pending:
-            scores = {"quickselection": lambda: qs_scores, "variance": lambda: var_scores,
-                      "random": lambda: random_scores(dim, seed)}[method]()
+            if method == "quickselection":
+                scores = qs_scores
+            elif method == "variance":
+                scores = var_scores
+            else:
+                scores = random_scores(dim, seed)
             idx = np.asarray(features.top_k_features(scores, int(k)))
             t0 = time.perf_counter()
             acc = extra_trees_accuracy(xc, yc, x_test, y_test, idx, seed, cfg.n_estimators)
