@@ -105,8 +105,9 @@ def test_nnx_equals_linen_with_the_same_weights(linen_setup):
         layer.kernel[...] = variables["params"][f"Dense_{i}"]["kernel"]
         layer.bias[...] = variables["params"][f"Dense_{i}"]["bias"]
     before = nnx.state(nmodel, nnx.Param)
-    res_nnx = oneshot.prune(nmodel, None, batches, method="sparsegpt", nm=(2, 4), blocksize=8)
-    res_linen = oneshot.prune(model, variables, batches, method="sparsegpt", nm=(2, 4),
+    res_nnx = oneshot.prune(nmodel, None, batches, method="sparsegpt", sparsity=0.5,
+                            blocksize=8)
+    res_linen = oneshot.prune(model, variables, batches, method="sparsegpt", sparsity=0.5,
                               blocksize=8)
     assert res_nnx.layers == ("layers/0/kernel", "layers/1/kernel", "layers/2/kernel")
     for i in range(3):
