@@ -112,7 +112,10 @@ def prune(
       percdamp: SparseGPT's damping, a fraction of the mean Hessian diagonal.
       blocksize: SparseGPT's lazy-update block (inputs per block).
       batch_sharding: optional sharding for the batches (data-parallel calibration over a
-        ``Mesh``, e.g. ``NamedSharding(mesh, P("data"))``); params are replicated on its mesh.
+        ``Mesh``, e.g. ``NamedSharding(mesh, P("data"))``); params are replicated on its mesh,
+        the statistics are summed across devices inside the compiled pass and the per-layer
+        solve runs replicated. (Tested on 8 simulated CPU devices of one process; several
+        processes are not tested.)
       call: NNX only: ``call(model, batch)`` runs the model (default ``model(batch)``).
 
     Returns:
