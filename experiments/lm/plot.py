@@ -23,8 +23,12 @@ def curves(results: Path) -> dict:
         path = Path(r["metrics_path"])
         if not path.exists():
             continue
-        rows = [json.loads(x) for x in path.read_text().splitlines()]
-        pts = [(x["step"], x["train_loss"]) for x in rows if x.get("event") == "train"]
+        pts = []
+        for x in map(json.loads, path.read_text().splitlines()):
+            if x.get("event") == "final":  # a rerun into the same folder appends: keep the first
+                break
+            if x.get("event") == "train":
+                pts.append((x["step"], x["train_loss"]))
         by[(r["algorithm"], r["sparsity_target"])].append(pts)
     out = {}
     for k, runs in by.items():
