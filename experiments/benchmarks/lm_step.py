@@ -59,7 +59,9 @@ def worker(a) -> None:
         for _ in range(a.update_every - 1):
             call()
         variants[algo] = (call, a.update_every)
-        if algo != "dense" and not extra:
+        # Mask bytes: measured in the 1-process run (each process would need the same
+        # checkpoint folder, and the numbers do not depend on the process count).
+        if algo != "dense" and not extra and jax.process_count() == 1:
             sparse = jaxsparse.transform.get_sparse_state(holder["state"].opt_state)
             masks = sparse.masks
             n = sum(int(m.size) for m in jax.tree.leaves(masks))
