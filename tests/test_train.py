@@ -408,7 +408,7 @@ def test_resume_may_extend_a_run_when_allowed(tmp_path, digits):
                         allow_changes=["seed"])
 
 
-def test_sweep_resumes_an_unfinished_run(tmp_path, digits):
+def test_sweep_resumes_an_unfinished_run(tmp_path):
     from experiments import sweep
 
     c = tiny(num_steps=10, checkpoint_every=4)
@@ -417,7 +417,9 @@ def test_sweep_resumes_an_unfinished_run(tmp_path, digits):
     workdir = tmp_path / "runs" / sweep.run_name("rigl", 0.8, 0)
     c_run = c.copy_and_resolve_references()
     c_run.algorithm, c_run.sparsity, c_run.seed = "rigl", 0.8, 0
-    reference = train_lib.train(c_run, workdir, dataset=digits)
+    # The sweep loads its data from the config (with its validation split): so does the
+    # reference, or the two runs would see different training sets.
+    reference = train_lib.train(c_run, workdir, dataset=train_lib.load_data(c_run))
     shutil.rmtree(workdir / "checkpoints" / "10")
     logs = []
     records = sweep.sweep(c, tmp_path, ["rigl"], [0.8], [0], log=logs.append)
