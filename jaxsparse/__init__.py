@@ -3,37 +3,45 @@
 Any optax optimizer becomes a sparse one with one wrapper::
 
     tx = jaxsparse.rigl(optax.adamw(1e-3), sparsity=0.9, end_step=7500, key=jax.random.key(0))
-    state = tx.init(params)
-    params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
+    params, state = jaxsparse.init_masked(tx, params)  # masked params, optimizer state
     updates, state = tx.update(grads, state, params)   # inside your jitted step
     params = optax.apply_updates(params, updates)      # exactly sparse after every step
 """
 
 from jaxsparse import (
+    bitmask,
+    checkpoint,
     condensed,
     distributions,
+    features,
+    freeze,
     lottery,
     masks,
     metrics,
     nn,
+    oneshot,
     pruning_at_init,
     schedules,
+    sharding,
     topology,
 )
-from jaxsparse.algorithms.common import LayerInputs, layerwise, random_init
+from jaxsparse.algorithms.common import LayerInputs, layerwise, map_layers, random_init
 from jaxsparse.algorithms.dst import drop_and_grow, rigl, snfs, static
 from jaxsparse.algorithms.dst import set_ as set  # noqa: A001  (the paper's name)
 from jaxsparse.algorithms.granet import granet, granet_targets
 from jaxsparse.algorithms.pruning import magnitude_pruning, pruning_targets, random_pruning
 from jaxsparse.algorithms.structured import nm_pruning, nm_rigl, srigl, srigl_layer
 from jaxsparse.condensed import (
+    CondensedFileError,
     CondensedLinear,
     SparseLinear,
     condense,
     condense_layer,
     condense_mlp,
     condensed_dense,
+    load_condensed,
     mlp_apply,
+    save_condensed,
     sparse_dense,
     sparse_linear,
 )
@@ -48,6 +56,7 @@ from jaxsparse.masks import (
     ones_masks,
     sparse_init,
     validate_masks,
+    validate_prunable_masks,
 )
 from jaxsparse.metrics import (
     format_structure_table,
@@ -72,6 +81,7 @@ from jaxsparse.transform import (
     get_ever_active,
     get_masks,
     get_sparse_state,
+    init_masked,
     reset_moments,
     sparse_transform,
 )
@@ -79,6 +89,18 @@ from jaxsparse.transform import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CondensedFileError",
+    "bitmask",
+    "checkpoint",
+    "features",
+    "freeze",
+    "init_masked",
+    "load_condensed",
+    "map_layers",
+    "oneshot",
+    "save_condensed",
+    "sharding",
+    "validate_prunable_masks",
     "CondensedLinear",
     "ImpResult",
     "SparseLinear",

@@ -42,7 +42,8 @@ import jax.numpy as jnp
 
 from jaxsparse.distributions import check_sparsity
 from jaxsparse.masks import Masks, Prunable, PyTree, apply_masks, ones_masks
-from jaxsparse.pruning_at_init import RANKINGS, one_shot_masks
+from jaxsparse.pruning_at_init import one_shot_masks
+from jaxsparse.topology import check_ranking
 
 TrainFn = Callable[[PyTree, Masks, int], tuple[PyTree, Any]]
 
@@ -187,8 +188,7 @@ def imp(
     num_steps = _check_steps(num_steps, "num_steps", 1)
     sparsities = imp_sparsities(rounds, sparsity=sparsity, prune_fraction=prune_fraction)
     rewind_step = _check_steps(rewind_step, "rewind_step", 0)
-    if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+    check_ranking(ranking)
     masks = ones_masks(init_params, prunable)
     # Fail early on bad distribution / overrides, before any training.
     one_shot_masks(jax.tree.map(jnp.abs, init_params), sparsities[-1], distribution=distribution,

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse.bitmask import PackedMask
+
 PyTree = Any
 Masks = Any
 # A prunable-leaf selector: a predicate ``(path, leaf) -> bool``, a regex matched against the
@@ -33,6 +35,12 @@ _WRAPPER_NAMES = ("value", "raw_value")
 def is_none(x) -> bool:
     """``is_leaf`` predicate that keeps ``None`` mask leaves visible to tree maps."""
     return x is None
+
+
+def is_mask_leaf(x) -> bool:
+    """``is_leaf`` predicate for mask trees that may hold bit-packed masks: ``None`` and
+    :class:`jaxsparse.bitmask.PackedMask` nodes are leaves."""
+    return x is None or isinstance(x, PackedMask)
 
 
 def _key_name(k) -> str:
@@ -156,8 +164,8 @@ def map_masked(fn: Callable, masks: Masks, *trees: PyTree, dense: Callable | Non
     leaf of the first tree (or ``None`` when there is no other tree).
     """
 
-    m_leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
-    others = [jax.tree.leaves(t, is_leaf=is_none) for t in trees]
+    m_leaves, treedef = jax.tree.flatten(masks, is_leaf=is_mask_leaf)
+    others = [jax.tree.leaves(t, is_leaf=is_mask_leaf) for t in trees]
     for t in others:
         if len(t) != len(m_leaves):
             raise ValueError(
@@ -175,8 +183,9 @@ def map_masked(fn: Callable, masks: Masks, *trees: PyTree, dense: Callable | Non
 
 
 def mask_leaves(masks: Masks) -> list:
-    """The leaves of a mask tree in flattening order, ``None`` included."""
-    return jax.tree.leaves(masks, is_leaf=is_none)
+    """The leaves of a mask tree in flattening order, ``None`` included (a packed mask is
+    one leaf)."""
+    return jax.tree.leaves(masks, is_leaf=is_mask_leaf)
 
 
 def validate_prunable_masks(masks: Masks, params: PyTree) -> None:

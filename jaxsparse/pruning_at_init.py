@@ -50,9 +50,8 @@ from jaxsparse.masks import (
     validate_masks,
     validate_prunable_masks,
 )
+from jaxsparse.topology import check_ranking
 from jaxsparse.transform import SparsityRule, sparse_transform
-
-RANKINGS = ("global", "layerwise")
 
 __all__ = [
     "fixed_masks",
@@ -179,11 +178,6 @@ def synflow_scores(
     return jax.tree.map(lambda g, w: jnp.abs(g * w), grads, positive)
 
 
-def _check_ranking(ranking):
-    if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
-
-
 def _prunable_positions(scores: PyTree, prunable: Prunable):
     pred = as_predicate(prunable)
     flat, treedef = jax.tree_util.tree_flatten_with_path(scores)
@@ -230,16 +224,11 @@ def _select(leaves, positions, candidates, targets, free, ranking):
     new = [topology.top_k_mask(s, targets[j], where=c)
            for j, (s, c) in enumerate(zip(layer_scores, cands, strict=True))]
     if ranking == "global" and free:
-        flat_s = jnp.concatenate([layer_scores[j].ravel() for j in free])
-        flat_c = jnp.concatenate([
-            jnp.ones(layer_scores[j].size, bool) if cands[j] is None else cands[j].ravel()
-            for j in free
-        ])
-        total = jnp.sum(targets[jnp.asarray(free)])
-        keep = topology.top_k_mask(flat_s, total, where=flat_c)
-        offsets = np.cumsum([0] + [layer_scores[j].size for j in free])
-        for n, j in enumerate(free):
-            new[j] = keep[offsets[n]:offsets[n + 1]].reshape(layer_scores[j].shape)
+        keep = topology.top_k_masks(
+            [layer_scores[j] for j in free], jnp.sum(targets[jnp.asarray(free)]),
+            where=[cands[j] for j in free])
+        for j, m in zip(free, keep):
+            new[j] = m
     return new
 
 
@@ -287,7 +276,7 @@ def one_shot_masks(
       ...                        ranking="layerwise", distribution="erk")
       >>> params = jaxsparse.apply_masks(params, masks)
     """
-    _check_ranking(ranking)
+    check_ranking(ranking)
     check_sparsity(sparsity)
     leaves, treedef, positions = _prunable_positions(scores, prunable)
     specs = layer_specs(scores, prunable)
@@ -352,7 +341,7 @@ def synflow_masks(
 
     Reference: Tanaka et al., NeurIPS 2020 (Algorithm 1).
     """
-    _check_ranking(ranking)
+    check_ranking(ranking)
     sparsity = check_sparsity(sparsity)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
@@ -398,6 +387,6 @@ def fixed_masks(inner: optax.GradientTransformation, masks: Masks,
     rule = SparsityRule(
         init_masks=init_masks,
         is_update_step=schedules.never,
-        update_masks=lambda x: (x.masks, x.extra),
+        update_masks=lambda x: x.masks,
     )
     return sparse_transform(inner, rule, key=jax.random.key(0), track_itop=False)

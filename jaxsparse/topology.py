@@ -1,26 +1,28 @@
 """Pure topology functions: select, drop and grow by score, with traced counts.
 
-Every function here is jit-safe with counts that are traced values (a drop count that follows
-a cosine schedule, a target that follows a pruning ramp, a fan-in that changes after neuron
-ablation), so a schedule that moves never recompiles.
+**The rule.** Every selection keeps the ``k`` highest scores; scores tied at the threshold
+go to the positions with the higher *tie rank*, a distinct number per position: a keyed
+bijective hash of the position when a ``tie_key`` is given (ties broken at random, the
+RigL/SRigL convention), else earliness (row-major over a whole array, top to bottom within a
+neuron). NaN ranks below every number, -inf included. ``k`` may be a traced value (a drop
+count on a cosine schedule, a pruning target, a fan-in that moves after neuron ablation), so
+a schedule never recompiles a training step.
 
-Selection is exact top-k by *counting*: scores are mapped to order-preserving ``uint32``
-keys, and each round counts the keys at or above one pivot (a vectorised pass). The pivot is
-interpolated on the counts between the ends of a bracket (regula falsi with the Illinois
-safeguard, falling back to the midpoint when the bracket does not halve), and the search
-stops as soon as some pivot has exactly k keys above it, so no threshold key has to be pinned
-down: a smooth score distribution takes a handful of passes, any input at most ~3 x 32. A
-whole-layer selection over >= 16k weights starts from a bracket read off a fixed 2048-key
-sample. Keys tied at the threshold are ranked by a second search over distinct
-per-position ranks: a keyed bijective hash of the position (given a ``tie_key``, so ties
-break at random) or the position itself (earliest first); it ends at once when nothing ties.
-Counts are matrix products rather than reductions (below 2**18 entries), and there is no
-``lax.cond`` in here: XLA's CPU runtime pays for every reduction, constant and conditional of
-a program on each execution, those in an untaken topology branch included (see
-:func:`column_counts`). ~50x faster than
-``argsort`` for a 784x300 layer on CPU, and it works per neuron (per column) at no extra
-cost.
-NaN scores rank below every number, -inf included.
+**Two implementations of the rule**, equal bit for bit (property-tested):
+
+* :func:`select_by_sorting`, the reference: sort the (score, tie rank) pairs in descending
+  order; the k-th pair is the threshold. It states the rule and is the default on GPU and
+  TPU, whose sorts are fast.
+* :func:`select_by_counting`: finds the k-th key by counting the keys at or above a pivot
+  (one fused compare-and-sum pass each), the pivot interpolated between the ends of a
+  bracket (regula falsi with the Illinois safeguard); then the same search over tie ranks
+  among the keys tied at the threshold. No sort: ~50x faster than sorting on XLA:CPU for a
+  784x300 layer, and 4 bytes of temporaries per weight (the keys) where a sort needs 16.
+  The default on CPU (:data:`COUNTING_PLATFORMS`), chosen at lowering time by
+  ``jax.lax.platform_dependent``.
+
+Counts are exact int32 reductions on every backend; nothing here accumulates floats through
+a matrix product (whose default precision is bf16 on TPU and TF32 on recent GPUs).
 """
 
 from __future__ import annotations
@@ -32,214 +34,102 @@ import jax.numpy as jnp
 import numpy as np
 
 _U32_MAX = 0xFFFFFFFF
+_RANK_LIMIT = 1 << 31
+
+# Platforms whose selections use the counting search (measured faster there; see
+# BENCHMARKS.md); every other platform uses the sorting reference.
+COUNTING_PLATFORMS = ("cpu",)
+
+# The rankings of the pruning methods (one definition for every module that ranks).
+RANKINGS = ("layerwise", "global")
+
+
+def check_ranking(ranking: str) -> str:
+    """Validates a ranking scope name."""
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
+    return ranking
 
 
 def sortable_key(scores: jax.Array) -> jax.Array:
-    """Order-preserving map float -> uint32 (NaN mapped to -inf). Candidate keys are > 0."""
+    """Order-preserving map float -> uint32 (NaN below -inf). Every key is >= 1, so 0 is free
+    to mark non-candidates."""
     scores = jnp.asarray(scores, jnp.float32)
     nan = jnp.isnan(scores)
     bits = jax.lax.bitcast_convert_type(jnp.where(nan, -jnp.inf, scores), jnp.uint32)
     negative = (bits >> 31) == 1
     keys = jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
-    # -inf maps to 0x007FFFFF; NaN goes strictly below it, and 0 stays free for non-candidates.
+    # -inf maps to 0x007FFFFF; NaN goes strictly below it.
     return jnp.where(nan, jnp.uint32(1), keys)
 
 
-# Sums of 0/1 values below this are exact in float32 in any order.
-_EXACT_F32 = 1 << 24
-# Column counts of arrays with fewer entries go through a matrix product (see column_counts).
-# At 2**18, a 784x300 layer (235k) still does; the crossover measured on CPU with an update
-# every 100 steps lies near there (per-pass loss of the product vs per-step reduction cost).
-_DOT_MAX_SIZE = 1 << 18
+def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool, offset: int = 0,
+              total: int | None = None) -> jax.Array:
+    """Distinct uint32 tie ranks below 2**31 for the positions of a 2-D ``shape`` (m, s).
 
-
-def column_counts(x: jax.Array) -> jax.Array:
-    """Number of true (nonzero) entries per column of a 2-D array, as int32.
-
-    A vector-matrix product with a ones vector rather than a reduction, and this matters on
-    CPU: on each execution of a program, XLA's CPU client allocates a buffer-table entry for
-    every constant and every value of every reducer computation, *those in a ``lax.cond``
-    branch that is not taken included*, so each reduction costs every training step ~1 us;
-    a topology update holds dozens of counts. The product is exact: 0/1 inputs are exact in
-    every input precision (bf16, TF32), and the float32 accumulator holds every integer
-    below 2**24. It is ~1.1x the time of the fastest reduction (int16 column sums) on a
-    784x300 layer on CPU; arrays of 2**18 entries or more (or taller than 2**24) are
-    reduced instead.
+    With ``tie_key``: a keyed bijective hash of the position ``offset + row * s + col``
+    (xor with a key word, multiplication by an odd constant and xorshifts, each a bijection
+    of [0, 2**31)), so ties break at random. Without: earliness, larger for earlier
+    positions (row-major over ``total`` positions when ``whole``, else down each column).
+    ``offset``/``total`` place the array inside a selection over several arrays.
     """
-    m, s = x.shape
-    x = _nonzero(x)
-    if m >= _EXACT_F32 or x.size >= _DOT_MAX_SIZE:
-        # Large arrays: the reduction's fixed per-step cost is small next to what the
-        # product loses per pass (it materialises a float32 copy: ~3x slower whole-layer
-        # selections on 3072x768). The narrowest exact accumulator reduces fastest on CPU.
-        if s > 1 and m < (1 << 15):
-            return jnp.sum(x.astype(jnp.int16), axis=0, dtype=jnp.int16).astype(jnp.int32)
-        if m < _EXACT_F32:
-            return jnp.sum(x.astype(jnp.float32), axis=0).astype(jnp.int32)
-        return jnp.sum(x, axis=0, dtype=jnp.int32)
-    return jnp.dot(jnp.ones((m,), jnp.float32), x.astype(jnp.float32),
-                   preferred_element_type=jnp.float32).astype(jnp.int32)
+    m, s = shape
+    row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    col = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    pos = jnp.uint32(offset) + row * jnp.uint32(s) + col
+    if tie_key is None:
+        if whole:
+            return jnp.uint32((m * s if total is None else total) - 1) - pos
+        return jnp.uint32(m - 1) - row
+    mask = jnp.uint32(_RANK_LIMIT - 1)
+    # The key's own words seed the hash: keys from split / fold_in are already random words.
+    words = jax.random.key_data(tie_key).reshape(-1).astype(jnp.uint32)
+    seed0 = words[0] & mask
+    seed1 = (words[-1] ^ jnp.uint32(0x5BD1E995)) & mask
+    x = pos & mask
+    x = ((x ^ seed0) * jnp.uint32(0x9E3779B1)) & mask
+    x = ((x ^ (x >> 15)) * jnp.uint32(0x85EBCA6B)) & mask
+    x = ((x ^ (x >> 13) ^ seed1) * jnp.uint32(0xC2B2AE35)) & mask
+    return x ^ (x >> 16)
 
 
-def _nonzero(x: jax.Array) -> jax.Array:
-    return x if x.dtype == jnp.bool_ else x != jnp.zeros((), x.dtype)
+def _clip_k(k, n: int, width: int) -> jax.Array:
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
+    return jnp.broadcast_to(k, (width,))
 
 
-def _tree(v: jax.Array, op) -> jax.Array:
-    """``op``-fold of a 1-D vector as a ``(1,)`` array by halving (pad, then
-    ``op(v[:h], v[h:])``): slices and elementwise ops that XLA fuses into one loop, with no
-    reducer computation (see :func:`column_counts`)."""
-    n = v.shape[0]
-    size = 1 << max(n - 1, 0).bit_length()
-    v = jnp.pad(v, (0, size - n))  # zeros: neutral for + and |
-    while v.shape[0] > 1:
-        half = v.shape[0] // 2
-        v = op(v[:half], v[half:])
-    return v
+def select_by_sorting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
+    """The reference selection: top ``k`` of ``keys`` (m, s), per column or over the whole
+    array, ties going to the higher ``ranks``. Keys of 0 are never selected.
 
-
-def total(v: jax.Array) -> jax.Array:
-    """Sum of a 1-D int32 (or bool) vector as a ``(1,)`` int32 array, without a reduction
-    (:func:`_tree`); exact in int32."""
-    return _tree(v.astype(jnp.int32), jnp.add)
-
-
-def count_true(x: jax.Array) -> jax.Array:
-    """Number of true (nonzero) entries of ``x`` (any shape) as an int32 scalar: column
-    counts of its 2-D view (:func:`column_counts`), added by :func:`total`."""
-    x = jnp.asarray(x)
-    if x.ndim == 0:
-        return _nonzero(x).astype(jnp.int32)
-    return total(column_counts(x.reshape(_layer_view(x.shape))))[0]
-
-
-def float_sum(x: jax.Array) -> jax.Array:
-    """Sum of a float array (any shape) as a float32 scalar, by matrix products (see
-    :func:`column_counts`); the summation order differs from ``jnp.sum``'s."""
-    x = jnp.asarray(x, jnp.float32)
-    if x.ndim == 0:
-        return x
-    rows, cols = _layer_view(x.shape)
-    col = jnp.dot(jnp.ones((rows,), jnp.float32), x.reshape(rows, cols),
-                  preferred_element_type=jnp.float32)
-    return _vsum(col)
-
-
-def count_per_neuron(x: jax.Array) -> jax.Array:
-    """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
-    x = jnp.asarray(x)
-    return column_counts(x.reshape(-1, x.shape[-1]))
-
-
-def _vsum(v: jax.Array) -> jax.Array:
-    """Sum of a 1-D vector in its own dtype, as a scalar, without a reduction
-    (:func:`_tree`)."""
-    return _tree(v, jnp.add)[0]
-
-
-def _any(v: jax.Array) -> jax.Array:
-    """``any(v)`` for a 1-D bool vector without a reduction (:func:`_tree`)."""
-    return _tree(v, jnp.logical_or)[0]
-
-
-def _count_ge(keys: jax.Array, pivot: jax.Array, whole: bool, among=None) -> jax.Array:
-    """``count(keys >= pivot)`` (only where ``among``, if given) per column of ``keys``
-    (m, s), or over all of it when ``whole`` (then ``pivot`` has shape (1,)); int32.
-
-    By :func:`column_counts` (a product below 2**18 entries), then :func:`total`.
+    Sorting the complements ascending orders the (key, rank) pairs descending; the k-th pair
+    is the threshold and a position is selected when its pair is at or above it.
     """
-    ge = keys >= pivot[None, :]
-    if among is not None:
-        ge = ge & among
-    cols = column_counts(ge)
-    return total(cols) if whole else cols
+    shape = keys.shape
+    if whole:
+        keys, ranks = keys.reshape(-1, 1), ranks.reshape(-1, 1)
+    n, width = keys.shape
+    k = _clip_k(k, n, width)
+    desc_keys, desc_ranks = jax.lax.sort((~keys, ~ranks), dimension=0, num_keys=2)
+    at = jnp.maximum(k - 1, 0)[None, :]
+    t_key = jnp.take_along_axis(desc_keys, at, axis=0)
+    t_rank = jnp.take_along_axis(desc_ranks, at, axis=0)
+    above = (~keys < t_key) | ((~keys == t_key) & (~ranks <= t_rank))
+    return (above & (keys > 0) & (k > 0)[None, :]).reshape(shape)
 
 
-def _coarse(keys: jax.Array) -> jax.Array:
-    """``keys >> 8`` as float32: exact (< 2**24) and order-preserving, so min/max reduce in
-    vectorised float arithmetic (uint32 min/max reductions are several times slower on CPU)."""
-    return (keys >> 8).astype(jnp.float32)
+def _search(count, k, lo, hi, c_lo, c_hi):
+    """Counting search for the k-th largest key.
 
-
-# A whole-layer selection over at least this many keys first brackets its k-th key between
-# two order statistics of a fixed strided sample; smaller ones start from their key range.
-_SAMPLE_MIN_SIZE = 1 << 14
-_SAMPLE_SIZE = 2048
-
-
-def _sample_bracket(keys, k, lo, hi, c_lo, c_hi):
-    """Narrows a whole-layer bracket to two order statistics of a fixed 2048-key sample;
-    each end is only taken when a counting pass confirms it (else it stays)."""
-    n = keys.size
-    pos = (np.arange(_SAMPLE_SIZE, dtype=np.uint64) * 2654435761 % n).astype(np.int32)
-    sample = jnp.sort(keys.reshape(-1)[pos])[::-1]  # descending
-    r = k[0].astype(jnp.float32) * (_SAMPLE_SIZE / n)
-    margin = 4.0 * jnp.sqrt(r + 1.0) + 4.0
-    i_hi, i_lo = (r - margin).astype(jnp.int32), (r + margin).astype(jnp.int32)
-    s_hi = jnp.where(i_hi < 0, jnp.uint32(_U32_MAX - 1),
-                     sample[jnp.clip(i_hi, 0, _SAMPLE_SIZE - 1)]) + jnp.uint32(1)
-    s_lo = jnp.where(i_lo >= _SAMPLE_SIZE, jnp.uint32(0),
-                     sample[jnp.clip(i_lo, 0, _SAMPLE_SIZE - 1)])
-    c_slo = _count_ge(keys, s_lo[None], True)
-    c_shi = _count_ge(keys, s_hi[None], True)
-    take_lo = (s_lo > lo) & (s_lo < hi) & (c_slo >= k)
-    take_hi = (s_hi < hi) & (s_hi > lo) & (c_shi < k)
-    return (jnp.where(take_lo, s_lo, lo), jnp.where(take_hi, s_hi, hi),
-            jnp.where(take_lo, c_slo, c_lo), jnp.where(take_hi, c_shi, c_hi))
-
-
-def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
-            n_valid=None, key_range=None, among=None):
-    """A counting bracket around the k-th largest key, per column of ``keys`` (m, s) or,
-    when ``whole``, over all of it (then ``k`` and every output have shape (1,)).
-
-    Keys are 0 for non-candidates and >= 1 for candidates (``all_valid``: all are; or give
-    their count as ``n_valid``: either saves a counting pass). ``key_range`` ``(lo, hi)``
-    bounds the candidate keys (``lo <= key < hi``) and saves the min/max passes. With
-    ``among`` (bool, with ``n_valid`` and ``key_range``) the candidates are the positions
-    it marks, whatever their keys. Returns ``(lo, hi, c_lo, c_hi, k)`` with ``k`` clipped
-    to the candidate count and
-    ``c_lo = count(keys >= lo) >= k > c_hi = count(keys >= hi)``, where either
-    ``c_lo == k`` (then ``keys >= lo`` is exactly the top k) or ``hi == lo + 1`` (then ``lo``
-    is the k-th largest key and ``c_lo - c_hi`` keys tie at it); ``k == 0`` gives
-    ``lo = hi = 2**32 - 1``.
-
-    Each round counts the keys at or above one pivot. The pivot interpolates the count
-    between the ends (regula falsi over the empirical CDF, with the Illinois halving when one
-    end is kept twice), and is the midpoint after two rounds that did not halve the bracket,
-    so a smooth score distribution is pinned in a handful of passes and any input in at most
-    ~3 x 32. An exact count ends the search early: no threshold key has to be pinned down.
+    ``count(pivot)`` gives the number of candidate keys >= pivot (per column, shape of
+    ``k``). Starting from ``c_lo = count(lo) >= k > c_hi = count(hi)``, each round counts at
+    one pivot interpolated between the ends (regula falsi over the empirical CDF; the
+    Illinois rule halves the value of an end kept twice; the midpoint after two rounds that
+    did not halve the bracket), and keeps the invariant. It stops per column when
+    ``c_lo == k`` (then the keys >= lo are exactly the top k) or ``hi == lo + 1`` (then lo is
+    the k-th key, and ``c_lo - c_hi`` keys tie at it). Smooth score distributions take a
+    handful of passes, any input at most ~3 x 32.
     """
-    count = functools.partial(_count_ge, whole=whole, among=among)
-    width_s = 1 if whole else keys.shape[1]
-    if all_valid:
-        n_valid = jnp.full((width_s,), keys.size if whole else keys.shape[0], jnp.int32)
-    elif n_valid is None:
-        n_valid = count(keys, jnp.ones((width_s,), jnp.uint32))
-    k = jnp.minimum(k, n_valid)
-    some = k > 0
-    sampled = whole and keys.size >= _SAMPLE_MIN_SIZE and key_range is None
-    if key_range is not None:
-        lo, hi = (jnp.broadcast_to(jnp.asarray(b, jnp.uint32), (width_s,)) for b in key_range)
-    elif sampled:  # the sample gives a tighter start than the key range
-        lo, hi = jnp.ones((1,), jnp.uint32), jnp.full((1,), _U32_MAX, jnp.uint32)
-    else:
-        coarse = _coarse(keys)
-        # min and max in one reduction (min x = -max -x, exact on these integers): each
-        # reduction costs every step a little on CPU (see column_counts).
-        both = jnp.stack([-jnp.where(keys > 0, coarse, jnp.float32(1 << 24)), coarse])
-        both = jnp.max(both.reshape(2, -1) if whole else both, axis=1,
-                       initial=-float(1 << 24))
-        c_min, c_max = -both[0], jnp.maximum(both[1], 0.0)
-        lo = jnp.maximum(c_min.astype(jnp.uint32) << 8, jnp.uint32(1))
-        # Keys never exceed 0xFF800000 (+inf), so this does not wrap.
-        hi = (c_max.astype(jnp.uint32) + jnp.uint32(1)) << 8
-    lo = jnp.where(some, lo, jnp.uint32(_U32_MAX))
-    hi = jnp.where(some, hi, jnp.uint32(_U32_MAX))
-    c_lo = jnp.where(some, n_valid, 0)
-    c_hi = jnp.zeros((width_s,), jnp.int32)
-    if sampled:
-        lo, hi, c_lo, c_hi = _sample_bracket(keys, k, lo, hi, c_lo, c_hi)
 
     def done(lo, hi, c_lo):
         return (c_lo == k) | (hi - lo <= jnp.uint32(1))
@@ -256,92 +146,142 @@ def _search(keys: jax.Array, k: jax.Array, whole: bool, all_valid: bool = False,
         offset = jnp.where(slow >= 2, width >> 1, guess)
         offset = jnp.clip(offset, jnp.uint32(1), jnp.maximum(width, jnp.uint32(2)) - 1)
         pivot = lo + offset
-        c = count(keys, pivot)
+        c = count(pivot)
         active = ~done(lo, hi, c_lo)
-        up = active & (c >= k)
-        down = active & (c < k)
-        lo = jnp.where(up, pivot, lo)
-        c_lo = jnp.where(up, c, c_lo)
-        hi = jnp.where(down, pivot, hi)
-        c_hi = jnp.where(down, c, c_hi)
-        # Illinois: the end kept twice in a row has its value halved.
+        up, down = active & (c >= k), active & (c < k)
+        lo, c_lo = jnp.where(up, pivot, lo), jnp.where(up, c, c_lo)
+        hi, c_hi = jnp.where(down, pivot, hi), jnp.where(down, c, c_hi)
         f_lo = jnp.where(down & (side < 0), 0.5 * f_lo, f(c_lo))
         f_hi = jnp.where(up & (side > 0), 0.5 * f_hi, f(c_hi))
         side = jnp.where(up, 1, jnp.where(down, -1, side))
         slow = jnp.where(active & (hi - lo > (width >> 1)), slow + 1, 0)
         return lo, hi, c_lo, c_hi, f_lo, f_hi, side, slow
 
-    zeros = jnp.zeros((width_s,), jnp.int32)
+    zeros = jnp.zeros(k.shape, jnp.int32)
     lo, hi, c_lo, c_hi, *_ = jax.lax.while_loop(
-        lambda c: _any(~done(c[0], c[1], c[2])), body,
+        lambda c: jnp.any(~done(c[0], c[1], c[2])), body,
         (lo, hi, c_lo, c_hi, f(c_lo), f(c_hi), zeros, zeros))
-    return lo, hi, c_lo, c_hi, k
+    return lo, hi, c_lo, c_hi
 
 
-def _unique_ranks(tie_key, shape, whole: bool) -> jax.Array:
-    """Distinct uint32 values below 2**31 for the positions of (m, s): a keyed bijective
-    hash of the position (mod 2**31) when ``tie_key`` is given, else "earliness" (larger
-    for earlier positions: row-major over the whole array, or down each column)."""
-    m, s = shape
-    row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-    col = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    if tie_key is None:
-        if whole:
-            return jnp.uint32(m * s - 1) - (row * jnp.uint32(s) + col)
-        return jnp.uint32(m - 1) - row
-    # Every step below is a bijection of [0, 2**31): xor with a constant, multiplication
-    # by an odd constant, xorshift.
-    mask = jnp.uint32(0x7FFFFFFF)
-    # The key's own bits seed the hash: keys from split / fold_in are already random words,
-    # and drawing fresh bits would add a threefry loop (a per-step cost on CPU, see
-    # column_counts) for each selection.
-    words = jax.random.key_data(tie_key).reshape(-1).astype(jnp.uint32)
-    seed = jnp.stack([words[0], words[-1] ^ jnp.uint32(0x5BD1E995)]) & mask
-    x = (row * jnp.uint32(s) + col) & mask
-    x = ((x ^ seed[0]) * jnp.uint32(0x9E3779B1)) & mask
-    x = ((x ^ (x >> 15)) * jnp.uint32(0x85EBCA6B)) & mask
-    x = ((x ^ (x >> 13) ^ seed[1]) * jnp.uint32(0xC2B2AE35)) & mask
-    return x ^ (x >> 16)
+def _start(k, n_valid, lo, hi):
+    """The initial bracket: ``[lo, hi)`` holds every candidate; ``k == 0`` columns are done."""
+    some = k > 0
+    return (jnp.where(some, lo, jnp.uint32(_U32_MAX)), jnp.where(some, hi, jnp.uint32(_U32_MAX)),
+            jnp.where(some, n_valid, 0), jnp.zeros(k.shape, jnp.int32))
 
 
-def _select(keys, k, valid, tie_key, whole):
-    """Top k of ``keys`` (m, s) among ``valid`` (None: all): per column, or over all of it
-    (whole).
+def _key_range(keys_list, whole: bool):
+    """Smallest candidate key and one past the largest (per column unless ``whole``)."""
+    axis = None if whole else 0
+    los = [jnp.min(jnp.where(x > 0, x, jnp.uint32(_U32_MAX)), axis=axis) for x in keys_list]
+    his = [jnp.max(x, axis=axis) for x in keys_list]
+    lo = functools.reduce(jnp.minimum, los)
+    hi = functools.reduce(jnp.maximum, his)
+    # Keys never exceed 0xFF800000 (+inf), so hi + 1 does not wrap.
+    return jnp.atleast_1d(jnp.maximum(lo, 1)), jnp.atleast_1d(hi + jnp.uint32(1))
 
-    Two counting searches and no ``lax.cond`` (each conditional in a training step's topology
-    branch costs every step a few microseconds on CPU, taken or not). The second search ranks
-    the keys tied at the threshold by distinct per-position values (a keyed hash, or
-    position), and ends at once when nothing ties.
-    """
-    if keys.size >= (1 << 31):
+
+def _bcast(v, whole: bool):
+    """A per-column (or whole-array) bound, shaped to compare with a (m, s) array."""
+    return v[0] if whole else v[None, :]
+
+
+def _counter(arrays, among, whole: bool):
+    """``pivot -> count(array >= pivot [& among])`` summed over ``arrays`` (int32; per
+    column unless ``whole``)."""
+
+    def count(pivot):
+        total = 0
+        for j, x in enumerate(arrays):
+            ge = x >= _bcast(pivot, whole)
+            if among is not None:
+                ge = ge & among[j]
+            total = total + jnp.sum(ge, axis=None if whole else 0, dtype=jnp.int32)
+        return jnp.atleast_1d(total)
+
+    return count
+
+
+# A whole-array selection over at least this many keys first brackets its k-th key between
+# two order statistics of a fixed strided sample (two counting passes confirm them).
+_SAMPLE_MIN_SIZE = 1 << 14
+_SAMPLE_SIZE = 2048
+
+
+def _sample_bracket(keys, k, count, lo, hi, c_lo, c_hi):
+    n = keys.size
+    pos = (np.arange(_SAMPLE_SIZE, dtype=np.uint64) * 2654435761 % n).astype(np.int32)
+    sample = jnp.sort(keys.reshape(-1)[pos])[::-1]  # descending
+    r = k[0].astype(jnp.float32) * (_SAMPLE_SIZE / n)
+    margin = 4.0 * jnp.sqrt(r + 1.0) + 4.0
+    i_hi, i_lo = (r - margin).astype(jnp.int32), (r + margin).astype(jnp.int32)
+    s_hi = jnp.where(i_hi < 0, jnp.uint32(_U32_MAX - 1),
+                     sample[jnp.clip(i_hi, 0, _SAMPLE_SIZE - 1)]) + jnp.uint32(1)
+    s_lo = jnp.where(i_lo >= _SAMPLE_SIZE, jnp.uint32(0),
+                     sample[jnp.clip(i_lo, 0, _SAMPLE_SIZE - 1)])
+    c_slo, c_shi = count(s_lo[None]), count(s_hi[None])
+    take_lo = (s_lo > lo) & (s_lo < hi) & (c_slo >= k)
+    take_hi = (s_hi < hi) & (s_hi > lo) & (c_shi < k)
+    return (jnp.where(take_lo, s_lo, lo), jnp.where(take_hi, s_hi, hi),
+            jnp.where(take_lo, c_slo, c_lo), jnp.where(take_hi, c_shi, c_hi))
+
+
+def _select_counting(keys_list, ranks_list, k, whole: bool):
+    """Counting selection over one or several arrays (several only when ``whole``)."""
+    count = _counter(keys_list, None, whole)
+    n_valid = count(jnp.ones((1 if whole else keys_list[0].shape[1],), jnp.uint32))
+    k = jnp.minimum(k, n_valid)
+    lo, hi = _key_range(keys_list, whole)
+    lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
+    if whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE:
+        lo, hi, c_lo, c_hi = _sample_bracket(keys_list[0], k, count, lo, hi, c_lo, c_hi)
+    lo, hi, c_lo, c_hi = _search(count, k, lo, hi, c_lo, c_hi)
+    top = [x >= _bcast(hi, whole) for x in keys_list]
+    tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
+    # Keys in [lo, hi) tie at the threshold unless c_lo == k; rank them by tie rank.
+    rank_count = _counter(ranks_list, tie, whole)
+    r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
+                                      jnp.full_like(hi, _RANK_LIMIT))
+    r_lo = _search(rank_count, k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
+    return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks_list)]
+
+
+def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
+    """The counting selection; equal to :func:`select_by_sorting` on every input."""
+    k = _clip_k(k, keys.size if whole else keys.shape[0], 1 if whole else keys.shape[1])
+    return _select_counting([keys], [ranks], k, whole)[0]
+
+
+def _select(keys, ranks, k, whole: bool) -> jax.Array:
+    if keys.size >= _RANK_LIMIT:
         raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
                          f"{keys.shape})")
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size if whole else keys.shape[0])
-    k = jnp.broadcast_to(k, (1,) if whole else (keys.shape[1],))
-    if valid is not None:
-        keys = jnp.where(valid, keys, jnp.uint32(0))
-    lo, hi, c_lo, c_hi, k = _search(keys, k, whole, all_valid=valid is None)
-    # Keys in [lo, hi) fill the free slots exactly unless they tie at the threshold.
-    above = keys >= hi[None, :]
-    tie = (keys >= lo[None, :]) & ~above
-    ranks = _unique_ranks(tie_key, keys.shape, whole)
-    lo2 = _search(ranks, k - c_hi, whole, n_valid=c_lo - c_hi, key_range=(0, 1 << 31),
-                  among=tie)[0]
-    return above | (tie & (ranks >= lo2[None, :]))
+    by_platform = {p: functools.partial(select_by_counting, whole=whole)
+                   for p in COUNTING_PLATFORMS}
+    return jax.lax.platform_dependent(
+        keys, ranks, jnp.asarray(k, jnp.int32), default=functools.partial(select_by_sorting, whole=whole),
+        **by_platform)
 
 
-def _layer_view(shape) -> tuple[int, int]:
-    """A 2-D (rows, columns) view of a layer for counting: (fan-in, neurons) when the last
-    axis has several entries, else the widest divisor of the size up to 256 as columns."""
-    n = int(np.prod(shape))
-    if len(shape) >= 2 and shape[-1] > 1:
-        return n // shape[-1], shape[-1]
-    cols = max([d for d in range(1, 257) if n % d == 0] or [1])
-    return n // cols, cols
+def layer_view(shape) -> tuple[int, int]:
+    """The 2-D (fan-in, neurons) view of a layer: all axes but the last as rows; a 1-D
+    array is one column."""
+    shape = tuple(shape)
+    if len(shape) <= 1:
+        return (int(np.prod(shape)), 1)
+    return (int(np.prod(shape[:-1])), shape[-1])
+
+
+def _candidate_keys(scores, where, view):
+    keys = sortable_key(scores).reshape(view)
+    if where is not None:
+        keys = jnp.where(jnp.reshape(where, view), keys, jnp.uint32(0))
+    return keys
 
 
 def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:
-    """Bool mask of the ``k`` highest ``scores`` (over the whole array) among ``where``.
+    """Bool mask of the ``k`` highest ``scores`` over the whole array, among ``where``.
 
     Args:
       scores: float array of any shape.
@@ -349,17 +289,16 @@ def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:
         has fewer than ``k`` candidates.
       where: optional bool array of candidate positions.
       tie_key: optional PRNG key; ties at the threshold are then broken at random (without
-        one, by position: the earliest in row-major order win).
+        one, the earliest positions in row-major order win).
 
     Example:
       >>> top_k_mask(jnp.array([[0.1, 0.9], [0.5, 0.3]]), 2)
       Array([[False,  True], [ True, False]], dtype=bool)
     """
     shape = jnp.shape(scores)
-    view = _layer_view(shape)
-    keys = sortable_key(scores).reshape(view)
-    valid = None if where is None else jnp.reshape(where, view)
-    return _select(keys, k, valid, tie_key, whole=True).reshape(shape)
+    view = layer_view(shape)
+    keys = _candidate_keys(scores, where, view)
+    return _select(keys, tie_ranks(view, tie_key, whole=True), k, True).reshape(shape)
 
 
 def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
@@ -370,9 +309,63 @@ def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
     channel over h*w*in.
     """
     shape = jnp.shape(scores)
-    keys = sortable_key(scores).reshape(-1, shape[-1])
-    valid = None if where is None else jnp.reshape(where, keys.shape)
-    return _select(keys, k, valid, tie_key, whole=False).reshape(shape)
+    view = layer_view(shape)
+    keys = _candidate_keys(scores, where, view)
+    return _select(keys, tie_ranks(view, tie_key, whole=False), k, False).reshape(shape)
+
+
+def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> list:
+    """One selection of the ``k`` highest scores over several arrays (global ranking).
+
+    Args:
+      scores: list of float arrays (any shapes).
+      k: total count (traced ok).
+      where: optional list of bool candidate arrays.
+      tie_key: optional PRNG key (ties at random), else the earliest positions win in the
+        order of the list.
+      impl: ``"auto"`` (the counting search: no array is concatenated, so the memory is the
+        keys of the arrays, not a copy of all of them), ``"sorting"`` (the reference:
+        concatenates and sorts), or ``"counting"``.
+
+    Returns:
+      A list of bool masks of the shapes of ``scores``.
+    """
+    views = [layer_view(jnp.shape(s)) for s in scores]
+    where = [None] * len(scores) if where is None else where
+    keys = [_candidate_keys(s, w, v) for s, w, v in zip(scores, where, views)]
+    sizes = [int(np.prod(v)) for v in views]
+    total = sum(sizes)
+    if total >= _RANK_LIMIT:
+        raise ValueError(f"selections over >= 2**31 entries are not supported ({total})")
+    offsets = np.cumsum([0] + sizes)
+    ranks = [tie_ranks(v, tie_key, whole=True, offset=int(o), total=total)
+             for v, o in zip(views, offsets)]
+    if impl == "sorting":
+        flat = select_by_sorting(jnp.concatenate([x.reshape(-1, 1) for x in keys]),
+                                 jnp.concatenate([r.reshape(-1, 1) for r in ranks]), k,
+                                 whole=True)
+        out = [flat[offsets[i]:offsets[i + 1], 0] for i in range(len(keys))]
+    elif impl in ("auto", "counting"):
+        out = _select_counting(keys, ranks, _clip_k(k, total, 1), True)
+    else:
+        raise ValueError(f"unknown impl {impl!r}; choose 'auto', 'sorting' or 'counting'")
+    return [m.reshape(jnp.shape(s)) for m, s in zip(out, scores)]
+
+
+def _nonzero(x) -> jax.Array:
+    x = jnp.asarray(x)
+    return x if x.dtype == jnp.bool_ else x != jnp.zeros((), x.dtype)
+
+
+def count_true(x) -> jax.Array:
+    """Number of true (nonzero) entries of ``x`` as an int32 scalar."""
+    return jnp.sum(_nonzero(x), dtype=jnp.int32)
+
+
+def count_per_neuron(x) -> jax.Array:
+    """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
+    x = _nonzero(x)
+    return jnp.sum(x.reshape(layer_view(x.shape)), axis=0, dtype=jnp.int32)
 
 
 def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:
@@ -381,8 +374,8 @@ def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:
     Example:
       >>> drop_lowest(mask, jnp.abs(w), 10)   # SET / RigL drop step
     """
-    nnz = count_true(mask)
-    return top_k_mask(scores, nnz - jnp.asarray(n_drop, jnp.int32), where=mask, tie_key=tie_key)
+    keep = count_true(mask) - jnp.asarray(n_drop, jnp.int32)
+    return top_k_mask(scores, keep, where=mask, tie_key=tie_key)
 
 
 def grow_highest(mask, scores, n_grow, *, tie_key=None) -> jax.Array:
@@ -424,35 +417,31 @@ def distribute(total, weights, capacities) -> jax.Array:
     weights = jnp.asarray(weights, jnp.float32)
     caps = jnp.asarray(capacities, jnp.int32)
     capf = caps.astype(jnp.float32)
-    total = jnp.minimum(jnp.asarray(total, jnp.int32), _vsum(caps))
+    total = jnp.minimum(jnp.asarray(total, jnp.int32), jnp.sum(caps))
     totalf = total.astype(jnp.float32)
     alloc = jnp.zeros_like(weights)
     for _ in range(weights.shape[0]):
         room = capf - alloc
         open_ = room > 0.5
         w = jnp.where(open_, weights, 0.0)
-        w = jnp.where(_vsum(w) > 0, w, open_.astype(jnp.float32))
-        share = w / jnp.maximum(_vsum(w), 1e-30) * (totalf - _vsum(alloc))
+        w = jnp.where(jnp.sum(w) > 0, w, open_.astype(jnp.float32))
+        share = w / jnp.maximum(jnp.sum(w), 1e-30) * (totalf - jnp.sum(alloc))
         alloc = alloc + jnp.clip(share, 0.0, room)
     base = jnp.minimum(jnp.floor(alloc).astype(jnp.int32), caps)
     frac = alloc - base.astype(jnp.float32)
     # Float round-off can overshoot by a unit: take it back from the smallest remainders.
-    over = _vsum(base) - total
-    base = base - top_k_mask(-frac, over, where=base > 0).astype(jnp.int32)
+    base = base - top_k_mask(-frac, jnp.sum(base) - total, where=base > 0).astype(jnp.int32)
     # Largest remainder: one more for the slots with the biggest fractional parts ...
-    rest = total - _vsum(base)
+    rest = total - jnp.sum(base)
     base = base + top_k_mask(frac, rest, where=base < caps).astype(jnp.int32)
     # ... and whatever is still missing (underflowing weights) fills free room in slot order.
-    rest = total - _vsum(base)
+    rest = total - jnp.sum(base)
     room = caps - base
-    # Exclusive prefix sum, as a product with a strictly upper-triangular matrix.
-    n = room.shape[0]
-    upper = jnp.arange(n)[:, None] < jnp.arange(n)[None, :]
-    before = jnp.dot(room, upper.astype(jnp.int32), preferred_element_type=jnp.int32)
+    before = jnp.cumsum(room) - room
     return base + jnp.clip(rest - before, 0, room)
 
 
-def _fan_in_groups(x, m: int, what: str = "scores"):
+def _fan_in_groups(x, m: int):
     shape = jnp.shape(x)
     fan_in = int(np.prod(shape[:-1]))
     if fan_in % m:
@@ -470,7 +459,7 @@ def check_nm(n: int, m: int) -> tuple[int, int]:
     return int(n), int(m)
 
 
-def nm_mask(scores, n: int, m: int, *, priority=None) -> jax.Array:
+def nm_mask(scores, n, m: int, *, priority=None) -> jax.Array:
     """In every group of ``m`` consecutive weights along the fan-in, the ``n`` best.
 
     The fan-in is all axes but the last (a Dense kernel's rows; a Conv kernel's h*w*in), so
@@ -484,18 +473,13 @@ def nm_mask(scores, n: int, m: int, *, priority=None) -> jax.Array:
     """
     shape = jnp.shape(scores)
     keys = _fan_in_groups(sortable_key(scores), m)
-    if priority is None:
-        prio = jnp.zeros(keys.shape, bool)
-    else:
-        prio = _fan_in_groups(jnp.asarray(priority, bool), m)
+    prio = (jnp.zeros(keys.shape, bool) if priority is None
+            else _fan_in_groups(jnp.asarray(priority, bool), m))
     idx = jnp.arange(m)
     # beats[g, j, i, o]: does position j outrank position i in its group?
     pj, pi = prio[:, :, None, :], prio[:, None, :, :]
     kj, ki = keys[:, :, None, :], keys[:, None, :, :]
     first = (idx[:, None] < idx[None, :])[None, :, :, None]
     beats = (pj & ~pi) | ((pj == pi) & ((kj > ki) | ((kj == ki) & first)))
-    # Summed over the group by m - 1 adds rather than a reduction (see column_counts).
-    rank = beats[:, 0].astype(jnp.int32)
-    for j in range(1, m):
-        rank = rank + beats[:, j].astype(jnp.int32)
+    rank = jnp.sum(beats, axis=1, dtype=jnp.int32)
     return (rank < jnp.asarray(n, jnp.int32)).reshape(shape)

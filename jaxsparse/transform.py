@@ -30,9 +30,20 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from jaxsparse.masks import Masks, PyTree, map_masked, validate_masks
+from jaxsparse import bitmask
+from jaxsparse.bitmask import PackedMask
+from jaxsparse.masks import (
+    Masks,
+    PyTree,
+    is_mask_leaf,
+    map_masked,
+    path_to_str,
+    validate_prunable_masks,
+)
+from jaxsparse.sharding import like_params
 from jaxsparse.topology import count_true
 
 
@@ -40,11 +51,13 @@ class SparseState(NamedTuple):
     """State of a sparse optimizer.
 
     Attributes:
-      masks: bool mask per prunable leaf (``None`` for dense leaves).
+      masks: per prunable leaf a :class:`jaxsparse.bitmask.PackedMask` (one bit per
+        weight), ``None`` for dense leaves; :func:`get_masks` gives them as bool arrays.
       inner_state: the wrapped optimizer's state.
       count: ``int32[]`` number of updates taken.
       key: PRNG key; update ``t`` uses ``fold_in(key, t)``.
-      ever_active: union of all masks so far (for the ITOP rate), or ``None`` if untracked.
+      ever_active: union of all masks so far (packed, for the ITOP rate), or ``None`` if
+        untracked.
       extra: algorithm state (e.g. SNFS momentum), ``()`` when the rule has none.
     """
 
@@ -59,8 +72,11 @@ class SparseState(NamedTuple):
 class UpdateInputs(NamedTuple):
     """What a mask-update rule sees at a topology update.
 
-    ``grads`` are the dense gradients the user passed (RigL grows by them); ``params`` are
-    the current, masked params; ``key`` is fresh for this step.
+    ``masks`` are the current masks, bit-packed (:class:`jaxsparse.bitmask.PackedMask`;
+    ``jaxsparse.bitmask.unpack_tree`` gives bool arrays, and :func:`jaxsparse.layerwise`
+    hands a per-layer rule one unpacked layer at a time). ``grads`` are the dense gradients
+    the user passed (RigL grows by them); ``params`` are the current, masked params;
+    ``key`` is fresh for this step.
     """
 
     masks: Masks
@@ -77,37 +93,47 @@ def _no_extra(params, masks):
 
 
 class SparsityRule(NamedTuple):
-    """An algorithm, as four pure functions.
+    """An algorithm, as pure functions.
 
     Attributes:
-      init_masks: ``(params, key) -> masks``: the initial masks (params give shapes).
+      init_masks: ``(params, key) -> masks``: the initial bool masks (params give shapes).
       is_update_step: ``step -> bool[]``: whether step ``t`` changes the topology.
-      update_masks: ``UpdateInputs -> (masks, extra)``: the new topology.
+      update_masks: ``UpdateInputs -> masks``: the new topology, as bool arrays or
+        :class:`~jaxsparse.bitmask.PackedMask` leaves (``None`` for dense leaves).
       init_extra: ``(params, masks) -> extra``: initial algorithm state.
-      accumulate: optional ``(extra, grads, masks) -> extra`` run at every step.
+      accumulate: optional ``(extra, grads, masks) -> extra`` run at every step (``masks``
+        packed).
+      update_extra: optional ``(UpdateInputs, new_masks) -> extra`` run at topology updates
+        only (``new_masks`` packed). Without it the algorithm state never enters the update
+        branch, so a plain step does not copy it.
     """
 
     init_masks: Callable[[PyTree, jax.Array], Masks]
     is_update_step: Callable[[jax.Array], jax.Array]
-    update_masks: Callable[[UpdateInputs], tuple[Masks, Any]]
+    update_masks: Callable[[UpdateInputs], Masks]
     init_extra: Callable[[PyTree, Masks], Any] = _no_extra
     accumulate: Callable[[Any, PyTree, Masks], Any] | None = None
+    update_extra: Callable[[UpdateInputs, Masks], Any] | None = None
 
 
 def _all_finite(tree) -> jax.Array:
-    """Whether every entry of every leaf is finite. Counted by matrix products
-    (``topology.count_true``), not reductions: each reduction in the topology branch costs
-    every step a little on CPU, taken or not."""
-    bad = [jnp.minimum(count_true(~jnp.isfinite(x)), 1) for x in jax.tree.leaves(tree)]
+    """Whether every entry of every leaf is finite."""
+    bad = [count_true(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return sum(bad) == 0 if bad else jnp.asarray(True)
+
+
+def _is_masked_node(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
 
 
 def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks):
     """Zeroes the entries of ``grown`` weights in every param-shaped leaf of ``inner_state``.
 
-    Works for any optax optimizer (chain, inject_hyperparams, MultiSteps, ...) through
-    ``optax.tree.map_params``. Leaves whose shape differs from the param (factored second
-    moments, e.g. Adafactor's row/column statistics) cannot be reset per weight and are kept.
+    Works for any optax optimizer (chain, inject_hyperparams, MultiSteps, masked and
+    multi_transform, whose states hold ``optax.MaskedNode`` for the leaves a group
+    excludes) through ``optax.tree.map_params``. Leaves whose shape differs from the param
+    (factored second moments, e.g. Adafactor's row/column statistics) cannot be reset per
+    weight and are kept.
     """
 
     def reset(v, g):
@@ -115,24 +141,93 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
             return v
         return jnp.where(g, jnp.zeros((), v.dtype), v)
 
-    return optax.tree.map_params(inner, reset, inner_state, grown)
-
-
-def _rewrites_extra(propose, masks, extra) -> bool:
-    """Whether ``propose(masks, extra) -> (masks, extra)`` returns an ``extra`` other than
-    its input, leaf for leaf (traced once, abstractly; no tracing for an empty ``extra``)."""
-    n_extra = len(jax.tree.leaves(extra))
-    if not n_extra:
-        return False
-    jaxpr = jax.make_jaxpr(propose)(masks, extra).jaxpr
-    extra_in = jaxpr.invars[len(jaxpr.invars) - n_extra:]
-    extra_out = jaxpr.outvars[len(jaxpr.outvars) - n_extra:]
-    return len(extra_out) != n_extra or any(o is not i for o, i in zip(extra_out, extra_in))
+    return optax.tree.map_params(inner, reset, inner_state, grown, is_leaf=_is_masked_node)
 
 
 def _masked_updates(old, new, u, p):
     kept = old & new
     return jnp.where(kept, u, -p.astype(u.dtype))
+
+
+def _pack_like(masks: Masks) -> Masks:
+    """Packs the bool leaves of a mask tree; packed leaves and ``None`` pass through."""
+    def pack(m):
+        if m is None or isinstance(m, PackedMask):
+            return m
+        return bitmask.pack(jnp.asarray(m))
+    return jax.tree.map(pack, masks, is_leaf=is_mask_leaf)
+
+
+def _place_like(tree, params):
+    """Per-weight algorithm state (a tree with the params' structure) placed like the
+    params; any other state as it is."""
+    if jax.tree.structure(tree, is_leaf=is_mask_leaf) != jax.tree.structure(params):
+        return tree
+    return like_params(tree, params)
+
+
+def check_grads(grads: PyTree, params: PyTree) -> None:
+    """Raises naming the first leaf where ``grads`` and ``params`` differ in path or shape
+    (a gradient tree paired by position would apply the wrong gradient)."""
+    g_flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for i in range(max(len(g_flat), len(p_flat))):
+        if i >= len(g_flat) or i >= len(p_flat):
+            which = "params" if i >= len(g_flat) else "gradients"
+            leaf = (p_flat if i >= len(g_flat) else g_flat)[i][0]
+            raise ValueError(
+                f"gradients and params differ: {which} have an extra leaf "
+                f"{path_to_str(leaf)!r} ({len(g_flat)} gradient leaves, {len(p_flat)} params)")
+        (gp, g), (pp, p) = g_flat[i], p_flat[i]
+        if path_to_str(gp) != path_to_str(pp):
+            raise ValueError(
+                f"gradients and params differ at leaf {i}: gradient {path_to_str(gp)!r} vs "
+                f"param {path_to_str(pp)!r}; pass gradients with the params' structure")
+        if np.shape(g) != np.shape(p):
+            raise ValueError(
+                f"gradient for {path_to_str(pp)!r} has shape {np.shape(g)} but the param has "
+                f"shape {np.shape(p)}")
+
+
+def _raise_outside(paths):
+    def check(counts):
+        bad = [(p, int(c)) for p, c in zip(paths, np.asarray(counts)) if c]
+        if bad:
+            raise ValueError(
+                f"params are nonzero outside their masks at a topology update: {bad[:3]} "
+                "(leaf, count). A transformation after the sparse one changed its updates "
+                "(e.g. optax.chain(jaxsparse.rigl(optax.scale_by_adam(), ...), "
+                "optax.scale_by_learning_rate(lr))): put every transformation inside it, "
+                "jaxsparse.rigl(optax.chain(...), ...), and apply the initial masks to the "
+                "params (jaxsparse.init_masked)")
+    return check
+
+
+def _check_inside(masks: Masks, params: PyTree) -> None:
+    """At a topology update (under ``lax.cond``): raises, through a host callback, when a
+    finite param is nonzero outside its mask."""
+    m_flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_mask_leaf)[0]
+    p_leaves = jax.tree.leaves(params)
+    paths, counts = [], []
+    for (path, m), p in zip(m_flat, p_leaves):
+        if m is None:
+            continue
+        outside = (p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m)
+        paths.append(path_to_str(path))
+        counts.append(count_true(outside))
+    if not counts:
+        return
+
+    def check(c):
+        jax.debug.callback(_raise_outside(paths), c)
+        return c
+
+    # The host callback is lowered for this process's own backend only: a program lowered
+    # here for another platform (an ahead-of-time TPU lowering on a CPU host) skips it.
+    backend = jax.default_backend()
+    platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
+    jax.lax.platform_dependent(jnp.stack(counts), default=lambda c: c,
+                               **{p: check for p in platforms})
 
 
 def sparse_transform(
@@ -141,6 +236,7 @@ def sparse_transform(
     *,
     key: jax.Array,
     track_itop: bool = True,
+    check_params: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that its params stay exactly sparse under ``rule``.
 
@@ -149,15 +245,18 @@ def sparse_transform(
       rule: the algorithm (see :class:`SparsityRule`); the public factories (``rigl``,
         ``set``, ...) build one.
       key: PRNG key for the initial masks and random choices (``jax.random.key(0)``).
-      track_itop: keep the union of all masks in the state (one bool per prunable weight)
+      track_itop: keep the union of all masks in the state (one bit per prunable weight)
         for the in-time over-parameterisation rate.
+      check_params: at each topology update, raise (naming the leaf) if a param is nonzero
+        outside its mask: the sign of a transformation chained *after* this one, which
+        breaks exact sparsity.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
 
     Example:
       >>> tx = jaxsparse.sparse_transform(optax.adam(1e-3), my_rule, key=jax.random.key(0))
-      >>> state = tx.init(params)
+      >>> params, state = jaxsparse.init_masked(tx, params)
       >>> updates, state = tx.update(grads, state, params)
     """
     if not isinstance(rule, SparsityRule):
@@ -167,16 +266,17 @@ def sparse_transform(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        masks = rule.init_masks(params, key)
-        validate_masks(masks, params)
+        bool_masks = rule.init_masks(params, key)
+        validate_prunable_masks(bool_masks, params)
+        masks = like_params(_pack_like(bool_masks), params)
         return SparseState(
             masks=masks,
             inner_state=inner.init(params),
             count=jnp.zeros((), jnp.int32),
             # A copy: a train step that donates its state must not delete the caller's key.
             key=jnp.copy(key),
-            ever_active=map_masked(jnp.copy, masks) if track_itop else None,
-            extra=rule.init_extra(params, masks),
+            ever_active=jax.tree.map(jnp.copy, masks) if track_itop else None,
+            extra=_place_like(rule.init_extra(params, bool_masks), params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -185,59 +285,75 @@ def sparse_transform(
                 "jaxsparse optimizers need the params: call tx.update(grads, state, params)"
             )
         grads = updates
+        check_grads(grads, params)
         step = state.count
         extra = state.extra
         if rule.accumulate is not None:
             extra = rule.accumulate(extra, grads, state.masks)
+        with_extra = rule.update_extra is not None
 
-        def propose(masks, extra):
-            key = jax.random.fold_in(state.key, step)
-            return rule.update_masks(UpdateInputs(masks, params, grads, step, key, extra))
-
-        # The topology update runs under lax.cond. The algorithm state goes through the cond
-        # only when the rule rewrites it: a rule that returns ``extra`` untouched, as all
-        # built-in ones do, keeps it out (XLA would copy SNFS's momentum on every step).
-        masks = state.masks
-        rewrites_extra = _rewrites_extra(propose, masks, extra)
-
-        def topology(masks, extra, ever):
-            proposed, new_extra = propose(masks, extra)
+        # The topology update runs under lax.cond on bit-packed masks: the branch that
+        # keeps the topology passes 1/8 byte per weight through, and the algorithm state
+        # enters the cond only when the rule updates it (XLA would copy SNFS's momentum on
+        # every step otherwise).
+        def topology(masks, ever, cond_extra):
+            # Without update_extra the branch only reads the algorithm state (closed over);
+            # with it, the state is an operand and an output of the cond.
+            inputs = UpdateInputs(masks, params, grads, step,
+                                  jax.random.fold_in(state.key, step),
+                                  cond_extra if with_extra else extra)
+            if check_params:
+                _check_inside(masks, params)
+            proposed = _pack_like(rule.update_masks(inputs))
             # Non-finite gradients: the masks (and extra) keep their value for this step.
             finite = _all_finite(grads)
-            new_masks = map_masked(lambda new, old: jnp.where(finite, new, old), proposed, masks)
+            new = map_masked(lambda a, b: bitmask.select_packed(finite, a, b), proposed, masks)
             if ever is not None:
-                ever = map_masked(jnp.logical_or, ever, new_masks)
-            if not rewrites_extra:
-                return new_masks, ever, ()
-            return new_masks, ever, jax.tree.map(
-                lambda a, b: jnp.where(finite, a, b), new_extra, extra)
+                ever = map_masked(bitmask.or_packed, ever, new)
+            if not with_extra:
+                return new, ever, ()
+            new_extra = rule.update_extra(inputs, new)
+            return new, ever, jax.tree.map(lambda a, b: jnp.where(finite, a, b),
+                                           new_extra, cond_extra)
 
-        def keep(masks, extra, ever):
-            return masks, ever, (extra if rewrites_extra else ())
+        def keep(masks, ever, extra):
+            return masks, ever, extra
 
         new_masks, ever, cond_extra = jax.lax.cond(
-            rule.is_update_step(step), topology, keep, masks, extra, state.ever_active
-        )
-        if rewrites_extra:
+            rule.is_update_step(step), topology, keep, state.masks, state.ever_active,
+            extra if with_extra else ())
+        if with_extra:
             extra = cond_extra
+        old = bitmask.unpack_tree(state.masks)
+        new = bitmask.unpack_tree(new_masks)
         # Gradients of inactive weights never reach the inner optimizer.
-        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), masks, grads)
+        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), old, grads)
         # Grown weights were inactive, so their masked gradient is zero: zeroing their
         # moments *before* the inner step leaves them zero after it (any optimizer whose
         # state update maps zero state and zero gradient to zero state: momentum, Adam,
         # RMSProp, Adagrad, Lion, MultiSteps, ...). Done before rather than after, XLA fuses
-        # the reset into the moment update and writes the moments in place: resetting after
-        # made it keep a copy of the old moments on every step (the updates are computed
-        # from the pre-reset moments).
-        grown = map_masked(lambda old, new: new & ~old, masks, new_masks)
+        # the reset into the moment update and writes the moments in place.
+        grown = map_masked(lambda o, n: n & ~o, old, new)
         inner_state = reset_moments(inner, state.inner_state, grown)
         inner_updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
-        out = map_masked(
-            _masked_updates, masks, new_masks, inner_updates, params, dense=lambda n, u, p: u
-        )
+        out = map_masked(_masked_updates, old, new, inner_updates, params,
+                         dense=lambda n, u, p: u)
         return out, SparseState(new_masks, inner_state, step + 1, state.key, ever, extra)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def init_masked(tx: optax.GradientTransformation, params: PyTree) -> tuple[PyTree, Any]:
+    """``(masked params, opt_state)``: ``tx.init(params)`` and the params with its initial
+    masks applied, so training starts exactly sparse.
+
+    Example:
+      >>> params, opt_state = jaxsparse.init_masked(jaxsparse.rigl(...), params)
+    """
+    state = tx.init(params)
+    masks = get_masks(state)
+    masked = map_masked(lambda m, w: jnp.where(m, w, jnp.zeros((), w.dtype)), masks, params)
+    return masked, state
 
 
 def find_sparse_states(state) -> list[SparseState]:
@@ -280,12 +396,19 @@ def get_sparse_state(state) -> SparseState:
 
 
 def get_masks(state) -> Masks:
-    """The masks of the sparse optimizer found anywhere inside ``state``.
+    """The masks (bool arrays, ``None`` for dense leaves) of the sparse optimizer found
+    anywhere inside ``state``.
 
     Example:
       >>> params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
     """
-    return _unwrap_variables(get_sparse_state(state).masks)
+    return _unpack(_unwrap_variables(get_sparse_state(state).masks))
+
+
+def _unpack(masks):
+    """Unpacks packed leaves (state written by this version); bool leaves pass through."""
+    return jax.tree.map(lambda m: bitmask.unpack(m) if isinstance(m, PackedMask) else m,
+                        masks, is_leaf=is_mask_leaf)
 
 
 def get_ever_active(state) -> Masks:
@@ -293,4 +416,4 @@ def get_ever_active(state) -> Masks:
     ever = get_sparse_state(state).ever_active
     if ever is None:
         raise ValueError("this optimizer was built with track_itop=False")
-    return _unwrap_variables(ever)
+    return _unpack(_unwrap_variables(ever))

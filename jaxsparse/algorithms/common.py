@@ -8,9 +8,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxsparse import topology
+from jaxsparse import bitmask, topology
 from jaxsparse.distributions import layer_budgets, layer_specs, resolve_overrides
-from jaxsparse.masks import Masks, Prunable, PyTree, is_none, path_to_str
+from jaxsparse.masks import Masks, Prunable, PyTree, is_mask_leaf, path_to_str
 from jaxsparse.transform import UpdateInputs
 
 
@@ -83,7 +83,12 @@ def dense_init(prunable: Prunable, overrides) -> Callable[[PyTree, jax.Array], M
 
 
 class LayerInputs(NamedTuple):
-    """What a per-layer update function sees (one prunable leaf)."""
+    """What a per-layer update function sees (one prunable leaf).
+
+    ``consts`` holds the layer's own values (a budget, a fan-in, a target), possibly
+    traced; ``extra`` is the layer's leaf of the algorithm state when that state has the
+    params' structure, else the whole state.
+    """
 
     mask: jax.Array
     weight: jax.Array
@@ -91,41 +96,130 @@ class LayerInputs(NamedTuple):
     key: jax.Array
     step: jax.Array
     extra: object
+    consts: object = None
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _after(done, tree):
+    """``tree``, not available before ``done`` is computed (an optimization barrier), so
+    XLA runs the layers one after another and their temporaries do not all live at once."""
+    if not jax.tree.leaves(done):
+        return tree
+    return jax.lax.optimization_barrier((done, tree))[1]
+
+
+def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
+    """``[fn(layer, c) for layer, c in zip(layers, consts)]``, one layer at a time.
+
+    Layers whose arrays (and consts) have the same shapes and dtypes share one traced ``fn``:
+    a ``lax.fori_loop`` over them picks the layer with ``lax.switch`` and writes ``fn``'s
+    output into a stacked result, so the compiled graph grows with the number of distinct
+    layer shapes, not with depth, and only one layer's temporaries are alive at a time
+    (the rest of the model is only read). Outputs should be small next to the inputs (a
+    packed mask, scalars): they are stacked per group.
+
+    Args:
+      fn: ``(layer, consts) -> pytree`` for one layer.
+      layers: one pytree of arrays per layer (e.g. mask, weight, gradient).
+      consts: one pytree of scalars per layer (traced ok), or ``None``.
+
+    Returns:
+      The list of outputs, in the order of ``layers``.
+    """
+    consts = [None] * len(layers) if consts is None else list(consts)
+    consts = [jax.tree.map(jnp.asarray, c) for c in consts]
+    groups: dict = {}
+    for i, (layer, c) in enumerate(zip(layers, consts)):
+        groups.setdefault((_signature(layer), _signature(c)), []).append(i)
+    out: list = [None] * len(layers)
+    done = ()
+    for members in groups.values():
+        if len(members) == 1:
+            i = members[0]
+            out[i] = fn(_after(done, layers[i]), consts[i])
+            done = out[i]
+            continue
+        group_layers = _after(done, [layers[i] for i in members])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[consts[i] for i in members])
+        shapes = jax.eval_shape(fn, group_layers[0], consts[members[0]])
+        n = len(members)
+        init = jax.tree.map(lambda s, n=n: jnp.zeros((n, *s.shape), s.dtype), shapes)
+
+        def body(j, acc, group_layers=group_layers, stacked=stacked):
+            layer = jax.lax.switch(j, [lambda x=x: x for x in group_layers])
+            result = fn(layer, jax.tree.map(lambda a: a[j], stacked))
+            return jax.tree.map(lambda a, r: a.at[j].set(r), acc, result)
+
+        acc = jax.lax.fori_loop(0, len(members), body, init)
+        for j, i in enumerate(members):
+            out[i] = jax.tree.map(lambda a, j=j: a[j], acc)
+        done = acc
+    return out
+
+
+def sparse_leaves(inputs: UpdateInputs):
+    """``(indices, paths, treedef, leaves)`` of an update: the flat positions and path
+    strings of the masked leaves, the mask tree's structure, and per masked leaf a
+    ``(packed mask, weight, gradient)`` tuple."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(inputs.masks, is_leaf=is_mask_leaf)
+    p_leaves, g_leaves = jax.tree.leaves(inputs.params), jax.tree.leaves(inputs.grads)
+    idx = [i for i, (_, m) in enumerate(flat) if m is not None]
+    paths = [path_to_str(flat[i][0]) for i in idx]
+    leaves = [(flat[i][1], p_leaves[i], g_leaves[i]) for i in idx]
+    return idx, paths, treedef, leaves
+
+
+def rebuild(treedef, n_leaves: int, idx: list, new: list) -> Masks:
+    """The mask tree with ``new[j]`` at flat position ``idx[j]`` and ``None`` elsewhere."""
+    out = [None] * n_leaves
+    for i, m in zip(idx, new):
+        out[i] = m
+    return jax.tree.unflatten(treedef, out)
 
 
 def layerwise(
     fn: Callable[[LayerInputs], jax.Array],
-) -> Callable[[UpdateInputs], tuple[Masks, object]]:
-    """Lifts a per-layer rule ``LayerInputs -> new mask`` to a whole-model ``update_masks``.
+    consts: Callable[[UpdateInputs, list[str]], list] | None = None,
+) -> Callable[[UpdateInputs], Masks]:
+    """Lifts a per-layer rule ``LayerInputs -> new bool mask`` to a whole-model
+    ``update_masks`` (see :func:`map_layers`: same-shaped layers share one compiled rule,
+    one layer's temporaries live at a time).
 
-    Layer ``i`` gets ``fold_in(key, i)``; ``extra`` is passed per leaf when it is a tree with
-    the params' structure, else whole.
+    Layer ``j`` (counting masked leaves in flattening order) gets ``fold_in(key, j)``;
+    ``extra`` is passed per leaf when it is a tree with the params' structure, else whole;
+    ``consts(inputs, paths)`` gives each masked layer its own values (by path).
 
     Example (SET in four lines):
       >>> def set_layer(x):
-      ...     n = jnp.floor(0.3 * x.mask.sum()).astype(jnp.int32)
-      ...     kept = drop_lowest(x.mask, jnp.abs(x.weight), n)
+      ...     n = drop_count(x.mask, 0.3)
+      ...     kept = drop_lowest(x.mask, jnp.abs(x.weight), n, tie_key=x.key)
       ...     return grow_highest(kept, random_scores(x.key, x.mask.shape), n)
       >>> update_masks = layerwise(set_layer)
     """
 
     def update_masks(inputs: UpdateInputs):
-        m_leaves, treedef = jax.tree.flatten(inputs.masks, is_leaf=is_none)
-        p_leaves = jax.tree.leaves(inputs.params)
-        g_leaves = jax.tree.leaves(inputs.grads)
+        idx, paths, treedef, leaves = sparse_leaves(inputs)
         try:
-            e_leaves = treedef.flatten_up_to(inputs.extra)
+            e_all = treedef.flatten_up_to(inputs.extra)
+            per_leaf = True
         except (ValueError, TypeError):
-            e_leaves = [inputs.extra] * len(m_leaves)
-        out, index = [], 0
-        for m, w, g, e in zip(m_leaves, p_leaves, g_leaves, e_leaves):
-            if m is None:
-                out.append(None)
-                continue
-            k = jax.random.fold_in(inputs.key, index)
-            out.append(fn(LayerInputs(m, w, g, k, inputs.step, e)))
-            index += 1
-        return jax.tree.unflatten(treedef, out), inputs.extra
+            per_leaf = False
+        layers = [(m, w, g, e_all[i] if per_leaf else None)
+                  for (m, w, g), i in zip(leaves, idx)]
+        cs = consts(inputs, paths) if consts is not None else [None] * len(idx)
+        cs = [{"index": j, "c": c} for j, c in enumerate(cs)]
+
+        def one(layer, c):
+            m, w, g, e = layer
+            x = LayerInputs(bitmask.unpack(m), w, g, jax.random.fold_in(inputs.key, c["index"]),
+                            inputs.step, e if per_leaf else inputs.extra, c["c"])
+            return bitmask.pack(fn(x))
+
+        return rebuild(treedef, treedef.num_leaves, idx, map_layers(one, layers, cs))
 
     return update_masks
 

@@ -16,10 +16,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsparse import schedules, topology
-from jaxsparse.algorithms.common import LayerInputs, drop_count, layerwise, random_init
+from jaxsparse import bitmask, schedules, topology
+from jaxsparse.algorithms.common import (
+    LayerInputs,
+    drop_count,
+    layerwise,
+    map_layers,
+    random_init,
+    rebuild,
+    sparse_leaves,
+)
 from jaxsparse.distributions import check_sparsity
-from jaxsparse.masks import is_none, map_masked
+from jaxsparse.masks import map_masked
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 
 
@@ -47,7 +55,7 @@ def static(
     rule = SparsityRule(
         init_masks=random_init(sparsity, distribution, prunable, overrides),
         is_update_step=schedules.never,
-        update_masks=lambda x: (x.masks, x.extra),
+        update_masks=lambda x: x.masks,
     )
     return sparse_transform(inner, rule, key=_check_key(key, "static"), track_itop=False)
 
@@ -197,34 +205,42 @@ def snfs(
         )
 
     def update_masks(x: UpdateInputs):
-        m_leaves, treedef = jax.tree.flatten(x.masks, is_leaf=is_none)
-        idx = [i for i, m in enumerate(m_leaves) if m is not None]
-        ms = [m_leaves[i] for i in idx]
-        ws = [jax.tree.leaves(x.params)[i] for i in idx]
+        idx, _, treedef, leaves = sparse_leaves(x)
+        if not idx:
+            return x.masks
         moms = [treedef.flatten_up_to(x.extra)[i] for i in idx]
         f = fraction(x.step)
-        keys = jax.random.split(x.key, 2 * len(ms))
-        kept, n_drop, weights, caps = [], [], [], []
-        for j, (m, w, v) in enumerate(zip(ms, ws, moms)):
+
+        # Pass 1, per layer: drop the floor(f * nnz) smallest |W|; the layer's mean |momentum|
+        # over its active weights; its free positions after the drop.
+        def drop(layer, j):
+            packed, w, v = layer
+            m = bitmask.unpack(packed)
             nnz = topology.count_true(m)
             n = drop_count(m, f)
-            kept.append(topology.drop_lowest(m, jnp.abs(w), n, tie_key=keys[2 * j]))
-            n_drop.append(n)
-            weights.append(
-                topology.float_sum(jnp.where(m, jnp.abs(v), 0.0))
-                / jnp.maximum(nnz, 1).astype(jnp.float32)
-            )
-            caps.append(m.size - (nnz - n))
-        regrow = topology.distribute(
-            sum(n_drop), jnp.stack(weights), jnp.stack(caps)
-        )
-        new = list(m_leaves)
-        for j, i in enumerate(idx):
-            grown = topology.top_k_mask(
-                jnp.abs(moms[j]), regrow[j], where=~kept[j], tie_key=keys[2 * j + 1]
-            )
-            new[i] = kept[j] | grown
-        return jax.tree.unflatten(treedef, new), x.extra
+            kept = topology.drop_lowest(m, jnp.abs(w), n,
+                                        tie_key=jax.random.fold_in(x.key, 2 * j))
+            mean = (jnp.sum(jnp.where(m, jnp.abs(v), 0.0), dtype=jnp.float32)
+                    / jnp.maximum(nnz, 1).astype(jnp.float32))
+            return bitmask.pack(kept), n, mean, m.size - (nnz - n)
+
+        firsts = map_layers(drop, [(m, w, v) for (m, w, _), v in zip(leaves, moms)],
+                            list(range(len(idx))))
+        kept, n_drop, weights, caps = zip(*firsts)
+        # The total regrowth, split across layers by mean |momentum| (capped by free room).
+        regrow = topology.distribute(sum(n_drop), jnp.stack(weights), jnp.stack(caps))
+
+        # Pass 2, per layer: grow its share by largest |momentum| among the free positions.
+        def grow(layer, c):
+            packed, v = layer
+            keep = bitmask.unpack(packed)
+            grown = topology.top_k_mask(jnp.abs(v), c["n"], where=~keep,
+                                        tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
+            return bitmask.pack(keep | grown)
+
+        new = map_layers(grow, list(zip(kept, moms)),
+                         [{"n": regrow[j], "j": j} for j in range(len(idx))])
+        return rebuild(treedef, treedef.num_leaves, idx, new)
 
     rule = SparsityRule(
         init_masks=random_init(sparsity, distribution, prunable, overrides),

@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import optax
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.common import drop_count, random_init
+from jaxsparse.algorithms.common import LayerInputs, drop_count, layerwise, random_init
 from jaxsparse.algorithms.pruning import budget_ramp
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs
-from jaxsparse.masks import is_none, leaf_paths
-from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
+from jaxsparse.transform import SparsityRule, sparse_transform
 
 
 def granet_targets(specs, initial_budgets, final_budgets, begin_step: int, end_step: int,
@@ -58,7 +57,8 @@ def granet(
         raise ValueError("granet needs key=jax.random.key(seed) for its random masks")
     prune_end = end_step // 2 if prune_end_step is None else int(prune_end_step)
     if prune_end <= begin_step:
-        raise ValueError(f"prune_end_step ({prune_end}) must be greater than begin_step")
+        raise ValueError(f"prune_end_step ({prune_end}) must be greater than begin_step "
+                         f"({begin_step})")
     fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
 
     def targets_for(params):
@@ -67,25 +67,22 @@ def granet(
         b_f = layer_budgets(specs, sparsity, distribution, overrides)
         return specs, b_i, b_f
 
-    def update_masks(x: UpdateInputs):
+    def layer_targets(x, paths):
         specs, b_i, b_f = targets_for(x.params)
-        m_leaves, treedef = jax.tree.flatten(x.masks, is_leaf=is_none)
-        p_leaves, g_leaves = jax.tree.leaves(x.params), jax.tree.leaves(x.grads)
-        paths = leaf_paths(x.params)
-        idx = [i for i, m in enumerate(m_leaves) if m is not None]
         by_path = {s.path: s for s in specs}
-        mask_specs = [by_path[paths[i]] for i in idx]
-        targets = granet_targets(mask_specs, b_i, b_f, begin_step, prune_end)(x.step)
-        f = fraction(x.step)
-        new = list(m_leaves)
-        for j, i in enumerate(idx):
-            k1, k2 = jax.random.split(jax.random.fold_in(x.key, j))
-            mask, w, g = m_leaves[i], jnp.abs(p_leaves[i]), jnp.abs(g_leaves[i])
-            pruned = topology.top_k_mask(w, targets[j], where=mask)
-            n = drop_count(pruned, f)
-            kept = topology.drop_lowest(pruned, w, n, tie_key=k1)
-            new[i] = kept | topology.top_k_mask(g, n, where=~kept, tie_key=k2)
-        return jax.tree.unflatten(treedef, new), x.extra
+        targets = granet_targets([by_path[p] for p in paths], b_i, b_f, begin_step,
+                                 prune_end)(x.step)
+        return [targets[j] for j in range(len(paths))]
+
+    def layer(x: LayerInputs):
+        k1, k2 = jax.random.split(x.key)
+        w, g = jnp.abs(x.weight), jnp.abs(x.grad)
+        pruned = topology.top_k_mask(w, x.consts, where=x.mask)
+        n = drop_count(pruned, fraction(x.step))
+        kept = topology.drop_lowest(pruned, w, n, tie_key=k1)
+        return kept | topology.top_k_mask(g, n, where=~kept, tie_key=k2)
+
+    update_masks = layerwise(layer, layer_targets)
 
     rule = SparsityRule(
         init_masks=random_init(initial_sparsity, distribution, prunable, overrides),

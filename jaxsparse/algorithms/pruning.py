@@ -1,6 +1,6 @@
 """Dense-to-sparse pruning on the Zhu & Gupta (2017) schedule: magnitude and random.
 
-Masks start fully active. At steps ``begin_step, begin_step + frequency, ...`` and at
+Masks start fully active. At steps ``begin_step, begin_step + update_every, ...`` and at
 ``end_step``, each layer (``ranking="layerwise"``) or all layers together
 (``ranking="global"``) keep the highest-scoring active weights, as many as the cubic ramp
 allows at that step. Pruned weights never come back, and they receive no gradient: the inner
@@ -15,20 +15,32 @@ so the final sparsity is hit exactly. :func:`pruning_targets` returns these coun
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxsparse import schedules, topology
-from jaxsparse.algorithms.common import dense_init
+from jaxsparse import bitmask, schedules, topology
+from jaxsparse.algorithms.common import dense_init, map_layers, rebuild, sparse_leaves
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs, resolve_overrides
-from jaxsparse.masks import is_none, leaf_paths
+from jaxsparse.topology import RANKINGS, check_ranking
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 
-RANKINGS = ("layerwise", "global")
+__all__ = ["RANKINGS", "budget_ramp", "magnitude_pruning", "pruning_targets", "random_pruning",
+           "update_period"]
+
+
+def update_period(update_every: int, frequency: int | None, name: str) -> int:
+    """The update period, taking the deprecated ``frequency`` argument into account."""
+    if frequency is not None:
+        warnings.warn(f"{name}(frequency=...) is deprecated: pass update_every=...",
+                      DeprecationWarning, stacklevel=3)
+        update_every = frequency
+    if int(update_every) != update_every or update_every < 1:
+        raise ValueError(f"update_every must be a positive integer, got {update_every!r}")
+    return int(update_every)
 
 
 def budget_ramp(
@@ -61,7 +73,7 @@ def pruning_targets(
     return budget_ramp(specs, initial, final_budgets, begin_step, end_step, power)
 
 
-def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
+def _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsity, ranking,
              distribution, prunable, overrides, power, key, score_fn):
     check_sparsity(sparsity)
     check_sparsity(initial_sparsity, "initial_sparsity")
@@ -69,9 +81,10 @@ def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity,
         raise ValueError(
             f"initial_sparsity ({initial_sparsity}) must not exceed sparsity ({sparsity})"
         )
-    if ranking not in RANKINGS:
-        raise ValueError(f"unknown ranking {ranking!r}; choose one of {RANKINGS}")
-    periodic = schedules.periodic(frequency, end_step, begin_step, include_begin=True)
+    check_ranking(ranking)
+    if isinstance(power, bool) or int(power) != power or power < 1:
+        raise ValueError(f"power must be a positive integer (3 is Zhu & Gupta's), got {power!r}")
+    periodic = schedules.periodic(update_every, end_step, begin_step, include_begin=True)
 
     def is_update_step(step):
         return periodic(step) | (jnp.asarray(step) == end_step)
@@ -81,37 +94,35 @@ def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity,
         return specs, layer_budgets(specs, sparsity, distribution, overrides)
 
     def update_masks(x: UpdateInputs):
-        m_leaves, treedef = jax.tree.flatten(x.masks, is_leaf=is_none)
-        p_leaves = jax.tree.leaves(x.params)
-        paths = leaf_paths(x.params)
-        idx = [i for i, m in enumerate(m_leaves) if m is not None]
         specs, budgets = budgets_of(x.params)
+        idx, paths, treedef, leaves = sparse_leaves(x)
         by_path = {s.path: s for s in specs}
-        mask_specs = [by_path[paths[i]] for i in idx]
-        targets = pruning_targets(
-            mask_specs, budgets, initial_sparsity, begin_step, end_step, power
-        )(x.step)
-        keys = jax.random.split(x.key, len(idx))
-        ms = [m_leaves[i] for i in idx]
-        scores = [score_fn(p_leaves[i], keys[j]) for j, i in enumerate(idx)]
-        new_ms = [topology.top_k_mask(sc, targets[j], where=m) for j, (m, sc) in
-                  enumerate(zip(ms, scores))]
-        if ranking == "global":
-            # Overridden layers follow their own ramp; the others share one ranking.
-            fixed = resolve_overrides(specs, overrides)
-            free = [j for j, sp in enumerate(mask_specs) if sp.path not in fixed]
-            if free:
-                flat_s = jnp.concatenate([scores[j].ravel().astype(jnp.float32) for j in free])
-                flat_m = jnp.concatenate([ms[j].ravel() for j in free])
-                total = sum(targets[j] for j in free)  # adds, not a reduction
-                keep = topology.top_k_mask(flat_s, total, where=flat_m)
-                offsets = np.cumsum([0] + [ms[j].size for j in free])
-                for n, j in enumerate(free):
-                    new_ms[j] = keep[offsets[n]:offsets[n + 1]].reshape(ms[j].shape)
-        new = list(m_leaves)
-        for j, i in enumerate(idx):
-            new[i] = new_ms[j]
-        return jax.tree.unflatten(treedef, new), x.extra
+        targets = pruning_targets([by_path[p] for p in paths], budgets, initial_sparsity,
+                                  begin_step, end_step, power)(x.step)
+        # Global ranking: overridden layers follow their own ramp; the others share one.
+        fixed = resolve_overrides(specs, overrides) if ranking == "global" else {}
+        shared = [j for j, p in enumerate(paths) if ranking == "global" and p not in fixed]
+        own = [j for j in range(len(paths)) if j not in shared]
+
+        def prune(layer, c):
+            packed, w = layer
+            score = score_fn(w, jax.random.fold_in(x.key, c["j"]))
+            return bitmask.pack(topology.top_k_mask(score, c["target"],
+                                                    where=bitmask.unpack(packed)))
+
+        new = [None] * len(paths)
+        outs = map_layers(prune, [leaves[j][:2] for j in own],
+                          [{"j": j, "target": targets[j]} for j in own])
+        for j, out in zip(own, outs):
+            new[j] = out
+        if shared:
+            kept = topology.top_k_masks(
+                [score_fn(leaves[j][1], jax.random.fold_in(x.key, j)) for j in shared],
+                sum(targets[j] for j in shared),
+                where=[bitmask.unpack(leaves[j][0]) for j in shared])
+            for j, m in zip(shared, kept):
+                new[j] = bitmask.pack(m)
+        return rebuild(treedef, treedef.num_leaves, idx, new)
 
     base_init = dense_init(prunable, overrides)
 
@@ -124,6 +135,8 @@ def _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity,
         is_update_step=is_update_step,
         update_masks=update_masks,
     )
+    # Magnitude pruning draws nothing at random: its key only feeds the tie-breaks, which
+    # are deterministic (earliest position wins); the fixed key keeps it that way.
     if key is None:
         key = jax.random.key(0)
     return sparse_transform(inner, rule, key=key, track_itop=False)
@@ -144,20 +157,22 @@ def magnitude_pruning(
     *,
     end_step: int,
     begin_step: int = 0,
-    frequency: int = 100,
+    update_every: int = 100,
     initial_sparsity: float = 0.0,
     ranking: str = "layerwise",
     distribution: str = "uniform",
     prunable=None,
     overrides=None,
     power: int = 3,
+    frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Gradual magnitude pruning (Zhu & Gupta 2017) to ``sparsity`` at ``end_step``.
 
     Args:
       inner: any optax optimizer.
       sparsity: final sparsity in [0, 1).
-      end_step, begin_step, frequency: prune at begin, every ``frequency`` steps, and at end.
+      end_step, begin_step, update_every: prune at begin, every ``update_every`` steps, and
+        at end (``frequency`` is the deprecated name of ``update_every``).
       initial_sparsity: sparsity applied at ``begin_step`` (s_i of the ramp).
       ranking: ``"layerwise"`` (each layer to its own target) or ``"global"`` (one ranking
         over all non-overridden layers, whose per-layer targets only set the total).
@@ -167,10 +182,11 @@ def magnitude_pruning(
 
     Example:
       >>> tx = jaxsparse.magnitude_pruning(optax.sgd(0.1, 0.9), 0.9, begin_step=1000,
-      ...                                  end_step=8000, frequency=100)
+      ...                                  end_step=8000, update_every=100)
     """
-    return _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
-                    distribution, prunable, overrides, power, None, _magnitude)
+    update_every = update_period(update_every, frequency, "magnitude_pruning")
+    return _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsity,
+                    ranking, distribution, prunable, overrides, power, None, _magnitude)
 
 
 def random_pruning(
@@ -180,17 +196,19 @@ def random_pruning(
     key: jax.Array,
     end_step: int,
     begin_step: int = 0,
-    frequency: int = 100,
+    update_every: int = 100,
     initial_sparsity: float = 0.0,
     ranking: str = "layerwise",
     distribution: str = "uniform",
     prunable=None,
     overrides=None,
     power: int = 3,
+    frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Random pruning on the same schedule as :func:`magnitude_pruning`: the lower bound
     every pruning method should beat. Scores are fresh uniform draws at each update."""
     if key is None:
         raise ValueError("random_pruning needs key=jax.random.key(seed)")
-    return _gradual(inner, sparsity, end_step, begin_step, frequency, initial_sparsity, ranking,
-                    distribution, prunable, overrides, power, key, _random)
+    update_every = update_period(update_every, frequency, "random_pruning")
+    return _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsity,
+                    ranking, distribution, prunable, overrides, power, key, _random)

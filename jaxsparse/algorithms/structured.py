@@ -14,11 +14,17 @@ import numpy as np
 import optax
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.common import drop_count, masks_for_paths, masks_from_budgets
-from jaxsparse.algorithms.pruning import pruning_targets
+from jaxsparse.algorithms.common import (
+    LayerInputs,
+    drop_count,
+    layerwise,
+    masks_for_paths,
+    masks_from_budgets,
+)
+from jaxsparse.algorithms.pruning import pruning_targets, update_period
 from jaxsparse.distributions import LayerSpec, check_sparsity, layer_budgets, layer_specs
-from jaxsparse.masks import PyTree, is_none, leaf_paths
-from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
+from jaxsparse.masks import PyTree, leaf_paths
+from jaxsparse.transform import SparsityRule, sparse_transform
 
 
 def _fan_in(shape) -> int:
@@ -36,29 +42,28 @@ def fan_in_budgets(params, sparsity, distribution, prunable, overrides) -> dict[
     }
 
 
-def _sparse_leaves(masks, params):
-    """(indices, mask leaves, param leaves, paths, treedef) of the masked leaves."""
-    m_leaves, treedef = jax.tree.flatten(masks, is_leaf=is_none)
-    p_leaves = jax.tree.leaves(params)
-    paths = leaf_paths(params)
-    idx = [i for i, m in enumerate(m_leaves) if m is not None]
-    return idx, m_leaves, p_leaves, paths, treedef
+def _tau(gamma_sal: float, k0: int) -> int:
+    """The ablation threshold ``max(1, floor(gamma_sal * k0))`` (host arithmetic)."""
+    return max(1, int(np.floor(gamma_sal * k0)))
 
 
-def srigl_layer(mask, weight, grad, key, *, k0: int, fraction, gamma_sal: float,
-                ablation: bool, min_neurons: int):
+def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
+                ablation: bool, min_neurons, tau=None):
     """One SRigL update of one layer (Lasby et al. 2024), as a pure function.
 
     Args:
       mask, weight, grad: the layer's current mask, (masked) weights and dense gradient.
       key: PRNG key for tie-breaks.
-      k0: the un-ablated constant fan-in; the layer budget is ``B = k0 * n_out``.
+      k0: the un-ablated constant fan-in; the layer budget is ``B = k0 * n_out`` (traced
+        ok).
       fraction: drop fraction f_t (traced ok).
       gamma_sal: ablation threshold factor; a neuron with fewer than
         ``max(1, floor(gamma_sal * k0))`` salient weights is ablated.
       ablation: False gives constant fan-in RigL (no neuron is ablated).
       min_neurons: neurons that always survive (lower tau if needed); ``n_out`` for the
-        output layer.
+        output layer (traced ok).
+      tau: the ablation threshold, ``max(1, floor(gamma_sal * k0))``; give it when ``k0``
+        is traced (it is computed on the host from a Python ``k0`` otherwise).
 
     Returns:
       The new mask: every active neuron has exactly ``k' = floor(B / n_active)`` inputs,
@@ -66,16 +71,19 @@ def srigl_layer(mask, weight, grad, key, *, k0: int, fraction, gamma_sal: float,
     """
     shape = mask.shape
     n_out = shape[-1]
+    if tau is None:
+        tau = _tau(gamma_sal, k0)
+    k0 = jnp.asarray(k0, jnp.int32)
     budget = k0 * n_out
     k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)
     abs_w, abs_g = jnp.abs(weight), jnp.abs(grad)
-    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget).astype(jnp.int32)
+    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
+                       ).astype(jnp.int32)
     n_keep = budget - n_drop
     kept = topology.top_k_mask(abs_w, n_keep, where=mask, tie_key=k_keep)
     if ablation:
         salient = kept | topology.top_k_mask(abs_g, n_drop, tie_key=k_grow)
         counts = topology.count_per_neuron(salient)
-        tau = max(1, int(np.floor(gamma_sal * k0)))
         active = counts >= tau
         guard = topology.top_k_mask(counts.astype(jnp.float32), min_neurons, tie_key=k_abl)
         active = jnp.where(topology.count_true(active) < min_neurons, guard, active)
@@ -165,22 +173,22 @@ def srigl(
                 jax.random.fold_in(key, i), shape, nnz // shape[-1]),
         )
 
-    def update_masks(x: UpdateInputs):
+    def layer_consts(x, paths):
         ks, out = plan(x.params)
-        idx, m_leaves, p_leaves, paths, treedef = _sparse_leaves(x.masks, x.params)
-        g_leaves = jax.tree.leaves(x.grads)
-        f = fraction(x.step)
-        new = list(m_leaves)
-        for j, i in enumerate(idx):
-            shape = m_leaves[i].shape
-            k0 = ks[paths[i]]
-            min_neurons = shape[-1] if paths[i] == out else max(
-                1, (k0 * shape[-1]) // _fan_in(shape))
-            new[i] = srigl_layer(
-                m_leaves[i], p_leaves[i], g_leaves[i], jax.random.fold_in(x.key, j), k0=k0,
-                fraction=f, gamma_sal=gamma_sal, ablation=ablation, min_neurons=min_neurons,
-            )
-        return jax.tree.unflatten(treedef, new), x.extra
+        shapes = dict(zip(leaf_paths(x.params), map(jnp.shape, jax.tree.leaves(x.params))))
+        consts = []
+        for path in paths:
+            shape, k0 = shapes[path], ks[path]
+            min_neurons = shape[-1] if path == out else max(1, k0 * shape[-1] // _fan_in(shape))
+            consts.append({"k0": k0, "min_neurons": min_neurons, "tau": _tau(gamma_sal, k0)})
+        return consts
+
+    def layer(x: LayerInputs):
+        return srigl_layer(x.mask, x.weight, x.grad, x.key, k0=x.consts["k0"],
+                           fraction=fraction(x.step), gamma_sal=gamma_sal, ablation=ablation,
+                           min_neurons=x.consts["min_neurons"], tau=x.consts["tau"])
+
+    update_masks = layerwise(layer, layer_consts)
 
     rule = SparsityRule(
         init_masks=init_masks,
@@ -215,13 +223,14 @@ def nm_pruning(
     *,
     end_step: int,
     begin_step: int = 0,
-    frequency: int = 100,
+    update_every: int = 100,
     prunable=None,
+    frequency: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Magnitude pruning to an N:M pattern along the fan-in (2:4 for sparse tensor cores).
 
     One-shot when ``end_step == begin_step + 1`` (a single projection at ``begin_step``);
-    otherwise gradual: at ``begin_step``, every ``frequency`` steps and at ``end_step`` each
+    otherwise gradual: at ``begin_step``, every ``update_every`` steps and at ``end_step`` each
     group of M keeps ``n_t`` weights by |W|, where ``n_t`` falls from M to N on the cubic
     Zhu & Gupta ramp (the same integer rule as :func:`magnitude_pruning`). Pruned weights
     never return.
@@ -230,8 +239,9 @@ def nm_pruning(
       >>> tx = jaxsparse.nm_pruning(optax.adam(1e-3), 2, 4, begin_step=1000, end_step=5000)
     """
     n, m = topology.check_nm(n, m)
+    update_every = update_period(update_every, frequency, "nm_pruning")
     one_shot = end_step == begin_step + 1
-    periodic = schedules.periodic(frequency, end_step, begin_step, include_begin=True)
+    periodic = schedules.periodic(update_every, end_step, begin_step, include_begin=True)
     ramp = pruning_targets([LayerSpec("group", (m,))], {"group": n}, 0.0, begin_step,
                            max(end_step, begin_step + 1))
 
@@ -247,14 +257,12 @@ def nm_pruning(
         return masks_for_paths(params, {s.path for s in specs},
                                lambda i, path, shape: jnp.ones(shape, bool))
 
-    def update_masks(x: UpdateInputs):
-        idx, m_leaves, p_leaves, _, treedef = _sparse_leaves(x.masks, x.params)
+    def layer(x: LayerInputs):
         n_t = jnp.asarray(n) if one_shot else ramp(x.step)[0]
-        new = list(m_leaves)
-        for i in idx:
-            score = jnp.where(m_leaves[i], jnp.abs(p_leaves[i]), -jnp.inf)
-            new[i] = topology.nm_mask(score, n_t, m) & m_leaves[i]
-        return jax.tree.unflatten(treedef, new), x.extra
+        score = jnp.where(x.mask, jnp.abs(x.weight), -jnp.inf)
+        return topology.nm_mask(score, n_t, m) & x.mask
+
+    update_masks = layerwise(layer)
 
     rule = SparsityRule(init_masks=init_masks, is_update_step=is_update_step,
                         update_masks=update_masks)
@@ -295,18 +303,13 @@ def nm_rigl(
                 topology.random_scores(jax.random.fold_in(key, i), shape), n, m),
         )
 
-    def update_masks(x: UpdateInputs):
-        idx, m_leaves, p_leaves, _, treedef = _sparse_leaves(x.masks, x.params)
-        g_leaves = jax.tree.leaves(x.grads)
-        f = fraction(x.step)
-        new = list(m_leaves)
-        for j, i in enumerate(idx):
-            mask, w, g = m_leaves[i], p_leaves[i], g_leaves[i]
-            kept = topology.drop_lowest(mask, jnp.abs(w), drop_count(mask, f),
-                                        tie_key=jax.random.fold_in(x.key, j))
-            new[i] = topology.nm_mask(jnp.where(kept, jnp.abs(w), jnp.abs(g)), n, m,
-                                      priority=kept)
-        return jax.tree.unflatten(treedef, new), x.extra
+    def layer(x: LayerInputs):
+        w = jnp.abs(x.weight)
+        kept = topology.drop_lowest(x.mask, w, drop_count(x.mask, fraction(x.step)),
+                                    tie_key=x.key)
+        return topology.nm_mask(jnp.where(kept, w, jnp.abs(x.grad)), n, m, priority=kept)
+
+    update_masks = layerwise(layer)
 
     rule = SparsityRule(
         init_masks=init_masks,

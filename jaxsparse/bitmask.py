@@ -1,0 +1,116 @@
+"""Bit-packed masks: one bit per weight in the optimizer state.
+
+A sparse optimizer's state holds its masks as :class:`PackedMask` leaves: the mask's last
+axis (the neuron axis of a Flax kernel) packed eight entries to a ``uint8``. That is 1/8 of a
+bool array in memory, in checkpoints and in every copy XLA makes of the state. Unpacking
+is a shift and an ``and`` per weight, which XLA fuses into the elementwise loops that read
+the mask (the masked gradient, the masked update), so a training step reads 1/8 byte of
+mask per weight instead of 1 byte.
+
+Packing keeps every axis but the last, so a mask's ``NamedSharding`` carries over to its
+bits unchanged when the packed last axis still divides by its mesh axis (a 3072-wide kernel
+packs to 384 bytes per row).
+
+Example:
+  >>> pm = pack(jnp.array([[True, False, True]]))
+  >>> pm.bits, pm.shape
+  (Array([[5]], dtype=uint8), (1, 3))
+  >>> unpack(pm)
+  Array([[ True, False,  True]], dtype=bool)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_BITS = 8
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedMask:
+    """A bool mask of static ``shape`` stored as ``uint8`` ``bits`` (last axis packed).
+
+    A pytree node whose only leaf is ``bits``: it checkpoints, shards and passes through
+    ``jit``, ``lax.cond`` and tree maps like any array leaf.
+    """
+
+    __slots__ = ("bits", "shape")
+
+    def __init__(self, bits, shape: tuple[int, ...]):
+        self.bits = bits
+        self.shape = tuple(int(d) for d in shape)
+
+    def tree_flatten(self):
+        return (self.bits,), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        return cls(children[0], shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def __repr__(self) -> str:
+        return f"PackedMask(shape={self.shape}, bits={getattr(self.bits, 'shape', self.bits)})"
+
+
+def is_packed(x) -> bool:
+    """``is_leaf`` predicate for trees of packed masks (``None`` leaves stay visible too)."""
+    return x is None or isinstance(x, PackedMask)
+
+
+def packed_width(n: int) -> int:
+    """Bytes per row for a last axis of ``n`` entries."""
+    return -(-n // _BITS)
+
+
+def pack(mask: jax.Array) -> PackedMask:
+    """Packs a bool mask (rank >= 1) along its last axis, eight entries per ``uint8``."""
+    mask = jnp.asarray(mask)
+    if mask.ndim == 0:
+        raise ValueError("pack needs a mask of rank >= 1, got a scalar")
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"pack needs a bool mask, got dtype {mask.dtype}")
+    n = mask.shape[-1]
+    pad = packed_width(n) * _BITS - n
+    m = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, pad)])
+    m = m.reshape(*mask.shape[:-1], -1, _BITS).astype(jnp.uint8)
+    weights = jnp.left_shift(jnp.uint8(1), jnp.arange(_BITS, dtype=jnp.uint8))
+    bits = jnp.sum(m * weights.reshape((1,) * (m.ndim - 1) + (_BITS,)), axis=-1,
+                   dtype=jnp.uint8)
+    return PackedMask(bits, mask.shape)
+
+
+def unpack(packed: PackedMask) -> jax.Array:
+    """The bool mask of a :class:`PackedMask` (fuses into the consumer under ``jit``)."""
+    bits = packed.bits
+    shifts = jnp.arange(_BITS, dtype=jnp.uint8).reshape((1,) * bits.ndim + (_BITS,))
+    m = (jnp.right_shift(bits[..., None], shifts) & jnp.uint8(1)).astype(jnp.bool_)
+    m = m.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
+    return m[..., : packed.shape[-1]].reshape(packed.shape)
+
+
+def pack_tree(masks):
+    """Packs every bool leaf of a mask tree (``None`` leaves stay ``None``)."""
+    return jax.tree.map(lambda m: None if m is None else pack(m), masks,
+                        is_leaf=lambda x: x is None)
+
+
+def unpack_tree(packed):
+    """Unpacks every :class:`PackedMask` of a tree (``None`` leaves stay ``None``)."""
+    return jax.tree.map(lambda m: None if m is None else unpack(m), packed, is_leaf=is_packed)
+
+
+def or_packed(a: PackedMask, b: PackedMask) -> PackedMask:
+    """Union of two packed masks of one shape (bitwise, no unpacking)."""
+    return PackedMask(a.bits | b.bits, a.shape)
+
+
+def select_packed(pred, a: PackedMask, b: PackedMask) -> PackedMask:
+    """``a`` where the scalar ``pred`` holds, else ``b``."""
+    return PackedMask(jnp.where(pred, a.bits, b.bits), a.shape)
