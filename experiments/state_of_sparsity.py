@@ -258,7 +258,7 @@ class Context:
         end = max(1, int(0.75 * total))
         begin = min(int(0.1 * total), end - 1)
         freq = max(1, (end - begin) // 20)
-        return factory(self.inner(), sparsity, end_step=end, begin_step=begin, frequency=freq,
+        return factory(self.inner(), sparsity, end_step=end, begin_step=begin, update_every=freq,
                        ranking=self.args.ranking, **kw)
 
     def train_gradual(self, method, sparsity, seed):

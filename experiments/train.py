@@ -85,7 +85,7 @@ def _nm_pruning(inner, c, key, total_steps):
     end = max(1, int(c.end_fraction * total_steps))
     return jaxsparse.nm_pruning(
         inner, end_step=end, begin_step=min(int(c.prune_begin_fraction * total_steps), end - 1),
-        frequency=c.update_every, **dict(c.algorithm_kwargs))
+        update_every=c.update_every, **dict(c.algorithm_kwargs))
 
 
 def _nm_rigl(inner, c, key, total_steps):
@@ -105,7 +105,7 @@ def _pruning(factory, needs_key):
         end = max(1, int(c.end_fraction * total_steps))
         kwargs = dict(end_step=end, begin_step=min(int(c.prune_begin_fraction * total_steps),
                                                    end - 1),
-                      frequency=c.update_every, distribution=c.distribution)
+                      update_every=c.update_every, distribution=c.distribution)
         if needs_key:
             kwargs["key"] = key
         return factory(inner, c.sparsity, **kwargs, **dict(c.algorithm_kwargs))

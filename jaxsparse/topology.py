@@ -365,7 +365,7 @@ def count_true(x) -> jax.Array:
 def count_per_neuron(x) -> jax.Array:
     """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
     x = _nonzero(x)
-    return jnp.sum(x.reshape(layer_view(x.shape)), axis=0, dtype=jnp.int32)
+    return jnp.sum(x.reshape(-1, x.shape[-1]), axis=0, dtype=jnp.int32)
 
 
 def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:

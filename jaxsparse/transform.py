@@ -137,11 +137,20 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
     """
 
     def reset(v, g):
-        if g is None or not hasattr(v, "shape") or v.shape != g.shape:
+        # Not a per-weight leaf (no mask here, a state leaf that stands for a whole subtree,
+        # or a factored statistic): kept.
+        if (g is None or not hasattr(g, "shape") or not hasattr(v, "shape")
+                or v.shape != g.shape):
             return v
         return jnp.where(g, jnp.zeros((), v.dtype), v)
 
-    return optax.tree.map_params(inner, reset, inner_state, grown, is_leaf=_is_masked_node)
+    # MaskedNode (an empty tuple) stands where a group excludes a param: kept as a leaf so
+    # that the grown masks still pair with the state. Only passed when present (Flax NNX
+    # states do not map with it).
+    masked = any(_is_masked_node(x)
+                 for x in jax.tree.leaves(inner_state, is_leaf=_is_masked_node))
+    return optax.tree.map_params(inner, reset, inner_state, grown,
+                                 is_leaf=_is_masked_node if masked else None)
 
 
 def _masked_updates(old, new, u, p):
@@ -156,6 +165,26 @@ def _pack_like(masks: Masks) -> Masks:
             return m
         return bitmask.pack(jnp.asarray(m))
     return jax.tree.map(pack, masks, is_leaf=is_mask_leaf)
+
+
+def _repack(masks: Masks, params: PyTree) -> Masks:
+    """Mask leaves as :class:`PackedMask` again where a container handed back their bits
+    without the node (Flax NNX's ``nnx.jit`` turns an unknown pytree node into its own
+    ``State`` of the children): the param of the same position gives the shape."""
+    if masks is None:
+        return None
+    p_def = jax.tree.structure(params)
+    subtrees = p_def.flatten_up_to(masks)
+    if all(m is None or isinstance(m, PackedMask) for m in subtrees):
+        return masks
+    p_leaves = jax.tree.leaves(params)
+    out = []
+    for m, p in zip(subtrees, p_leaves, strict=True):
+        if m is not None and not isinstance(m, PackedMask):
+            bits = jax.tree.leaves(m)
+            m = None if not bits else PackedMask(bits[0], np.shape(p))
+        out.append(m)
+    return jax.tree.unflatten(p_def, out)
 
 
 def _place_like(tree, params):
@@ -286,6 +315,8 @@ def sparse_transform(
             )
         grads = updates
         check_grads(grads, params)
+        state = state._replace(masks=_repack(state.masks, params),
+                               ever_active=_repack(state.ever_active, params))
         step = state.count
         extra = state.extra
         if rule.accumulate is not None:
@@ -395,25 +426,41 @@ def get_sparse_state(state) -> SparseState:
     return found[0]
 
 
-def get_masks(state) -> Masks:
+def get_masks(state, params: PyTree | None = None) -> Masks:
     """The masks (bool arrays, ``None`` for dense leaves) of the sparse optimizer found
     anywhere inside ``state``.
+
+    Args:
+      state: an optimizer state holding one :class:`SparseState`.
+      params: the params; needed only when a container stored the state without its
+        :class:`~jaxsparse.bitmask.PackedMask` nodes (``flax.nnx.Optimizer`` after a jitted
+        update), whose shapes are then taken from the params.
 
     Example:
       >>> params = jaxsparse.apply_masks(params, jaxsparse.get_masks(opt_state))
     """
-    return _unpack(_unwrap_variables(get_sparse_state(state).masks))
+    return _unpack(_unwrap_variables(get_sparse_state(state).masks), params)
 
 
-def _unpack(masks):
-    """Unpacks packed leaves (state written by this version); bool leaves pass through."""
+def _unpack(masks, params=None):
+    """Bool masks from packed ones (bool leaves, written by older versions, pass through)."""
+    subtrees = jax.tree.leaves(masks, is_leaf=is_mask_leaf)
+    if any(m is not None and not isinstance(m, PackedMask)
+           and getattr(m, "dtype", None) != jnp.bool_ for m in subtrees):
+        if params is None:
+            raise ValueError(
+                "the masks in this optimizer state lost their PackedMask nodes (a container "
+                "such as flax.nnx.Optimizer stored only their bits): pass the params, "
+                "jaxsparse.get_masks(opt_state, params) (for NNX: nnx.state(model, nnx.Param))")
+        masks = _repack(masks, _unwrap_variables(params))
     return jax.tree.map(lambda m: bitmask.unpack(m) if isinstance(m, PackedMask) else m,
                         masks, is_leaf=is_mask_leaf)
 
 
-def get_ever_active(state) -> Masks:
-    """The union of all masks so far (for :func:`jaxsparse.metrics.itop_rate`)."""
+def get_ever_active(state, params: PyTree | None = None) -> Masks:
+    """The union of all masks so far (for :func:`jaxsparse.metrics.itop_rate`); ``params``
+    as in :func:`get_masks`."""
     ever = get_sparse_state(state).ever_active
     if ever is None:
         raise ValueError("this optimizer was built with track_itop=False")
-    return _unpack(_unwrap_variables(ever))
+    return _unpack(_unwrap_variables(ever), params)

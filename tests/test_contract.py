@@ -115,7 +115,7 @@ def test_exact_counts_after_every_update(recorded):
 
 def test_pruning_follows_schedule_exactly():
     tx = jaxsparse.magnitude_pruning(lenient(optax.sgd(0.1)), 0.9, end_step=20, begin_step=2,
-                                     frequency=4, initial_sparsity=0.25)
+                                     update_every=4, initial_sparsity=0.25)
     history, _ = run(tx, 24)
     specs = jaxsparse.layer_specs(history[0]["params"])
     budgets = jaxsparse.layer_budgets(specs, 0.9, "uniform")
@@ -437,3 +437,22 @@ def test_the_update_lowers_for_tpu_with_the_sorting_selection():
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     assert "stablehlo.sort" in tpu and "stablehlo.while" not in tpu
     assert "stablehlo.while" in cpu and "stablehlo.sort" not in cpu
+
+
+def test_frequency_is_a_deprecated_alias_of_update_every():
+    with pytest.warns(DeprecationWarning, match="update_every"):
+        old = jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.5, end_step=10, frequency=4)
+    new = jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.5, end_step=10, update_every=4)
+    masks = []
+    for tx in (old, new):
+        params = tiny_params()
+        params, state = jaxsparse.init_masked(tx, params)
+        step = jax.jit(tx.update)
+        counts = []
+        for _ in range(6):
+            _, state = step(params, state, params)
+            counts.append(sum(jaxsparse.count_active(jaxsparse.get_masks(state)).values()))
+        masks.append(counts)
+    assert masks[0] == masks[1] and masks[0][0] > masks[0][-1]  # pruned at the same steps
+    with pytest.raises(ValueError, match="update_every must be a positive integer"):
+        jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.5, end_step=10, update_every=0)

@@ -40,7 +40,7 @@ def _make(algo):
                               update_every=3)
     # Global ranking: one threshold across all layers, i.e. across shards of every layer.
     return jaxsparse.magnitude_pruning(lenient(optax.adam(1e-2)), 0.8, end_step=9,
-                                       frequency=3, ranking="global")
+                                       update_every=3, ranking="global")
 
 
 @pytest.mark.parametrize("algo", ["rigl", "snfs", "magnitude"])
@@ -87,30 +87,27 @@ def test_sharded_step_matches_single_device(algo):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def _wired() -> bool:
-    """Whether the optimizer's init places masks like the params (the lead's wiring of
-    like_params into SparseState init)."""
-    import inspect
-
-    import jaxsparse.transform as t
-    return "like_params" in inspect.getsource(t)
-
-
-@pytest.mark.xfail(not _wired(), strict=True,
-                   reason="SparseState init does not call jaxsparse.sharding.like_params yet")
 @pytest.mark.parametrize("algo", ["rigl", "snfs"])
 def test_init_places_masks_and_state_like_params(algo):
     mesh = sh.make_mesh((4, 2), ("data", "model"))
     params = jax.device_put(tiny_params(), _shardings(mesh))
     state = _make(algo).init(params)
     sparse = jaxsparse.transform.get_sparse_state(state)
-    trees = [sparse.masks, sparse.ever_active]
-    if algo == "snfs":
-        trees.append(sparse.extra)
-    for tree in trees:
+    by_path = dict(jax.tree_util.tree_leaves_with_path(params))
+    # Masks and the ITOP union are bit-packed: their bits get the param's sharding adapted
+    # to the packed last axis.
+    for tree in [sparse.masks, sparse.ever_active]:
         n = 0
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-            want = dict(jax.tree_util.tree_leaves_with_path(params))[path].sharding
+            p = by_path[path[:-1]]  # the PackedMask node adds one key (its bits)
+            want = sh.packed_sharding(p.sharding, p.shape)
+            assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.sharding)
+            n += 1
+        assert n == 2
+    if algo == "snfs":
+        n = 0
+        for path, leaf in jax.tree_util.tree_leaves_with_path(sparse.extra):
+            want = by_path[path].sharding
             assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (path, leaf.sharding)
             n += 1
         assert n == 2
@@ -154,7 +151,8 @@ def test_state_shardings_follow_params_through_nesting():
     rep = NamedSharding(mesh, P())
     out = sh.state_shardings(abstract, tiny_params(), shardings, rep)
     sparse = out[1]
-    assert sparse.masks["dense0"]["kernel"] == shardings["dense0"]["kernel"]
+    assert sparse.masks["dense0"]["kernel"].bits == sh.packed_sharding(
+        shardings["dense0"]["kernel"], tiny_params()["dense0"]["kernel"].shape)
     assert sparse.masks["dense0"]["bias"] is None
     assert sparse.extra["dense1"]["kernel"] == shardings["dense1"]["kernel"]
     assert sparse.inner_state[0].mu["norm"]["scale"] == shardings["norm"]["scale"]

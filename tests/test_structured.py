@@ -154,7 +154,7 @@ def test_nm_errors():
 def test_nm_pruning_reaches_exact_pattern(one_shot):
     end = 5 if one_shot else 12
     tx = jaxsparse.nm_pruning(lenient(optax.sgd(0.1)), 2, 4, begin_step=4, end_step=end,
-                              frequency=2)
+                              update_every=2)
     history, _ = run(tx, 14)
     for path, m in _items(history[-1]["masks"]):
         groups = m.reshape(-1, 4, m.shape[-1])

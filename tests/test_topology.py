@@ -253,10 +253,6 @@ def test_random_tie_break_among_many_ties_is_exact_and_only_among_ties():
     assert 0 < sel[500:1500].sum() < 1000  # spread over the tied block, not its head
 
 
-# Counting by matrix products (XLA's CPU runtime re-creates every reduction's reducer on each
-# execution of a program, untaken topology branch included, so the update counts by dots).
-
-
 @settings(deadline=None, max_examples=25)
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
@@ -264,7 +260,7 @@ def test_random_tie_break_among_many_ties_is_exact_and_only_among_ties():
     seed=st.integers(0, 2**16),
     dtype=st.sampled_from(["bool", "int32", "float32"]),
 )
-def test_counts_by_products_match_numpy(shape, density, seed, dtype):
+def test_counts_match_numpy(shape, density, seed, dtype):
     rng = np.random.default_rng(seed)
     x = rng.random(shape) < density
     if dtype == "int32":
@@ -277,36 +273,84 @@ def test_counts_by_products_match_numpy(shape, density, seed, dtype):
     per = topology.count_per_neuron(x)
     assert per.dtype == jnp.int32
     np.testing.assert_array_equal(per, np.count_nonzero(x.reshape(-1, shape[-1]), axis=0))
-    cols = topology.column_counts(x.reshape(-1, shape[-1]))
-    np.testing.assert_array_equal(cols, per)
 
 
-def test_counts_exact_near_float32_limit_and_fallback(monkeypatch):
-    # Column counts up to 2**24 - 1 are exact in float32; taller columns are counted by an
-    # int32 reduction (forced here on small arrays); totals add column counts in int32.
-    x = jnp.ones(((1 << 24) - 1, 1), bool)
-    assert int(topology.column_counts(x)[0]) == (1 << 24) - 1
-    monkeypatch.setattr(topology, "_EXACT_F32", 64)
-    y = np.random.default_rng(0).random((100, 3)) < 0.5
-    np.testing.assert_array_equal(topology.column_counts(jnp.asarray(y)), y.sum(0))
-    assert int(topology.count_true(jnp.asarray(y))) == y.sum()
-    monkeypatch.setattr(topology, "_DOT_MAX_SIZE", 0)  # the large-array reductions
-    tall = np.random.default_rng(2).random(((1 << 15) + 3, 2)) < 0.3
-    np.testing.assert_array_equal(topology.column_counts(jnp.asarray(tall)), tall.sum(0))
-    scores = jnp.asarray(np.random.default_rng(1).standard_normal((100, 3)), jnp.float32)
-    np.testing.assert_array_equal(
-        topology.top_k_mask(scores, 37),
-        np.asarray(scores).ravel().argsort()[::-1].argsort().reshape(100, 3) < 37)
+# The two implementations of the selection rule: the sorting reference and the counting
+# search are equal bit for bit. Fixed shapes (37 x 11) so each compiles once; the contents,
+# k (traced), candidates and tie keys vary.
+_M, _S = 37, 11
 
 
-def test_float_sum_and_short_sums():
-    x = np.random.default_rng(0).standard_normal((7, 5, 3)).astype(np.float32)
-    np.testing.assert_allclose(float(topology.float_sum(x)), x.sum(dtype=np.float64),
-                               rtol=1e-5, atol=1e-5)
-    assert float(topology.float_sum(jnp.float32(2.5))) == 2.5
-    v = jnp.array([2**30, 2**30 - 7, -5, 3], jnp.int32)
-    assert int(topology._vsum(v[:2])) == 2**31 - 7  # int32 product: exact
-    assert int(topology._vsum(v)) == 2**31 - 9
-    big = jnp.full((1000,), 2**21, jnp.int32)  # a sum past 2**24: exact in the int32 tree
-    assert int(topology.total(big)[0]) == 1000 * 2**21
-    assert bool(topology._any(jnp.arange(37) == 36)) and not bool(topology._any(jnp.zeros(5, bool)))
+@jax.jit
+def _both(keys, ranks, k_whole, k_cols):
+    return (topology.select_by_sorting(keys, ranks, k_whole, whole=True),
+            topology.select_by_counting(keys, ranks, k_whole, whole=True),
+            topology.select_by_sorting(keys, ranks, k_cols, whole=False),
+            topology.select_by_counting(keys, ranks, k_cols, whole=False))
+
+
+def _numpy_top_k(keys, ranks, k):
+    """The rule stated with numpy: order by (key, rank) descending, take the first k
+    candidates (key > 0)."""
+    order = np.lexsort((-ranks.astype(np.int64), -keys.astype(np.int64)))
+    out = np.zeros(keys.size, bool)
+    cand = [i for i in order if keys[i] > 0]
+    out[cand[:max(k, 0)]] = True
+    return out
+
+
+@settings(deadline=None, max_examples=60)
+@given(seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
+       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
+def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((_M, _S)).astype(np.float32)
+    if kind == "ties":
+        scores = np.round(scores)
+    elif kind == "few_values":
+        scores = rng.integers(0, 3, (_M, _S)).astype(np.float32)
+    elif kind == "specials":
+        scores.flat[rng.integers(0, scores.size, 40)] = rng.choice(
+            [np.nan, np.inf, -np.inf, 0.0, -0.0], 40)
+    where = rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
+    keys = jnp.where(where, topology.sortable_key(scores), jnp.uint32(0))
+    tie_key = jax.random.key(seed) if keyed else None
+    ranks_whole = topology.tie_ranks((_M, _S), tie_key, whole=True)
+    ranks_cols = topology.tie_ranks((_M, _S), tie_key, whole=False)
+    k_whole = int(frac * _M * _S)
+    k_cols = (rng.random(_S) * 1.2 * _M).astype(np.int32) - 2
+    sw, cw, _, _ = _both(keys, ranks_whole, k_whole, jnp.asarray(k_cols))
+    _, _, sc, cc = _both(keys, ranks_cols, k_whole, jnp.asarray(k_cols))
+    np.testing.assert_array_equal(sw, cw)
+    np.testing.assert_array_equal(sc, cc)
+    ref = _numpy_top_k(np.asarray(keys).ravel(), np.asarray(ranks_whole).ravel(), k_whole)
+    np.testing.assert_array_equal(np.asarray(sw).ravel(), ref)
+    for j in range(_S):
+        ref = _numpy_top_k(np.asarray(keys)[:, j], np.asarray(ranks_cols)[:, j], int(k_cols[j]))
+        np.testing.assert_array_equal(np.asarray(sc)[:, j], ref)
+
+
+def test_global_selection_over_a_list_equals_the_concatenated_reference():
+    rng = np.random.default_rng(0)
+    scores = [jnp.asarray(np.round(rng.standard_normal(s)), jnp.float32)
+              for s in [(13, 7), (7, 5), (40,)]]
+    where = [jnp.asarray(rng.random(np.shape(x)) < 0.7) for x in scores]
+    for tie_key in (None, jax.random.key(3)):
+        for k in (0, 1, 57, 200, 10_000):
+            a = topology.top_k_masks(scores, k, where=where, tie_key=tie_key, impl="sorting")
+            b = topology.top_k_masks(scores, k, where=where, tie_key=tie_key, impl="counting")
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y)
+            total = sum(int(np.sum(m)) for m in a)
+            assert total == min(k, sum(int(np.sum(w)) for w in where))
+    with pytest.raises(ValueError, match="unknown impl"):
+        topology.top_k_masks(scores, 3, impl="heap")
+
+
+def test_the_rule_is_chosen_per_platform():
+    # platform_dependent: the TPU/GPU program sorts, the CPU program counts.
+    f = jax.jit(lambda s, k: topology.top_k_mask(s, k))
+    traced = f.trace(jnp.ones((20, 10)), 5)
+    assert "sort" in traced.lower(lowering_platforms=("tpu",)).as_text()
+    assert "sort" not in traced.lower(lowering_platforms=("cpu",)).as_text()

@@ -44,9 +44,9 @@ def algorithms(update_every: int):
         "rigl": lambda tx: jaxsparse.rigl(tx, 0.9, **common),
         "snfs": lambda tx: jaxsparse.snfs(tx, 0.9, **common),
         "magnitude": lambda tx: jaxsparse.magnitude_pruning(
-            tx, 0.9, end_step=far, frequency=update_every),
+            tx, 0.9, end_step=far, update_every=update_every),
         "random_pruning": lambda tx: jaxsparse.random_pruning(
-            tx, 0.9, key=key, end_step=far, frequency=update_every),
+            tx, 0.9, key=key, end_step=far, update_every=update_every),
     }
     if hasattr(jaxsparse, "srigl"):
         algos["srigl"] = lambda tx: jaxsparse.srigl(tx, 0.9, **common)
