@@ -1,5 +1,8 @@
 """jaxsparse: sparse neural network training for JAX.
 
+(``jaxsparse.checkpoint``, Orbax sharded checkpoints, is imported on its own: it needs the
+``checkpoint`` extra.)
+
 Any optax optimizer becomes a sparse one with one wrapper::
 
     tx = jaxsparse.rigl(optax.adamw(1e-3), sparsity=0.9, end_step=7500, key=jax.random.key(0))
@@ -10,7 +13,6 @@ Any optax optimizer becomes a sparse one with one wrapper::
 
 from jaxsparse import (
     bitmask,
-    checkpoint,
     condensed,
     distributions,
     features,
@@ -91,7 +93,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CondensedFileError",
     "bitmask",
-    "checkpoint",
     "features",
     "freeze",
     "init_masked",
