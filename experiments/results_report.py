@@ -820,9 +820,14 @@ def section_erk_uniform(root: Path) -> str:
     rest = [x for x in compared if x not in sep_erk + sep_uni]
     if rest:
         verdict.append("includes zero at " + ", ".join(rest))
+    ahead = sum(compare(field(recs, algorithm=m, distribution="erk", sparsity_target=s),
+                        field(recs, algorithm=m, distribution="uniform",
+                              sparsity_target=s)).diff > 0 for m in methods for s in sp
+                if f"{NAMES[m]} {pct(s)}" in compared)
     bullets.append("* Verdict on \"ERK beats uniform at equal parameter count\" "
-                   "(../shared/REFERENCES.md), table EU: " + "; ".join(verdict) + ". This is "
-                   "one small MLP, one recipe, 3 seeds per cell.")
+                   f"(../shared/REFERENCES.md), table EU: ERK has the higher mean in {ahead} "
+                   f"of {len(compared)} cells; " + "; ".join(verdict) + ". This is one small "
+                   "MLP, one recipe, 3 seeds per cell.")
     per_layer = _layer_densities(recs[0], sp)
     if per_layer:
         bullets.append("* Per-layer density (from `jaxsparse.layer_budgets` for this model): "
@@ -836,6 +841,14 @@ def section_erk_uniform(root: Path) -> str:
                        "least one active incoming weight; `active_neurons/Dense_2/kernel`, "
                        "mean over seeds, of 10; a layer kept dense records none): "
                        + "; ".join(neurons) + ".")
+    worst = _per_seed(recs, "static", "uniform", max(sp))
+    if worst:
+        bullets.append(f"* Static uniform at {pct(max(sp))}, per seed (test accuracy, "
+                       "input-dependent output classes of 10): " + worst + ". An output "
+                       "class with no input weight has a constant logit, so its test images "
+                       "cannot be recognised; the static mask never regrows it (RigL can). The "
+                       "accuracies are lower than the lost classes alone explain, so they are "
+                       "not the whole story; no experiment isolated the cause.")
     return "\n".join(head + lines + ["", wall(recs) + " (whole study: sum "
                                      f"{sum(r['wall_time'] for r in recs) / 60:.0f} min).",
                                      ""] + bullets)
@@ -876,6 +889,13 @@ def _layer_densities(r: dict, sparsities) -> list[str]:
             out.append(f"{d.upper() if d == 'erk' else d} {pct(s)}: " + ", ".join(
                 f"{k.split('/')[0]} {100 * (1 - v):.1f}%" for k, v in sorted(per.items())))
     return out
+
+
+def _per_seed(recs, method: str, dist: str, s: float) -> str:
+    rs = sorted((r for r in recs if r["algorithm"] == method and r["distribution"] == dist
+                 and target(r) == round(s, 4)), key=lambda r: r["seed"])
+    return "; ".join(f"seed {r['seed']} {100 * r['test_accuracy']:.2f}% with "
+                     f"{r.get('active_neurons/Dense_2/kernel', float('nan')):.0f}" for r in rs)
 
 
 def _output_neurons(recs, methods, dists, sparsities) -> list[str]:
