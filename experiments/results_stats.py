@@ -89,13 +89,16 @@ def fmt_cell(values: Sequence[float], scale: float = 100.0, n_expected: int | No
     return cell
 
 
-def fmt_compare(a: Sequence[float], b: Sequence[float], scale: float = 100.0) -> str:
-    """``"+1.23 points (95% CI +0.40 to +2.06, Welch p = 0.012, n = 3 vs 3)"``."""
+def fmt_compare(a: Sequence[float], b: Sequence[float], scale: float = 100.0,
+                unit: str = "points", digits: int = 2) -> str:
+    """``"+1.23 points (95% CI +0.40 to +2.06, Welch p = 0.012, n = 3 vs 3)"``; ``unit`` and
+    ``digits`` for quantities other than accuracy in % (e.g. perplexity, return)."""
     c = compare([scale * v for v in a], [scale * v for v in b])
+    d = digits
     if math.isnan(c.p):
-        return f"{c.diff:+.2f} points (n = {c.n_a} vs {c.n_b}: no test)"
-    return (f"{c.diff:+.2f} points (95% CI {c.lo:+.2f} to {c.hi:+.2f}, Welch {fmt_p(c.p)}, "
-            f"n = {c.n_a} vs {c.n_b})")
+        return f"{c.diff:+.{d}f} {unit} (n = {c.n_a} vs {c.n_b}: no test)"
+    return (f"{c.diff:+.{d}f} {unit} (95% CI {c.lo:+.{d}f} to {c.hi:+.{d}f}, Welch "
+            f"{fmt_p(c.p)}, n = {c.n_a} vs {c.n_b})")
 
 
 def fmt_p(p: float) -> str:
@@ -107,6 +110,17 @@ def significant(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> 
     """Whether Welch's test separates ``a`` and ``b`` at level ``alpha``."""
     c = compare(a, b)
     return not math.isnan(c.p) and c.p < alpha
+
+
+def position(values: Sequence[float], x: float) -> str | None:
+    """Where one number ``x`` lies relative to the 95% t-interval of ``values``' mean:
+    ``"inside"``, ``"above"``, ``"below"``, or ``None`` when n < 2 (no interval)."""
+    s = summarize(values)
+    if s.n < 2:
+        return None
+    if s.lo == s.hi == x or s.lo <= x <= s.hi:
+        return "inside"
+    return "above" if x > s.hi else "below"
 
 
 def fmt_published(values: Sequence[float], published: float, scale: float = 100.0) -> str:

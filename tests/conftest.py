@@ -4,11 +4,20 @@
 * Hypothesis: derandomized under ``CI`` (same examples every run), exploring locally.
 * Strict numpy semantics, as in equinox's test suite: implicit dtype promotion
   (bool mask * float) and implicit rank promotion (silent broadcasting) raise.
+* One JAX compilation cache per test session, shared by the xdist workers: many tests build
+  a fresh optimizer (a new jit) around the same program, which then compiles only once.
+  The folder is new for every session (no state carried between runs) and removed at the end.
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Set in the controller before xdist starts its workers, which inherit it.
+_OWN_CACHE = "JAXSPARSE_TEST_JAX_CACHE" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAXSPARSE_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="jaxsparse-test-jit-")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -21,6 +30,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAXSPARSE_TEST_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:  # the process that made the folder (the xdist controller) removes it
+        shutil.rmtree(os.environ["JAXSPARSE_TEST_JAX_CACHE"], ignore_errors=True)
 
 
 def has_gpu() -> bool:
@@ -30,7 +47,23 @@ def has_gpu() -> bool:
         return False
 
 
+# Hypothesis property tests of the core that recompile for every drawn shape (~20-60 s each
+# on 2 cores). Their modules are maintained with the core, so the `slow` mark is added here:
+# the default (fast) tier keeps those modules' hand-checked cases, `-m slow` (CI) runs these.
+SLOW_PROPERTY_TESTS = {
+    ("test_topology.py", "test_top_k_property"),
+    ("test_topology.py", "test_top_k_per_neuron_property"),
+    ("test_topology.py", "test_distribute_property"),
+    ("test_structured.py", "test_srigl_layer_property"),
+    ("test_structured.py", "test_nm_mask_property"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if (item.path.name, getattr(item, "originalname", item.name)) in SLOW_PROPERTY_TESTS:
+            item.add_marker(pytest.mark.slow)
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

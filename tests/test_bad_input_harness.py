@@ -45,6 +45,7 @@ def _files(folder):
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", ["{\"algorithm\": \"rigl\"", "", "\xff\xfe"])
 def test_unreadable_config_json_on_resume_names_the_file(run_copy, digits, content):
     (run_copy / "config.json").write_text(content, errors="surrogateescape")
@@ -54,6 +55,7 @@ def test_unreadable_config_json_on_resume_names_the_file(run_copy, digits, conte
     assert _files(run_copy) == before
 
 
+@pytest.mark.slow
 def test_resume_with_an_added_or_removed_field_lists_it(run_copy, digits):
     saved = json.loads((run_copy / "config.json").read_text())
     saved["legacy_field"] = 1
@@ -64,6 +66,7 @@ def test_resume_with_an_added_or_removed_field_lists_it(run_copy, digits):
     assert _files(run_copy) == before
 
 
+@pytest.mark.slow
 def test_allow_changes_outside_the_safe_set_is_refused(run_copy, digits):
     before = _files(run_copy)
     with pytest.raises(ValueError, match=r"allow_changes=\['algorithm'\] cannot change"):
@@ -72,6 +75,7 @@ def test_allow_changes_outside_the_safe_set_is_refused(run_copy, digits):
     assert _files(run_copy) == before
 
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_workdir_is_refused(run_copy, digits):
     before = _files(run_copy)
     with pytest.raises(FileExistsError, match=rf"{run_copy} already holds checkpoints"):

@@ -42,6 +42,7 @@ def quick(tmp_path_factory):
     return out.getvalue(), rows, json.loads(path.read_text()), path
 
 
+@pytest.mark.slow
 def test_quick_run_prints_both_tables(quick):
     text, rows, _, _ = quick
     opt, full = _tables(text)
@@ -90,6 +91,7 @@ def test_table_formats_update_columns():
         "extra temp B/param model": "4.00"}
 
 
+@pytest.mark.slow
 def test_quick_run_writes_json_without_local_paths(quick):
     _, rows, record, path = quick
     assert (path.parent / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,6 +104,7 @@ def test_quick_run_writes_json_without_local_paths(quick):
                for clock in ("wall", "cpu") for variant in ("dense", "plain"))
 
 
+@pytest.mark.slow
 def test_load_reprints_the_recorded_tables(quick, capsys):
     text, _, _, path = quick
     scaling.main(["--load", str(path)])

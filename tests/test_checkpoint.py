@@ -61,6 +61,7 @@ def test_restore_without_checkpoint_errors(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_model_is_refused(tmp_path):
     c = digits_tiny.get_config()
     c.num_steps, c.print_table = 4, False

@@ -104,7 +104,8 @@ def _close(got, want, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
 
 
-@pytest.mark.parametrize("impl", ["pallas_tpu_interpret", "mosaic_gpu_interpret"])
+@pytest.mark.parametrize("impl", ["pallas_tpu_interpret",
+                                  pytest.param("mosaic_gpu_interpret", marks=pytest.mark.slow)])
 def test_interpreted_kernels_match_the_reference(cases, impl):
     """Group-shared (G=4, fp32, int8 indices, one batch tile) and plain (G=1, bf16, int16,
     two batch tiles with padding)."""
@@ -113,6 +114,7 @@ def test_interpreted_kernels_match_the_reference(cases, impl):
                C.condensed_dense(x, layer, impl="reference"), x.dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dma_mode", ["on_wait", "eager"])
 def test_tpu_double_buffering_is_race_free(cases, dma_mode):
     """The interpreter's happens-before race detector over the prefetch of group g + 1
@@ -128,6 +130,7 @@ def test_tpu_double_buffering_is_race_free(cases, dma_mode):
     _close(y, C.condensed_dense(x, layer, impl="reference"), x.dtype)
 
 
+@pytest.mark.slow
 def test_mosaic_gpu_persistent_blocks_are_race_free(cases):
     """Two persistent blocks walking three work items (block 0 reuses its shared-memory
     buffers for its second item), under the GPU interpreter's race detector."""
@@ -143,6 +146,7 @@ def test_mosaic_gpu_persistent_blocks_are_race_free(cases):
     _close(y, C.condensed_dense(x, layer, impl="reference"), x.dtype)
 
 
+@pytest.mark.slow
 def test_interpreted_tpu_kernel_traced_bad_index_gives_nan(cases):
     x, layer = cases[0]
     bad = layer.replace(indices=layer.indices.at[1, 0].set(-3))  # group 1 = neurons 4..7
@@ -165,14 +169,16 @@ def _shapes(dtype, idx_dtype, g):
             jax.ShapeDtypeStruct((VIT["n_active"],), dtype))
 
 
-@pytest.mark.parametrize("dtype, g", [(jnp.float32, 8), (jnp.bfloat16, 16)])
+@pytest.mark.parametrize("dtype, g", [(jnp.float32, 8),
+                                      pytest.param(jnp.bfloat16, 16, marks=pytest.mark.slow)])
 def test_tpu_kernel_lowers_for_tpu_without_a_tpu(dtype, g):
     """Pallas -> Mosaic TPU lowering (the Mosaic compiler itself runs only on a TPU)."""
     text = pallas_tpu.lower_for_tpu(*_shapes(dtype, jnp.int16, g), group_size=g).as_text()
     assert "tpu_custom_call" in text
 
 
-@pytest.mark.parametrize("dtype, g", [(jnp.float32, 8), (jnp.bfloat16, 1)])
+@pytest.mark.parametrize("dtype, g", [(jnp.float32, 8),
+                                      pytest.param(jnp.bfloat16, 1, marks=pytest.mark.slow)])
 def test_mosaic_gpu_kernel_lowers_for_cuda_without_a_gpu(dtype, g):
     text = pallas_mosaic_gpu.lower_for_cuda(*_shapes(dtype, jnp.int16, g),
                                             group_size=g).as_text()

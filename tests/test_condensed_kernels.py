@@ -33,7 +33,8 @@ needs_kernel = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler")
 
 
 @needs_kernel
-@pytest.mark.parametrize("batch", [1, 5, 8, 37])  # small-batch loop and tiled loop + tail
+@pytest.mark.parametrize("batch", [1, 37, *(pytest.param(b, marks=pytest.mark.slow) for b in (5, 8))])
+# small-batch loop and tiled loop + tail (1 and 37 in the fast tier)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("index_dtype, n_in", [(jnp.int8, 100), (jnp.int16, 700),
                                                 (jnp.int32, 700)])

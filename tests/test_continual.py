@@ -13,10 +13,12 @@ def records():
     return {r["method"]: r for r in cl.run(cl.cl_config(cl_digits_tiny.get_config()))}
 
 
+@pytest.mark.slow
 def test_joint_upper_bound_learns(records):
     assert records["joint"]["avg_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_finetune_forgets_catastrophically(records):
     r = np.array(records["finetune"]["accuracy_matrix"], float)
     assert np.all(np.diag(r) > 0.9)  # each task is learned ...
@@ -24,6 +26,7 @@ def test_finetune_forgets_catastrophically(records):
     assert records["finetune"]["avg_accuracy"] < 0.3
 
 
+@pytest.mark.slow
 def test_spacenet_learns_each_task_and_forgets_less(records):
     sn, ft = records["spacenet"], records["finetune"]
     r = np.array(sn["accuracy_matrix"], float)
@@ -40,6 +43,7 @@ def test_forgetting_definition():
     np.testing.assert_allclose(cl.forgetting(r), [0.3, 0.6])
 
 
+@pytest.mark.slow
 def test_table_and_plot(records, tmp_path):
     table = cl.summary_table(list(records.values()))
     for m in ("finetune", "spacenet", "joint"):

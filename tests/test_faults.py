@@ -4,7 +4,7 @@ uninterrupted run. The kill comes from the test, not from a hook inside the trai
 
 CI runs one trial of each kind; the nightly profile runs more:
 
-  JAXSPARSE_FAULT_TRIALS=10 python -m pytest tests/test_faults.py -q
+  JAXSPARSE_FAULT_TRIALS=10 python -m pytest tests/test_faults.py -q -m slow
 """
 
 import json

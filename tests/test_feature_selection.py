@@ -48,6 +48,7 @@ def digits_run():
     return cfg, fs.run(cfg)
 
 
+@pytest.mark.slow
 def test_quickselection_learns_and_selects_informative_pixels(digits_run):
     cfg, records = digits_run
     by = {(r["method"], r["k"]): r for r in records}
@@ -66,6 +67,7 @@ def test_quickselection_learns_and_selects_informative_pixels(digits_run):
     assert by[("all", 64)]["test_accuracy"] > 0.9
 
 
+@pytest.mark.slow
 def test_summary_table_and_plot(digits_run, tmp_path):
     _, records = digits_run
     table = fs.summary_table(records)

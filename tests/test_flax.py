@@ -38,6 +38,7 @@ def _xy(n=16):
     return x, jnp.arange(n) % 10
 
 
+@pytest.mark.slow
 def test_linen_conv_model_rigl_erk():
     model = LinenCNN()
     x, y = _xy()
@@ -117,6 +118,7 @@ def test_nnx_optimizer_end_to_end():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_nnx_split_state_with_plain_optax_loop():
     model = NNXMLP(nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

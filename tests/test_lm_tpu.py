@@ -13,6 +13,7 @@ from experiments.lm import trainer
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 
 
+@pytest.mark.slow
 def test_tpu_config_train_step_lowers_for_tpu():
     c = lm_tpu.get_config()
     assert c.model.d_model == 768 and c.model.num_layers == 12 and c.distributed == "auto"

@@ -60,6 +60,7 @@ def test_vit_has_mlp_blocks_and_attention():
     assert "pos_embedding" not in "".join(jaxsparse.masks.prunable_paths(params))
 
 
+@pytest.mark.slow
 def test_a_few_sgd_steps_fit_a_batch():
     model = models.create_model(models.model_config("lenet5"))
     params = models.init_params(model, (8, 8, 1), jax.random.key(0))

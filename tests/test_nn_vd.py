@@ -166,6 +166,7 @@ def test_conv_reduces_to_flax_conv_when_noise_off(kwargs):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_conv_training_mean_and_variance():
     x = jax.random.normal(jax.random.key(3), (1, 5, 5, 2))
     layer = vd.VDConv(3, (3, 3), use_bias=False)

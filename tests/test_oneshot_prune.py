@@ -62,7 +62,7 @@ def _manual_sequential(model, variables, batches, layer_fn):
     return p
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", [pytest.param("wanda", marks=pytest.mark.slow), "sparsegpt"])
 def test_linen_prune_is_sequential(linen_setup, method):
     model, variables, batches = linen_setup
     result = oneshot.prune(model, variables, batches, method=method, sparsity=0.5,
@@ -146,6 +146,7 @@ def test_fixed_mask_fine_tuning_keeps_the_pattern(linen_setup):
     assert np.all(kernel[~np.asarray(result.masks["params"]["Dense_1"]["kernel"])] == 0)
 
 
+@pytest.mark.slow
 def test_sharded_calibration_equals_single_device(linen_setup):
     model, variables, batches = linen_setup
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))

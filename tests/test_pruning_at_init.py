@@ -174,6 +174,7 @@ def counting_linear3(params, x):
     return linear3(params, x)
 
 
+@pytest.mark.slow
 def test_synflow_masks_exact_counts_and_one_round():
     params = {f"l{i}": {"kernel": jax.random.normal(jax.random.key(i), s)}
               for i, s in enumerate([(6, 8), (8, 8), (8, 3)])}
@@ -230,6 +231,7 @@ def test_one_shot_layerwise_counts_and_selection():
             assert s[kept].min() > s[~kept].max()
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(st.integers(0, 2**16), st.floats(0.0, 0.95))
 def test_one_shot_global_keeps_the_largest(seed, sparsity):

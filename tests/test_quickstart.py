@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT.parent / "shared" / "data" / "fashion_mnist"
 
 
+@pytest.mark.slow
 def test_quickstart_on_digits(tmp_path, capsys):
     out = quickstart.main(["--out", str(tmp_path)])
     printed = capsys.readouterr().out

@@ -15,6 +15,7 @@ from experiments.results_stats import (
     fmt_cell,
     fmt_compare,
     fmt_published,
+    position,
     summarize,
 )
 
@@ -78,3 +79,51 @@ def test_duplicate_cells_count_once():
     recs = [{"method": "vd", "seed": 0, "v": 1}, {"method": "vd", "seed": 0, "v": 2},
             {"method": "vd", "seed": 1, "v": 3}]
     assert [r["v"] for r in results_report.dedupe(recs, ("method", "seed"))] == [2, 3]
+
+
+def test_compare_in_other_units_and_single_runs_against_an_interval():
+    text = fmt_compare([11.6, 11.7], [12.0, 12.1], scale=1, unit="perplexity", digits=3)
+    assert text.startswith("-0.400 perplexity (95% CI -")
+    assert "n = 2 vs 2" in text
+    assert position([1.0, 2.0, 3.0], 2.5) == "inside"
+    assert position([1.0, 1.1, 0.9], 5.0) == "above"
+    assert position([1.0, 1.1, 0.9], -5.0) == "below"
+    assert position([1.0], 1.0) is None  # n = 1: no interval
+    assert results_report.where_groups([("50%", "below"), ("2:4", "above"), ("60%", "below"),
+                                        ("4:8", "")]) == "below at 50%, 60%; above at 2:4"
+
+
+def test_record_selection_and_orderings():
+    recs = [{"algorithm": "wanda", "pattern": "50%", "v": 2.0},
+            {"algorithm": "wanda", "pattern": "2:4", "v": 9.0},
+            {"algorithm": "sparsegpt", "pattern": "50%", "v": 1.0},
+            {"algorithm": "sparsegpt", "pattern": "50%", "v": None}]
+    assert results_report.field(recs, "v", algorithm="wanda", pattern="50%") == [2.0]
+    assert results_report.field(recs, "v", algorithm="sparsegpt") == [1.0]  # None dropped
+    groups = {"a": [1.0, 3.0], "b": [5.0], "c": []}
+    assert results_report.mean_order(groups) == "b > a"
+    assert results_report.mean_order(groups, lower=True, sep=" < ") == "a < b"
+    assert results_report.best_mean(groups, lower=True) == "a"
+
+
+@pytest.mark.parametrize("section", ["section_erk_uniform", "section_oneshot", "section_lm",
+                                     "section_rl", "section_fs", "section_cl"])
+def test_newer_sections_say_when_records_are_missing(tmp_path, section):
+    text = getattr(results_report, section)(tmp_path)
+    assert text.startswith("## ") and "No records yet" in text
+
+
+def test_erk_uniform_records_have_equal_overall_sparsity():
+    """The ERK vs uniform comparison is at equal parameter count: both distributions reach
+    the same overall sparsity (within a rounding of one weight per layer) in every record."""
+    recs = results_report.load(ROOT, "erk_uniform")
+    if not recs:
+        pytest.skip("no ERK vs uniform records")
+    by_target = {}
+    for r in recs:
+        by_target.setdefault(results_report.target(r), {}).setdefault(
+            r["distribution"], set()).add(round(r["sparsity"], 6))
+    for t, per in by_target.items():
+        assert set(per) == {"erk", "uniform"}, t
+        assert max(abs(a - b) for a in per["erk"] for b in per["uniform"]) < 1e-4, (t, per)
+        assert all(abs(x - t) < 5e-3 for v in per.values() for x in v), (t, per)

@@ -24,11 +24,13 @@ def random_return():
     return float(dqn.random_policy_return("CartPole-v1", jax.random.key(0), 256))
 
 
+@pytest.mark.slow
 def test_random_policy_is_weak(random_return):
     # CartPole's uniform random policy lasts ~22 steps.
     assert 10.0 < random_return < 40.0
 
 
+@pytest.mark.slow
 def test_sparse_dqn_beats_random_policy(tiny_records, random_return):
     cfg, records = tiny_records
     finals = [r for r in records if r["event"] == "final"]
@@ -43,6 +45,7 @@ def test_sparse_dqn_beats_random_policy(tiny_records, random_return):
         assert json.loads(r["config"])["algorithm"] == "rigl"
 
 
+@pytest.mark.slow
 def test_training_return_rises(tiny_records):
     _, records = tiny_records
     for r in (r for r in records if r["event"] == "curve"):
@@ -52,12 +55,14 @@ def test_training_return_rises(tiny_records):
         assert all(np.isfinite(r["td_loss"]))
 
 
+@pytest.mark.slow
 def test_seeds_differ(tiny_records):
     _, records = tiny_records
     curves = [r["train_return"] for r in records if r["event"] == "curve"]
     assert curves[0] != curves[1]
 
 
+@pytest.mark.slow
 def test_table_and_plot(tiny_records, tmp_path):
     _, records = tiny_records
     table = run.summary_table(records)

@@ -43,6 +43,7 @@ def _make(algo):
                                        update_every=3, ranking="global")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["rigl", "snfs", "magnitude"])
 def test_sharded_step_matches_single_device(algo):
     mesh = sh.make_mesh((4, 2), ("data", "model"))

@@ -33,6 +33,7 @@ def check_common(records, study, sparsity, methods):
             assert abs(r["sparsity"] - sparsity) <= 0.02, r
 
 
+@pytest.mark.slow
 def test_pruning_study(tmp_path):
     records = run_study(tmp_path, "pruning", 0.8)
     check_common(records, "pruning", 0.8, sos.STUDIES["pruning"])
@@ -44,6 +45,7 @@ def test_pruning_study(tmp_path):
             assert 0.0 <= r["natural_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_retrain_study(tmp_path):
     records = run_study(tmp_path, "retrain", 0.8, ["--rounds", "1"])
     check_common(records, "retrain", 0.8, sos.STUDIES["retrain"])
@@ -53,6 +55,7 @@ def test_retrain_study(tmp_path):
     assert rewinds["lottery_rewind0"] == 0 and rewinds["lottery_rewind"] > 0
 
 
+@pytest.mark.slow
 def test_init_study(tmp_path):
     records = run_study(tmp_path, "init", 0.9)
     check_common(records, "init", 0.9, sos.STUDIES["init"])
@@ -81,6 +84,7 @@ def test_summary_table():
         sos.parse_args(["--study", "init"])  # no --out
 
 
+@pytest.mark.slow
 def test_penalty_weight_lists_and_finetuning(tmp_path):
     records = run_study(tmp_path, "pruning", 0.8, [
         "--methods", "l0", "--l0_weight", "0.05,0.5", "--finetune_fraction", "0.5"])
@@ -119,6 +123,7 @@ def test_bad_penalty_and_finetune_arguments(flag, value):
         sos.parse_args(["--study", "pruning", "--out", "x", flag, value])
 
 
+@pytest.mark.slow
 def test_penalized_methods_train_once_per_seed_and_weight(tmp_path):
     out = tmp_path / "p"
     records = sos.main(["--study", "pruning", "--quick", "--methods", "vd",

@@ -44,8 +44,10 @@ def kernel_sparsity(params):
     return 1.0 - nnz / sum(x.size for x in leaves)
 
 
-@pytest.mark.parametrize("algorithm", ["dense", "static", "set", "rigl", "snfs", "magnitude",
-                                       "random"])
+@pytest.mark.parametrize("algorithm", [
+    "rigl",
+    *(pytest.param(a, marks=pytest.mark.slow)
+      for a in ("dense", "static", "set", "snfs", "magnitude", "random"))])
 def test_every_algorithm_trains_to_its_sparsity(algorithm, digits):
     c = tiny(algorithm=algorithm, sparsity=0.8, end_fraction=0.5, update_every=5)
     out = train_lib.train(c, None, dataset=digits)
@@ -67,6 +69,7 @@ def test_every_algorithm_trains_to_its_sparsity(algorithm, digits):
     assert np.isfinite(out["test_loss"])
 
 
+@pytest.mark.slow
 def test_rigl_learns_digits(digits):
     c = tiny(num_steps=0, epochs=4, batch_size=32)
     c.model.hidden = (300, 100)
@@ -151,6 +154,7 @@ def tensorboard_scalars(folder):
     return out
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_need_resume(tmp_path, digits):
     train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
     with pytest.raises(FileExistsError, match="pass --resume"):
@@ -190,6 +194,7 @@ def test_config_errors(field, value, message):
         train_lib.make_optimizer(tiny(**overrides), 100, jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_sparse_init_option_rescales_the_masked_init(digits):
     plain = train_lib.create_setup(tiny(), digits)
     scaled = train_lib.create_setup(tiny(sparse_init=True), digits)
@@ -232,6 +237,7 @@ def test_step_count_errors(digits):
 # ----------------------------------------------------------------------------- sweep, plots
 
 
+@pytest.mark.slow
 def test_sweep_and_plots(tmp_path, capsys):
     from experiments import plots, sweep
 
@@ -272,6 +278,7 @@ def test_sweep_errors(tmp_path):
         plots.plot_sweep(tmp_path / "empty.jsonl", tmp_path)
 
 
+@pytest.mark.slow
 def test_loop_overhead_benchmark_prints_a_table(capsys):
     from experiments.benchmarks import loop_overhead
 
@@ -281,6 +288,7 @@ def test_loop_overhead_benchmark_prints_a_table(capsys):
     assert "bare ms/step" in printed and "digits lenet300 b128 dense" in printed
 
 
+@pytest.mark.slow
 def test_topology_benchmark_selections_agree_with_argsort():
     from experiments.benchmarks import topology as bench
 
@@ -303,7 +311,8 @@ def test_cli_rejects_extra_arguments():
 # ----------------------------------------------------------------------------- registry
 
 
-@pytest.mark.parametrize("algorithm", ["nm_pruning", "nm_rigl"])
+@pytest.mark.parametrize("algorithm", ["nm_pruning",
+                                       pytest.param("nm_rigl", marks=pytest.mark.slow)])
 def test_nm_methods_train_to_n_of_m(algorithm, digits):
     c = tiny(algorithm=algorithm, update_every=5, end_fraction=0.5,
              algorithm_kwargs={"n": 1, "m": 4})
@@ -375,6 +384,7 @@ def finished_run(tmp_path_factory, digits):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field, value", [("algorithm", "set"), ("sparsity", 0.8),
                                           ("batch_size", 16), ("seed", 3),
                                           ("model.hidden", (8, 8))])
@@ -394,6 +404,7 @@ def test_resume_refuses_a_changed_config_listing_the_keys(tmp_path, finished_run
     assert _files(tmp_path) == before  # nothing on disk changed
 
 
+@pytest.mark.slow
 def test_resume_may_extend_a_run_when_allowed(tmp_path, digits):
     train_lib.train(tiny(num_steps=5), tmp_path, dataset=digits)
     with pytest.raises(train_lib.ConfigChangedError,
@@ -408,6 +419,7 @@ def test_resume_may_extend_a_run_when_allowed(tmp_path, digits):
                         allow_changes=["seed"])
 
 
+@pytest.mark.slow
 def test_sweep_resumes_an_unfinished_run(tmp_path):
     from experiments import sweep
 
