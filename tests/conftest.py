@@ -47,23 +47,8 @@ def has_gpu() -> bool:
         return False
 
 
-# Hypothesis property tests of the core that recompile for every drawn shape (~20-60 s each
-# on 2 cores). Their modules are maintained with the core, so the `slow` mark is added here:
-# the default (fast) tier keeps those modules' hand-checked cases, `-m slow` (CI) runs these.
-SLOW_PROPERTY_TESTS = {
-    ("test_topology.py", "test_top_k_property"),
-    ("test_topology.py", "test_top_k_per_neuron_property"),
-    ("test_topology.py", "test_distribute_property"),
-    ("test_structured.py", "test_srigl_layer_property"),
-    ("test_structured.py", "test_nm_mask_property"),
-}
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if (item.path.name, getattr(item, "originalname", item.name)) in SLOW_PROPERTY_TESTS:
-            item.add_marker(pytest.mark.slow)
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

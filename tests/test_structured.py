@@ -111,6 +111,7 @@ def test_srigl_survival_guard_and_output_layer_errors():
         jax.jit(tx.update)(tiny_params(), tx.init(tiny_params()), tiny_params())
 
 
+@pytest.mark.slow  # recompiles for every drawn shape
 @settings(deadline=None, max_examples=8)
 @given(fan_in=st.integers(2, 12), n_out=st.integers(1, 6), k0=st.integers(1, 12),
        frac=st.floats(0.0, 1.0), gamma=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
@@ -128,6 +129,7 @@ def test_srigl_layer_property(fan_in, n_out, k0, frac, gamma, seed):
     assert np.all(fan[active] == min(fan_in, (k0 * n_out) // active.sum()))
 
 
+@pytest.mark.slow  # recompiles for every drawn shape
 @settings(deadline=None, max_examples=10)
 @given(groups=st.integers(1, 5), n_out=st.integers(1, 4), nm=st.sampled_from(
     [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 4)]), seed=st.integers(0, 1000))

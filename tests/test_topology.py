@@ -76,6 +76,7 @@ def test_traced_counts_compile_once():
         assert int(select(scores, k).sum()) == min(k, 350)
 
 
+@pytest.mark.slow  # recompiles for every drawn shape
 @settings(deadline=None, max_examples=25)
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
@@ -103,6 +104,7 @@ def test_top_k_property(shape, frac, seed, with_where, ties):
         assert s[sel].min() >= s[rest].max()
 
 
+@pytest.mark.slow  # recompiles for every drawn shape
 @settings(deadline=None, max_examples=20)
 @given(
     fan_in=st.integers(1, 12), n_out=st.integers(1, 6), seed=st.integers(0, 2**16),
@@ -132,6 +134,7 @@ def test_random_mask_exact_and_keyed():
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.slow  # recompiles for every drawn shape
 @settings(deadline=None, max_examples=30)
 @given(
     weights=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=6),
