@@ -96,14 +96,15 @@ def unpack(packed: PackedMask) -> jax.Array:
 
 
 def pack_tree(masks):
-    """Packs every bool leaf of a mask tree (``None`` leaves stay ``None``)."""
-    return jax.tree.map(lambda m: None if m is None else pack(m), masks,
-                        is_leaf=lambda x: x is None)
+    """Packs every bool leaf of a mask tree; ``None`` and already packed leaves pass
+    through."""
+    return jax.tree.map(lambda m: m if is_packed(m) else pack(m), masks, is_leaf=is_packed)
 
 
 def unpack_tree(packed):
-    """Unpacks every :class:`PackedMask` of a tree (``None`` leaves stay ``None``)."""
-    return jax.tree.map(lambda m: None if m is None else unpack(m), packed, is_leaf=is_packed)
+    """Unpacks every :class:`PackedMask` of a tree; ``None`` and bool leaves pass through."""
+    return jax.tree.map(lambda m: unpack(m) if isinstance(m, PackedMask) else m, packed,
+                        is_leaf=is_packed)
 
 
 def or_packed(a: PackedMask, b: PackedMask) -> PackedMask:

@@ -158,15 +158,6 @@ def _masked_updates(old, new, u, p):
     return jnp.where(kept, u, -p.astype(u.dtype))
 
 
-def _pack_like(masks: Masks) -> Masks:
-    """Packs the bool leaves of a mask tree; packed leaves and ``None`` pass through."""
-    def pack(m):
-        if m is None or isinstance(m, PackedMask):
-            return m
-        return bitmask.pack(jnp.asarray(m))
-    return jax.tree.map(pack, masks, is_leaf=is_mask_leaf)
-
-
 def _repack(masks: Masks, params: PyTree) -> Masks:
     """Mask leaves as :class:`PackedMask` again where a container handed back their bits
     without the node (Flax NNX's ``nnx.jit`` turns an unknown pytree node into its own
@@ -297,7 +288,7 @@ def sparse_transform(
     def init_fn(params):
         bool_masks = rule.init_masks(params, key)
         validate_prunable_masks(bool_masks, params)
-        masks = like_params(_pack_like(bool_masks), params)
+        masks = like_params(bitmask.pack_tree(bool_masks), params)
         return SparseState(
             masks=masks,
             inner_state=inner.init(params),
@@ -335,7 +326,7 @@ def sparse_transform(
                                   cond_extra if with_extra else extra)
             if check_params:
                 _check_inside(masks, params)
-            proposed = _pack_like(rule.update_masks(inputs))
+            proposed = bitmask.pack_tree(rule.update_masks(inputs))
             # Non-finite gradients: the masks (and extra) keep their value for this step.
             finite = _all_finite(grads)
             new = map_masked(lambda a, b: bitmask.select_packed(finite, a, b), proposed, masks)
@@ -453,8 +444,7 @@ def _unpack(masks, params=None):
                 "such as flax.nnx.Optimizer stored only their bits): pass the params, "
                 "jaxsparse.get_masks(opt_state, params) (for NNX: nnx.state(model, nnx.Param))")
         masks = _repack(masks, _unwrap_variables(params))
-    return jax.tree.map(lambda m: bitmask.unpack(m) if isinstance(m, PackedMask) else m,
-                        masks, is_leaf=is_mask_leaf)
+    return bitmask.unpack_tree(masks)
 
 
 def get_ever_active(state, params: PyTree | None = None) -> Masks:
