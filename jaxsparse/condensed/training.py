@@ -1,0 +1,700 @@
+"""Training on the condensed form: constant fan-in Dense layers that never hold a dense kernel.
+
+A Dense layer with ``n_in`` inputs, ``n_out`` neurons and constant fan-in ``k`` is stored as
+
+* ``values [n_out, k]``: the weights (a trainable parameter),
+* ``indices [n_out, k]``: their input positions, ascending within a neuron (structure, not a
+  parameter: kept outside the params, so an optax optimizer never sees it),
+* ``bias [n_out]``,
+
+and computes ``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``. The
+params and the optimizer's moments then scale with ``nnz = n_out * k``, not with
+``n_in * n_out``. Every neuron is active (no ablation): the layout has a static shape, so one
+compiled step serves the whole run.
+
+Pieces, each a pure function:
+
+* conversion, exact both ways: :func:`condense_for_training` / :func:`expand_from_training`
+  (one layer) and :func:`condense_params` / :func:`expand_params` (a params tree and its
+  masks). Masks that are not constant fan-in are refused naming the leaf.
+* :func:`condensed_linear`: the layer as a ``jax.custom_vjp`` whose backward is
+  ``dvalues`` (per-slot dot products) and ``dx`` (scatter-add through the index lists);
+  the jnp formulas in :mod:`jaxsparse.condensed.kernels.train_cpu` are the reference, the
+  C++ XLA FFI kernels beside them the fast CPU path (``impl="auto"``).
+* :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024, without
+  ablation) on the condensed form. The optimizer state exists for ``values`` only; at a
+  topology update the selection is :func:`jaxsparse.algorithms.structured.srigl_layer`
+  itself (same rule, counts, keys and tie-breaks as ``jaxsparse.srigl(..., ablation=False)``)
+  on a dense view of one layer built for that update only, and the result is applied to
+  values, indices and every param-shaped leaf of the optimizer state by slot moves.
+* :class:`CondensedTrainDense`: a linen layer that trains this way, and
+  :func:`dense_weight_grads`, the dense gradient the topology update grows by (computed
+  only when called: in a train step, inside the update branch).
+
+Example:
+    >>> cparams, indices = condense_params(params, masks)        # from a masked dense model
+    >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
+    >>> state = tx.init(cparams, indices)
+    >>> def step(cparams, state, x, y):
+    ...     idx = get_indices(state)
+    ...     grads = jax.grad(loss)(cparams, idx, x, y)
+    ...     return tx.step(grads, state, cparams,
+    ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from jaxsparse import schedules, topology
+from jaxsparse.algorithms.structured import srigl_layer
+from jaxsparse.condensed.checks import (
+    INDEX_DTYPES,
+    bad_rows,
+    check_index_range,
+    check_operands,
+    clamp,
+    is_traced,
+    poison_rows,
+)
+from jaxsparse.condensed.export import index_dtype as smallest_index_dtype
+from jaxsparse.condensed.kernels import train_cpu
+from jaxsparse.condensed.reference import condensed_matmul_reference
+from jaxsparse.masks import is_none, path_to_str
+
+PyTree = Any
+
+IMPLS = ("auto", "xla", "cpu")
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def _host(x, what: str, name: str) -> np.ndarray:
+    if is_traced(x):
+        raise TypeError(f"{name}: {what} is a traced value; conversion to the condensed form "
+                        "runs on the host (the fan-in k is a shape). Call it outside jit.")
+    return np.asarray(x)
+
+
+def condense_for_training(kernel, mask, bias=None, *, index_dtype=None, name: str = "layer"):
+    """One masked Dense layer -> ``(values [n_out, k], indices [n_out, k], bias)``, exactly.
+
+    Args:
+        kernel: ``[n_in, n_out]`` weights (entries outside the mask are ignored).
+        mask: ``bool[n_in, n_out]`` with the same number ``k >= 1`` of active inputs in every
+            column (SRigL without ablation, ``random_mask_per_neuron``).
+        bias: optional ``[n_out]`` (returned as is; ``None`` stays ``None``).
+        index_dtype: int8/int16/int32; default the smallest that holds ``n_in - 1``.
+        name: the leaf named in error messages.
+
+    Raises:
+        ValueError: not 2-D, shapes differ, a column with another fan-in than the others
+            (named, with its count), an all-zero column, or ``n_in`` too large for
+            ``index_dtype``. TypeError: a non-bool mask, a traced argument.
+
+    Example:
+        >>> values, indices, bias = condense_for_training(w, mask, b, name="dense0")
+        >>> w2, mask2 = expand_from_training(values, indices, n_in=w.shape[0])  # == w*mask
+    """
+    kernel = _host(kernel, "kernel", name)
+    mask = _host(mask, "mask", name)
+    if kernel.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D Dense kernel [n_in, n_out], got shape "
+                         f"{kernel.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name}: mask must be a bool array, got dtype {mask.dtype}")
+    if mask.shape != kernel.shape:
+        raise ValueError(f"{name}: mask shape {mask.shape} does not match kernel shape "
+                         f"{kernel.shape}")
+    n_in, n_out = kernel.shape
+    fan = mask.sum(axis=0)
+    if n_out == 0 or n_in == 0:
+        raise ValueError(f"{name}: empty layer {kernel.shape}")
+    k = int(fan[0])
+    off = np.flatnonzero(fan != k)
+    if k == 0 or off.size:
+        col = int(off[0]) if off.size else 0
+        raise ValueError(
+            f"{name}: condensed training needs constant fan-in (every neuron the same number "
+            f"k >= 1 of active inputs), but neuron 0 has {k} and neuron {col} has "
+            f"{int(fan[col])} ({np.unique(fan).size} distinct fan-ins). Train with "
+            "jaxsparse.srigl(..., ablation=False), or condense for inference with "
+            "jaxsparse.condense(..., pad=True).")
+    idt = np.dtype(smallest_index_dtype(n_in) if index_dtype is None else index_dtype)
+    if idt not in [np.dtype(d) for d in INDEX_DTYPES]:
+        raise TypeError(f"{name}: index_dtype must be int8, int16 or int32, got {idt}")
+    if n_in - 1 > np.iinfo(idt).max:
+        raise ValueError(f"{name}: n_in={n_in} inputs do not fit index dtype {idt} (index "
+                         "overflow); use a wider index_dtype")
+    # Column-major nonzeros are ordered by neuron, then ascending input: exactly k per neuron.
+    rows = np.nonzero(mask.T)[1].reshape(n_out, k)
+    values = np.take_along_axis(kernel.T, rows, axis=1)
+    if bias is not None:
+        bias = _host(bias, "bias", name)
+        if bias.shape != (n_out,):
+            raise ValueError(f"{name}: bias shape {bias.shape} does not match n_out={n_out}")
+        bias = jnp.asarray(bias)
+    return jnp.asarray(values), jnp.asarray(rows.astype(idt)), bias
+
+
+def to_mask(indices: jax.Array, n_in: int) -> jax.Array:
+    """``bool[n_in, n_out]``: the dense mask of ``indices [n_out, k]`` (jit-safe)."""
+    n_out = indices.shape[0]
+    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], indices.shape)
+    return jnp.zeros((n_in, n_out), bool).at[indices.astype(jnp.int32), cols].set(
+        True, mode="drop")
+
+
+def expand_from_training(values: jax.Array, indices: jax.Array, n_in: int):
+    """``(kernel [n_in, n_out], mask)``: the masked dense layer of a condensed one (jit-safe).
+
+    Indices outside ``[0, n_in)`` write nothing (``mode="drop"``); check them first
+    (:func:`validate_indices`) when they come from outside.
+    """
+    n_out = values.shape[0]
+    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], indices.shape)
+    idx = indices.astype(jnp.int32)
+    kernel = jnp.zeros((n_in, n_out), values.dtype).at[idx, cols].set(values, mode="drop")
+    return kernel, to_mask(indices, n_in)
+
+
+def validate_indices(indices, n_in: int, *, name: str = "layer") -> None:
+    """Raises ``ValueError`` naming the layer when concrete ``indices [n_out, k]`` has an entry
+    outside ``[0, n_in)`` or a neuron reads one input twice (traced indices: not checked)."""
+    if indices.ndim != 2:
+        raise ValueError(f"{name}: indices must be [n_out, k], got shape {indices.shape}")
+    if jnp.dtype(indices.dtype) not in [jnp.dtype(d) for d in INDEX_DTYPES]:
+        raise TypeError(f"{name}: indices must be int8, int16 or int32, got {indices.dtype}")
+    if is_traced(indices):
+        return
+    check_index_range(indices, n_in, name=name)
+    a = np.sort(np.asarray(indices), axis=1)
+    dup = np.flatnonzero((a[:, 1:] == a[:, :-1]).any(axis=1))
+    if dup.size:
+        raise ValueError(f"{name}: neuron {int(dup[0])} reads one input twice; each neuron's "
+                         "indices must be distinct")
+
+
+def _split_path(path: str) -> tuple[str, str]:
+    head, _, leaf = path.rpartition("/")
+    return head, leaf
+
+
+def _flat_paths(tree, is_leaf=None) -> dict[str, Any]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    return {path_to_str(p): x for p, x in flat}
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for path, x in flat.items():
+        node = out
+        *heads, leaf = path.split("/")
+        for h in heads:
+            node = node.setdefault(h, {})
+        node[leaf] = x
+    return out
+
+
+def condense_params(params: PyTree, masks: PyTree, *, index_dtype=None):
+    """A masked params tree (nested dicts) -> ``(condensed params, indices tree)``.
+
+    Every masked ``.../kernel`` leaf (2-D) becomes ``.../values [n_out, k]`` beside its bias;
+    its indices go to ``indices`` at ``.../indices``. Leaves without a mask (``None``) are
+    copied unchanged. The result is what :class:`CondensedTrainDense` layers of the same
+    names hold (``{"params": cparams, "sparsity": indices}``).
+
+    Raises:
+        ValueError / TypeError naming the leaf: a masked leaf that is not a 2-D ``kernel``,
+        non-constant fan-in, masks and params of different structure.
+    """
+    p_flat = _flat_paths(params)
+    m_flat = _flat_paths(masks, is_leaf=is_none)
+    if set(m_flat) - set(p_flat):
+        extra = sorted(set(m_flat) - set(p_flat))[0]
+        raise ValueError(f"mask leaf {extra!r} has no params leaf")
+    out, idx = {}, {}
+    for path, x in p_flat.items():
+        m = m_flat.get(path)
+        if m is None:
+            out[path] = x
+            continue
+        head, leaf = _split_path(path)
+        if leaf != "kernel" or np.ndim(x) != 2:
+            raise ValueError(f"{path}: condensed training covers 2-D Dense kernels named "
+                             f"'kernel'; this masked leaf has shape {np.shape(x)}")
+        v, i, _ = condense_for_training(x, m, index_dtype=index_dtype, name=path)
+        out[f"{head}/values" if head else "values"] = v
+        idx[f"{head}/indices" if head else "indices"] = i
+    return _nest(out), _nest(idx)
+
+
+def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int]):
+    """Inverse of :func:`condense_params`: ``(masked dense params, masks)``.
+
+    Args:
+        cparams, indices: as :func:`condense_params` returns them.
+        n_in: input width of each condensed layer, by the layer's path (``"dense0"``).
+
+    Returns:
+        Params with ``.../kernel [n_in, n_out]`` (zero outside the mask) in place of
+        ``values`` and a masks tree (bool at kernels, ``None`` elsewhere).
+    """
+    c_flat = _flat_paths(cparams)
+    i_flat = _flat_paths(indices)
+    out, masks = {}, {}
+    for path, x in c_flat.items():
+        head, leaf = _split_path(path)
+        ipath = f"{head}/indices" if head else "indices"
+        if leaf != "values" or ipath not in i_flat:
+            out[path], masks[path] = x, None
+            continue
+        if head not in n_in:
+            raise ValueError(f"{head}: n_in of this condensed layer is not given")
+        kpath = f"{head}/kernel" if head else "kernel"
+        validate_indices(i_flat[ipath], n_in[head], name=ipath)
+        out[kpath], masks[kpath] = expand_from_training(x, i_flat[ipath], n_in[head])
+    return _nest(out), _nest(masks)
+
+
+# ----------------------------------------------------------------------------- the layer op
+
+_warned = {"cpu": False}
+
+
+def choose_train_impl(impl: str, dtype) -> str:
+    """``"cpu"`` (C++ kernels) or ``"xla"`` (the jnp reference formulas) for ``impl``.
+
+    ``"auto"`` picks the C++ kernels on the CPU backend for float32 when they build, else
+    the reference; ``"cpu"`` demands the kernels (``RuntimeError`` when unavailable).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "xla":
+        return "xla"
+    usable = jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu"
+    if impl == "cpu":
+        if not usable:
+            raise ValueError(f"impl='cpu' needs float32 on the CPU backend, got {dtype} on "
+                             f"{jax.default_backend()}")
+        if not train_cpu.available():
+            raise RuntimeError(f"condensed training kernels unavailable: "
+                               f"{train_cpu.unavailable_reason()}")
+        return "cpu"
+    if not usable:
+        return "xla"
+    if train_cpu.available():
+        return "cpu"
+    if not _warned["cpu"]:
+        _warned["cpu"] = True
+        warnings.warn("jaxsparse: the condensed training kernels are unavailable "
+                      f"({train_cpu.unavailable_reason()}); using the jnp formulation.",
+                      RuntimeWarning, stacklevel=3)
+    return "xla"
+
+
+def _forward(x, values, indices, bias, impl: str):
+    if impl == "cpu":
+        return train_cpu.condensed_forward_cpu(x, values, indices, bias)
+    return condensed_matmul_reference(x, values, indices, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _linear(x, values, bias, indices, impl):
+    return _forward(x, values, indices, bias, impl)
+
+
+def _linear_fwd(x, values, bias, indices, impl):
+    return _forward(x, values, indices, bias, impl), (x, values, indices)
+
+
+def _linear_bwd(impl, res, dy):
+    x, values, indices = res
+    n_in = x.shape[-1]
+    bias_grad = jnp.sum(dy.reshape(-1, dy.shape[-1]).astype(jnp.float32), axis=0
+                        ).astype(values.dtype)
+    if impl == "cpu":  # the kernels range-check the indices (an error on a bad one)
+        dv = train_cpu.condensed_dvalues_cpu(x, dy, indices)
+        dx = train_cpu.condensed_dx_cpu(dy, values, indices, n_in)
+        return dx, dv, bias_grad, None
+    # Reference: reads through clamped indices; a neuron with a bad index gets NaN gradients
+    # and, as its contributions went to the wrong inputs, so does every dx entry.
+    bad = bad_rows(indices, n_in)
+    safe = clamp(indices, n_in)
+    dv = poison_rows(train_cpu.condensed_dvalues_reference(x, dy, safe).T, bad).T
+    dx = train_cpu.condensed_dx_reference(dy, values, safe, n_in)
+    dx = jnp.where(jnp.any(bad), jnp.full((), jnp.nan, dx.dtype), dx)
+    return dx, dv, bias_grad, None
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def condensed_linear(x: jax.Array, values: jax.Array, indices: jax.Array,
+                     bias: jax.Array | None = None, *, impl: str = "auto") -> jax.Array:
+    """``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``, differentiable.
+
+    Gradients (``jax.custom_vjp``): ``dvalues`` by per-slot dot products, ``dx`` by a
+    scatter-add through the index lists, ``dbias`` a sum; ``indices`` gets none. The C++
+    kernels (``impl="cpu"``; ``"auto"`` on CPU for float32) and the jnp reference
+    (``"xla"``) are tested equal, and against the masked dense layer.
+
+    Args:
+        x: ``[..., n_in]``.
+        values: ``[n_out, k]``, the dtype of ``x``.
+        indices: ``[n_out, k]`` int8/int16/int32 in ``[0, n_in)``.
+        bias: optional ``[n_out]``.
+        impl: ``"auto"``, ``"xla"`` or ``"cpu"``.
+
+    Raises:
+        ValueError / TypeError: bad shapes or dtypes, a concrete index out of range. A traced
+        bad index gives NaN (reference) or a run-time error (C++), never a wrong number.
+
+    Example:
+        >>> y = condensed_linear(x, values, indices, bias)
+        >>> dv = jax.grad(lambda v: condensed_linear(x, v, indices).sum())(values)
+    """
+    check_operands(x, values, indices, bias, name="condensed_linear")
+    check_index_range(indices, x.shape[-1], name="condensed_linear")
+    path = choose_train_impl(impl, x.dtype)
+    if bias is None:
+        return _linear(x, values, jnp.zeros((values.shape[0],), values.dtype), indices, path)
+    return _linear(x, values, bias, indices, path)
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+def mask_to_indices(mask: jax.Array, k: int, dtype=jnp.int32) -> jax.Array:
+    """``[n_out, k]`` ascending input positions of a constant fan-in ``bool[n_in, n_out]``
+    mask (jit-safe; the caller guarantees exactly ``k`` per column)."""
+    n_in = mask.shape[0]
+    rank = jnp.arange(n_in, 0, -1, dtype=jnp.int32)  # earlier inputs rank higher
+    keys = jnp.where(mask.T, rank[None, :], jnp.zeros((), jnp.int32))
+    top, _ = jax.lax.top_k(keys, k)
+    return (n_in - top).astype(dtype)
+
+
+def random_indices(key: jax.Array, n_in: int, n_out: int, k: int, dtype=jnp.int32):
+    """``k`` distinct random inputs per neuron (``topology.random_mask_per_neuron``)."""
+    mask = topology.random_mask_per_neuron(key, (n_in, n_out), k)
+    return mask_to_indices(mask, k, dtype)
+
+
+def move_slots(a: jax.Array, src: jax.Array) -> jax.Array:
+    """``out[i, s] = a[i, src[i, s]]`` where ``src >= 0``, else 0 (a grown slot)."""
+    moved = jnp.take_along_axis(a, jnp.maximum(src, 0).astype(jnp.int32), axis=1)
+    return jnp.where(src >= 0, moved, jnp.zeros((), a.dtype))
+
+
+def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax.Array,
+                          key: jax.Array, *, fraction) -> tuple[jax.Array, jax.Array]:
+    """One constant fan-in SRigL update of one condensed layer.
+
+    The selection is :func:`jaxsparse.algorithms.structured.srigl_layer` (``ablation=False``,
+    budget ``k * n_out``) on the layer's dense view, so counts, scores and tie-breaks are
+    those of the masked run: drop the ``floor(fraction * nnz)`` smallest ``|W|`` of the
+    layer, then regrow every neuron back to ``k`` by ``|dense_grad|``. The dense view
+    (weights, mask, scores: a few bytes per dense weight of this one layer) exists only
+    while this runs.
+
+    Args:
+        values: ``[n_out, k]`` current weights (before this step's optimizer update).
+        indices: ``[n_out, k]`` ascending input positions.
+        dense_grad: ``[n_in, n_out]`` gradient of the loss w.r.t. the dense effective weight.
+        key: this layer's PRNG key (tie-breaks).
+        fraction: drop fraction (traced ok).
+
+    Returns:
+        ``(new_indices, src)``: the new ascending positions, and for each new slot the old
+        slot holding the same input (``-1``: grown, starts at zero with fresh moments).
+    """
+    n_in, n_out = dense_grad.shape
+    k = values.shape[1]
+    weight, mask = expand_from_training(values, indices, n_in)
+    new_mask = srigl_layer(mask, weight, dense_grad.astype(weight.dtype), key, k0=k,
+                           fraction=fraction, gamma_sal=0.0, ablation=False,
+                           min_neurons=n_out, tau=1)
+    new_indices = mask_to_indices(new_mask, k, indices.dtype)
+    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
+    slot_of = jnp.full((n_in, n_out), -1, jnp.int32).at[indices.astype(jnp.int32), cols].set(
+        jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :], (n_out, k)), mode="drop")
+    src = slot_of[new_indices.astype(jnp.int32), cols]
+    return new_indices, src
+
+
+class CondensedState(NamedTuple):
+    """State of :func:`srigl_condensed`.
+
+    Attributes:
+        indices: the indices tree (``int[n_out, k]`` at ``.../indices`` per condensed layer).
+        inner_state: the wrapped optimizer's state (over the condensed params: values, not
+            dense kernels).
+        count: ``int32[]`` steps taken.
+        key: PRNG key; update ``t`` uses ``fold_in(key, t)``, layer ``j`` ``fold_in(., j)``.
+    """
+
+    indices: PyTree
+    inner_state: optax.OptState
+    count: jax.Array
+    key: jax.Array
+
+
+class CondensedSparsity(NamedTuple):
+    """A condensed sparse optimizer: ``init(params, indices)`` and
+    ``step(grads, state, params, dense_grads) -> (new_params, new_state)``.
+
+    ``step`` returns the params rather than additive updates: a topology update moves
+    values between slots, which ``params + updates`` cannot express exactly in floating
+    point. ``is_update_step(count)`` says whether step ``count`` changes the topology.
+    """
+
+    init: Callable[[PyTree, PyTree], CondensedState]
+    step: Callable[..., tuple[PyTree, CondensedState]]
+    is_update_step: Callable[[jax.Array], jax.Array]
+
+
+def get_indices(state: CondensedState) -> PyTree:
+    """The current indices tree (``{"sparsity": get_indices(state)}`` for Flax layers)."""
+    return state.indices
+
+
+def _layers(params: PyTree, indices: PyTree) -> list[tuple[str, str]]:
+    """``(values path, indices path)`` of every condensed layer, in flattening order."""
+    p_flat = _flat_paths(params)
+    pairs = []
+    for ipath, idx in _flat_paths(indices).items():
+        head, leaf = _split_path(ipath)
+        vpath = f"{head}/values" if head else "values"
+        if leaf != "indices":
+            raise ValueError(f"indices tree leaf {ipath!r} must be named 'indices'")
+        if vpath not in p_flat:
+            raise ValueError(f"{ipath}: no params leaf {vpath!r} for these indices")
+        if np.shape(p_flat[vpath]) != np.shape(idx):
+            raise ValueError(f"{ipath}: shape {np.shape(idx)} differs from {vpath} "
+                             f"{np.shape(p_flat[vpath])}")
+        pairs.append((vpath, ipath))
+    if not pairs:
+        raise ValueError("the indices tree holds no condensed layer")
+    return pairs
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
+        jnp.asarray(True))
+
+
+def srigl_condensed(
+    inner: optax.GradientTransformation,
+    *,
+    key: jax.Array,
+    end_step: int,
+    update_every: int = 100,
+    begin_step: int = 0,
+    drop_fraction: float = 0.3,
+    drop_fraction_decay: str = "cosine",
+) -> CondensedSparsity:
+    """Constant fan-in SRigL (Lasby et al. 2024, no ablation) trained on the condensed form.
+
+    Same schedule, counts, scores and keys as ``jaxsparse.srigl(inner, ...,
+    ablation=False)`` on the masked dense model (tested equal: same masks, same params to
+    float tolerance), but the params are ``values [n_out, k]`` and the inner optimizer's
+    state is built over them, so params + moments scale with the nonzeros. Per step:
+
+    1. at an update step (``periodic(update_every, end_step, begin_step)``, under
+       ``lax.cond``): new indices from :func:`srigl_condensed_layer` per layer, on the
+       pre-step values and the dense gradients (``dense_grads()`` is called inside that
+       branch only); non-finite gradients keep the topology for that step;
+    2. the inner optimizer's update of every param (values, biases, dense leaves);
+    3. at an update step: kept slots move with their values and moments, grown slots start
+       at zero with zero moments (every param-shaped leaf of the inner state, through
+       ``optax.tree.map_params``: any elementwise optimizer).
+
+    Args:
+        inner: any optax optimizer (elementwise in its per-weight state, as Adam, SGD with
+            momentum, RMSProp, Lion; a global-norm clip is fine too: the masked gradients
+            of the dense run have the same norm).
+        key, end_step, update_every, begin_step, drop_fraction, drop_fraction_decay: as
+            for ``jaxsparse.srigl``.
+
+    Example:
+        >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
+        >>> state = tx.init(cparams, indices)
+        >>> cparams, state = tx.step(grads, state, cparams, dense_grads=lambda: dgrads())
+    """
+    if key is None:
+        raise ValueError("srigl_condensed needs key=jax.random.key(seed)")
+    fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
+    is_update_step = schedules.periodic(update_every, end_step, begin_step)
+
+    def init(params, indices) -> CondensedState:
+        _layers(params, indices)
+        return CondensedState(indices, inner.init(params), jnp.zeros((), jnp.int32),
+                              jnp.copy(key))
+
+    def step(grads, state: CondensedState, params, dense_grads=None):
+        if dense_grads is None:
+            raise ValueError("srigl_condensed.step needs dense_grads: the dense weight "
+                             "gradients of the condensed layers (a tree or a zero-argument "
+                             "function giving one, called at update steps only)")
+        pairs = _layers(params, state.indices)
+        p_flat = _flat_paths(params)
+        i_flat = _flat_paths(state.indices)
+        count = state.count
+
+        def topology(_):
+            dg = dense_grads() if callable(dense_grads) else dense_grads
+            dg_leaves = jax.tree.leaves(dg)
+            if len(dg_leaves) != len(pairs):
+                raise ValueError(f"dense_grads has {len(dg_leaves)} leaves for "
+                                 f"{len(pairs)} condensed layers")
+            finite = _all_finite(grads) & _all_finite(dg)
+            key_t = jax.random.fold_in(state.key, count)
+            news, srcs = [], []
+            for j, ((vpath, ipath), g) in enumerate(zip(pairs, dg_leaves)):
+                values, idx = p_flat[vpath], i_flat[ipath]
+                if g.ndim != 2 or g.shape[1] != values.shape[0]:
+                    raise ValueError(f"{ipath}: dense gradient shape {g.shape} is not "
+                                     f"[n_in, n_out={values.shape[0]}]")
+                new, src = srigl_condensed_layer(values, idx, g, jax.random.fold_in(key_t, j),
+                                                 fraction=fraction(count))
+                news.append(jnp.where(finite, new, idx))
+                srcs.append(jnp.where(finite, src, _identity(idx)))
+            return news, srcs
+
+        def keep(_):
+            return [i_flat[ip] for _, ip in pairs], [_identity(i_flat[ip]) for _, ip in pairs]
+
+        update = is_update_step(count)
+        news, srcs = jax.lax.cond(update, topology, keep, None)
+        updates, inner_state = inner.update(grads, state.inner_state, params)
+        new_params = optax.apply_updates(params, updates)
+
+        src_by_path = {vp: s for (vp, _), s in zip(pairs, srcs)}
+        sentinel = jnp.zeros((0,), jnp.int32)
+        src_tree = jax.tree.unflatten(
+            jax.tree.structure(params),
+            [src_by_path.get(p, sentinel) for p in _flat_paths(params)])
+
+        def one(v, s):
+            # Only a condensed layer's values (and their per-weight state) have a slot map.
+            if s.shape == (0,) or not hasattr(v, "shape") or v.shape != s.shape:
+                return v
+            return move_slots(v, s)
+
+        def moved(operands):
+            p, st = operands
+            return (jax.tree.map(one, p, src_tree),
+                    optax.tree.map_params(inner, one, st, src_tree))
+
+        new_params, inner_state = jax.lax.cond(update, moved, lambda o: o,
+                                               (new_params, inner_state))
+        new_indices = jax.tree.unflatten(jax.tree.structure(state.indices), news)
+        return new_params, CondensedState(new_indices, inner_state, count + 1, state.key)
+
+    return CondensedSparsity(init, step, is_update_step)
+
+
+def _identity(idx: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(idx.shape[1], dtype=jnp.int32)[None, :], idx.shape)
+
+
+# ----------------------------------------------------------------------------- Flax
+
+
+class CondensedTrainDense(nn.Module):
+    """A linen Dense layer trained in condensed form (constant fan-in ``k``).
+
+    Variables: ``params``: ``values [features, k]``, ``bias [features]``; ``sparsity``:
+    ``indices [features, k]`` (random distinct inputs per neuron at init; structure, so
+    ``optax`` only ever sees values and bias). With a ``probe`` collection given
+    (:func:`dense_weight_grads`), the layer adds ``x @ probe`` (``probe`` all zeros): the
+    output is unchanged and the gradient w.r.t. ``probe`` is the dense weight gradient that
+    growth needs.
+
+    Attributes:
+        features: ``n_out``.
+        k: fan-in, ``1 <= k <= n_in``.
+        use_bias: add a bias.
+        index_dtype: default the smallest int type holding ``n_in - 1``.
+        sparse_scaling: initial values with variance ``1 / k`` (sparsity-aware, as
+            ``jaxsparse.sparse_init``) instead of the dense layer's ``1 / n_in``.
+        impl: ``"auto"``, ``"xla"`` or ``"cpu"`` (see :func:`condensed_linear`).
+
+    Example:
+        >>> layer = CondensedTrainDense(features=300, k=39)
+        >>> variables = layer.init(jax.random.key(0), x)   # {"params", "sparsity"}
+        >>> y = layer.apply(variables, x)
+    """
+
+    features: int
+    k: int
+    use_bias: bool = True
+    index_dtype: Any = None
+    param_dtype: Any = jnp.float32
+    sparse_scaling: bool = False
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        n_in = x.shape[-1]
+        if not 1 <= self.k <= n_in:
+            raise ValueError(f"{self.name}: fan-in k={self.k} must be in [1, n_in={n_in}]")
+        idt = self.index_dtype or smallest_index_dtype(n_in)
+        if np.dtype(idt) not in [np.dtype(d) for d in INDEX_DTYPES] or (
+                n_in - 1 > np.iinfo(idt).max):
+            raise ValueError(f"{self.name}: index dtype {np.dtype(idt)} cannot index "
+                             f"n_in={n_in} inputs (int8/int16/int32 wide enough)")
+        indices = self.variable(
+            "sparsity", "indices",
+            lambda: random_indices(self.make_rng("params"), n_in, self.features, self.k, idt),
+        ).value
+        scale = 1.0 if self.sparse_scaling else self.k / n_in
+        init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
+                                                in_axis=-1, out_axis=-2)
+        values = self.param("values", init, (self.features, self.k), self.param_dtype)
+        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                           self.param_dtype) if self.use_bias else None)
+        y = condensed_linear(x, values.astype(x.dtype), indices,
+                             None if bias is None else bias.astype(x.dtype), impl=self.impl)
+        if not self.is_initializing() and (self.has_variable("probe", "kernel")
+                                           or self.is_mutable_collection("probe")):
+            probe = self.variable("probe", "kernel", jnp.zeros, (n_in, self.features),
+                                  x.dtype).value
+            y = y + jnp.matmul(x, probe)
+        return y
+
+
+def dense_weight_grads(apply_fn: Callable, variables: dict, loss_fn: Callable, *args):
+    """Dense weight gradients of every :class:`CondensedTrainDense` layer (the growth scores).
+
+    Args:
+        apply_fn: ``model.apply``.
+        variables: ``{"params": ..., "sparsity": ...}``.
+        loss_fn: ``loss_fn(outputs, *args[1:]) -> scalar``.
+        args: ``args[0]`` is the model input; the rest go to ``loss_fn``.
+
+    Returns:
+        The ``probe`` tree: ``[n_in, n_out]`` per layer (``.../kernel``), in the layers'
+        flattening order (that of the ``sparsity`` tree). Costs one dense forward and
+        backward of each condensed layer: call it at topology updates only (as
+        :func:`srigl_condensed` does with a zero-argument function).
+    """
+    x, rest = args[0], args[1:]
+    shapes = jax.eval_shape(lambda: apply_fn(variables, x, mutable=["probe"])[1]["probe"])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def loss(probe):
+        return loss_fn(apply_fn({**variables, "probe": probe}, x), *rest)
+
+    return jax.grad(loss)(zeros)

@@ -1,0 +1,448 @@
+"""Training on the condensed form (issue 18): exact conversion, the custom VJP against the
+masked dense layer and finite differences, the C++ backward kernels against the jnp
+reference, bad input, the condensed SRigL update against ``jaxsparse.srigl(ablation=False)``
+on the masked dense model, and the Flax layer."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from jax.test_util import check_grads
+
+import jaxsparse
+from jaxsparse.condensed import training as T
+from jaxsparse.condensed.kernels import train_cpu
+from jaxsparse.transform import find_sparse_states
+from tests.helpers import lenient
+
+needs_kernel = pytest.mark.skipif(not train_cpu.available(), reason="no C++ compiler")
+IMPLS = ["xla", pytest.param("cpu", marks=needs_kernel)]
+
+
+def random_mask(rng, n_in, n_out, k):
+    rows = np.argsort(rng.random((n_in, n_out)), axis=0)[:k]
+    mask = np.zeros((n_in, n_out), bool)
+    mask[rows, np.arange(n_out)[None, :]] = True
+    return mask
+
+
+def random_layer(seed, n_in, n_out, k):
+    rng = np.random.default_rng(seed)
+    mask = random_mask(rng, n_in, n_out, k)
+    kernel = (rng.standard_normal((n_in, n_out)) * mask).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    return kernel, mask, bias
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def test_layer_conversion_is_exact_both_ways():
+    kernel, mask, bias = random_layer(0, 300, 40, 7)
+    values, indices, b = T.condense_for_training(kernel + ~mask * np.float32(9), mask, bias)
+    assert values.shape == indices.shape == (40, 7) and indices.dtype == jnp.int16
+    assert np.all(np.diff(np.asarray(indices), axis=1) > 0)  # ascending, distinct
+    k2, m2 = T.expand_from_training(values, indices, 300)
+    np.testing.assert_array_equal(np.asarray(k2), kernel)  # entries outside the mask dropped
+    np.testing.assert_array_equal(np.asarray(m2), mask)
+    np.testing.assert_array_equal(np.asarray(b), bias)
+    small, small_mask, _ = random_layer(0, 100, 40, 7)
+    assert T.condense_for_training(small, small_mask)[1].dtype == jnp.int8
+    assert T.condense_for_training(small, small_mask, index_dtype=np.int32)[1].dtype == jnp.int32
+
+
+def test_tree_conversion_round_trip_and_dense_leaves_untouched():
+    k0, m0, b0 = random_layer(1, 20, 16, 5)
+    k1, m1, b1 = random_layer(2, 16, 8, 3)
+    params = {"dense0": {"kernel": k0, "bias": b0}, "norm": {"scale": np.ones(16, np.float32)},
+              "out": {"kernel": k1, "bias": b1}}
+    masks = {"dense0": {"kernel": m0, "bias": None}, "norm": {"scale": None},
+             "out": {"kernel": m1, "bias": None}}
+    cparams, indices = T.condense_params(params, masks)
+    assert set(cparams["dense0"]) == {"values", "bias"} and cparams["dense0"]["values"].shape == (16, 5)
+    assert set(indices) == {"dense0", "out"} and indices["out"]["indices"].shape == (8, 3)
+    back, bmasks = T.expand_params(cparams, indices, {"dense0": 20, "out": 16})
+    for name in ("dense0", "out"):
+        np.testing.assert_array_equal(np.asarray(back[name]["kernel"]), params[name]["kernel"])
+        np.testing.assert_array_equal(np.asarray(bmasks[name]["kernel"]), masks[name]["kernel"])
+    np.testing.assert_array_equal(np.asarray(back["norm"]["scale"]), params["norm"]["scale"])
+    assert bmasks["norm"]["scale"] is None
+
+
+def test_conversion_bad_input_names_the_leaf():
+    kernel, mask, bias = random_layer(0, 30, 6, 4)
+    uneven = mask.copy()
+    uneven[np.flatnonzero(~mask[:, 3])[0], 3] = True
+    with pytest.raises(ValueError, match=r"enc/kernel: condensed training needs constant "
+                                         r"fan-in .* neuron 0 has 4 and neuron 3 has 5"):
+        T.condense_params({"enc": {"kernel": kernel}}, {"enc": {"kernel": uneven}})
+    with pytest.raises(ValueError, match="neuron 0 has 0"):
+        T.condense_for_training(kernel, np.zeros_like(mask), name="zero")
+    with pytest.raises(TypeError, match="mask must be a bool array"):
+        T.condense_for_training(kernel, mask.astype(np.float32))
+    with pytest.raises(ValueError, match="does not match kernel shape"):
+        T.condense_for_training(kernel, mask[:-1])
+    k_big, m_big, _ = random_layer(0, 200, 4, 3)
+    with pytest.raises(ValueError, match=r"big: n_in=200 inputs do not fit index dtype int8"):
+        T.condense_for_training(k_big, m_big, index_dtype=np.int8, name="big")
+    with pytest.raises(ValueError, match="w: condensed training covers 2-D Dense kernels"):
+        T.condense_params({"w": np.ones((2, 3, 4), np.float32)}, {"w": np.ones((2, 3, 4), bool)})
+    with pytest.raises(TypeError, match="traced"):
+        jax.jit(lambda k: T.condense_for_training(k, mask))(kernel)
+    _, idx, _ = T.condense_for_training(kernel, mask)
+    with pytest.raises(ValueError, match=r"L/indices: indices\[1, 2\] = 30 is out of range"):
+        T.expand_params({"L": {"values": jnp.ones((6, 4))}},
+                        {"L": {"indices": idx.at[1, 2].set(30)}}, {"L": 30})
+    with pytest.raises(ValueError, match="neuron 2 reads one input twice"):
+        T.validate_indices(idx.at[2, 1].set(idx[2, 0]), 30)
+
+
+# ----------------------------------------------------------------------------- the op
+
+
+def _dense_loss(x, w, b):
+    return jnp.sum(jnp.sin(x @ w + b[None, :]) * jnp.arange(w.shape[1], dtype=x.dtype)[None, :])
+
+
+def _slots(dense, indices):
+    return np.take_along_axis(np.asarray(dense).T, np.asarray(indices).astype(int), axis=1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("batch", [1, 5, 37])
+def test_gradients_equal_the_masked_dense_layer(impl, batch):
+    kernel, mask, bias = random_layer(batch, 90, 24, 6)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jax.random.normal(jax.random.key(batch), (batch, 90))
+
+    def loss(x, v, b):
+        y = T.condensed_linear(x, v, indices, b, impl=impl)
+        return jnp.sum(jnp.sin(y) * jnp.arange(24, dtype=x.dtype)[None, :])
+
+    y = T.condensed_linear(x, values, indices, jnp.asarray(bias), impl=impl)
+    np.testing.assert_allclose(y, x @ kernel + bias[None, :], rtol=1e-5, atol=1e-5)
+    gx, gv, gb = jax.jit(jax.grad(loss, (0, 1, 2)))(x, values, jnp.asarray(bias))
+    dx, dw, db = jax.grad(_dense_loss, (0, 1, 2))(x, jnp.asarray(kernel), jnp.asarray(bias))
+    np.testing.assert_allclose(gx, dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gv, _slots(dw, indices), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gb, db, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_match_finite_differences(impl):
+    kernel, mask, bias = random_layer(3, 12, 5, 4)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jax.random.normal(jax.random.key(0), (2, 3, 12))  # leading axes
+
+    def f(x, v, b):
+        return jnp.tanh(T.condensed_linear(x, v, indices, b, impl=impl))
+
+    check_grads(f, (x, values, jnp.asarray(bias)), order=1, modes=["rev"], eps=1e-2,
+                atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_bias_and_vmap(impl):
+    kernel, mask, _ = random_layer(4, 40, 9, 5)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jax.random.normal(jax.random.key(1), (4, 3, 40))
+    f = jax.vmap(lambda r: T.condensed_linear(r, values, indices, impl=impl))
+    np.testing.assert_allclose(f(x), x @ kernel, rtol=1e-5, atol=1e-5)
+    gv = jax.grad(lambda v: jnp.sum(jax.vmap(
+        lambda r: T.condensed_linear(r, v, indices, impl=impl))(x) ** 2))(values)
+    dw = jax.grad(lambda w: jnp.sum((x @ w) ** 2))(jnp.asarray(kernel))
+    np.testing.assert_allclose(gv, _slots(dw, indices), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 31, 70])
+@pytest.mark.parametrize("index_dtype, n_in", [(jnp.int8, 100), (jnp.int16, 700),
+                                                (jnp.int32, 700)])
+def test_cpu_backward_kernels_equal_the_reference(batch, index_dtype, n_in):
+    rng = np.random.default_rng(batch + n_in)
+    n_out, k = 300, 13  # 300 * 13 * 70 slots: the threaded paths too
+    idx = jnp.asarray(np.stack([np.sort(rng.permutation(n_in)[:k]) for _ in range(n_out)]),
+                      index_dtype)
+    x = jnp.asarray(rng.standard_normal((batch, n_in)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((batch, n_out)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((n_out, k)), jnp.float32)
+    np.testing.assert_allclose(train_cpu.condensed_dvalues_cpu(x, dy, idx),
+                               train_cpu.condensed_dvalues_reference(x, dy, idx),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(train_cpu.condensed_dx_cpu(dy, v, idx, n_in),
+                               train_cpu.condensed_dx_reference(dy, v, idx, n_in),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bad_indices_never_give_wrong_gradients():
+    kernel, mask, bias = random_layer(5, 16, 6, 3)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jnp.ones((2, 16))
+    bad = indices.at[2, 1].set(16)
+    with pytest.raises(ValueError, match=r"condensed_linear: indices\[2, 1\] = 16 is out of"):
+        T.condensed_linear(x, values, bad)
+
+    def grads(i, impl):  # indices passed into jit: traced, unknown at trace time
+        return jax.jit(jax.grad(lambda x, v, i: jnp.sum(T.condensed_linear(x, v, i, impl=impl)),
+                                (0, 1)))(x, values, i)
+
+    gx, gv = grads(bad, "xla")  # traced: NaN, never a clamped read
+    assert np.isnan(np.asarray(gv)[2]).all() and np.isfinite(np.asarray(gv)[[0, 1, 3]]).all()
+    assert np.isnan(np.asarray(gx)).all()
+    if train_cpu.available():
+        with pytest.raises(Exception, match=r"index 16 out of range \[0, 16\)"):
+            jax.block_until_ready(grads(bad, "cpu"))
+
+
+def test_operand_errors_and_impl_choice(monkeypatch):
+    kernel, mask, _ = random_layer(6, 16, 6, 3)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jnp.ones((2, 16))
+    with pytest.raises(TypeError, match="must share one dtype"):
+        T.condensed_linear(x.astype(jnp.bfloat16), values, indices)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        T.condensed_linear(x, values, indices, impl="gpu")
+    assert T.choose_train_impl("auto", jnp.bfloat16) == "xla"
+    # No compiler: "auto" warns once and uses the reference; "cpu" refuses.
+    monkeypatch.setitem(train_cpu._state, "loaded", False)
+    monkeypatch.setitem(train_cpu._state, "error", "no C++ compiler found")
+    monkeypatch.setitem(T._warned, "cpu", False)
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found"):
+        assert T.choose_train_impl("auto", jnp.float32) == "xla"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = T.condensed_linear(x, values, indices)  # warned already: silent
+    np.testing.assert_allclose(y, x @ kernel, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="unavailable: no C\\+\\+ compiler"):
+        T.choose_train_impl("cpu", jnp.float32)
+
+
+# ----------------------------------------------------------------------------- topology
+
+D_IN, H, D_OUT = 20, 16, 8
+
+
+def _n_in(hidden):
+    return {**{f"dense{i}": D_IN if i == 0 else H for i in range(hidden)}, "out": H}
+
+
+def _mlp_params(hidden):
+    keys = jax.random.split(jax.random.key(0), hidden + 1)
+    return {name: {"kernel": jax.random.normal(key, (n, D_OUT if name == "out" else H))
+                   / np.sqrt(n), "bias": jnp.zeros(D_OUT if name == "out" else H)}
+            for key, (name, n) in zip(keys, _n_in(hidden).items())}
+
+
+def _hidden(p):
+    return sorted(n for n in p if n != "out")
+
+
+def _dense_apply(p, x):
+    for name in _hidden(p):
+        x = jax.nn.relu(x @ p[name]["kernel"] + p[name]["bias"][None, :])
+    return x @ p["out"]["kernel"] + p["out"]["bias"][None, :]
+
+
+def _condensed_apply(p, idx, x):
+    def layer(name, x):
+        return T.condensed_linear(x, p[name]["values"], idx[name]["indices"], p[name]["bias"])
+    for name in _hidden(p):
+        x = jax.nn.relu(layer(name, x))
+    return layer("out", x)
+
+
+def _xent(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _batch(t):
+    x = jax.random.normal(jax.random.fold_in(jax.random.key(5), t), (32, D_IN))
+    return x, jnp.arange(32) % D_OUT
+
+
+def _runs(steps, poison_step=None, hidden=1):
+    """The masked dense SRigL run and the condensed one, side by side."""
+    key = jax.random.key(3)
+    inner = lenient(optax.adam(1e-2))
+    kw = dict(key=key, end_step=100, update_every=3, drop_fraction=0.5)
+    tx = jaxsparse.srigl(inner, 0.7, ablation=False, distribution="uniform",
+                         track_itop=False, **kw)
+    mp, ms = jax.jit(lambda p: jaxsparse.init_masked(tx, p))(_mlp_params(hidden))
+    masks0 = jaxsparse.get_masks(ms)
+    cp, ci = T.condense_params(mp, masks0)
+    ctx = T.srigl_condensed(inner, **kw)
+    cs = ctx.init(cp, ci)
+
+    def poison(g, t):
+        if poison_step is None:
+            return g
+        return jax.tree.map(lambda a: jnp.where(t == poison_step, jnp.nan, a), g)
+
+    @jax.jit
+    def masked_step(p, s, t):
+        x, y = _batch(t)
+        g = poison(jax.grad(lambda p: _xent(_dense_apply(p, x), y))(p), t)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def condensed_step(p, s, t):
+        x, y = _batch(t)
+        idx = T.get_indices(s)
+        g = jax.grad(lambda p: _xent(_condensed_apply(p, idx, x), y))(p)
+
+        def dense_grads():
+            dense, _ = T.expand_params(p, idx, _n_in(hidden))
+            full = jax.grad(lambda d: _xent(_dense_apply(d, x), y))(dense)
+            return poison({n: full[n]["kernel"] for n in _n_in(hidden)}, t)
+
+        return ctx.step(g, s, p, dense_grads=dense_grads)
+
+    for t in range(steps):
+        mp, ms = masked_step(mp, ms, t)
+        cp, cs = condensed_step(cp, cs, t)
+    return (mp, ms, masks0), (cp, cs)
+
+
+@pytest.mark.parametrize("hidden, steps", [(1, 7), pytest.param(2, 13, marks=pytest.mark.slow)])
+def test_condensed_srigl_equals_masked_srigl(hidden, steps):
+    (mp, ms, masks0), (cp, cs) = _runs(steps, hidden=hidden)  # updates every 3 steps
+    n_in = _n_in(hidden)
+    dense, cmasks = T.expand_params(cp, T.get_indices(cs), n_in)
+    masks = jaxsparse.get_masks(ms)
+    changed = 0
+    for name in n_in:
+        m, c = np.asarray(masks[name]["kernel"]), np.asarray(cmasks[name]["kernel"])
+        np.testing.assert_array_equal(c, m)  # same topology
+        assert (c.sum(0) == c.sum(0)[0]).all()  # constant fan-in, exact count
+        changed += int((c != np.asarray(masks0[name]["kernel"])).sum())
+        np.testing.assert_allclose(dense[name]["kernel"], mp[name]["kernel"], atol=1e-5)
+        np.testing.assert_allclose(cp[name]["bias"], mp[name]["bias"], atol=1e-5)
+    assert changed > 20  # the updates moved weights
+    # Adam moments moved with their weights (grown ones zero): equal to the masked run's.
+    c_mu = cs.inner_state[0].mu
+    m_mu = find_sparse_states(ms)[0].inner_state[0].mu
+    for name in n_in:
+        idx = T.get_indices(cs)[name]["indices"]
+        np.testing.assert_allclose(c_mu[name]["values"],
+                                   _slots(m_mu[name]["kernel"], idx), atol=1e-6)
+    assert cs.count == steps
+
+
+@pytest.mark.slow
+def test_non_finite_gradients_keep_the_topology():
+    (_, ms, masks0), (cp, cs) = _runs(4, poison_step=3)
+    masks = jaxsparse.get_masks(ms)
+    _, cmasks = T.expand_params(cp, T.get_indices(cs), _n_in(1))
+    for name in _n_in(1):
+        np.testing.assert_array_equal(np.asarray(masks[name]["kernel"]),
+                                      np.asarray(masks0[name]["kernel"]))
+        np.testing.assert_array_equal(np.asarray(cmasks[name]["kernel"]),
+                                      np.asarray(masks[name]["kernel"]))
+
+
+def test_step_bad_input():
+    params = _mlp_params(2)
+    rng = np.random.default_rng(0)
+    masks = {n: {"kernel": random_mask(rng, *params[n]["kernel"].shape, 2), "bias": None}
+             for n in params}
+    cp, ci = T.condense_params(params, masks)
+    tx = T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, update_every=1)
+    state = tx.init(cp, ci)
+    grads = jax.tree.map(jnp.zeros_like, cp)
+    with pytest.raises(ValueError, match="needs dense_grads"):
+        tx.step(grads, state, cp)
+    with pytest.raises(ValueError, match="dense_grads has 1 leaves for 3 condensed layers"):
+        tx.step(grads, state._replace(count=jnp.int32(1)), cp, dense_grads=[jnp.zeros((20, 16))])
+    with pytest.raises(ValueError, match="out/indices: no params leaf 'out/values'"):
+        tx.init({k: v for k, v in cp.items() if k != "out"}, ci)
+    with pytest.raises(ValueError, match="srigl_condensed needs key"):
+        T.srigl_condensed(optax.sgd(0.1), key=None, end_step=10)
+
+
+# ----------------------------------------------------------------------------- Flax
+
+
+class _Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = jax.nn.relu(T.CondensedTrainDense(32, k=6, name="fc0")(x))
+        return T.CondensedTrainDense(D_OUT, k=4, name="fc1")(x)
+
+
+def test_flax_layer_equals_dense_and_optimizer_state_covers_values_only():
+    net = _Net()
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    assert set(variables) == {"params", "sparsity"}
+    assert variables["params"]["fc0"]["values"].shape == (32, 6)
+    idx = np.asarray(variables["sparsity"]["fc0"]["indices"])
+    assert idx.dtype == np.int8 and (np.diff(idx, axis=1) > 0).all() and idx.max() < D_IN
+    # The layer equals its masked dense layer.
+    kernel, _ = T.expand_from_training(variables["params"]["fc0"]["values"], idx, D_IN)
+    y0 = T.CondensedTrainDense(32, k=6).apply(
+        {"params": variables["params"]["fc0"], "sparsity": variables["sparsity"]["fc0"]}, x)
+    np.testing.assert_allclose(y0, x @ kernel, rtol=1e-5, atol=1e-5)
+
+    # dense_weight_grads: the gradient of the loss w.r.t. each dense effective weight.
+    dg = jax.jit(lambda v: T.dense_weight_grads(net.apply, v, _xent, x, y))(variables)
+    k1, _ = T.expand_from_training(variables["params"]["fc1"]["values"],
+                                   variables["sparsity"]["fc1"]["indices"], 32)
+
+    def dense_loss(w0, w1):
+        h = jax.nn.relu(x @ w0 + variables["params"]["fc0"]["bias"][None, :])
+        return _xent(h @ w1 + variables["params"]["fc1"]["bias"][None, :], y)
+
+    w_grads = jax.jit(jax.grad(dense_loss, (0, 1)))(kernel, k1)
+    np.testing.assert_allclose(dg["fc0"]["kernel"], w_grads[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dg["fc1"]["kernel"], w_grads[1], rtol=1e-4, atol=1e-5)
+
+    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
+                           update_every=5)
+    state = tx.init(variables["params"], variables["sparsity"])
+    n_state = sum(a.size for a in jax.tree.leaves(state.inner_state))
+    assert n_state == 2 * (32 * 6 + 32 + D_OUT * 4 + D_OUT) + 1  # mu, nu over values + count
+
+
+@pytest.mark.slow
+def test_flax_layer_trains_with_condensed_srigl():
+    net = _Net()
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    idx = np.asarray(variables["sparsity"]["fc0"]["indices"])
+
+    def loss(v):
+        return _xent(net.apply(v, x), y)
+
+    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
+                           update_every=5)
+    params = variables["params"]
+    state = tx.init(params, variables["sparsity"])
+
+    @jax.jit
+    def step(params, state):
+        v = {"params": params, "sparsity": T.get_indices(state)}
+        g = jax.grad(lambda p: loss({**v, "params": p}))(params)
+        return tx.step(g, state, params, dense_grads=lambda: T.dense_weight_grads(
+            net.apply, v, _xent, x, y))
+
+    first = float(loss(variables))
+    for _ in range(20):
+        params, state = step(params, state)
+    final = {"params": params, "sparsity": T.get_indices(state)}
+    assert float(loss(final)) < 0.7 * first
+    new_idx = np.asarray(T.get_indices(state)["fc0"]["indices"])
+    assert (new_idx != idx).any() and (np.diff(new_idx, axis=1) > 0).all()
+
+
+def test_flax_layer_bad_configuration():
+    x = jnp.ones((2, 10))
+    with pytest.raises(ValueError, match=r"fan-in k=11 must be in \[1, n_in=10\]"):
+        T.CondensedTrainDense(4, k=11).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="index dtype int8 cannot index n_in=300"):
+        T.CondensedTrainDense(4, k=3, index_dtype=jnp.int8).init(
+            jax.random.key(0), jnp.ones((2, 300)))
