@@ -374,14 +374,33 @@ def condensed_linear(x: jax.Array, values: jax.Array, indices: jax.Array,
 # ----------------------------------------------------------------------------- topology
 
 
+def _running_counts(mask: jax.Array, block: int = 64) -> jax.Array:
+    """``int32[n_out, n_in]``: active inputs of each neuron up to and including each input.
+
+    A blocked prefix sum (a matmul with a triangular block, exact in float32 below 2**24,
+    then the block offsets): XLA's CPU cumsum over a long axis is several times slower.
+    """
+    n_in, n_out = mask.shape
+    n_blocks = -(-n_in // block)
+    x = jnp.pad(mask.T.astype(jnp.float32), ((0, 0), (0, n_blocks * block - n_in)))
+    x = x.reshape(n_out, n_blocks, block)
+    within = jnp.einsum("obi,ij->obj", x, jnp.triu(jnp.ones((block, block), jnp.float32)))
+    totals = within[:, :, -1]
+    offsets = jnp.cumsum(totals, axis=1) - totals
+    counts = (within + offsets[:, :, None]).reshape(n_out, n_blocks * block)[:, :n_in]
+    return counts.astype(jnp.int32)
+
+
 def mask_to_indices(mask: jax.Array, k: int, dtype=jnp.int32) -> jax.Array:
     """``[n_out, k]`` ascending input positions of a constant fan-in ``bool[n_in, n_out]``
-    mask (jit-safe; the caller guarantees exactly ``k`` per column)."""
-    n_in = mask.shape[0]
-    rank = jnp.arange(n_in, 0, -1, dtype=jnp.int32)  # earlier inputs rank higher
-    keys = jnp.where(mask.T, rank[None, :], jnp.zeros((), jnp.int32))
-    top, _ = jax.lax.top_k(keys, k)
-    return (n_in - top).astype(dtype)
+    mask (jit-safe; the caller guarantees exactly ``k`` per column): slot ``s`` of a neuron
+    is the first input where its running count reaches ``s + 1``."""
+    if mask.shape[0] - 1 > np.iinfo(np.int32).max or mask.shape[0] >= 2**24:
+        raise ValueError(f"mask_to_indices: n_in={mask.shape[0]} is too large")
+    targets = jnp.arange(1, k + 1, dtype=jnp.int32)
+    counts = _running_counts(mask)
+    slots = jax.vmap(lambda c: jnp.searchsorted(c, targets, side="left", method="scan"))(counts)
+    return slots.astype(dtype)
 
 
 def random_indices(key: jax.Array, n_in: int, n_out: int, k: int, dtype=jnp.int32):
@@ -425,11 +444,12 @@ def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax
                            fraction=fraction, gamma_sal=0.0, ablation=False,
                            min_neurons=n_out, tau=1)
     new_indices = mask_to_indices(new_mask, k, indices.dtype)
-    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
-    slot_of = jnp.full((n_in, n_out), -1, jnp.int32).at[indices.astype(jnp.int32), cols].set(
-        jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32)[None, :], (n_out, k)), mode="drop")
-    src = slot_of[new_indices.astype(jnp.int32), cols]
-    return new_indices, src
+    # Both lists ascend: a new input's old slot is found by binary search in its neuron's row.
+    old, new = indices.astype(jnp.int32), new_indices.astype(jnp.int32)
+    pos = jax.vmap(lambda o, n: jnp.searchsorted(o, n, method="scan"))(old, new)
+    pos = jnp.minimum(pos, k - 1)
+    found = jnp.take_along_axis(old, pos, axis=1) == new
+    return new_indices, jnp.where(found, pos, -1)
 
 
 class CondensedState(NamedTuple):

@@ -1,0 +1,197 @@
+"""Accuracy of condensed training vs the masked dense run (issue 18), Fashion-MNIST MLP.
+
+For each seed and sparsity, two runs go in lockstep from the same initial params and masks
+on the same batches: ``jaxsparse.srigl(..., ablation=False)`` on the masked dense model and
+``srigl_condensed`` on values/indices (the same rule, tested equal step by step). Records
+test accuracy of each, the fraction of mask entries on which they agree at the end, and the
+time per step of each loop, one ``final`` record per run in ``results/<out>/results.jsonl``
+(``--out``, default ``condensed_training``), and prints a table.
+
+    python -m experiments.condensed_training_accuracy --seeds 0 1 2 --sparsities 0.9 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxsparse
+from experiments.data import load_dataset
+from jaxsparse.condensed import training as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def init_params(key, sizes):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {f"fc{i}": {"kernel": jax.random.truncated_normal(k, -2.0, 2.0, (a, b))
+                       * jnp.sqrt(1.0 / a).astype(jnp.float32), "bias": jnp.zeros(b)}
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+
+def dense_apply(p, x):
+    names = sorted(p)
+    for name in names:
+        x = x @ p[name]["kernel"] + p[name]["bias"][None, :]
+        if name != names[-1]:
+            x = jax.nn.relu(x)
+    return x
+
+
+def condensed_apply(p, idx, x):
+    names = sorted(p)
+    for name in names:
+        x = T.condensed_linear(x, p[name]["values"], idx[name]["indices"], p[name]["bias"])
+        if name != names[-1]:
+            x = jax.nn.relu(x)
+    return x
+
+
+def xent(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def run(ds, sizes, sparsity, seed, args):
+    n = len(ds.x_train)
+    steps_per_epoch = n // args.batch_size
+    steps = steps_per_epoch * args.epochs
+    end_step = int(0.75 * steps)
+    lr = optax.cosine_decay_schedule(args.learning_rate, steps)
+    inner = optax.sgd(lr, momentum=0.9)
+    key = jax.random.key(seed)
+    kw = dict(key=key, end_step=end_step, update_every=args.update_every,
+              drop_fraction=args.drop_fraction)
+    tx = jaxsparse.srigl(inner, sparsity, ablation=False, distribution="uniform",
+                         track_itop=False, **kw)
+    mp, ms = jax.jit(lambda p: jaxsparse.init_masked(tx, p))(
+        init_params(jax.random.fold_in(key, 1), sizes))
+    cp, ci = T.condense_params(mp, jaxsparse.get_masks(ms))
+    ctx = T.srigl_condensed(inner, **kw)
+    cs = ctx.init(cp, ci)
+    n_in = {f"fc{i}": a for i, a in enumerate(sizes[:-1])}
+
+    @jax.jit
+    def masked_step(p, s, x, y):
+        g = jax.grad(lambda p: xent(dense_apply(p, x), y))(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    @jax.jit
+    def condensed_step(p, s, x, y):
+        idx = T.get_indices(s)
+        g = jax.grad(lambda p: xent(condensed_apply(p, idx, x), y))(p)
+
+        def dense_grads():
+            dense, _ = T.expand_params(p, idx, n_in)
+            full = jax.grad(lambda d: xent(dense_apply(d, x), y))(dense)
+            return {name: full[name]["kernel"] for name in sorted(full)}
+
+        return ctx.step(g, s, p, dense_grads=dense_grads)
+
+    x_all = jnp.asarray(ds.x_train.reshape(n, -1), jnp.float32) / 255.0
+    y_all = jnp.asarray(ds.y_train, jnp.int32)
+    times = {"masked": 0.0, "condensed": 0.0}
+    rng = np.random.default_rng(seed)
+    for epoch in range(args.epochs):
+        perm = rng.permutation(n)
+        for b in range(steps_per_epoch):
+            sel = jnp.asarray(perm[b * args.batch_size:(b + 1) * args.batch_size])
+            x, y = x_all[sel], y_all[sel]
+            t0 = time.perf_counter()
+            mp, ms = masked_step(mp, ms, x, y)
+            jax.block_until_ready(mp)
+            t1 = time.perf_counter()
+            cp, cs = condensed_step(cp, cs, x, y)
+            jax.block_until_ready(cp)
+            t2 = time.perf_counter()
+            if epoch or b > 10:  # after compilation
+                times["masked"] += t1 - t0
+                times["condensed"] += t2 - t1
+        print(f"  seed {seed} s={sparsity} epoch {epoch + 1}/{args.epochs}", flush=True)
+
+    xt = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1), jnp.float32) / 255.0
+    yt = jnp.asarray(ds.y_test, jnp.int32)
+    idx = T.get_indices(cs)
+    out = {}
+    logits = {"masked": jax.jit(dense_apply)(mp, xt),
+              "condensed": jax.jit(condensed_apply)(cp, idx, xt)}
+    _, cmasks = T.expand_params(cp, idx, n_in)
+    masks = jaxsparse.get_masks(ms)
+    agree = float(np.mean(np.concatenate([
+        (np.asarray(masks[k]["kernel"]) == np.asarray(cmasks[k]["kernel"])).ravel()
+        for k in n_in])))
+    timed_steps = steps - 11
+    for name, lg in logits.items():
+        out[name] = {
+            "test_accuracy": float(jnp.mean(jnp.argmax(lg, -1) == yt)),
+            "test_loss": float(xent(lg, yt)),
+            "step_ms": 1e3 * times[name] / timed_steps,
+        }
+    return out, agree, steps
+
+
+def _std(v):
+    return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_dir", default="../shared/data/fashion_mnist")
+    ap.add_argument("--dataset", default="fashion_mnist")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[784, 300, 100, 10])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.9, 0.95])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch_size", type=int, default=100)
+    ap.add_argument("--learning_rate", type=float, default=0.1)
+    ap.add_argument("--update_every", type=int, default=100)
+    ap.add_argument("--drop_fraction", type=float, default=0.3)
+    ap.add_argument("--validation_size", type=int, default=6000)
+    ap.add_argument("--out", default="condensed_training")
+    args = ap.parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_dir, validation_size=args.validation_size)
+    sizes = tuple(args.sizes)
+    out_dir = ROOT / "results" / args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = (f"{platform.machine()} {platform.system()}, {jax.device_count()} device(s), "
+               f"jax {jax.__version__} {jax.default_backend()}")
+    rows = []
+    with open(out_dir / "results.jsonl", "a") as f:
+        for s in args.sparsities:
+            for seed in args.seeds:
+                res, agree, steps = run(ds, sizes, s, seed, args)
+                for name, r in res.items():
+                    rec = {"event": "final", "algorithm": f"srigl_no_ablation_{name}",
+                           "sparsity_target": s, "dataset": args.dataset,
+                           "model": "mlp-" + "-".join(map(str, sizes)), "seed": seed,
+                           "steps": steps, **r, "mask_agreement": agree, "machine": machine,
+                           "config": json.dumps({k: v for k, v in vars(args).items()})}
+                    f.write(json.dumps(rec) + "\n")
+                    rows.append(rec)
+                f.flush()
+    print("| sparsity | masked acc (mean ± std) | condensed acc | mask agreement (min) | "
+          "masked ms/step | condensed ms/step |")
+    print("|---|---|---|---|---|---|")
+    for s in args.sparsities:
+        def pick(name, key, s=s):
+            return [r[key] for r in rows
+                    if r["sparsity_target"] == s and r["algorithm"].endswith(name)]
+        m, c = pick("masked", "test_accuracy"), pick("condensed", "test_accuracy")
+        print(f"| {s:.0%} | {100 * np.mean(m):.2f} ± {100 * _std(m):.2f} | "
+              f"{100 * np.mean(c):.2f} ± {100 * _std(c):.2f} | "
+              f"{min(pick('masked', 'mask_agreement')):.4f} | "
+              f"{np.median(pick('masked', 'step_ms')):.2f} | "
+              f"{np.median(pick('condensed', 'step_ms')):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
