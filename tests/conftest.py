@@ -2,6 +2,9 @@
 
 * 8 simulated CPU devices (set before jax is imported) so sharding tests run anywhere.
 * Hypothesis: derandomized under ``CI`` (same examples every run), exploring locally.
+  ``JAXSPARSE_NIGHTLY=1`` is the nightly property run: every property test (marked
+  ``property`` here, selected with ``-m property``) draws its nightly number of examples
+  (``tests.helpers.examples``), freshly random; a fraction (``0.1``) runs that share of it.
 * Strict numpy semantics, as in equinox's test suite: implicit dtype promotion
   (bool mask * float) and implicit rank promotion (silent broadcasting) raise.
 * One JAX compilation cache per test session, shared by the xdist workers: many tests build
@@ -21,18 +24,29 @@ if _OWN_CACHE:
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import settings  # noqa: E402
+from hypothesis import is_hypothesis_test, settings  # noqa: E402
 
 # CI replays the same examples every run (no flaky submissions); local runs keep exploring.
 settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("dev", deadline=None)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
+# Nightly: new random examples every night, a failing one printed as a reproducible blob.
+settings.register_profile("nightly", derandomize=False, deadline=None, print_blob=True)
+if float(os.environ.get("JAXSPARSE_NIGHTLY") or 0) > 0:
+    settings.load_profile("nightly")
+else:
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAXSPARSE_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "property: a hypothesis property test (added by conftest to every @given "
+        "test); `JAXSPARSE_NIGHTLY=1 pytest -m property` is the nightly property run")
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -49,6 +63,9 @@ def has_gpu() -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if is_hypothesis_test(getattr(item, "obj", None)):
+            item.add_marker(pytest.mark.property)
     if has_gpu():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 import jaxsparse
+
+
+def examples(ci: int, nightly: int) -> int:
+    """``max_examples`` of a hypothesis property test: ``ci`` in every ordinary run, the
+    test's share of the nightly property run under ``JAXSPARSE_NIGHTLY``.
+
+    ``JAXSPARSE_NIGHTLY`` is the fraction of the nightly run to do: unset or ``0`` gives
+    ``ci``, ``1`` the full ``nightly`` count, ``0.1`` a tenth of it (never fewer than
+    ``ci``). Expensive tests (a compilation per drawn shape) get smaller nightly counts than
+    cheap ones; BUILD.md ("Nightly property run") gives the total and its wall time.
+    """
+    fraction = float(os.environ.get("JAXSPARSE_NIGHTLY") or 0)
+    if fraction < 0:
+        raise ValueError(f"JAXSPARSE_NIGHTLY must be >= 0, got {fraction}")
+    return ci if fraction == 0 else max(ci, round(nightly * fraction))
 
 
 def tiny_params(key=0, d_in=20, hidden=16, d_out=8):

@@ -17,6 +17,7 @@ from jaxsparse.condensed.layers import (
     condensed_interceptor,
     swap_linear,
 )
+from tests.helpers import examples
 
 
 def random_mask_per_neuron(seed, shape, k):
@@ -78,7 +79,7 @@ def np_layer(seed, n_in, n_out, k, n_abl):
 
 
 @pytest.mark.slow
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=examples(6, nightly=40), deadline=None)
 @given(
     n_in=st.integers(1, 300), n_out=st.integers(1, 40), k_frac=st.floats(0.01, 1.0),
     ablate_frac=st.floats(0.0, 0.9), batch=st.integers(1, 5), seed=st.integers(0, 2**16),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import jaxsparse
 from jaxsparse.distributions import LayerSpec, layer_budgets, layer_specs
+from tests.helpers import examples
 
 LENET = [LayerSpec("fc1/kernel", (784, 300)), LayerSpec("fc2/kernel", (300, 100)),
          LayerSpec("fc3/kernel", (100, 10))]
@@ -81,7 +82,7 @@ def test_uniform_overrides_state_of_sparsity_style():
     assert b == {"fc1/kernel": 235200, "fc2/kernel": 3000, "fc3/kernel": 200}
 
 
-@settings(deadline=None, max_examples=40)
+@settings(deadline=None, max_examples=examples(40, nightly=3000))
 @given(
     dims=st.lists(st.tuples(st.integers(2, 300), st.integers(2, 300)), min_size=1, max_size=5),
     sparsity=st.floats(0.0, 0.97),

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from jaxsparse import lottery
 from jaxsparse import masks as jmasks
 from jaxsparse.distributions import layer_budgets, layer_specs
+from tests.helpers import examples
 
 
 def make_params(seed=0):
@@ -125,7 +126,7 @@ def test_imp_from_saved_checkpoints():
                     checkpoints={0: params})
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(8, nightly=150), deadline=None)
 # Up to 1 - 0.5^3 = 87.5% sparsity: every layer of the tiny model keeps some weights.
 @given(st.integers(1, 3), st.floats(0.1, 0.5), st.sampled_from(["uniform", "erk"]))
 def test_imp_hits_the_requested_sparsity(rounds, fraction, distribution):

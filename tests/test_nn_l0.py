@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from jaxsparse import masks as jmasks
 from jaxsparse import metrics
 from jaxsparse.nn import l0
+from tests.helpers import examples
 
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
@@ -161,7 +162,7 @@ def test_to_masks_matches_gate_rule():
     assert float(metrics.global_sparsity(l0.to_masks(params))) == pytest.approx(1 - m0.mean())
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20, nightly=1000), deadline=None)
 @given(st.floats(0.0, 0.99), st.integers(0, 2**16))
 def test_masked_eval_equals_gated_eval(threshold, seed):
     """Eval output with the gates equals the dense product with gates zeroed outside the

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from jaxsparse import masks as jmasks
 from jaxsparse import metrics
 from jaxsparse.nn import variational_dropout as vd
+from tests.helpers import examples
 
 K1, K2, K3 = 0.63576, 1.87320, 1.48695
 
@@ -37,7 +38,7 @@ def test_kl_approx_known_values():
     assert abs(float(vd.kl_approx(jnp.array(8.0)))) < 1e-3
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30, nightly=2000), deadline=None)
 @given(st.floats(-8.0, 7.9), st.floats(0.01, 4.0))
 def test_kl_approx_decreases_with_log_alpha(la, delta):
     hi = min(la + delta, 8.0)
@@ -261,7 +262,7 @@ def test_to_masks_matches_threshold_rule():
         assert float(metrics.global_sparsity(masks)) == pytest.approx(1 - n_on / 30)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20, nightly=1000), deadline=None)
 @given(st.floats(-7.9, 8.0), st.integers(0, 2**16))
 def test_to_masks_property(threshold, seed):
     k1, k2 = jax.random.split(jax.random.key(seed))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from jaxsparse import masks as jmasks
 from jaxsparse import pruning_at_init as pai
 from jaxsparse.distributions import layer_budgets, layer_specs
+from tests.helpers import examples
 
 
 def make_params(seed=0, sizes=(3, 4, 2)):
@@ -232,7 +233,7 @@ def test_one_shot_layerwise_counts_and_selection():
 
 
 @pytest.mark.slow
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15, nightly=500), deadline=None)
 @given(st.integers(0, 2**16), st.floats(0.0, 0.95))
 def test_one_shot_global_keeps_the_largest(seed, sparsity):
     params = make_params(seed=seed, sizes=(5, 7, 3))

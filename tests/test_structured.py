@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import jaxsparse
 from jaxsparse import topology
 from jaxsparse.masks import is_none, path_to_str
-from tests.helpers import lenient, run, tiny_params
+from tests.helpers import examples, lenient, run, tiny_params
 
 EVERY, END, STEPS = 3, 24, 26
 
@@ -112,7 +112,7 @@ def test_srigl_survival_guard_and_output_layer_errors():
 
 
 @pytest.mark.slow  # recompiles for every drawn shape
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=examples(8, nightly=40))
 @given(fan_in=st.integers(2, 12), n_out=st.integers(1, 6), k0=st.integers(1, 12),
        frac=st.floats(0.0, 1.0), gamma=st.floats(0.0, 1.0), seed=st.integers(0, 1000))
 def test_srigl_layer_property(fan_in, n_out, k0, frac, gamma, seed):
@@ -130,7 +130,7 @@ def test_srigl_layer_property(fan_in, n_out, k0, frac, gamma, seed):
 
 
 @pytest.mark.slow  # recompiles for every drawn shape
-@settings(deadline=None, max_examples=10)
+@settings(deadline=None, max_examples=examples(10, nightly=80))
 @given(groups=st.integers(1, 5), n_out=st.integers(1, 4), nm=st.sampled_from(
     [(1, 2), (2, 4), (1, 4), (3, 4), (2, 8), (4, 4)]), seed=st.integers(0, 1000))
 def test_nm_mask_property(groups, n_out, nm, seed):

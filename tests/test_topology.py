@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxsparse import topology
+from tests.helpers import examples
 
 
 def test_top_k_hand_checked():
@@ -77,7 +78,7 @@ def test_traced_counts_compile_once():
 
 
 @pytest.mark.slow  # recompiles for every drawn shape
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=examples(25, nightly=200))
 @given(
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
     frac=st.floats(0.0, 1.2),
@@ -105,7 +106,7 @@ def test_top_k_property(shape, frac, seed, with_where, ties):
 
 
 @pytest.mark.slow  # recompiles for every drawn shape
-@settings(deadline=None, max_examples=20)
+@settings(deadline=None, max_examples=examples(20, nightly=200))
 @given(
     fan_in=st.integers(1, 12), n_out=st.integers(1, 6), seed=st.integers(0, 2**16),
     ks=st.lists(st.integers(0, 14), min_size=6, max_size=6),
@@ -135,7 +136,7 @@ def test_random_mask_exact_and_keyed():
 
 
 @pytest.mark.slow  # recompiles for every drawn shape
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=examples(30, nightly=200))
 @given(
     weights=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=6),
     caps=st.lists(st.integers(0, 50), min_size=6, max_size=6),
@@ -256,7 +257,7 @@ def test_random_tie_break_among_many_ties_is_exact_and_only_among_ties():
     assert 0 < sel[500:1500].sum() < 1000  # spread over the tied block, not its head
 
 
-@settings(deadline=None, max_examples=25)
+@settings(deadline=None, max_examples=examples(25, nightly=1000))
 @given(
     shape=st.lists(st.integers(1, 40), min_size=1, max_size=3),
     density=st.floats(0.0, 1.0),
@@ -302,7 +303,7 @@ def _numpy_top_k(keys, ranks, k):
     return out
 
 
-@settings(deadline=None, max_examples=60)
+@settings(deadline=None, max_examples=examples(60, nightly=2500))
 @given(seed=st.integers(0, 2**31 - 1),
        kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
        keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
