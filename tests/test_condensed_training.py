@@ -446,3 +446,19 @@ def test_flax_layer_bad_configuration():
     with pytest.raises(ValueError, match="index dtype int8 cannot index n_in=300"):
         T.CondensedTrainDense(4, k=3, index_dtype=jnp.int8).init(
             jax.random.key(0), jnp.ones((2, 300)))
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_a_well_formed_row(capsys):
+    from experiments.benchmarks import condensed_training as bench
+
+    with jax.numpy_dtype_promotion("standard"):
+        bench.main(["--sizes", "40", "32", "8", "--batches", "4", "--sparsities", "0.75",
+                    "--repeats", "1", "--seconds", "0.01", "--update-every", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 ")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[1] == "75%" and cells[6].endswith("x") and float(cells[7][:-1]) > 0
+    # params + Adam state of the condensed model: about the density of the dense one's.
+    mem, density = float(cells[8]), float(cells[9])
+    assert density == pytest.approx(0.25, abs=0.01) and density < mem < 1.5 * density
