@@ -145,6 +145,24 @@ def test_gradients_match_finite_differences(impl):
                 atol=2e-2, rtol=2e-2)
 
 
+def test_bfloat16_uses_the_reference_and_matches_float32():
+    kernel, mask, bias = random_layer(7, 64, 16, 8)
+    values, indices, _ = T.condense_for_training(kernel, mask)
+    x = jax.random.normal(jax.random.key(2), (6, 64))
+
+    def loss(x, v, b):
+        return jnp.sum(T.condensed_linear(x, v, indices, b).astype(jnp.float32) ** 2)
+
+    args32 = (x, values, jnp.asarray(bias))
+    args16 = tuple(a.astype(jnp.bfloat16) for a in args32)
+    assert T.choose_train_impl("auto", jnp.bfloat16) == "xla"
+    g16 = jax.jit(jax.grad(loss, (0, 1, 2)))(*args16)
+    g32 = jax.grad(loss, (0, 1, 2))(*args32)
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=5e-2, atol=0.25)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_bias_and_vmap(impl):
     kernel, mask, _ = random_layer(4, 40, 9, 5)
