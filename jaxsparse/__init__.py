@@ -76,6 +76,7 @@ from jaxsparse.pruning_at_init import (
     synflow_masks,
     synflow_scores,
 )
+from jaxsparse.schedules import inject_hyperparams
 from jaxsparse.transform import (
     SparseState,
     SparsityRule,
@@ -96,6 +97,7 @@ __all__ = [
     "features",
     "freeze",
     "init_masked",
+    "inject_hyperparams",
     "load_condensed",
     "map_layers",
     "oneshot",

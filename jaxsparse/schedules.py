@@ -7,6 +7,7 @@ schedule (``step -> value``) is accepted where a schedule is.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import jax
@@ -136,3 +137,30 @@ def one_shot_sparsity(final_sparsity: float, at_step: int = 0) -> Schedule:
         return jnp.where(jnp.asarray(step) >= at_step, final_sparsity, 0.0)
 
     return schedule
+
+
+def inject_hyperparams(factory: Callable, hyperparams=("drop_fraction",), **kwargs) -> Callable:
+    """``optax.inject_hyperparams`` for a jaxsparse factory: the named arguments become
+    hyperparameters (a number or an optax schedule, stored in the state, changeable between
+    steps without recompiling); every other argument of ``factory`` is static.
+
+    Structural arguments (``sparsity``, ``key``, ``end_step``, ``update_every``, ...) shape
+    the masks and the schedule on the host, so they cannot be traced; plain
+    ``optax.inject_hyperparams`` would make each numeric one a hyperparameter unless listed
+    in ``static_args``. ``kwargs`` go to ``optax.inject_hyperparams`` (e.g.
+    ``hyperparam_dtype``).
+
+    Example:
+      >>> tx = jaxsparse.inject_hyperparams(jaxsparse.rigl)(
+      ...     inner=optax.adam(1e-3), sparsity=0.9, key=jax.random.key(0), end_step=10_000,
+      ...     drop_fraction=optax.linear_schedule(0.5, 0.1, 10_000))
+      >>> state.hyperparams["drop_fraction"]   # the value used at the last update
+    """
+    names = list(inspect.signature(factory).parameters)
+    hyperparams = (hyperparams,) if isinstance(hyperparams, str) else tuple(hyperparams)
+    unknown = [h for h in hyperparams if h not in names]
+    if unknown:
+        raise ValueError(f"{getattr(factory, '__name__', factory)!r} has no argument(s) "
+                         f"{unknown}; its arguments are {names}")
+    static = tuple(n for n in names if n not in hyperparams)
+    return optax.inject_hyperparams(factory, static_args=static, **kwargs)

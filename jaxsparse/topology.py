@@ -121,14 +121,16 @@ def select_by_sorting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> j
 def _search(count, k, lo, hi, c_lo, c_hi):
     """Counting search for the k-th largest key.
 
-    ``count(pivot)`` gives the number of candidate keys >= pivot (per column, shape of
-    ``k``). Starting from ``c_lo = count(lo) >= k > c_hi = count(hi)``, each round counts at
-    one pivot interpolated between the ends (regula falsi over the empirical CDF; the
-    Illinois rule halves the value of an end kept twice; the midpoint after two rounds that
-    did not halve the bracket), and keeps the invariant. It stops per column when
+    ``count(pivot)`` gives, per column (shape of ``k``), the number of candidate keys
+    ``>= pivot``, the smallest of them and the largest candidate key below ``pivot`` (see
+    :func:`_reduce`). Starting from ``c_lo = count(lo) >= k > c_hi = count(hi)``, each round
+    counts at one pivot interpolated between the ends (regula falsi over the empirical CDF;
+    the Illinois rule halves the value of an end kept twice; the midpoint after two rounds
+    that did not halve the bracket), keeps the invariant, and moves the end it replaces onto
+    the nearest key (``lo`` to the smallest key at or above the pivot, ``hi`` to one past
+    the largest key below it), so the bracket always ends at keys. It stops per column when
     ``c_lo == k`` (then the keys >= lo are exactly the top k) or ``hi == lo + 1`` (then lo is
-    the k-th key, and ``c_lo - c_hi`` keys tie at it). Smooth score distributions take a
-    handful of passes, any input at most ~3 x 32.
+    the k-th key, and ``c_lo - c_hi`` keys tie at it).
     """
 
     def done(lo, hi, c_lo):
@@ -146,11 +148,11 @@ def _search(count, k, lo, hi, c_lo, c_hi):
         offset = jnp.where(slow >= 2, width >> 1, guess)
         offset = jnp.clip(offset, jnp.uint32(1), jnp.maximum(width, jnp.uint32(2)) - 1)
         pivot = lo + offset
-        c = count(pivot)
+        c, above, below = count(pivot)
         active = ~done(lo, hi, c_lo)
         up, down = active & (c >= k), active & (c < k)
-        lo, c_lo = jnp.where(up, pivot, lo), jnp.where(up, c, c_lo)
-        hi, c_hi = jnp.where(down, pivot, hi), jnp.where(down, c, c_hi)
+        lo, c_lo = jnp.where(up, above, lo), jnp.where(up, c, c_lo)
+        hi, c_hi = jnp.where(down, below + jnp.uint32(1), hi), jnp.where(down, c, c_hi)
         f_lo = jnp.where(down & (side < 0), 0.5 * f_lo, f(c_lo))
         f_hi = jnp.where(up & (side > 0), 0.5 * f_hi, f(c_hi))
         side = jnp.where(up, 1, jnp.where(down, -1, side))
@@ -171,36 +173,66 @@ def _start(k, n_valid, lo, hi):
             jnp.where(some, n_valid, 0), jnp.zeros(k.shape, jnp.int32))
 
 
-def _key_range(keys_list, whole: bool):
-    """Smallest candidate key and one past the largest (per column unless ``whole``)."""
-    axis = None if whole else 0
-    los = [jnp.min(jnp.where(x > 0, x, jnp.uint32(_U32_MAX)), axis=axis) for x in keys_list]
-    his = [jnp.max(x, axis=axis) for x in keys_list]
-    lo = functools.reduce(jnp.minimum, los)
-    hi = functools.reduce(jnp.maximum, his)
-    # Keys never exceed 0xFF800000 (+inf), so hi + 1 does not wrap.
-    return jnp.atleast_1d(jnp.maximum(lo, 1)), jnp.atleast_1d(hi + jnp.uint32(1))
-
-
 def _bcast(v, whole: bool):
     """A per-column (or whole-array) bound, shaped to compare with a (m, s) array."""
     return v[0] if whole else v[None, :]
 
 
+def _combine(a, b):
+    """Merges two ``(count, smallest, largest)`` triples."""
+    return a[0] + b[0], jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])
+
+
+def _reduce(arrays, among, pivot, whole: bool):
+    """One pass over ``arrays`` at ``pivot``: ``(count, above, below)``: the number of
+    entries ``>= pivot``, the smallest of them and the largest entry below ``pivot`` (0 if
+    none), over the entries where ``among`` holds (all when ``among`` is None).
+
+    Over a whole array one variadic reduction computes the three, so the pass reads each
+    entry once and keeps no temporary of the array's size. Per column it counts only (a
+    column sum; a variadic reduction along the major axis is much slower on XLA:CPU) and
+    reports the pivot itself as ``above`` and ``pivot - 1`` as ``below``, which keeps the
+    bracket valid without moving it onto keys.
+    """
+    top = jnp.uint32(_U32_MAX)
+    total = None
+    for j, x in enumerate(arrays):
+        ge = x >= _bcast(pivot, whole)
+        at = ge if among is None else ge & among[j]
+        if whole:
+            under = ~ge if among is None else ~ge & among[j]
+            parts = jax.lax.reduce(
+                (at.astype(jnp.int32), jnp.where(at, x, top), jnp.where(under, x, jnp.uint32(0))),
+                (jnp.int32(0), top, jnp.uint32(0)), _combine, (0, 1))
+            parts = tuple(jnp.atleast_1d(p) for p in parts)
+        else:
+            parts = (jnp.sum(at, axis=0, dtype=jnp.int32), pivot, pivot - jnp.uint32(1))
+        total = parts if total is None else _combine(total, parts)
+    return total
+
+
+def _range(arrays, whole: bool):
+    """``(count, lo, hi)``: the number of candidates (keys >= 1), the smallest candidate key
+    and one past the largest (per column unless ``whole``)."""
+    if whole:
+        def one(x):
+            valid = x >= jnp.uint32(1)
+            return jax.lax.reduce(
+                (valid.astype(jnp.int32), jnp.where(valid, x, jnp.uint32(_U32_MAX)), x),
+                (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0)), _combine, (0, 1))
+    else:
+        def one(x):
+            return (jnp.sum(x >= jnp.uint32(1), axis=0, dtype=jnp.int32),
+                    jnp.min(jnp.where(x >= jnp.uint32(1), x, jnp.uint32(_U32_MAX)), axis=0),
+                    jnp.max(x, axis=0))
+    n, lo, top = functools.reduce(_combine, [tuple(map(jnp.atleast_1d, one(x))) for x in arrays])
+    # Keys never exceed 0xFF800000 (+inf), so top + 1 does not wrap.
+    return n, jnp.maximum(lo, jnp.uint32(1)), top + jnp.uint32(1)
+
+
 def _counter(arrays, among, whole: bool):
-    """``pivot -> count(array >= pivot [& among])`` summed over ``arrays`` (int32; per
-    column unless ``whole``)."""
-
-    def count(pivot):
-        total = 0
-        for j, x in enumerate(arrays):
-            ge = x >= _bcast(pivot, whole)
-            if among is not None:
-                ge = ge & among[j]
-            total = total + jnp.sum(ge, axis=None if whole else 0, dtype=jnp.int32)
-        return jnp.atleast_1d(total)
-
-    return count
+    """``pivot -> _reduce(arrays, among, pivot, whole)``."""
+    return lambda pivot: _reduce(arrays, among, pivot, whole)
 
 
 # A whole-array selection over at least this many keys first brackets its k-th key between
@@ -220,19 +252,21 @@ def _sample_bracket(keys, k, count, lo, hi, c_lo, c_hi):
                      sample[jnp.clip(i_hi, 0, _SAMPLE_SIZE - 1)]) + jnp.uint32(1)
     s_lo = jnp.where(i_lo >= _SAMPLE_SIZE, jnp.uint32(0),
                      sample[jnp.clip(i_lo, 0, _SAMPLE_SIZE - 1)])
-    c_slo, c_shi = count(s_lo[None]), count(s_hi[None])
-    take_lo = (s_lo > lo) & (s_lo < hi) & (c_slo >= k)
-    take_hi = (s_hi < hi) & (s_hi > lo) & (c_shi < k)
-    return (jnp.where(take_lo, s_lo, lo), jnp.where(take_hi, s_hi, hi),
+    c_slo, a_slo, _ = count(s_lo[None])
+    c_shi, _, b_shi = count(s_hi[None])
+    # Keep a confirmed end only where it narrows the bracket (snapped onto keys).
+    take_lo = (c_slo >= k) & (c_slo < c_lo)
+    take_hi = (c_shi < k) & (c_shi > c_hi)
+    return (jnp.where(take_lo, a_slo, lo), jnp.where(take_hi, b_shi + jnp.uint32(1), hi),
             jnp.where(take_lo, c_slo, c_lo), jnp.where(take_hi, c_shi, c_hi))
 
 
 def _select_counting(keys_list, ranks_list, k, whole: bool):
-    """Counting selection over one or several arrays (several only when ``whole``)."""
+    """Counting selection over one or several arrays (several only when ``whole``): the
+    top ``k`` of each row of a (s, m) array unless ``whole``."""
     count = _counter(keys_list, None, whole)
-    n_valid = count(jnp.ones((1 if whole else keys_list[0].shape[1],), jnp.uint32))
+    n_valid, lo, hi = _range(keys_list, whole)
     k = jnp.minimum(k, n_valid)
-    lo, hi = _key_range(keys_list, whole)
     lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
     if whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE:
         lo, hi, c_lo, c_hi = _sample_bracket(keys_list[0], k, count, lo, hi, c_lo, c_hi)
@@ -240,11 +274,16 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
     top = [x >= _bcast(hi, whole) for x in keys_list]
     tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
     # Keys in [lo, hi) tie at the threshold unless c_lo == k; rank them by tie rank.
-    rank_count = _counter(ranks_list, tie, whole)
+    # Ranks given as functions are computed inside each pass that reads them (fused, never
+    # stored): they are needed only to split ties, and the final comparison.
+    def ranks():
+        return [r() if callable(r) else r for r in ranks_list]
+
     r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
                                       jnp.full_like(hi, _RANK_LIMIT))
-    r_lo = _search(rank_count, k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
-    return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks_list)]
+    r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi, r_clo,
+                   r_chi)[0]
+    return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
 
 
 def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
@@ -254,14 +293,21 @@ def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> 
 
 
 def _select(keys, ranks, k, whole: bool) -> jax.Array:
+    """:func:`select_by_counting` on :data:`COUNTING_PLATFORMS`, else the sorting
+    reference; ``ranks()`` gives the tie ranks."""
     if keys.size >= _RANK_LIMIT:
         raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
                          f"{keys.shape})")
-    by_platform = {p: functools.partial(select_by_counting, whole=whole)
-                   for p in COUNTING_PLATFORMS}
-    return jax.lax.platform_dependent(
-        keys, ranks, jnp.asarray(k, jnp.int32), default=functools.partial(select_by_sorting, whole=whole),
-        **by_platform)
+
+    def counting(keys, k):
+        k = _clip_k(k, keys.size if whole else keys.shape[0], 1 if whole else keys.shape[1])
+        return _select_counting([keys], [ranks], k, whole)[0]
+
+    def sorting(keys, k):
+        return select_by_sorting(keys, ranks(), k, whole=whole)
+
+    return jax.lax.platform_dependent(keys, jnp.asarray(k, jnp.int32), default=sorting,
+                                      **{p: counting for p in COUNTING_PLATFORMS})
 
 
 def layer_view(shape) -> tuple[int, int]:
@@ -298,7 +344,7 @@ def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:
     shape = jnp.shape(scores)
     view = layer_view(shape)
     keys = _candidate_keys(scores, where, view)
-    return _select(keys, tie_ranks(view, tie_key, whole=True), k, True).reshape(shape)
+    return _select(keys, lambda: tie_ranks(view, tie_key, whole=True), k, True).reshape(shape)
 
 
 def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
@@ -311,7 +357,7 @@ def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
     shape = jnp.shape(scores)
     view = layer_view(shape)
     keys = _candidate_keys(scores, where, view)
-    return _select(keys, tie_ranks(view, tie_key, whole=False), k, False).reshape(shape)
+    return _select(keys, lambda: tie_ranks(view, tie_key, whole=False), k, False).reshape(shape)
 
 
 def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> list:
@@ -338,11 +384,11 @@ def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> l
     if total >= _RANK_LIMIT:
         raise ValueError(f"selections over >= 2**31 entries are not supported ({total})")
     offsets = np.cumsum([0] + sizes)
-    ranks = [tie_ranks(v, tie_key, whole=True, offset=int(o), total=total)
+    ranks = [functools.partial(tie_ranks, v, tie_key, whole=True, offset=int(o), total=total)
              for v, o in zip(views, offsets)]
     if impl == "sorting":
         flat = select_by_sorting(jnp.concatenate([x.reshape(-1, 1) for x in keys]),
-                                 jnp.concatenate([r.reshape(-1, 1) for r in ranks]), k,
+                                 jnp.concatenate([r().reshape(-1, 1) for r in ranks]), k,
                                  whole=True)
         out = [flat[offsets[i]:offsets[i + 1], 0] for i in range(len(keys))]
     elif impl in ("auto", "counting"):
@@ -357,9 +403,24 @@ def _nonzero(x) -> jax.Array:
     return x if x.dtype == jnp.bool_ else x != jnp.zeros((), x.dtype)
 
 
+def _count(x, axes) -> jax.Array:
+    """int32 count of the true entries of bool ``x`` along ``axes``.
+
+    Written as a two-output reduction (the count and an ``any``) rather than a ``sum``:
+    XLA:CPU splits a large single-output reduction into a tree of partial sums and first
+    stores the converted input (4 bytes per entry); a variadic reduction stays one fused
+    pass with no temporary, on every backend.
+    """
+    n, some = jax.lax.reduce((x.astype(jnp.int32), x), (jnp.int32(0), False),
+                             lambda a, b: (a[0] + b[0], a[1] | b[1]), axes)
+    # Both outputs are used (XLA would drop an unused one and be back to a plain sum).
+    return jnp.where(some, n, 0)
+
+
 def count_true(x) -> jax.Array:
     """Number of true (nonzero) entries of ``x`` as an int32 scalar."""
-    return jnp.sum(_nonzero(x), dtype=jnp.int32)
+    x = _nonzero(x)
+    return _count(x, tuple(range(x.ndim)))
 
 
 def count_per_neuron(x) -> jax.Array:

@@ -217,12 +217,9 @@ def test_composes_with_optax_wrappers(wrap):
         inner = lenient(optax.inject_hyperparams(optax.adam)(learning_rate=1e-2))
         tx = jaxsparse.rigl(inner, 0.8, key=key, end_step=END, update_every=EVERY)
     elif wrap == "inject_outer":
-        tx = lenient(optax.inject_hyperparams(
-            jaxsparse.rigl,
-            static_args=("inner", "sparsity", "key", "end_step", "update_every", "distribution",
-                         "begin_step", "track_itop"),
-        )(inner=optax.adam(1e-2), sparsity=0.8, key=key, end_step=END, update_every=EVERY,
-          drop_fraction=0.3))
+        tx = lenient(jaxsparse.inject_hyperparams(jaxsparse.rigl)(
+            inner=optax.adam(1e-2), sparsity=0.8, key=key, end_step=END, update_every=EVERY,
+            drop_fraction=optax.linear_schedule(0.3, 0.1, STEPS)))
     elif wrap == "multisteps_outer":
         tx = lenient(optax.MultiSteps(jaxsparse.rigl(optax.adam(1e-2), 0.8, key=key,
                                                      end_step=END, update_every=EVERY),

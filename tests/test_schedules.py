@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,3 +49,32 @@ def test_one_shot():
 
 def test_never():
     assert not bool(schedules.never(5))
+
+
+def test_inject_hyperparams_makes_only_the_named_arguments_hyperparameters():
+    import optax
+
+    import jaxsparse
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)}
+    grads = {"w": jnp.asarray(np.random.default_rng(1).normal(size=(16, 8)), jnp.float32)}
+
+    def masks_after_update(drop_fraction):
+        tx = jaxsparse.inject_hyperparams(jaxsparse.rigl)(
+            inner=optax.sgd(0.1), sparsity=0.5, key=jax.random.key(0), end_step=100,
+            update_every=1, drop_fraction=drop_fraction, drop_fraction_decay="constant")
+        p, state = jaxsparse.init_masked(tx, params)
+        before = np.asarray(jaxsparse.get_masks(state)["w"])
+        _, state = jax.jit(tx.update)(grads, state, p)
+        _, state = jax.jit(tx.update)(grads, state, p)  # step 1: a topology update
+        assert set(state.hyperparams) == {"drop_fraction"}
+        after = np.asarray(jaxsparse.get_masks(state)["w"])
+        assert after.sum() == before.sum() == 64
+        return float(state.hyperparams["drop_fraction"]), int((before & ~after).sum())
+
+    # A schedule: the value at the update step is used; 0 changes nothing.
+    assert masks_after_update(optax.constant_schedule(0.0)) == (0.0, 0)
+    value, moved = masks_after_update(optax.constant_schedule(0.5))
+    assert value == 0.5 and moved > 0
+    with pytest.raises(ValueError, match="no argument"):
+        jaxsparse.inject_hyperparams(jaxsparse.rigl, hyperparams=("lr",))
