@@ -282,6 +282,35 @@ def _batch(t):
     return x, jnp.arange(32) % D_OUT
 
 
+@pytest.mark.parametrize("n_in, n_out, k, fraction", [(50, 20, 5, 0.3), (64, 7, 64, 0.5),
+                                                      (300, 40, 3, 1.0), (40, 30, 9, 0.0)])
+def test_slot_selection_equals_srigl_layer_on_the_dense_view(n_in, n_out, k, fraction):
+    rng = np.random.default_rng(n_in + k)
+    indices = jnp.asarray(np.stack([np.sort(rng.permutation(n_in)[:k]) for _ in range(n_out)]),
+                          jnp.int16)
+    values = rng.standard_normal((n_out, k)).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = 0.0  # ties at zero: broken by the keyed ranks
+    grad = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    grad[rng.random(grad.shape) < 0.3] = 0.0
+
+    @jax.jit
+    def both(v, i, g, key):
+        return [T.srigl_condensed_layer(v, i, g, key, fraction=fraction, selection=s)
+                for s in T.SELECTIONS]
+
+    (i_slots, src_slots), (i_dense, src_dense) = both(jnp.asarray(values), indices,
+                                                      jnp.asarray(grad), jax.random.key(k))
+    np.testing.assert_array_equal(i_slots, i_dense)
+    np.testing.assert_array_equal(src_slots, src_dense)
+    assert (np.diff(np.asarray(i_slots), axis=1) > 0).all()
+    kept = np.asarray(src_slots) >= 0  # a moved slot reads the same input as before
+    if fraction == 0.0:
+        assert kept.all()
+    np.testing.assert_array_equal(
+        np.take_along_axis(np.asarray(indices), np.maximum(np.asarray(src_slots), 0), 1)[kept],
+        np.asarray(i_slots)[kept])
+
+
 def _runs(steps, poison_step=None, hidden=1):
     """The masked dense SRigL run and the condensed one, side by side."""
     key = jax.random.key(3)

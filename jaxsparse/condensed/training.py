@@ -415,16 +415,41 @@ def move_slots(a: jax.Array, src: jax.Array) -> jax.Array:
     return jnp.where(src >= 0, moved, jnp.zeros((), a.dtype))
 
 
+SELECTIONS = ("slots", "dense")
+
+
+def _drop_on_slots(values, indices, n_in, n_keep, key):
+    """``bool[n_out, k]``: the slots that survive the drop, as ``topology.top_k_mask(|W|,
+    n_keep, where=mask, tie_key=key)`` on the dense view would choose them.
+
+    The same keys (``sortable_key(|w|)``) and tie ranks (the dense positions' keyed hash,
+    ``tie_ranks`` of the ``[n_in, n_out]`` view) with the candidates being exactly the
+    slots, so the top ``n_keep`` (key, rank) pairs are the same set; the scores are ``nnz``
+    long instead of ``n_in * n_out``.
+    """
+    n_out, k = values.shape
+    keys = topology.sortable_key(jnp.abs(values).astype(jnp.float32))
+    dense_ranks = topology.tie_ranks((n_in, n_out), key, whole=True)
+    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
+    ranks = dense_ranks[indices.astype(jnp.int32), cols]
+    return topology.select_by_counting(keys, ranks, n_keep, whole=True)
+
+
 def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax.Array,
-                          key: jax.Array, *, fraction) -> tuple[jax.Array, jax.Array]:
+                          key: jax.Array, *, fraction, selection: str = "slots"
+                          ) -> tuple[jax.Array, jax.Array]:
     """One constant fan-in SRigL update of one condensed layer.
 
-    The selection is :func:`jaxsparse.algorithms.structured.srigl_layer` (``ablation=False``,
-    budget ``k * n_out``) on the layer's dense view, so counts, scores and tie-breaks are
-    those of the masked run: drop the ``floor(fraction * nnz)`` smallest ``|W|`` of the
-    layer, then regrow every neuron back to ``k`` by ``|dense_grad|``. The dense view
-    (weights, mask, scores: a few bytes per dense weight of this one layer) exists only
-    while this runs.
+    The rule is :func:`jaxsparse.algorithms.structured.srigl_layer` (``ablation=False``,
+    budget ``k * n_out``), with its counts, scores, keys and tie-breaks, so the result is
+    that of the masked run: drop the ``floor(fraction * nnz)`` smallest ``|W|`` of the
+    layer, then regrow every neuron back to ``k`` by ``|dense_grad|``.
+
+    ``selection="dense"`` runs ``srigl_layer`` itself on the layer's dense view (the
+    reference). ``"slots"`` (default, tested equal) selects the drop on the ``nnz`` slots
+    (without ablation every neuron keeps at most ``k`` weights, so ``srigl_layer``'s
+    per-neuron trim of the kept set is the identity and is skipped); only the growth, which
+    ranks every input of every neuron by its gradient, is dense.
 
     Args:
         values: ``[n_out, k]`` current weights (before this step's optimizer update).
@@ -432,17 +457,35 @@ def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax
         dense_grad: ``[n_in, n_out]`` gradient of the loss w.r.t. the dense effective weight.
         key: this layer's PRNG key (tie-breaks).
         fraction: drop fraction (traced ok).
+        selection: ``"slots"`` or ``"dense"``.
 
     Returns:
         ``(new_indices, src)``: the new ascending positions, and for each new slot the old
         slot holding the same input (``-1``: grown, starts at zero with fresh moments).
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     n_in, n_out = dense_grad.shape
     k = values.shape[1]
-    weight, mask = expand_from_training(values, indices, n_in)
-    new_mask = srigl_layer(mask, weight, dense_grad.astype(weight.dtype), key, k0=k,
-                           fraction=fraction, gamma_sal=0.0, ablation=False,
-                           min_neurons=n_out, tau=1)
+    if selection == "dense":
+        weight, mask = expand_from_training(values, indices, n_in)
+        new_mask = srigl_layer(mask, weight, dense_grad.astype(weight.dtype), key, k0=k,
+                               fraction=fraction, gamma_sal=0.0, ablation=False,
+                               min_neurons=n_out, tau=1)
+    else:
+        # The keys and counts of srigl_layer (same split of the key, same float32 count).
+        k_keep, _, _, k_fill = jax.random.split(key, 4)
+        budget = jnp.asarray(k * n_out, jnp.int32)
+        n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
+                           ).astype(jnp.int32)
+        kept = _drop_on_slots(values, indices, n_in, budget - n_drop, k_keep)
+        cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
+        keep = jnp.zeros((n_in, n_out), bool).at[indices.astype(jnp.int32), cols].max(
+            kept, mode="drop")
+        need = k - jnp.sum(kept, axis=1, dtype=jnp.int32)
+        grow = topology.top_k_per_neuron(jnp.abs(dense_grad), need, where=~keep,
+                                         tie_key=k_fill)
+        new_mask = keep | grow
     new_indices = mask_to_indices(new_mask, k, indices.dtype)
     # Both lists ascend: a new input's old slot is found by binary search in its neuron's row.
     old, new = indices.astype(jnp.int32), new_indices.astype(jnp.int32)
@@ -523,6 +566,7 @@ def srigl_condensed(
     begin_step: int = 0,
     drop_fraction: float = 0.3,
     drop_fraction_decay: str = "cosine",
+    selection: str = "slots",
 ) -> CondensedSparsity:
     """Constant fan-in SRigL (Lasby et al. 2024, no ablation) trained on the condensed form.
 
@@ -546,6 +590,7 @@ def srigl_condensed(
             of the dense run have the same norm).
         key, end_step, update_every, begin_step, drop_fraction, drop_fraction_decay: as
             for ``jaxsparse.srigl``.
+        selection: ``"slots"`` or ``"dense"`` (see :func:`srigl_condensed_layer`).
 
     Example:
         >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
@@ -554,6 +599,8 @@ def srigl_condensed(
     """
     if key is None:
         raise ValueError("srigl_condensed needs key=jax.random.key(seed)")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
     is_update_step = schedules.periodic(update_every, end_step, begin_step)
 
@@ -587,7 +634,7 @@ def srigl_condensed(
                     raise ValueError(f"{ipath}: dense gradient shape {g.shape} is not "
                                      f"[n_in, n_out={values.shape[0]}]")
                 new, src = srigl_condensed_layer(values, idx, g, jax.random.fold_in(key_t, j),
-                                                 fraction=fraction(count))
+                                                 fraction=fraction(count), selection=selection)
                 news.append(jnp.where(finite, new, idx))
                 srcs.append(jnp.where(finite, src, _identity(idx)))
             return news, srcs
