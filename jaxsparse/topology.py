@@ -236,22 +236,27 @@ def _counter(arrays, among, whole: bool):
 
 
 # A whole-array selection over at least this many keys first brackets its k-th key between
-# two order statistics of a fixed strided sample (two counting passes confirm them).
+# two order statistics of a fixed sample (two counting passes confirm them).
 _SAMPLE_MIN_SIZE = 1 << 14
 _SAMPLE_SIZE = 2048
 
 
 def _sample_bracket(keys, k, count, lo, hi, c_lo, c_hi):
     n = keys.size
-    pos = (np.arange(_SAMPLE_SIZE, dtype=np.uint64) * 2654435761 % n).astype(np.int32)
-    sample = jnp.sort(keys.reshape(-1)[pos])[::-1]  # descending
-    r = k[0].astype(jnp.float32) * (_SAMPLE_SIZE / n)
+    # A strided grid of rows x columns: a strided slice of a sharded layer stays on its
+    # shards (gathering positions of the flattened layer would all-gather its keys).
+    m, s = keys.shape
+    row_step = max(1, m // 64)
+    col_step = max(1, s // max(1, _SAMPLE_SIZE // -(-m // row_step)))
+    sample = jnp.sort(keys[::row_step, ::col_step].reshape(-1))[::-1]  # descending
+    size = sample.size
+    r = k[0].astype(jnp.float32) * (size / n)
     margin = 4.0 * jnp.sqrt(r + 1.0) + 4.0
     i_hi, i_lo = (r - margin).astype(jnp.int32), (r + margin).astype(jnp.int32)
     s_hi = jnp.where(i_hi < 0, jnp.uint32(_U32_MAX - 1),
-                     sample[jnp.clip(i_hi, 0, _SAMPLE_SIZE - 1)]) + jnp.uint32(1)
-    s_lo = jnp.where(i_lo >= _SAMPLE_SIZE, jnp.uint32(0),
-                     sample[jnp.clip(i_lo, 0, _SAMPLE_SIZE - 1)])
+                     sample[jnp.clip(i_hi, 0, size - 1)]) + jnp.uint32(1)
+    s_lo = jnp.where(i_lo >= size, jnp.uint32(0),
+                     sample[jnp.clip(i_lo, 0, size - 1)])
     c_slo, a_slo, _ = count(s_lo[None])
     c_shi, _, b_shi = count(s_hi[None])
     # Keep a confirmed end only where it narrows the bracket (snapped onto keys).
