@@ -113,7 +113,7 @@ def _slots(dense, indices):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch", [1, 5, 37])
+@pytest.mark.parametrize("batch", [1, 37, pytest.param(5, marks=pytest.mark.slow)])
 def test_gradients_equal_the_masked_dense_layer(impl, batch):
     kernel, mask, bias = random_layer(batch, 90, 24, 6)
     values, indices, _ = T.condense_for_training(kernel, mask)
@@ -282,8 +282,9 @@ def _batch(t):
     return x, jnp.arange(32) % D_OUT
 
 
-@pytest.mark.parametrize("n_in, n_out, k, fraction", [(50, 20, 5, 0.3), (64, 7, 64, 0.5),
-                                                      (300, 40, 3, 1.0), (40, 30, 9, 0.0)])
+@pytest.mark.parametrize("n_in, n_out, k, fraction", [
+    (50, 20, 5, 0.3), (300, 40, 3, 1.0),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [(64, 7, 64, 0.5), (40, 30, 9, 0.0)])])
 def test_slot_selection_equals_srigl_layer_on_the_dense_view(n_in, n_out, k, fraction):
     rng = np.random.default_rng(n_in + k)
     indices = jnp.asarray(np.stack([np.sort(rng.permutation(n_in)[:k]) for _ in range(n_out)]),
