@@ -381,6 +381,45 @@ def test_condensed_srigl_equals_masked_srigl(hidden, steps):
     assert cs.count == steps
 
 
+def test_host_driven_skip_and_update_programs_equal_the_scheduled_step():
+    params = _mlp_params(1)
+    rng = np.random.default_rng(1)
+    masks = {n: {"kernel": random_mask(rng, *params[n]["kernel"].shape, 4), "bias": None}
+             for n in params}
+    cp, ci = T.condense_params(jax.tree.map(jnp.asarray, params), masks)
+    tx = T.srigl_condensed(lenient(optax.adam(1e-2)), key=jax.random.key(0), end_step=50,
+                           update_every=2, drop_fraction=0.5)
+
+    def make(topology):
+        @jax.jit
+        def step(p, s, t):
+            x, y = _batch(t)
+            idx = T.get_indices(s)
+            g = jax.grad(lambda p: _xent(_condensed_apply(p, idx, x), y))(p)
+
+            def dense_grads():
+                dense, _ = T.expand_params(p, idx, _n_in(1))
+                full = jax.grad(lambda d: _xent(_dense_apply(d, x), y))(dense)
+                return {n: full[n]["kernel"] for n in _n_in(1)}
+
+            return tx.step(g, s, p, dense_grads if topology != "skip" else None,
+                           topology=topology)
+        return step
+
+    scheduled, skip, update = make("scheduled"), make("skip"), make("update")
+    a = b = (cp, tx.init(cp, ci))
+    for t in range(5):  # updates at steps 2 and 4
+        a = scheduled(*a, t)
+        b = (update if tx.is_update_step(b[1].count) else skip)(*b, t)
+    for name in _n_in(1):
+        np.testing.assert_array_equal(a[1].indices[name]["indices"], b[1].indices[name]["indices"])
+        np.testing.assert_allclose(a[0][name]["values"], b[0][name]["values"], atol=1e-6)
+    assert (np.asarray(a[1].indices["dense0"]["indices"])
+            != np.asarray(ci["dense0"]["indices"])).any()
+    with pytest.raises(ValueError, match="topology must be one of"):
+        tx.step(a[0], a[1], a[0], topology="sometimes")
+
+
 @pytest.mark.slow
 def test_non_finite_gradients_keep_the_topology():
     (_, ms, masks0), (cp, cs) = _runs(4, poison_step=3)

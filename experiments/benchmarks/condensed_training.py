@@ -14,7 +14,10 @@ minima):
   moments) timed separately; ``amortized = plain + (update - plain) / update_every``.
 
 Memory: bytes of params + optimizer state (the condensed side includes its indices), next to
-the weights' density ``nnz / total``; and XLA's temporary buffers of each compiled step.
+the weights' density ``nnz / total``; and XLA's temporary buffers of each compiled step:
+dense, the condensed one-program step (``lax.cond`` over the update: XLA reserves the update
+branch's dense temporaries) and the condensed ``topology="skip"`` program a host loop runs
+between updates.
 
     python -m experiments.benchmarks.condensed_training
     python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 0.99
@@ -108,7 +111,7 @@ def build(sizes, sparsity, batch_size, args):
 
     tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every)
 
-    def condensed_step(p, st, x, y):
+    def condensed_step(p, st, x, y, topology="scheduled"):
         idx = T.get_indices(st)
         g = jax.grad(lambda p: xent(condensed_apply(p, idx, x, args.impl), y))(p)
 
@@ -117,11 +120,14 @@ def build(sizes, sparsity, batch_size, args):
             full = jax.grad(lambda d: xent(dense_apply(d, x), y))(dense)
             return {name: full[name]["kernel"] for name in sorted(full)}
 
-        return tx.step(g, st, p, dense_grads=dense_grads)
+        return tx.step(g, st, p, dense_grads=dense_grads, topology=topology)
 
     out = {"ks": ks, "n_in": n_in}
     cstate = tx.init(cparams, indices)
     out["condensed"] = _timing.compile_timed(condensed_step, cparams, cstate, x, y)
+    # A host loop's program for the steps without a topology update (no dense temporaries).
+    out["condensed_skip"] = _timing.compile_timed(
+        lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate, x, y)
     out["condensed_args"] = {
         "plain": (cparams, cstate._replace(count=jnp.int32(1)), x, y),
         "update": (cparams, cstate._replace(count=jnp.int32(args.update_every)), x, y),
@@ -177,7 +183,7 @@ def main(argv=None):
     print(f"# {_timing.machine_line()}")
     head = ("| batch | sparsity | dense ms | masked / dense | condensed plain ms | "
             "condensed update ms | speedup plain (median, best) | speedup amortized | "
-            "mem ratio | density | mem / density | XLA temp MB dense / condensed |")
+            "mem ratio | density | mem / density | XLA temp MB dense / condensed / skip-only |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for b in args.batches:
@@ -199,13 +205,15 @@ def main(argv=None):
             amort = med["plain"] + (med["update"] - med["plain"]) / args.update_every
             mem = cfg["memory_condensed"] / cfg["memory_dense"]
             temps = [_timing.memory_stats(dense_compiled.executable)["temp"],
-                     _timing.memory_stats(cfg["condensed"].executable)["temp"]]
+                     _timing.memory_stats(cfg["condensed"].executable)["temp"],
+                     _timing.memory_stats(cfg["condensed_skip"].executable)["temp"]]
             masked = f"{med['masked'] / med['dense']:.2f}" if args.masked else "-"
             print(f"| {b} | {s:.0%} | {med['dense'] * 1e3:.1f} | {masked} | "
                   f"{med['plain'] * 1e3:.2f} | {med['update'] * 1e3:.1f} | "
                   f"{plain.median:.2f}x, {plain.best:.2f}x | {med['dense'] / amort:.2f}x | "
                   f"{mem:.4f} | {cfg['density']:.4f} | {mem / cfg['density']:.2f} | "
-                  f"{temps[0] / 2**20:.1f} / {temps[1] / 2**20:.1f} |", flush=True)
+                  f"{temps[0] / 2**20:.1f} / {temps[1] / 2**20:.1f} / "
+                  f"{temps[2] / 2**20:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -512,13 +512,24 @@ class CondensedState(NamedTuple):
     key: jax.Array
 
 
+TOPOLOGY_MODES = ("scheduled", "skip", "update")
+
+
 class CondensedSparsity(NamedTuple):
     """A condensed sparse optimizer: ``init(params, indices)`` and
-    ``step(grads, state, params, dense_grads) -> (new_params, new_state)``.
+    ``step(grads, state, params, dense_grads, topology="scheduled") -> (new_params,
+    new_state)``.
 
     ``step`` returns the params rather than additive updates: a topology update moves
     values between slots, which ``params + updates`` cannot express exactly in floating
     point. ``is_update_step(count)`` says whether step ``count`` changes the topology.
+
+    ``topology="scheduled"`` (one compiled step for the whole run) decides under
+    ``lax.cond``; XLA then reserves the update branch's dense temporaries for every step.
+    A host loop can instead compile two programs, ``"skip"`` (no topology work,
+    ``dense_grads`` not needed; memory scales with the nonzeros) and ``"update"`` (always
+    updates), and pick one per step with ``is_update_step(state.count)``: the same
+    results, the dense temporaries only in the update program.
     """
 
     init: Callable[[PyTree, PyTree], CondensedState]
@@ -609,8 +620,11 @@ def srigl_condensed(
         return CondensedState(indices, inner.init(params), jnp.zeros((), jnp.int32),
                               jnp.copy(key))
 
-    def step(grads, state: CondensedState, params, dense_grads=None):
-        if dense_grads is None:
+    def step(grads, state: CondensedState, params, dense_grads=None, *,
+             topology: str = "scheduled"):
+        if topology not in TOPOLOGY_MODES:
+            raise ValueError(f"topology must be one of {TOPOLOGY_MODES}, got {topology!r}")
+        if dense_grads is None and topology != "skip":
             raise ValueError("srigl_condensed.step needs dense_grads: the dense weight "
                              "gradients of the condensed layers (a tree or a zero-argument "
                              "function giving one, called at update steps only)")
@@ -619,7 +633,7 @@ def srigl_condensed(
         i_flat = _flat_paths(state.indices)
         count = state.count
 
-        def topology(_):
+        def new_topology(_):
             dg = dense_grads() if callable(dense_grads) else dense_grads
             dg_leaves = jax.tree.leaves(dg)
             if len(dg_leaves) != len(pairs):
@@ -642,8 +656,12 @@ def srigl_condensed(
         def keep(_):
             return [i_flat[ip] for _, ip in pairs], [_identity(i_flat[ip]) for _, ip in pairs]
 
-        update = is_update_step(count)
-        news, srcs = jax.lax.cond(update, topology, keep, None)
+        if topology == "scheduled":
+            update = is_update_step(count)
+            news, srcs = jax.lax.cond(update, new_topology, keep, None)
+        else:
+            update = topology == "update"
+            news, srcs = (new_topology if update else keep)(None)
         updates, inner_state = inner.update(grads, state.inner_state, params)
         new_params = optax.apply_updates(params, updates)
 
@@ -664,8 +682,11 @@ def srigl_condensed(
             return (jax.tree.map(one, p, src_tree),
                     optax.tree.map_params(inner, one, st, src_tree))
 
-        new_params, inner_state = jax.lax.cond(update, moved, lambda o: o,
-                                               (new_params, inner_state))
+        if topology == "scheduled":
+            new_params, inner_state = jax.lax.cond(update, moved, lambda o: o,
+                                                   (new_params, inner_state))
+        elif update:
+            new_params, inner_state = moved((new_params, inner_state))
         new_indices = jax.tree.unflatten(jax.tree.structure(state.indices), news)
         return new_params, CondensedState(new_indices, inner_state, count + 1, state.key)
 
