@@ -23,10 +23,14 @@ Pieces, each a pure function:
   C++ XLA FFI kernels beside them the fast CPU path (``impl="auto"``).
 * :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024, without
   ablation) on the condensed form. The optimizer state exists for ``values`` only; at a
-  topology update the selection is :func:`jaxsparse.algorithms.structured.srigl_layer`
-  itself (same rule, counts, keys and tie-breaks as ``jaxsparse.srigl(..., ablation=False)``)
-  on a dense view of one layer built for that update only, and the result is applied to
-  values, indices and every param-shaped leaf of the optimizer state by slot moves.
+  topology update the rule is :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same
+  counts, keys and tie-breaks as ``jaxsparse.srigl(..., ablation=False)``): the drop is
+  selected on the slots, the growth on the dense gradient of one layer at a time, built
+  for that update only (``selection="dense"`` runs ``srigl_layer`` itself, the reference);
+  the result is applied to values, indices and every param-shaped leaf of the optimizer
+  state by slot moves. One compiled step (``lax.cond``), or a host loop over a ``"skip"``
+  and an ``"update"`` program (``step(..., topology=...)``) that keeps the update's dense
+  temporaries out of the plain steps.
 * :class:`CondensedTrainDense`: a linen layer that trains this way, and
   :func:`dense_weight_grads`, the dense gradient the topology update grows by (computed
   only when called: in a train step, inside the update branch).
@@ -38,8 +42,13 @@ Example:
     >>> def step(cparams, state, x, y):
     ...     idx = get_indices(state)
     ...     grads = jax.grad(loss)(cparams, idx, x, y)
-    ...     return tx.step(grads, state, cparams,
-    ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))
+    ...     return tx.step(grads, state, cparams,   # dense_loss_grads: the user's dense
+    ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))  # grads
+
+Limits: Dense layers only (2-D kernels), every neuron active (no ablation, so SRigL's
+neuron ablation and ``k'`` growth are not available: use ``ablation=False`` in the masked
+run to compare), float32 for the C++ kernels (other dtypes run the jnp reference), one index
+list per neuron (no group-shared layout).
 """
 
 from __future__ import annotations
@@ -587,7 +596,8 @@ def srigl_condensed(
     state is built over them, so params + moments scale with the nonzeros. Per step:
 
     1. at an update step (``periodic(update_every, end_step, begin_step)``, under
-       ``lax.cond``): new indices from :func:`srigl_condensed_layer` per layer, on the
+       ``lax.cond`` with ``topology="scheduled"``; always with ``"update"``, never with
+       ``"skip"``): new indices from :func:`srigl_condensed_layer` per layer, on the
        pre-step values and the dense gradients (``dense_grads()`` is called inside that
        branch only); non-finite gradients keep the topology for that step;
     2. the inner optimizer's update of every param (values, biases, dense leaves);
