@@ -4,6 +4,7 @@ reference, bad input, the condensed SRigL update against ``jaxsparse.srigl(ablat
 on the masked dense model, and the Flax layer."""
 
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -549,3 +550,33 @@ def test_benchmark_script_prints_a_well_formed_row(capsys):
     # params + Adam state of the condensed model: about the density of the dense one's.
     mem, density = float(cells[8]), float(cells[9])
     assert density == pytest.approx(0.25, abs=0.01) and density < mem < 1.5 * density
+
+
+@pytest.mark.slow
+def test_without_a_compiler_training_falls_back_to_the_reference(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import warnings
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from jaxsparse.condensed import training as T
+from jaxsparse.condensed.kernels import train_cpu
+assert not train_cpu.available()
+x = jnp.ones((3, 8)); v = jnp.arange(8.0).reshape(4, 2) / 8
+i = jnp.asarray([[0, 1], [2, 3], [4, 5], [6, 7]], jnp.int8)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    g = jax.grad(lambda v: T.condensed_linear(x, v, i).sum())(v)
+assert any("unavailable" in str(m.message) for m in w), [str(m.message) for m in w]
+np.testing.assert_allclose(g, np.full((4, 2), 3.0))
+print("fallback ok")
+"""
+    env = {**os.environ, "CXX": "", "JAXSPARSE_CACHE_DIR": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "fallback ok" in out.stdout
