@@ -238,6 +238,8 @@ def test_operand_errors_and_impl_choice(monkeypatch):
     np.testing.assert_allclose(y, x @ kernel, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="unavailable: no C\\+\\+ compiler"):
         T.choose_train_impl("cpu", jnp.float32)
+    with pytest.raises(RuntimeError, match="kernels unavailable: no C\\+\\+ compiler"):
+        train_cpu.condensed_dx_cpu(jnp.ones((2, 6)), values, indices, 16)
 
 
 # ----------------------------------------------------------------------------- topology

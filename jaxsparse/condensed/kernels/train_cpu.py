@@ -170,11 +170,17 @@ def _flat(a: jax.Array) -> jax.Array:
     return a.reshape(-1, a.shape[-1])
 
 
+def _require() -> None:
+    if not load():
+        raise cpu.BuildError(f"condensed training kernels unavailable: {_state['error']}")
+
+
 def condensed_forward_cpu(x, values, indices, bias):
     """The forward kernel (``condensed_cpu.cc``) from this library: ``[..., n_out]``.
 
     Callers have checked operands; indices are range-checked by the kernel.
     """
+    _require()
     x2 = _flat(x)
     out = jax.ShapeDtypeStruct((x2.shape[0], values.shape[0]), x.dtype)
     y = jax.ffi.ffi_call("jaxsparse_condensed_train_fwd", out,
@@ -183,7 +189,9 @@ def condensed_forward_cpu(x, values, indices, bias):
 
 
 def condensed_dvalues_cpu(x: jax.Array, dy: jax.Array, indices: jax.Array) -> jax.Array:
-    """:func:`condensed_dvalues_reference` by the C++ kernel (float32; needs :func:`load`)."""
+    """:func:`condensed_dvalues_reference` by the C++ kernel (float32; builds it on first
+    use, ``BuildError`` when it cannot be built)."""
+    _require()
     out = jax.ShapeDtypeStruct(indices.shape, jnp.float32)
     return jax.ffi.ffi_call("jaxsparse_condensed_dvalues", out,
                          vmap_method="sequential")(_flat(x), _flat(dy), indices)
@@ -191,7 +199,9 @@ def condensed_dvalues_cpu(x: jax.Array, dy: jax.Array, indices: jax.Array) -> ja
 
 def condensed_dx_cpu(dy: jax.Array, values: jax.Array, indices: jax.Array,
                      n_in: int) -> jax.Array:
-    """:func:`condensed_dx_reference` by the C++ kernel (float32; needs :func:`load`)."""
+    """:func:`condensed_dx_reference` by the C++ kernel (float32; builds it on first use,
+    ``BuildError`` when it cannot be built)."""
+    _require()
     dy2 = _flat(dy)
     out = jax.ShapeDtypeStruct((dy2.shape[0], n_in), jnp.float32)
     dx = jax.ffi.ffi_call("jaxsparse_condensed_dx", out,
