@@ -9,8 +9,9 @@ and records the test accuracy. ``lm``: trains a dense byte-level transformer LM
 (``experiments/lm``), prunes it at 50/60/70% and 2:4 / 4:8 and records the validation
 perplexity, before and after a short fine-tune with the masks fixed
 (``jaxsparse.fixed_masks``). Every run appends a ``{"event": "final", ...}`` record to
-``<out>/results.jsonl`` and the script prints (and writes ``<out>/table.md``) a table of mean
-+- sample std over the calibration seeds.
+``<out>/results.jsonl`` and the script prints a table of mean +- sample std over the
+calibration seeds; RESULTS.md's tables are generated from the records
+(``experiments/results_report.py``).
 """
 
 from __future__ import annotations
@@ -171,9 +172,8 @@ def run_mnist(args) -> None:
                 _append(results, rec)
                 print(f"seed {seed} {pattern:>4} {method:>9}: accuracy {acc:.4f} "
                       f"(sparsity {sparsity:.3f}, {seconds:.1f} s)", flush=True)
-    md = table(records, "test_accuracy", args.patterns, scale=100.0)
-    (out / "table.md").write_text(f"Test accuracy (%), LeNet-300-100 / MNIST\n\n{md}\n")
-    print(md)
+    print("Test accuracy (%), LeNet-300-100 / MNIST\n")
+    print(table(records, "test_accuracy", args.patterns, scale=100.0))
 
 
 # ------------------------------------------------------------------------------------ LM
@@ -285,7 +285,6 @@ def run_lm(args) -> None:
           + f"\n\nAfter {args.finetune_steps} fine-tuning steps with fixed masks\n\n"
           + table([r for r in records if "finetuned_perplexity" in r], "finetuned_perplexity",
                   args.finetune_patterns, 3) + "\n")
-    (out / "table.md").write_text(md)
     print(md)
 
 

@@ -183,3 +183,60 @@ def test_errors_name_the_layer(linen_setup):
     res = oneshot.prune(headless, variables, batches, method="wanda", sparsity=0.5,
                         prunable=r"Dense_[01]/kernel")
     assert res.masks["params"]["Dense_2"]["kernel"] is None
+
+
+class SharedInput(nn.Module):
+    """q/k/v-like Dense layers reading one input, a residual, and a Dense applied twice."""
+
+    twice: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(24)(x))
+        q, k, v = nn.Dense(16)(h), nn.Dense(16)(h), nn.Dense(16)(h)
+        h = h + nn.Dense(24)(nn.relu(q * k + v))
+        if self.twice:  # one module on its own output: not cuttable, falls back
+            shared = nn.Dense(24)
+            h = shared(nn.relu(shared(h)))
+        return nn.Dense(8)(h)
+
+
+@pytest.mark.parametrize("twice", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", [pytest.param("wanda", marks=pytest.mark.slow), "sparsegpt"])
+def test_carried_activations_equal_recomputed_prefix(method, twice):
+    """prune(carry=True) (one forward pass cut at every layer) gives the result of
+    prune(carry=False) (the forward prefix re-run for every layer) bit for bit."""
+    model = SharedInput(twice)
+    variables = model.init(jax.random.key(1), jnp.zeros((1, 24)))
+    batches = _batches(2)
+    kw = dict(method=method, sparsity=0.5, blocksize=8)
+    carried = oneshot.prune(model, variables, batches, carry=True, **kw)
+    recomputed = oneshot.prune(model, variables, batches, carry=False, **kw)
+    assert carried.layers == recomputed.layers and len(carried.layers) == 6 + twice
+    for a, b in zip(jax.tree.leaves((carried.params, carried.masks)),
+                    jax.tree.leaves((recomputed.params, recomputed.masks)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Without the repeated module the forward is cut (one pass); with it, the fallback runs.
+    forward = oneshot.calibrate.cached_linen_forward(model.apply)
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    paths = [jaxsparse.masks.path_to_str(p) for p, _ in flat]
+    modules = [p[len("params/"):-len("/kernel")] for p in carried.layers]
+    plan = oneshot.calibrate.Sequential.plan(
+        forward, variables, batches, modules, [paths.index(p) for p in carried.layers],
+        with_gram=False)
+    assert (plan is None) == twice
+
+
+def test_donate_frees_the_dense_kernels(linen_setup):
+    model, variables, batches = linen_setup
+    kept = oneshot.prune(model, variables, batches, method="sparsegpt", sparsity=0.5,
+                         blocksize=8)
+    copy = jax.tree.map(jnp.copy, variables)
+    donated = oneshot.prune(model, copy, batches, method="sparsegpt", sparsity=0.5,
+                            blocksize=8, donate=True)
+    for a, b in zip(jax.tree.leaves((kept.params, kept.masks)),
+                    jax.tree.leaves((donated.params, donated.masks)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert copy["params"]["Dense_0"]["kernel"].is_deleted()
+    assert not copy["params"]["Dense_0"]["bias"].is_deleted()
+    assert not variables["params"]["Dense_0"]["kernel"].is_deleted()

@@ -128,9 +128,12 @@ def _select(scores, pat: Pattern) -> jax.Array:
     return topology.top_k_per_neuron(scores, kept_per_neuron(scores.shape[0], pat.sparsity))
 
 
-@jax.jit
-def _masked(kernel, mask) -> LayerResult:
+def _masked_impl(kernel, mask) -> LayerResult:
     return LayerResult(jnp.where(mask, kernel, jnp.zeros((), kernel.dtype)), mask)
+
+
+_masked = jax.jit(_masked_impl)
+_masked_in_place = jax.jit(_masked_impl, donate_argnums=0)  # for a kernel of our own
 
 
 def magnitude_layer(kernel: jax.Array, *, sparsity: float | None = None,
@@ -181,31 +184,54 @@ def _check_stats(stats: InputStats, kernel, name: str, need_gram: bool) -> None:
         raise ValueError(f"layer {name!r}: the calibration inputs contain inf or nan")
 
 
-@jax.jit
-def _hessian(gram, count):
+def _hessian_impl(gram, count):
     h = 2.0 * gram / count
     dead = jnp.diagonal(h) == 0
     eye = jnp.eye(h.shape[0], dtype=bool)
     return jnp.where(eye & dead[:, None], jnp.ones((), h.dtype), h), dead
 
 
-@jax.jit
-def _inverse_factor(h, damp):
-    """Upper ``U`` with ``(h + damp I)^-1 = U^T U`` (nan when not positive definite).
+_hessian = jax.jit(_hessian_impl)
+# The same, writing H over the gram matrix's buffer (the caller gives the statistics up).
+_hessian_in_place = jax.jit(_hessian_impl, donate_argnums=0)
 
-    With ``J`` the order-reversing permutation and ``J h J = M M^T`` (Cholesky, ``M`` lower),
-    ``h^-1 = J M^-T M^-1 J``, so ``U = J M^-1 J`` (upper triangular, positive diagonal): one
-    Cholesky and one triangular inverse, with no explicit ``h^-1`` to factor again.
+
+@jax.jit
+def _reversed_cholesky(h, damp):
+    """``M^T``, ``M`` lower with ``J (h + damp I) J = M M^T`` (``J`` reverses the order; nan
+    when ``h + damp I`` is not positive definite).
+
+    Returned transposed: LAPACK leaves ``M`` column-major, which is ``M^T`` row-major, so
+    :func:`_factor_from_cholesky` hands it back to LAPACK without a layout copy.
     """
     n = h.shape[0]
     h = h + damp * jnp.eye(n, dtype=h.dtype)
-    m = jnp.linalg.cholesky(h[::-1, ::-1])
-    m_inv = jax.scipy.linalg.solve_triangular(m, jnp.eye(n, dtype=h.dtype), lower=True)
+    return jnp.linalg.cholesky(h[::-1, ::-1]).T
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _factor_from_cholesky(m_t):
+    """Upper ``U = J M^-1 J`` from :func:`_reversed_cholesky`'s ``M^T`` (donated).
+
+    ``(h + damp I)^-1 = J M^-T M^-1 J = U^T U``, ``U`` upper triangular with a positive
+    diagonal: one Cholesky and one triangular inverse, with no explicit inverse to factor
+    again. Split from the Cholesky so that ``h`` is freed before the inverse is formed; with
+    ``M`` in LAPACK's layout and the result written over it, this step holds two
+    ``d_in^2`` matrices (the same arithmetic as one jit of both steps, bit for bit).
+    """
+    n = m_t.shape[0]
+    m_inv = jax.scipy.linalg.solve_triangular(m_t.T, jnp.eye(n, dtype=m_t.dtype), lower=True)
     return m_inv[::-1, ::-1]
 
 
+def _inverse_factor(h, damp):
+    """Upper ``U`` with ``(h + damp I)^-1 = U^T U`` (nan when not positive definite); see
+    :func:`_factor_from_cholesky`."""
+    return _factor_from_cholesky(_reversed_cholesky(h, damp))
+
+
 def sparsegpt_factor(stats: InputStats, percdamp: float = 0.01, name: str = "kernel",
-                     max_retries: int = 4):
+                     max_retries: int = 4, *, donate: bool = False):
     """SparseGPT's ``U`` (upper Cholesky factor of the damped ``H^-1``) and the dead inputs.
 
     ``H = 2 X^T X / rows``; inputs that are zero on every calibration row ("dead") get
@@ -213,10 +239,13 @@ def sparsegpt_factor(stats: InputStats, percdamp: float = 0.01, name: str = "ker
     factorisation still fails (``H`` numerically singular), the damping is raised tenfold, up
     to ``max_retries`` times, with a warning naming the layer.
 
+    ``donate=True`` builds ``H`` in the buffer of ``stats.gram``, which is deleted (one
+    ``d_in^2`` matrix less at the peak; :func:`jaxsparse.oneshot.prune` does this).
+
     Returns:
       ``(U float32[d_in, d_in], dead bool[d_in])``.
     """
-    h, dead = _hessian(stats.gram, stats.count)
+    h, dead = (_hessian_in_place if donate else _hessian)(stats.gram, stats.count)
     n_dead = int(jnp.sum(dead))
     if n_dead:
         warnings.warn(
@@ -226,14 +255,16 @@ def sparsegpt_factor(stats: InputStats, percdamp: float = 0.01, name: str = "ker
     mean_diag = float(jnp.mean(jnp.diagonal(h)))
     damp = percdamp * mean_diag
     for attempt in range(max_retries + 1):
-        u = _inverse_factor(h, jnp.float32(damp))
-        if bool(jnp.all(jnp.isfinite(u))):
+        m = _reversed_cholesky(h, jnp.float32(damp))
+        if bool(jnp.all(jnp.isfinite(m))):
             if attempt:
                 warnings.warn(
                     f"layer {name!r}: the Hessian is singular at percdamp={percdamp}; "
                     f"dampened with {damp / mean_diag:.3g} * mean diag(H) instead",
                     stacklevel=3)
-            return u, dead
+            del h  # the factor needs only M: one d_in^2 matrix less while it is formed
+            return _factor_from_cholesky(m), dead
+        del m
         damp = 10.0 * damp if damp > 0 else 1e-6 * max(mean_diag, 1.0)
     raise ValueError(
         f"layer {name!r}: the Hessian is not positive definite even with damping "
@@ -249,9 +280,10 @@ def block_counts(d_in: int, sparsity: float, blocksize: int) -> np.ndarray:
     return np.diff(kept).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "nm"))
+@functools.partial(jax.jit, static_argnames=("blocksize", "nm"), donate_argnums=0)
 def _sparsegpt_solve(kernel, u, block_keep, valid, *, blocksize: int, nm):
-    """The blocked lazy OBS sweep over a (d, d_out) kernel, d a multiple of ``blocksize``.
+    """The blocked lazy OBS sweep over a (d, d_out) kernel, d a multiple of ``blocksize``
+    (``kernel`` is donated: the sweep runs in its buffer).
 
     ``u``: upper Cholesky factor of H^-1 (d, d); ``block_keep``: int32[d // blocksize]
     weights kept per neuron in each block (unstructured); ``valid``: bool[d], False on rows
@@ -308,7 +340,8 @@ def _sparsegpt_solve(kernel, u, block_keep, valid, *, blocksize: int, nm):
 
 def sparsegpt_layer(kernel: jax.Array, stats: InputStats, *, sparsity: float | None = None,
                     nm: tuple[int, int] | None = None, percdamp: float = 0.01,
-                    blocksize: int = 128, name: str = "kernel") -> LayerResult:
+                    blocksize: int = 128, name: str = "kernel",
+                    donate_stats: bool = False) -> LayerResult:
     """SparseGPT (Frantar & Alistarh 2023) on one (d_in, d_out) kernel.
 
     Selects the mask block by block by ``w^2 / [H^-1]_jj`` (per output neuron: each neuron
@@ -325,6 +358,8 @@ def sparsegpt_layer(kernel: jax.Array, stats: InputStats, *, sparsity: float | N
       percdamp: diagonal damping as a fraction of the mean Hessian diagonal (paper: 0.01).
       blocksize: inputs per lazy-update block (paper: 128); a multiple of ``m`` for N:M.
       name: the layer's name in warnings and errors.
+      donate_stats: reuse ``stats.gram``'s buffer for the Hessian (``stats`` is consumed:
+        its gram matrix is deleted); saves one ``d_in^2`` float32 matrix at the peak.
 
     Example:
       >>> stats = input_stats(x)           # x: the layer's inputs, (rows, d_in)
@@ -338,7 +373,8 @@ def sparsegpt_layer(kernel: jax.Array, stats: InputStats, *, sparsity: float | N
         raise ValueError(f"blocksize must be a positive integer, got {blocksize!r}")
     if pat.nm is not None and blocksize % pat.nm[1]:
         raise ValueError(f"blocksize ({blocksize}) must be a multiple of M={pat.nm[1]} for N:M")
-    u, dead = sparsegpt_factor(stats, percdamp, name)
+    u, dead = sparsegpt_factor(stats, percdamp, name, donate=donate_stats)
+    del stats
     w = jnp.where(dead[:, None], 0.0, kernel.astype(jnp.float32))
     bs = min(int(blocksize), d_in)  # for N:M both are multiples of m
     pad = -d_in % bs
@@ -351,4 +387,7 @@ def sparsegpt_layer(kernel: jax.Array, stats: InputStats, *, sparsity: float | N
     keep = (block_counts(d_in, pat.sparsity, bs) if pat.nm is None
             else np.zeros(((d_in + pad) // bs,), np.int32))
     new, mask = _sparsegpt_solve(w, u, jnp.asarray(keep), valid, blocksize=bs, nm=pat.nm)
-    return _masked(new[:d_in].astype(kernel.dtype), mask[:d_in])
+    del w, u
+    if pad:
+        new, mask = new[:d_in], mask[:d_in]
+    return _masked_in_place(new.astype(kernel.dtype), mask)

@@ -87,6 +87,8 @@ def prune(
     blocksize: int = 128,
     batch_sharding: jax.sharding.Sharding | None = None,
     call: Callable[[nnx.Module, Any], Any] | None = None,
+    carry: bool = True,
+    donate: bool = False,
 ) -> OneShotResult:
     """Prunes a trained model in one shot: magnitude, Wanda or SparseGPT, layer by layer.
 
@@ -114,9 +116,21 @@ def prune(
       batch_sharding: optional sharding for the batches (data-parallel calibration over a
         ``Mesh``, e.g. ``NamedSharding(mesh, P("data"))``); params are replicated on its mesh,
         the statistics are summed across devices inside the compiled pass and the per-layer
-        solve runs replicated. (Tested on 8 simulated CPU devices of one process; several
-        processes are not tested.)
+        solve runs replicated. Works across processes (``jax.distributed``; every process
+        passes the same params and batches): tested with 2 processes x 2 CPU devices against
+        1 process x 4 devices (``tests/test_oneshot_multiprocess.py``).
       call: NNX only: ``call(model, batch)`` runs the model (default ``model(batch)``).
+      carry: run the forward pass once, carrying every batch's activations from one layer
+        to the next (:class:`calibrate.Sequential`; memory: the activations live at one
+        layer boundary, for all batches). ``False``, or a forward that cannot be cut there
+        (a layer called twice in sequence, tied kernels, batches of different shapes):
+        re-run the forward prefix for every layer, one batch at a time (memory: one batch's
+        activations; time: about ``L / 2`` forward passes for ``L`` layers). Both give the
+        same result.
+      donate: free each pruned kernel's dense original (the arrays in ``params``, or the NNX
+        model's own params when ``params`` is None) once its pruned copy exists, so the
+        model is held about once instead of twice; the caller's dense arrays are deleted
+        (``jax.Array.delete``) and must not be used afterwards.
 
     Returns:
       :class:`OneShotResult` ``(params, masks, layers, seconds)``; for NNX apply the params
@@ -152,6 +166,8 @@ def prune(
         leaves = [jax.device_put(leaf, replicated) for leaf in leaves]
         put = lambda batch: jax.device_put(batch, batch_sharding)  # noqa: E731
 
+    originals = list(leaves) if put is None else [leaf for _, leaf in flat]
+    del flat
     if method == "magnitude":
         order, module_of = selected, {}
     else:
@@ -169,7 +185,14 @@ def prune(
                 f"nnx.Linear call uses it; {len(missing)} such layers: {missing[:5]}); leave "
                 "it out with prunable= or check the apply function")
         order = [p for p in module_of if p in set(selected)]
+        del current, first
 
+    seq = None
+    if method != "magnitude" and carry:
+        seq = calibrate.Sequential.plan(
+            forward, jax.tree_util.tree_unflatten(treedef, leaves), batches,
+            [module_of[p] for p in order], [index[p] for p in order],
+            with_gram=method == "sparsegpt", put=put)
     masks = [None] * len(leaves)
     seconds = []
     for path in order:
@@ -179,21 +202,36 @@ def prune(
         if method == "magnitude":
             res = magnitude_layer(kernel, sparsity=pat.sparsity, nm=pat.nm, name=path)
         else:
-            current = jax.tree_util.tree_unflatten(treedef, leaves)
             try:
-                stats = calibrate.layer_stats(forward, current, batches, module_of[path],
-                                              with_gram=method == "sparsegpt", put=put)
+                if seq is not None:
+                    stats = seq.stats(leaves)
+                else:
+                    stats = calibrate.layer_stats(
+                        forward, jax.tree_util.tree_unflatten(treedef, leaves), batches,
+                        module_of[path], with_gram=method == "sparsegpt", put=put)
             except LookupError:
                 raise ValueError(
                     f"layer {path!r} is not reached on every calibration batch; give batches "
                     "that all run the same layers") from None
+            jax.block_until_ready(stats)
+            calibrate.trim_heap()  # the calibration pass's buffers are free now
             if method == "wanda":
                 res = wanda_layer(kernel, stats, sparsity=pat.sparsity, nm=pat.nm, name=path)
             else:
                 res = sparsegpt_layer(kernel, stats, sparsity=pat.sparsity, nm=pat.nm,
-                                      percdamp=percdamp, blocksize=blocksize, name=path)
+                                      percdamp=percdamp, blocksize=blocksize, name=path,
+                                      donate_stats=True)
+            del stats  # one layer's statistics alive at a time
+        del kernel
+        if donate:
+            for old in {id(x): x for x in (leaves[i], originals[i])}.values():
+                if isinstance(old, jax.Array) and old is not res.kernel and not old.is_deleted():
+                    old.delete()
+        originals[i] = None
         leaves[i], masks[i] = res.kernel, res.mask
-        jax.block_until_ready(res.kernel)
+        del res
+        jax.block_until_ready(leaves[i])
+        calibrate.trim_heap()
         seconds.append(time.perf_counter() - start)
     new_params = jax.tree_util.tree_unflatten(treedef, leaves)
     mask_tree = jax.tree_util.tree_unflatten(treedef, masks)
