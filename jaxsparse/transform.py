@@ -35,6 +35,7 @@ import optax
 
 from jaxsparse import bitmask
 from jaxsparse.bitmask import PackedMask
+from jaxsparse.layermap import map_layers
 from jaxsparse.masks import (
     Masks,
     PyTree,
@@ -117,8 +118,10 @@ class SparsityRule(NamedTuple):
 
 
 def _all_finite(tree) -> jax.Array:
-    """Whether every entry of every leaf is finite."""
-    bad = [count_true(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    """Whether every entry of every leaf is finite (one count per leaf, leaves of a shape
+    sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
+    leaves = jax.tree.leaves(tree)
+    bad = map_layers(lambda x, _: count_true(~jnp.isfinite(x)), leaves)
     return sum(bad) == 0 if bad else jnp.asarray(True)
 
 
@@ -228,15 +231,17 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
     finite param is nonzero outside its mask."""
     m_flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_mask_leaf)[0]
     p_leaves = jax.tree.leaves(params)
-    paths, counts = [], []
-    for (path, m), p in zip(m_flat, p_leaves):
-        if m is None:
-            continue
-        outside = (p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m)
-        paths.append(path_to_str(path))
-        counts.append(count_true(outside))
-    if not counts:
+    pairs = [(path_to_str(path), (m, p)) for (path, m), p in zip(m_flat, p_leaves)
+             if m is not None]
+    if not pairs:
         return
+    paths = [path for path, _ in pairs]
+
+    def outside(layer, _):
+        m, p = layer
+        return count_true((p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m))
+
+    counts = map_layers(outside, [layer for _, layer in pairs])
 
     def check(c):
         jax.debug.callback(_raise_outside(paths), c)

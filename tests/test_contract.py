@@ -432,8 +432,9 @@ def test_the_update_lowers_for_tpu_with_the_sorting_selection():
     traced = jax.jit(tx.update).trace(params, state, params)
     tpu = traced.lower(lowering_platforms=("tpu",)).as_text()
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    assert "stablehlo.sort" in tpu and "stablehlo.while" not in tpu
-    assert "stablehlo.while" in cpu and "stablehlo.sort" not in cpu
+    assert "stablehlo.sort" in tpu and "stablehlo.sort" not in cpu
+    # Both loop over same-shaped layers (map_layers); only the CPU one has the searches.
+    assert tpu.count("stablehlo.while") < cpu.count("stablehlo.while")
 
 
 def test_frequency_is_a_deprecated_alias_of_update_every():

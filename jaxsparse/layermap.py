@@ -1,0 +1,76 @@
+"""Mapping a per-layer function over a model's layers, grouped by shape.
+
+A function applied to every layer of a deep model in a Python loop is traced, and compiled,
+once per layer. :func:`map_layers` traces it once per distinct layer shape and runs the
+layers of a shape in a ``lax.fori_loop``, one after another, so both the compile time and
+the temporaries stay those of one layer per shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _signature(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _after(done, tree):
+    """``tree``, not available before ``done`` is computed (an optimization barrier), so
+    XLA runs the layers one after another and their temporaries do not all live at once."""
+    if not jax.tree.leaves(done):
+        return tree
+    return jax.lax.optimization_barrier((done, tree))[1]
+
+
+def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
+    """``[fn(layer, c) for layer, c in zip(layers, consts)]``, one layer at a time.
+
+    Layers whose arrays (and consts) have the same shapes and dtypes share one traced ``fn``:
+    a ``lax.fori_loop`` over them picks the layer with ``lax.switch`` and writes ``fn``'s
+    output into a stacked result, so the compiled graph grows with the number of distinct
+    layer shapes, not with depth, and only one layer's temporaries are alive at a time
+    (the rest of the model is only read). Outputs should be small next to the inputs (a
+    packed mask, scalars): they are stacked per group.
+
+    Args:
+      fn: ``(layer, consts) -> pytree`` for one layer.
+      layers: one pytree of arrays per layer (e.g. mask, weight, gradient).
+      consts: one pytree of scalars per layer (traced ok), or ``None``.
+
+    Returns:
+      The list of outputs, in the order of ``layers``.
+    """
+    consts = [None] * len(layers) if consts is None else list(consts)
+    consts = [jax.tree.map(jnp.asarray, c) for c in consts]
+    groups: dict = {}
+    for i, (layer, c) in enumerate(zip(layers, consts)):
+        groups.setdefault((_signature(layer), _signature(c)), []).append(i)
+    out: list = [None] * len(layers)
+    done = ()
+    for members in groups.values():
+        if len(members) == 1:
+            i = members[0]
+            out[i] = fn(_after(done, layers[i]), consts[i])
+            done = out[i]
+            continue
+        group_layers = _after(done, [layers[i] for i in members])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[consts[i] for i in members])
+        shapes = jax.eval_shape(fn, group_layers[0], consts[members[0]])
+        n = len(members)
+        init = jax.tree.map(lambda s, n=n: jnp.zeros((n, *s.shape), s.dtype), shapes)
+
+        def body(j, acc, group_layers=group_layers, stacked=stacked):
+            layer = jax.lax.switch(j, [lambda x=x: x for x in group_layers])
+            result = fn(layer, jax.tree.map(lambda a: a[j], stacked))
+            return jax.tree.map(lambda a, r: a.at[j].set(r), acc, result)
+
+        acc = jax.lax.fori_loop(0, len(members), body, init)
+        for j, i in enumerate(members):
+            out[i] = jax.tree.map(lambda a, j=j: a[j], acc)
+        done = acc
+    return out
