@@ -117,7 +117,7 @@ class SparsityRule(NamedTuple):
     update_extra: Callable[[UpdateInputs, Masks], Any] | None = None
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     """Whether every entry of every leaf is finite (one count per leaf, leaves of a shape
     sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
     leaves = jax.tree.leaves(tree)
@@ -333,7 +333,7 @@ def sparse_transform(
                 _check_inside(masks, params)
             proposed = bitmask.pack_tree(rule.update_masks(inputs))
             # Non-finite gradients: the masks (and extra) keep their value for this step.
-            finite = _all_finite(grads)
+            finite = all_finite(grads)
             new = map_masked(lambda a, b: bitmask.select_packed(finite, a, b), proposed, masks)
             if ever is not None:
                 ever = map_masked(bitmask.or_packed, ever, new)

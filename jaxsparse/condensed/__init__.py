@@ -7,6 +7,10 @@ CPU, Pallas on Mosaic GPU / Triton / TPU, XLA elsewhere; :func:`choose_impl`),
 :func:`sparse_dense` (per-batch dispatch), :func:`mlp_apply`. Reference:
 :func:`condensed_matmul_reference`. Flax: :mod:`jaxsparse.condensed.layers`. Files:
 :func:`save_condensed` / :func:`load_condensed` (npz + JSON, no pickle, validated).
+Training on the condensed form (:mod:`jaxsparse.condensed.training`): :func:`condense_params`
+/ :func:`expand_params`, :func:`condensed_linear` (custom VJP; C++ CPU kernels),
+:class:`CondensedTrainDense`, :func:`srigl_condensed` (SRigL without ablation on values and
+indices).
 """
 
 from jaxsparse.condensed.dispatch import (
@@ -39,8 +43,20 @@ from jaxsparse.condensed.reference import (
     condensed_matmul_reference,
     structured_matmul_reference,
 )
+from jaxsparse.condensed.training import (
+    CondensedTrainDense,
+    condense_params,
+    condensed_linear,
+    expand_params,
+    srigl_condensed,
+)
 
 __all__ = [
+    "CondensedTrainDense",
+    "condense_params",
+    "condensed_linear",
+    "expand_params",
+    "srigl_condensed",
     "CondensedFileError",
     "CondensedLinear",
     "CondensedMLP",

@@ -79,6 +79,7 @@ from jaxsparse.condensed.export import index_dtype as smallest_index_dtype
 from jaxsparse.condensed.kernels import train_cpu
 from jaxsparse.condensed.reference import condensed_matmul_reference
 from jaxsparse.masks import is_none, path_to_str
+from jaxsparse.transform import all_finite
 
 PyTree = Any
 
@@ -571,12 +572,6 @@ def _layers(params: PyTree, indices: PyTree) -> list[tuple[str, str]]:
     return pairs
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else (
-        jnp.asarray(True))
-
-
 def srigl_condensed(
     inner: optax.GradientTransformation,
     *,
@@ -649,7 +644,7 @@ def srigl_condensed(
             if len(dg_leaves) != len(pairs):
                 raise ValueError(f"dense_grads has {len(dg_leaves)} leaves for "
                                  f"{len(pairs)} condensed layers")
-            finite = _all_finite(grads) & _all_finite(dg)
+            finite = all_finite(grads) & all_finite(dg)
             key_t = jax.random.fold_in(state.key, count)
             news, srcs = [], []
             for j, ((vpath, ipath), g) in enumerate(zip(pairs, dg_leaves)):
