@@ -582,3 +582,23 @@ print("fallback ok")
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "fallback ok" in out.stdout
+
+
+def test_forward_and_training_libraries_both_load_in_one_process():
+    # Each library is loaded from an in-memory file named /proc/self/fd/N; when the first
+    # one's descriptor was closed, the second got the same N and the loader handed back the
+    # first library (undefined symbol JaxsparseCondensedDvalues: silent jnp fallback).
+    import subprocess
+    import sys
+
+    from jaxsparse.condensed.kernels import cpu
+
+    if cpu.find_compiler() is None:
+        pytest.skip("no C++ compiler")
+    code = ("from jaxsparse.condensed.kernels import cpu, train_cpu\n"
+            "assert cpu.available(), cpu._state['error']\n"
+            "assert train_cpu.available(), train_cpu.unavailable_reason()\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -131,6 +131,9 @@ def read_verified(lib: Path) -> bytes:
     return data
 
 
+_OPEN_LIBRARY_FDS: list[int] = []
+
+
 def _dlopen_bytes(data: bytes, path: Path) -> ctypes.CDLL:
     """Loads exactly the verified bytes (no window to swap the file between check and load).
 
@@ -138,12 +141,18 @@ def _dlopen_bytes(data: bytes, path: Path) -> ctypes.CDLL:
     systems load the verified path.
     """
     if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
-        fd = os.memfd_create("jaxsparse_condensed_cpu", 0)
+        fd = os.memfd_create(f"jaxsparse_{path.stem}", 0)
         try:
             os.write(fd, data)
-            return ctypes.CDLL(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)  # the mapping keeps the library alive
+            lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+        except OSError:
+            os.close(fd)
+            raise
+        # The descriptor stays open: the dynamic loader knows a library by its path, and a
+        # closed descriptor's number (hence "/proc/self/fd/N") is reused by the next one, so
+        # a second library would be taken for the first, already loaded one.
+        _OPEN_LIBRARY_FDS.append(fd)
+        return lib
     return ctypes.CDLL(str(path))
 
 
