@@ -359,7 +359,8 @@ def _runs(steps, poison_step=None, hidden=1):
     return (mp, ms, masks0), (cp, cs)
 
 
-@pytest.mark.parametrize("hidden, steps", [(1, 7), pytest.param(2, 13, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden, steps", [(1, 7), (2, 13)])
 def test_condensed_srigl_equals_masked_srigl(hidden, steps):
     (mp, ms, masks0), (cp, cs) = _runs(steps, hidden=hidden)  # updates every 3 steps
     n_in = _n_in(hidden)
@@ -384,6 +385,7 @@ def test_condensed_srigl_equals_masked_srigl(hidden, steps):
     assert cs.count == steps
 
 
+@pytest.mark.slow
 def test_host_driven_skip_and_update_programs_equal_the_scheduled_step():
     params = _mlp_params(1)
     rng = np.random.default_rng(1)
