@@ -184,40 +184,32 @@ def _compiler() -> str:
     return cxx
 
 
-def library_path(cxx: str | None = None) -> Path:
-    """Where the library for this source, compiler, flags, JAX and CPU is cached.
-
-    Also creates or checks the cache directory (:func:`secure_cache_dir`).
-    """
-    cxx = cxx or _compiler()
+def _cached_path(sources, stem: str, cxx: str) -> Path:
+    """Cache path of a library built from ``sources`` (all hashed, with the compiler, flags,
+    JAX and CPU); creates or checks the cache directory (:func:`secure_cache_dir`)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
         "\0".join(
-            [SOURCE.read_text(), cxx, version, " ".join(CXXFLAGS), jax.ffi.include_dir(),
-             jax.__version__, _cpu_signature(), CACHE_FORMAT]
+            [*(src.read_text() for src in sources), cxx, version, " ".join(CXXFLAGS),
+             jax.ffi.include_dir(), jax.__version__, _cpu_signature(), CACHE_FORMAT]
         ).encode()
     ).hexdigest()[:16]
-    return secure_cache_dir() / f"condensed_cpu_{key}.so"
+    return secure_cache_dir() / f"{stem}_{key}.so"
 
 
-def build(force: bool = False) -> Path:
-    """Compiles the kernel (if not cached) and returns the shared library's path.
-
-    The library's SHA-256 is recorded beside it (:func:`checksum_path`); loading verifies it.
-    """
-    cxx = _compiler()
-    include = jax.ffi.include_dir()
-    out = library_path(cxx)
+def _build_library(source: Path, out: Path, cxx: str, what: str, force: bool) -> Path:
+    """Compiles ``source`` into ``out`` (if not cached) and records its SHA-256 beside it
+    (:func:`checksum_path`); loading verifies it."""
     if out.exists() and not force:
         return out
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *CXXFLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+    cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", f"-I{source.parent}", str(source),
+           "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise BuildError(f"building the condensed CPU kernel failed:\n{' '.join(cmd)}\n"
-                         f"{proc.stderr[-4000:]}")
+        raise BuildError(f"building {what} failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
     os.chmod(tmp, 0o700)  # whatever the umask: writable by this user only
     digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
     fd, tmp_sum = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
@@ -230,22 +222,45 @@ def build(force: bool = False) -> Path:
     return out
 
 
+def _load_library(state: dict, lock, build_fn, targets: dict[str, str]) -> bool:
+    """Builds (``build_fn() -> path``), verifies, loads and registers ``{ffi target: symbol}``
+    once per process; the outcome and any error are kept in ``state``."""
+    with lock:
+        if state["loaded"] is not None:
+            return state["loaded"]
+        try:
+            path = build_fn()
+            lib = _dlopen_bytes(read_verified(path), path)
+            state["lib"] = lib
+            for target, symbol in targets.items():
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                            platform="cpu")
+            state["loaded"] = True
+        except (BuildError, OSError, AttributeError) as e:
+            state["loaded"], state["error"] = False, e
+        return state["loaded"]
+
+
+def library_path(cxx: str | None = None) -> Path:
+    """Where the library for this source, compiler, flags, JAX and CPU is cached.
+
+    Also creates or checks the cache directory (:func:`secure_cache_dir`).
+    """
+    return _cached_path((SOURCE,), "condensed_cpu", cxx or _compiler())
+
+
+def build(force: bool = False) -> Path:
+    """Compiles the kernel (if not cached) and returns the shared library's path.
+
+    The library's SHA-256 is recorded beside it (:func:`checksum_path`); loading verifies it.
+    """
+    cxx = _compiler()
+    return _build_library(SOURCE, library_path(cxx), cxx, "the condensed CPU kernel", force)
+
+
 def load() -> bool:
     """Builds and registers the FFI target once per process; ``False`` if unavailable."""
-    with _lock:
-        if _state["loaded"] is not None:
-            return _state["loaded"]
-        try:
-            path = build()
-            lib = _dlopen_bytes(read_verified(path), path)
-            _state["lib"] = lib
-            jax.ffi.register_ffi_target(
-                TARGET_NAME, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu"
-            )
-            _state["loaded"] = True
-        except (BuildError, OSError, AttributeError) as e:
-            _state["loaded"], _state["error"] = False, e
-        return _state["loaded"]
+    return _load_library(_state, _lock, build, {TARGET_NAME: SYMBOL})
 
 
 def available() -> bool:

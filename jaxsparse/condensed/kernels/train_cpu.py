@@ -27,10 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -98,59 +94,19 @@ def condensed_dx_reference(dy: jax.Array, values: jax.Array, indices: jax.Array,
 def library_path(cxx: str) -> Path:
     """Cache path of the training library: a hash of both sources, compiler, flags, JAX
     and CPU (the forward source is compiled into it)."""
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(
-        "\0".join(
-            [SOURCE.read_text(), cpu.SOURCE.read_text(), cxx, version, " ".join(cpu.CXXFLAGS),
-             jax.ffi.include_dir(), jax.__version__, cpu._cpu_signature(), cpu.CACHE_FORMAT]
-        ).encode()
-    ).hexdigest()[:16]
-    return cpu.secure_cache_dir() / f"condensed_train_cpu_{key}.so"
+    return cpu._cached_path((SOURCE, cpu.SOURCE), "condensed_train_cpu", cxx)
 
 
 def build(force: bool = False) -> Path:
     """Compiles the training library (if not cached); its SHA-256 is recorded beside it."""
-    cxx = cpu.find_compiler()
-    if cxx is None:
-        raise cpu.BuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    out = library_path(cxx)
-    if out.exists() and not force:
-        return out
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    cmd = [cxx, *cpu.CXXFLAGS, f"-I{jax.ffi.include_dir()}", f"-I{SOURCE.parent}",
-           str(SOURCE), "-o", tmp]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        os.unlink(tmp)
-        raise cpu.BuildError(f"building the condensed training kernels failed:\n"
-                             f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    os.chmod(tmp, 0o700)
-    digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-    fd, tmp_sum = tempfile.mkstemp(suffix=".sha256", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(digest + "\n")
-    os.replace(tmp, out)
-    os.replace(tmp_sum, cpu.checksum_path(out))
-    return out
+    cxx = cpu._compiler()
+    return cpu._build_library(SOURCE, library_path(cxx), cxx,
+                              "the condensed training kernels", force)
 
 
 def load() -> bool:
     """Builds, verifies and registers the three FFI targets once; ``False`` if unavailable."""
-    with _lock:
-        if _state["loaded"] is not None:
-            return _state["loaded"]
-        try:
-            path = build()
-            lib = cpu._dlopen_bytes(cpu.read_verified(path), path)
-            _state["lib"] = lib
-            for target, symbol in TARGETS.items():
-                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
-                                            platform="cpu")
-            _state["loaded"] = True
-        except (cpu.BuildError, OSError, AttributeError) as e:
-            _state["loaded"], _state["error"] = False, e
-        return _state["loaded"]
+    return cpu._load_library(_state, _lock, build, TARGETS)
 
 
 def available() -> bool:
