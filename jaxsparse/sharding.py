@@ -8,11 +8,23 @@ per-weight array of the sparse optimizer sharded exactly like its weight
 (:func:`like_params`), so a layer's topology update runs on the shards that hold the layer
 and checkpoints shard the masks with the params.
 
+On a mesh with ``Auto`` axes (the default) pin the gradients to the params' shardings in
+the train step, before ``tx.update``: ``grads = jax.lax.with_sharding_constraint(grads,
+param_shardings)``. The topology update runs one compiled function over all layers of a
+shape (:func:`jaxsparse.layermap.map_layers`), so XLA's propagation gives those layers one
+sharding there (a row- and a column-sharded ``d x d`` kernel, a sharded bias and a
+replicated LayerNorm scale); unpinned, that sharding flows back out of the update into the
+gradients and the backward pass, and every step gathers activations and dense leaves.
+Pinned, the plain step communicates like the dense one (all-reduces only) and the update
+reshards the layers it needs inside its own branch.
+
 Example:
   >>> mesh = make_mesh((4, 2), ("data", "model"))
   >>> shardings = logical_shardings(logical_specs, mesh, rules, shapes=abstract_params)
   >>> params = jax.device_put(params, shardings)
   >>> masks = like_params(masks, params)            # each mask sharded like its kernel
+  >>> # in the jitted step:
+  >>> grads = jax.lax.with_sharding_constraint(grads, shardings)
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ out on a ``(data, model)`` mesh). It reuses the harness's optimizer factory
 Layout: params are sharded by the model's logical axis names and the config's rules
 (:func:`jaxsparse.sharding.logical_shardings`); every param-shaped leaf of the optimizer
 state (moments, masks, ``ever_active``, SNFS momentum) gets its param's sharding
-(:func:`jaxsparse.sharding.state_shardings`); the batch is split over ``data``. One jitted
-step (batch cut, forward, backward, sparse update) with fixed in/out shardings and donated
-state. The same program runs in one process or many (``jax.distributed``; see
+(:func:`jaxsparse.sharding.state_shardings`); the batch is split over ``data`` and the
+gradients are pinned to their params' shardings. One jitted step (batch cut, forward,
+backward, sparse update) with fixed in/out shardings and donated state. The same program runs in one process or many (``jax.distributed``; see
 ``experiments/lm/launch.py``): only process 0 prints and writes files, checkpoints are
 written by all (Orbax, sharded).
 
@@ -131,6 +131,7 @@ def make_train_step(setup: LMSetup):
     corpus (``uint8[n]``, replicated)."""
     c, model, tx = setup.config, setup.model, setup.tx
     batch_sharding = NamedSharding(setup.mesh, P(dict(setup.rules).get("batch"), None))
+    param_shardings = setup.state_shardings.params
 
     def step(state: LMState, data):
         tokens = data_lib.get_batch(data, setup.data_key, state.step, c.batch_size,
@@ -138,6 +139,11 @@ def make_train_step(setup: LMSetup):
         tokens = jax.lax.with_sharding_constraint(tokens, batch_sharding)
         with nn.logical_axis_rules(setup.rules):
             loss, grads = jax.value_and_grad(lambda p: lm_loss(model, p, tokens))(state.params)
+        # Gradients laid out like their params. The topology update maps one function over
+        # all layers of a shape (jaxsparse.layermap), so XLA gives those layers one sharding
+        # there; unpinned, that sharding flowed back into the gradients and the backward
+        # pass (all-gathers of activations and dense leaves in every step).
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return LMState(params, opt_state, state.step + 1), loss
