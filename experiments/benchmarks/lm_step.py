@@ -35,6 +35,7 @@ def worker(a) -> None:
     from experiments.lm import data as data_lib
     from experiments.lm import model as model_lib
     from experiments.lm import trainer
+    from jaxsparse import bitmask
     from jaxsparse import checkpoint as ckpt_lib
 
     corpus = data_lib.load_corpus()
@@ -63,8 +64,9 @@ def worker(a) -> None:
         # checkpoint folder, and the numbers do not depend on the process count).
         if algo != "dense" and not extra and jax.process_count() == 1:
             sparse = jaxsparse.transform.get_sparse_state(holder["state"].opt_state)
-            masks = sparse.masks
-            n = sum(int(m.size) for m in jax.tree.leaves(masks))
+            masks = sparse.masks  # PackedMask leaves: count weights, not bytes
+            n = sum(m.size for m in jax.tree.leaves(masks, is_leaf=bitmask.is_packed)
+                    if m is not None)
             in_state = _timing.tree_nbytes(masks) + _timing.tree_nbytes(sparse.ever_active or {})
             with tempfile.TemporaryDirectory() as d:
                 ck = ckpt_lib.Checkpointer(Path(d) / "masks")
@@ -145,7 +147,7 @@ def main(argv=None) -> None:
     r = rows[0]
     if "prunable" in r:
         print(f"\nmasks: {r['prunable']:,} prunable weights; in the optimizer state "
-              f"{r['state_bytes_per_weight']:.2f} bytes/weight (bool masks + ever_active); "
+              f"{r['state_bytes_per_weight']:.3f} bytes/weight (packed masks + ever_active); "
               f"packed {r['packed_bits_per_weight']:.3f} bits/weight; checkpoint on disk "
               f"{r['disk_bits_per_weight']:.3f} bits/weight (Orbax files, compressed)")
 
