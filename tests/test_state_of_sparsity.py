@@ -245,3 +245,32 @@ def test_fair_pruning_protocol_scopes_validation_and_finetuning(tmp_path):
                                               if r["method"].endswith("_ft") else 0)
     vd = [r for r in records if r["method"] == "vd"]
     assert vd[0]["train_time"] == vd[1]["train_time"]  # one training, cut at both scopes
+
+
+def test_fair_section_reports_the_test_accuracy_of_the_validation_chosen_weight(tmp_path):
+    from experiments import results_report
+
+    recs = []
+    for seed in range(3):
+        for scope in ("layerwise", "global"):
+            recs.append({"study": "pruning", "method": "magnitude", "ranking": scope,
+                         "target_sparsity": 0.9, "sparsity": 0.9, "seed": seed,
+                         "test_accuracy": 0.85 + 0.001 * seed, "val_accuracy": 0.86,
+                         "steps": 100, "validation_size": 50, "train_size": 500,
+                         "wall_time": 1.0})
+            # w=1: better on test, worse on validation; w=3 must be the one reported
+            for w, val, test in ((1.0, 0.70, 0.84), (3.0, 0.80, 0.60)):
+                recs.append({"study": "pruning", "method": "vd", "ranking": scope,
+                             "penalty_weight": w, "target_sparsity": 0.9, "sparsity": 0.9,
+                             "seed": seed, "test_accuracy": test + 0.001 * seed,
+                             "val_accuracy": val, "steps": 100, "validation_size": 50,
+                             "train_size": 500, "wall_time": 1.0})
+    folder = tmp_path / "results" / "sos_fair"
+    folder.mkdir(parents=True)
+    (folder / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    text = results_report.section_sos_fair(tmp_path)
+    assert "| T | global | VD | 60.10 ± 0.10 (w=3) |" in text
+    assert "| T | layerwise | VD | 60.10 ± 0.10 (w=3) |" in text
+    assert "| VD w=1, global | 70.00 ± 0.00 |" in text
+    assert "90% magnitude - VD +25.00 points" in text
+    assert results_report.section_sos_fair(tmp_path / "none") == ""
