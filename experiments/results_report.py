@@ -841,7 +841,9 @@ def _matched_claim(recs, matched, sp) -> str:
              + fmt_compare(values(recs, sos(m, s)), values(matched, sos("magnitude", s)))
              for s in sp for label, m in (("IMP rewind 0", "lottery_rewind0"),
                                           ("IMP rewind k", "lottery_rewind"))]
-    return ("the step-matched row trains the joint run for that budget (`python -m "
+    return ("the step-matched row trains the joint run for that budget, its cosine schedule "
+            "and pruning window (10% to 75% of training) stretched to it; that is IMP rewind "
+            "0's budget exactly and slightly more than rewind k's (`python -m "
             "experiments.state_of_sparsity --study retrain --methods magnitude "
             f"--joint_steps_factor {factor[0]:g} --sparsities 0.9,0.98 --seeds 0,1,2 "
             "--epochs 5 --out runs/sos_retrain_matched`; same data, no validation split, as "
