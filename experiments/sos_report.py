@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 METHOD_ORDER = ("dense", "magnitude", "magnitude_global", "vd", "vd_ft", "l0", "l0_ft",
+                "vd_layerwise", "vd_ft_layerwise", "l0_layerwise", "l0_ft_layerwise",
                 "random", "random_global", "lottery_rewind0", "lottery_rewind", "scratch_e",
                 "scratch_b", "snip", "grasp", "synflow")
 
@@ -43,12 +44,16 @@ def summary_table(records: Sequence[dict]) -> str:
 
 
 def _method(r: dict) -> str:
-    """Method name; gradual magnitude / random pruning with global ranking get a ``_global``
-    suffix (their default there is per-layer ranking; the init study always ranks
-    globally)."""
-    if (r["method"] in ("magnitude", "random") and r.get("ranking") == "global"
+    """Method name with its ranking scope where that is not the method's default: gradual
+    magnitude / random pruning (and their ``_ft``) ranked globally get ``_global`` (their
+    default is per layer; the init study always ranks globally); VD / L0 (and ``_ft``) cut
+    per layer get ``_layerwise`` (their default cut is global)."""
+    base = r["method"].removesuffix("_ft")
+    if (base in ("magnitude", "random") and r.get("ranking") == "global"
             and r.get("study") in ("pruning", "retrain")):
         return f"{r['method']}_global"
+    if base in ("vd", "l0") and r.get("ranking") == "layerwise":
+        return f"{r['method']}_layerwise"
     return r["method"]
 
 
@@ -59,18 +64,27 @@ def _label(r: dict) -> str:
     return f"{r['method']} (w={r['penalty_weight']:g})"
 
 
-def best_per_target(records: Sequence[dict]) -> list[dict]:
-    """For VD / L0 (and their fine-tuned variants): at each target sparsity, only the runs
-    of the penalty weight with the best mean test accuracy (the State of Sparsity frontier
-    takes the best hyperparameters per sparsity; here they are selected on the test set,
-    there is no validation split). Other methods pass through."""
+def best_per_target(records: Sequence[dict], select_on: str = "test_accuracy") -> list[dict]:
+    """For VD / L0 (and their fine-tuned variants and cut scopes): at each target sparsity,
+    only the runs of the penalty weight with the best mean ``select_on`` (the State of
+    Sparsity frontier takes the best hyperparameters per sparsity; ``"val_accuracy"`` selects
+    on the validation split of runs with ``--validation_size``, the default on the test set).
+    Other methods pass through.
+
+    Raises:
+      KeyError: a record lacks ``select_on`` (names the field).
+    """
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((_method(r), r["target_sparsity"], r.get("penalty_weight")),
                           []).append(r)
     best: dict[tuple, tuple[float, list[dict]]] = {}
     for (method, target, _), rs in groups.items():
-        mean = float(np.mean([r["test_accuracy"] for r in rs]))
+        missing = [r["method"] for r in rs if select_on not in r]
+        if missing:
+            raise KeyError(f"select_on={select_on!r}: not in the records of {missing[0]} "
+                           "(run with --validation_size to select on val_accuracy)")
+        mean = float(np.mean([r[select_on] for r in rs]))
         if (method, target) not in best or mean > best[(method, target)][0]:
             best[(method, target)] = (mean, rs)
     return [r for _, rs in best.values() for r in rs]

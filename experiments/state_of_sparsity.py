@@ -30,12 +30,12 @@ with masked kernels, evaluated by ``experiments.train.make_eval``):
   0 -> ``--l0_weight`` the same way.
 
   **How VD and L0 hit a target sparsity.** After training with the penalty, the weights of
-  all three kernels are ranked *globally* by log alpha (VD: lower is kept, i.e. the
+  the three kernels are ranked by log alpha, *globally* or per layer (``--ranking``) (VD: lower is kept, i.e. the
   threshold ``log alpha < t``) or by the deterministic gate (L0: higher is kept, the
   threshold ``gate > t``). Both are clipped (log alpha to [-8, 8], the gate to [0, 1]; after
   a short run most L0 gates sit at exactly 1), so ties of clipped values are broken by the
   weight magnitude ``|w|``. ``jaxsparse.pruning_at_init.one_shot_masks`` keeps exactly
-  ``round((1 - target) * n)`` weights; the implied threshold ``t`` (largest kept log alpha /
+  ``round((1 - target) * n)`` weights (per layer under ``layerwise``); the implied threshold ``t`` (largest kept log alpha /
   smallest kept gate) is recorded as ``threshold``. No fine-tuning after the cut: the model
   evaluated is the deterministic one at that threshold: VD kernel ``theta * mask``, L0
   kernel ``w * gate * mask``. For L0, a kept weight whose gate is exactly 0 is still zero, so the
@@ -45,21 +45,28 @@ with masked kernels, evaluated by ``experiments.train.make_eval``):
   parameters use their own learning rate ``--aux_lr`` (Adam), since with a short schedule
   the base rate barely moves them from their initialisation.
 
-  **Penalty tuning and fine-tuning.** ``--vd_weight`` / ``--l0_weight`` take a comma list:
-  each weight is a separate run (records carry ``penalty_weight``); the summary table lists
-  each, and ``--plot`` draws the best weight per target sparsity (selected on test accuracy:
-  there is no validation split, so read it as an optimistic frontier, as in the paper's
-  per-sparsity tuning). ``--finetune_fraction f`` also trains the cut model (plain MLP,
-  fixed masks, a fresh lr schedule of ``round(f * T)`` steps) and writes it as ``vd_ft`` /
-  ``l0_ft``; the default 0 keeps the cut model only. The penalised training does not depend
-  on the target, so VD / L0 train once per (seed, penalty weight) and are cut at every
-  target; each record's ``wall_time`` is that shared ``train_time`` plus its own cut (and
+  **Penalty tuning, scopes and fine-tuning.** ``--vd_weight`` / ``--l0_weight`` take a comma
+  list: each weight is a separate run (records carry ``penalty_weight``); the summary table
+  lists each, and ``--plot`` draws the best weight per target sparsity (selected on test
+  accuracy; ``sos_report.best_per_target(..., select_on="val_accuracy")`` selects on the
+  validation split instead). ``--validation_size V`` holds ``V`` training examples out
+  (``experiments.data.with_validation``; default 0: none) and every record then carries
+  ``val_accuracy`` / ``val_loss`` next to the test numbers. ``--ranking layerwise,global``
+  runs magnitude / random once per scope and cuts each VD / L0 training at both scopes.
+  ``--finetune_fraction f`` also trains every method's final masked model (plain MLP, fixed
+  masks, a fresh lr schedule of ``round(f * T)`` steps) and writes it as ``<method>_ft``
+  (``magnitude_ft``, ``vd_ft``, ...): the same step budget (1 + f) T for every method; the
+  default 0 keeps T for all. The penalised training does not depend on the target or scope,
+  so VD / L0 train once per (seed, penalty weight) and are cut at every target and scope;
+  each record's ``wall_time`` is that shared ``train_time`` plus its own cut (and
   fine-tuning).
 
 ``--study retrain`` (Frankle & Carbin 2019; Liu et al. 2019): one dense run per seed
 (weights saved at step 0, at the rewind step and at the end), then per sparsity:
 
-* ``magnitude``: joint gradual magnitude pruning during one training run (as above).
+* ``magnitude``: joint gradual magnitude pruning during one training run (as above);
+  ``--joint_steps_factor k`` (with ``--methods magnitude`` only) stretches that run to
+  ``round(k * T)`` steps (records carry ``train_steps``): k = 4 matches IMP's budget.
 * ``lottery_rewind0``: IMP (``jaxsparse.lottery.imp``, ``--rounds`` rounds of prune /
   rewind / retrain from the shared dense run) rewinding to the initialisation.
 * ``lottery_rewind``: the same rewinding to step ``round(--rewind_fraction * T)``.
@@ -114,7 +121,7 @@ from jaxsparse.masks import map_masked
 
 STUDIES = {
     "pruning": ("magnitude", "vd", "l0", "random"),
-    # (written by --finetune_fraction > 0 next to "vd" / "l0"; not selectable on their own)
+    # (--finetune_fraction > 0 also writes <method>_ft; not selectable on its own)
     "retrain": ("magnitude", "lottery_rewind0", "lottery_rewind", "scratch_e", "scratch_b"),
     "init": ("snip", "grasp", "synflow", "random"),
 }
@@ -179,6 +186,8 @@ class Context:
         self.steps_per_epoch = len(ds.x_train) // args.batch_size
         self.total = max(1, args.epochs * self.steps_per_epoch)
         self.evaluate = train_lib.make_eval(self.model, ds.x_test, ds.y_test, 1000)
+        self.evaluate_val = (None if ds.x_val is None else train_lib.make_eval(
+            self.model, ds.x_val, ds.y_val, 1000, prefix="val"))
         self.machine = train_lib.machine_description()
         self._steps = {}
 
@@ -244,33 +253,40 @@ class Context:
     def record(self, study, method, target, seed, params, masks, wall, **extra) -> dict:
         kept = jaxsparse.apply_masks(params, masks)
         ev = {k: float(v) for k, v in self.evaluate(kept).items()}
+        if self.evaluate_val is not None:
+            ev.update({k: float(v) for k, v in self.evaluate_val(kept).items()})
         a = self.args
         return {
             "study": study, "method": method, "target_sparsity": float(target),
             "sparsity": kernel_sparsity(kept), **ev, "wall_time": wall, "seed": seed,
             "epochs": a.epochs, "steps": self.total, "dataset": self.ds.name,
             "optimizer": a.optimizer, "lr": a.lr, "batch_size": a.batch_size,
-            "machine": self.machine, **extra,
+            "validation_size": 0 if self.ds.x_val is None else len(self.ds.x_val),
+            "train_size": len(self.ds.x_train), "machine": self.machine, **extra,
         }
 
-    def gradual(self, factory, sparsity, **kw):
-        total = self.total
+    def gradual(self, factory, sparsity, ranking=None, total=None, **kw):
+        """``factory`` (gradual pruning) over a ``total``-step run (default T): pruning from
+        10% to 75% of it, 20 mask updates, the lr schedule stretched to ``total``."""
+        total = self.total if total is None else total
         end = max(1, int(0.75 * total))
         begin = min(int(0.1 * total), end - 1)
         freq = max(1, (end - begin) // 20)
-        return factory(self.inner(), sparsity, end_step=end, begin_step=begin, update_every=freq,
-                       ranking=self.args.ranking, **kw)
+        return factory(self.inner(total), sparsity, end_step=end, begin_step=begin,
+                       update_every=freq, ranking=ranking or self.args.ranking, **kw)
 
-    def train_gradual(self, method, sparsity, seed):
-        """Magnitude or random gradual pruning; returns ``(params, masks, seconds)``."""
+    def train_gradual(self, method, sparsity, seed, ranking=None, total=None):
+        """Magnitude or random gradual pruning over ``total`` steps (default T) with
+        ``ranking`` (default ``--ranking``); returns ``(params, masks, seconds)``."""
         t0 = time.perf_counter()
+        total = self.total if total is None else total
         k_init, k_tx = jax.random.split(jax.random.key(seed))
         params, model = self.init_params(k_init)
         if method == "magnitude":
-            tx = self.gradual(jaxsparse.magnitude_pruning, sparsity)
+            tx = self.gradual(jaxsparse.magnitude_pruning, sparsity, ranking, total)
         else:
-            tx = self.gradual(jaxsparse.random_pruning, sparsity, key=k_tx)
-        params, opt_state, _ = self.fit(self.dense_loss(model), params, tx, self.total, seed,
+            tx = self.gradual(jaxsparse.random_pruning, sparsity, ranking, total, key=k_tx)
+        params, opt_state, _ = self.fit(self.dense_loss(model), params, tx, total, seed,
                                         k_tx)
         masks = jaxsparse.get_masks(opt_state)
         return params, masks, time.perf_counter() - t0
@@ -329,13 +345,15 @@ def penalized_train(ctx: Context, method: str, seed: int, penalty_weight: float)
     return params, time.perf_counter() - t0
 
 
-def cut_to_target(ctx: Context, method: str, params, sparsity: float, penalty_weight: float):
-    """Masks trained VD / L0 ``params`` to ``sparsity`` by global ranking (see the module
+def cut_to_target(ctx: Context, method: str, params, sparsity: float, penalty_weight: float,
+                  ranking: str = "global"):
+    """Masks trained VD / L0 ``params`` to ``sparsity`` by a ``ranking`` ("global" or
+    "layerwise": every layer at ``sparsity``) of log alpha / the gate (see the module
     docstring). Returns ``(eval params, masks, seconds, extra fields)``."""
     a = ctx.args
     t0 = time.perf_counter()
     layers = _layers(params)
-    # Global ranking on log alpha (VD, low kept) / gate (L0, high kept); ties of clipped
+    # Ranking on log alpha (VD, low kept) / gate (L0, high kept); ties of clipped
     # values (log alpha at -8 or 8, gate at 1 or 0) are broken by |weight|.
     wmax = max(float(jnp.max(jnp.abs(params[n]["kernel"]))) for n in layers) or 1.0
 
@@ -357,7 +375,7 @@ def cut_to_target(ctx: Context, method: str, params, sparsity: float, penalty_we
             jnp.where(rank[n] <= 0.0, -2.0 + magnitude(n), rank[n]))} for n in layers}
         effective = {n: params[n]["kernel"] * rank[n] for n in layers}
         natural = jsnn.l0_masks(params)
-    masks = pai.one_shot_masks(scores, sparsity, ranking="global")
+    masks = pai.one_shot_masks(scores, sparsity, ranking=ranking)
     kept = np.concatenate([np.asarray(rank[n])[np.asarray(masks[n]["kernel"])] for n in layers])
     if not kept.size:
         threshold = None
@@ -371,7 +389,7 @@ def cut_to_target(ctx: Context, method: str, params, sparsity: float, penalty_we
         "threshold": threshold,
         "natural_sparsity": kernel_sparsity(nat_params),
         "natural_accuracy": float(ctx.evaluate(nat_params)["test_accuracy"]),
-        "penalty_weight": penalty_weight, "aux_lr": a.aux_lr,
+        "penalty_weight": penalty_weight, "aux_lr": a.aux_lr, "ranking": ranking,
     }
     return plain, full, time.perf_counter() - t0, extra
 
@@ -393,27 +411,32 @@ def run_pruning(ctx: Context, methods, sparsities, seeds, write):
     a = ctx.args
     ft_steps = max(1, int(round(a.finetune_fraction * ctx.total))) \
         if a.finetune_fraction > 0 else 0
+
+    def emit(m, s, seed, params, masks, wall, **extra):
+        write(ctx.record("pruning", m, s, seed, params, masks, wall, **extra))
+        if ft_steps:  # the same fine-tuning budget for every method (--finetune_fraction)
+            t0 = time.perf_counter()
+            tuned = finetune(ctx, params, masks, ft_steps, seed)
+            write(ctx.record("pruning", f"{m}_ft", s, seed, tuned, masks,
+                             wall + time.perf_counter() - t0, finetune_steps=ft_steps,
+                             **extra))
+
     for seed in seeds:
         for m in methods:
             if m in ("magnitude", "random"):
-                for s in sparsities:
-                    params, masks, wall = ctx.train_gradual(m, s, seed)
-                    write(ctx.record("pruning", m, s, seed, params, masks, wall,
-                                     ranking=a.ranking))
+                for ranking in a.rankings:
+                    for s in sparsities:
+                        params, masks, wall = ctx.train_gradual(m, s, seed, ranking)
+                        emit(m, s, seed, params, masks, wall, ranking=ranking)
                 continue
             for w in (a.vd_weight if m == "vd" else a.l0_weight):
                 trained, train_time = penalized_train(ctx, m, seed, w)
-                for s in sparsities:
-                    params, masks, cut_time, extra = cut_to_target(ctx, m, trained, s, w)
-                    extra.update(ranking="global", train_time=train_time)
-                    wall = train_time + cut_time
-                    write(ctx.record("pruning", m, s, seed, params, masks, wall, **extra))
-                    if ft_steps:
-                        t0 = time.perf_counter()
-                        tuned = finetune(ctx, params, masks, ft_steps, seed)
-                        extra["finetune_steps"] = ft_steps
-                        write(ctx.record("pruning", f"{m}_ft", s, seed, tuned, masks,
-                                         wall + time.perf_counter() - t0, **extra))
+                for ranking in a.rankings:
+                    for s in sparsities:
+                        params, masks, cut_time, extra = cut_to_target(ctx, m, trained, s, w,
+                                                                       ranking)
+                        emit(m, s, seed, params, masks, train_time + cut_time,
+                             train_time=train_time, **extra)
 
 
 def run_retrain(ctx: Context, methods, sparsities, seeds, write):
@@ -436,13 +459,15 @@ def run_retrain(ctx: Context, methods, sparsities, seeds, write):
             dense_time = time.perf_counter() - t0
             ones = jaxsparse.ones_masks(trained)
             write(ctx.record("retrain", "dense", 0.0, seed, trained, ones, dense_time))
+        joint_steps = max(1, int(round(a.joint_steps_factor * T)))
         for s in sparsities:
             mag_masks = None
             if any(m in ("magnitude", "scratch_e", "scratch_b") for m in methods):
-                params, mag_masks, wall = ctx.train_gradual("magnitude", s, seed)
+                params, mag_masks, wall = ctx.train_gradual("magnitude", s, seed,
+                                                            total=joint_steps)
                 if "magnitude" in methods:
                     write(ctx.record("retrain", "magnitude", s, seed, params, mag_masks, wall,
-                                     ranking=a.ranking))
+                                     ranking=a.ranking, train_steps=joint_steps))
             for m in methods:
                 if m in ("lottery_rewind0", "lottery_rewind"):
                     rw = 0 if m == "lottery_rewind0" else k_step
@@ -547,19 +572,32 @@ def parse_args(argv=None):
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "constant"])
-    p.add_argument("--ranking", default="layerwise", choices=["layerwise", "global"],
-                   help="magnitude / random pruning and IMP ranking")
+    p.add_argument("--ranking", default="layerwise",
+                   help="layerwise or global: magnitude / random pruning, VD / L0 cut and IMP "
+                        "ranking; --study pruning takes a comma list (each scope is run; VD / "
+                        "L0 are trained once and cut with each)")
+    p.add_argument("--validation_size", type=float, default=0,
+                   help="training examples held out as the validation split (a count, or a "
+                        "fraction below 1); records then carry val_accuracy / val_loss. "
+                        "Default 0: none")
+    p.add_argument("--validation_seed", type=int, default=0,
+                   help="which training examples are held out")
     p.add_argument("--vd_weight", default="1.0",
                    help="KL weight x N_train; a comma list runs each (penalty tuning)")
     p.add_argument("--l0_weight", default="0.1",
                    help="L0 weight x N_train; a comma list runs each (penalty tuning)")
     p.add_argument("--finetune_fraction", type=float, default=0.0,
-                   help="VD / L0: after the cut, also fine-tune the masked model for this "
-                        "fraction of the training steps (written as vd_ft / l0_ft)")
+                   help="--study pruning, every method: after training (and the VD / L0 "
+                        "cut), also fine-tune the masked model for this fraction of the "
+                        "training steps (written as <method>_ft)")
     p.add_argument("--aux_lr", type=float, default=1e-2,
                    help="Adam lr of log_sigma2 (VD) and gate log_alpha (L0)")
     p.add_argument("--rounds", type=int, default=None, help="IMP rounds (default 3)")
     p.add_argument("--rewind_fraction", type=float, default=0.05)
+    p.add_argument("--joint_steps_factor", type=float, default=1.0,
+                   help="--study retrain: the joint gradual-magnitude run trains for this "
+                        "many times T steps (e.g. 4: IMP's budget, the step-matched baseline); "
+                        "only with --methods magnitude")
     p.add_argument("--score_batch", type=int, default=256)
     p.add_argument("--synflow_rounds", type=int, default=None, help="default 100")
     p.add_argument("--quick", action="store_true", help="tiny settings (digits, 2 epochs)")
@@ -587,22 +625,43 @@ def parse_args(argv=None):
         p.error(f"unknown methods {bad} for --study {args.study}; "
                 f"choose from {STUDIES[args.study]}")
     args.sparsities = _floats(args.sparsities)
+    args.rankings = [r for r in args.ranking.split(",") if r]
+    bad = [r for r in args.rankings if r not in ("layerwise", "global")]
+    if bad or not args.rankings or len(set(args.rankings)) != len(args.rankings):
+        p.error(f"--ranking takes layerwise and/or global (no repeats), got {args.ranking!r}")
+    if len(args.rankings) > 1 and args.study != "pruning":
+        p.error(f"--ranking {args.ranking!r}: a list is for --study pruning only")
+    args.ranking = args.rankings[0]
+    if args.validation_size < 0 or (args.validation_size >= 1
+                                    and args.validation_size != int(args.validation_size)):
+        p.error(f"--validation_size must be 0, a fraction in (0, 1) or a count, got "
+                f"{args.validation_size}")
+    if args.validation_size >= 1:
+        args.validation_size = int(args.validation_size)
     args.seeds = _ints(args.seeds)
     args.vd_weight, args.l0_weight = _floats(args.vd_weight), _floats(args.l0_weight)
     for name in ("vd_weight", "l0_weight"):
         bad = [w for w in getattr(args, name) if not w > 0]
         if bad or not getattr(args, name):
             p.error(f"--{name} needs positive weights, got {getattr(args, name)}")
+    if args.joint_steps_factor != 1.0 and (
+            args.study != "retrain" or args.methods != ["magnitude"]
+            or not args.joint_steps_factor > 0):
+        p.error(f"--joint_steps_factor {args.joint_steps_factor} needs a positive factor, "
+                "--study retrain and --methods magnitude (scratch-e/b reuse that run's mask "
+                "and are defined on a T-step joint run)")
     if not 0.0 <= args.finetune_fraction <= 1.0:
         p.error(f"--finetune_fraction must be in [0, 1], got {args.finetune_fraction}")
     return args
 
 
 def load(args) -> data_lib.Dataset:
-    if args.dataset == "digits":
-        return data_lib.load_dataset("digits")
-    folder = args.data_dir or str(REPO_ROOT / ".." / "shared" / "data" / args.dataset)
-    return data_lib.load_dataset(args.dataset, folder)
+    """The dataset, with ``--validation_size`` training examples held out."""
+    folder = None
+    if args.dataset != "digits":
+        folder = args.data_dir or str(REPO_ROOT / ".." / "shared" / "data" / args.dataset)
+    return data_lib.load_dataset(args.dataset, folder, validation_size=args.validation_size,
+                                 validation_seed=args.validation_seed)
 
 
 def main(argv=None) -> list[dict]:
