@@ -9,8 +9,10 @@ A Dense layer with ``n_in`` inputs, ``n_out`` neurons and constant fan-in ``k`` 
 
 and computes ``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``. The
 params and the optimizer's moments then scale with ``nnz = n_out * k``, not with
-``n_in * n_out``. Every neuron is active (no ablation): the layout has a static shape, so one
-compiled step serves the whole run.
+``n_in * n_out``. The layout has a static shape, so one compiled step serves the whole run.
+SRigL's neuron ablation uses the *padded* layout (:func:`pad_condensed`): ``capacity``
+slots per neuron, of which neuron ``i`` uses the first ``fan[i]`` (0 when ablated, ``k'``
+otherwise); the padding holds zeros and gets no gradient.
 
 Pieces, each a pure function:
 
@@ -21,11 +23,11 @@ Pieces, each a pure function:
   ``dvalues`` (per-slot dot products) and ``dx`` (scatter-add through the index lists);
   the jnp formulas in :mod:`jaxsparse.condensed.kernels.train_cpu` are the reference, the
   C++ XLA FFI kernels beside them the fast CPU path (``impl="auto"``).
-* :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024, without
-  ablation) on the condensed form. The optimizer state exists for ``values`` only; at a
-  topology update the rule is :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same
-  counts, keys and tie-breaks as ``jaxsparse.srigl(..., ablation=False)``): the drop is
-  selected on the slots, the growth on the dense gradient of one layer at a time, built
+* :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024; neuron ablation
+  with ``ablation=True`` on the padded layout) on the condensed form. The optimizer state
+  exists for ``values`` only; at a topology update the rule is
+  :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same counts, keys and tie-breaks as
+  ``jaxsparse.srigl(..., ablation=...)``). Without ablation the drop is selected on the slots, the growth on the dense gradient of one layer at a time, built
   for that update only (``selection="dense"`` runs ``srigl_layer`` itself, the reference);
   the result is applied to values, indices and every param-shaped leaf of the optimizer
   state by slot moves. One compiled step (``lax.cond``), or a host loop over a ``"skip"``
@@ -45,10 +47,12 @@ Example:
     ...     return tx.step(grads, state, cparams,   # dense_loss_grads: the user's dense
     ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))  # grads
 
-Limits: Dense layers only (2-D kernels), every neuron active (no ablation, so SRigL's
-neuron ablation and ``k'`` growth are not available: use ``ablation=False`` in the masked
-run to compare), float32 for the C++ kernels (other dtypes run the jnp reference), one index
-list per neuron (no group-shared layout).
+Limits: Dense layers only (2-D kernels); with ablation the update selects on each layer's
+dense view (``srigl_layer`` itself) and a neuron holds at most ``capacity`` weights (a smaller
+capacity than the masked rule's ``k'`` keeps more neurons active instead); float32 for the
+C++ kernels (other dtypes run the jnp reference); one index list per neuron (no group-shared
+layout); :class:`CondensedTrainDense` builds the unpadded layout (pad its variables with
+:func:`pad_condensed` for ablation).
 """
 
 from __future__ import annotations
