@@ -1359,6 +1359,21 @@ def _median(v: Sequence[float]) -> float:
     return q[len(q) // 2] if len(q) % 2 else 0.5 * (q[len(q) // 2 - 1] + q[len(q) // 2])
 
 
+def _uniform_fan_ins(model: str, sparsity: float) -> list[int]:
+    """SRigL's k0 per layer of an ``mlp-a-b-...`` model under uniform sparsity
+    (``jaxsparse.algorithms.structured.fan_in_budgets``, what the runs used)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsparse.algorithms.structured import fan_in_budgets
+
+    sizes = [int(x) for x in model.removeprefix("mlp-").split("-")]
+    params = {f"fc{i}": {"kernel": jax.ShapeDtypeStruct((a, b), jnp.float32)}
+              for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+    ks = fan_in_budgets(params, sparsity, "uniform", None, None)
+    return [ks[f"fc{i}/kernel"] for i in range(len(sizes) - 1)]
+
+
 def section_condensed(root: Path) -> str:
     """Condensed training (issue 18): the same SRigL run on the masked dense model and on
     values/indices, in lockstep; records ``results/condensed_training/results.jsonl``."""
@@ -1417,6 +1432,12 @@ def section_condensed(root: Path) -> str:
         max_gap = max([max_gap] + [abs(float(r["test_accuracy"]) - by_seed[r["seed"]])
                                    for r in g["condensed"] if r["seed"] in by_seed])
     out += lines + [""]
+    fans = sorted({(k[1], k[3]) for k in groups})
+    out.append("* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
+        f"{pct(sp)} " + "/".join(map(str, _uniform_fan_ins(model, sp))) for model, sp in fans)
+        + " (at 99% each output neuron starts with "
+        + ", ".join(sorted({str(_uniform_fan_ins(m, 0.99)[-1]) for m, _ in fans}))
+        + " input).")
     exact = sum(a == 1.0 for a in agree_all)
     out.append("* Table CT, condensed - masked accuracy: Welch's test separates the two at "
                + (", ".join(separated) if separated else "no row")

@@ -664,6 +664,61 @@ def test_flax_layer_trains_with_condensed_srigl():
     assert (new_idx != idx).any() and (np.diff(new_idx, axis=1) > 0).all()
 
 
+class _PaddedNet(nn.Module):
+    capacity: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = jax.nn.relu(T.CondensedTrainDense(32, k=6, capacity=self.capacity, name="fc0")(x))
+        return T.CondensedTrainDense(D_OUT, k=4, capacity=self.capacity and 8, name="fc1")(x)
+
+
+def test_flax_layer_with_capacity_is_the_padded_layout():
+    x, _ = _batch(0)
+    plain = jax.jit(_Net().init)(jax.random.key(0), x)
+    padded = jax.jit(_PaddedNet(12).init)(jax.random.key(0), x)
+    want_p, want_i, want_f = T.pad_condensed(plain["params"], plain["sparsity"],
+                                             {"fc0": 12, "fc1": 8}, {"fc0": D_IN, "fc1": 32})
+    for name in ("fc0", "fc1"):
+        np.testing.assert_array_equal(padded["params"][name]["values"], want_p[name]["values"])
+        np.testing.assert_array_equal(padded["sparsity"][name]["indices"],
+                                      want_i[name]["indices"])
+    fan = T.constant_fan(padded["sparsity"], {"fc0": 6, "fc1": 4})
+    jax.tree.map(np.testing.assert_array_equal, fan, want_f)
+    np.testing.assert_allclose(_PaddedNet(12).apply(padded, x), _Net().apply(plain, x),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"fc1: k=5 must be in \[1, 4\]"):
+        T.constant_fan(plain["sparsity"], 5)
+
+
+@pytest.mark.slow
+def test_flax_layer_with_capacity_trains_with_ablation():
+    net = _PaddedNet(12)
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
+                           update_every=5, ablation=True, gamma_sal=0.9)
+    params = variables["params"]
+    state = tx.init(params, variables["sparsity"],
+                    T.constant_fan(variables["sparsity"], {"fc0": 6, "fc1": 4}))
+
+    @jax.jit
+    def step(params, state):
+        v = {"params": params, "sparsity": T.get_indices(state)}
+        g = jax.grad(lambda p: _xent(net.apply({**v, "params": p}, x), y))(params)
+        return tx.step(g, state, params, dense_grads=lambda: T.dense_weight_grads(
+            net.apply, v, _xent, x, y))
+
+    first = float(_xent(net.apply(variables, x), y))
+    for _ in range(20):
+        params, state = step(params, state)
+    final = {"params": params, "sparsity": T.get_indices(state)}
+    assert float(_xent(net.apply(final, x), y)) < 0.7 * first
+    fan = np.asarray(state.fan["fc0"]["indices"])
+    assert (fan == 0).any() and fan.max() > 6  # ablated neurons, survivors grew to k' > k0
+    assert (np.asarray(state.fan["fc1"]["indices"]) == 4).all()  # output layer: no ablation
+
+
 def test_flax_layer_bad_configuration():
     x = jnp.ones((2, 10))
     with pytest.raises(ValueError, match=r"fan-in k=11 must be in \[1, n_in=10\]"):
@@ -671,6 +726,8 @@ def test_flax_layer_bad_configuration():
     with pytest.raises(ValueError, match="index dtype int8 cannot index n_in=300"):
         T.CondensedTrainDense(4, k=3, index_dtype=jnp.int8).init(
             jax.random.key(0), jnp.ones((2, 300)))
+    with pytest.raises(ValueError, match=r"capacity=11 must be in \[k=3, n_in=10\]"):
+        T.CondensedTrainDense(4, k=3, capacity=11).init(jax.random.key(0), x)
 
 
 @pytest.mark.slow

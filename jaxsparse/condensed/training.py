@@ -51,8 +51,7 @@ Limits: Dense layers only (2-D kernels); with ablation the update selects on eac
 dense view (``srigl_layer`` itself) and a neuron holds at most ``capacity`` weights (a smaller
 capacity than the masked rule's ``k'`` keeps more neurons active instead); float32 for the
 C++ kernels (other dtypes run the jnp reference); one index list per neuron (no group-shared
-layout); :class:`CondensedTrainDense` builds the unpadded layout (pad its variables with
-:func:`pad_condensed` for ablation).
+layout).
 """
 
 from __future__ import annotations
@@ -314,6 +313,22 @@ def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int], fan: P
     return _nest(out), _nest(masks)
 
 
+def constant_fan(indices: PyTree, k) -> PyTree:
+    """The ``fan`` tree of a padded layout whose neurons all use their first ``k`` slots:
+    the structure of ``indices``, ``int32[n_out]`` leaves; ``k`` an int or ``{layer path:
+    int}`` (e.g. for :class:`CondensedTrainDense` layers built with a ``capacity``)."""
+    out = {}
+    for ipath, idx in _flat_paths(indices).items():
+        head, _ = _split_path(ipath)
+        kk = k.get(head) if isinstance(k, dict) else k
+        if isinstance(kk, bool) or not isinstance(kk, (int, np.integer)):
+            raise TypeError(f"{head}: k must be an int, got {kk!r}")
+        if not 1 <= kk <= np.shape(idx)[1]:
+            raise ValueError(f"{head}: k={kk} must be in [1, {np.shape(idx)[1]}] (the slots)")
+        out[ipath] = jnp.full((np.shape(idx)[0],), int(kk), jnp.int32)
+    return _nest(out)
+
+
 def pad_condensed(cparams: PyTree, indices: PyTree, capacity, n_in: dict[str, int]):
     """Constant fan-in condensed layers -> the padded layout that neuron ablation needs.
 
@@ -343,11 +358,11 @@ def pad_condensed(cparams: PyTree, indices: PyTree, capacity, n_in: dict[str, in
     """
     p_flat = dict(_flat_paths(cparams))
     i_flat = _flat_paths(indices)
-    idx_out, fan = {}, {}
+    idx_out = {}
     for ipath, idx in i_flat.items():
         head, _ = _split_path(ipath)
         vpath = f"{head}/values" if head else "values"
-        n_out, k = np.shape(idx)
+        k = np.shape(idx)[1]
         cap = capacity.get(head, k) if isinstance(capacity, dict) else capacity
         if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)):
             raise TypeError(f"{head}: capacity must be an int, got {cap!r}")
@@ -358,8 +373,9 @@ def pad_condensed(cparams: PyTree, indices: PyTree, capacity, n_in: dict[str, in
         pad = ((0, 0), (0, int(cap) - k))
         p_flat[vpath] = jnp.pad(jnp.asarray(p_flat[vpath]), pad)
         idx_out[ipath] = jnp.pad(jnp.asarray(idx), pad)
-        fan[ipath] = jnp.full((n_out,), k, jnp.int32)
-    return _nest(p_flat), _nest(idx_out), _nest(fan)
+    fan = constant_fan(indices, {_split_path(ip)[0]: int(np.shape(i)[1])
+                                 for ip, i in i_flat.items()})
+    return _nest(p_flat), _nest(idx_out), fan
 
 
 # ----------------------------------------------------------------------------- the layer op
@@ -681,7 +697,7 @@ TOPOLOGY_MODES = ("scheduled", "skip", "update")
 
 
 class CondensedSparsity(NamedTuple):
-    """A condensed sparse optimizer: ``init(params, indices)`` and
+    """A condensed sparse optimizer: ``init(params, indices, fan=None)`` and
     ``step(grads, state, params, dense_grads, topology="scheduled") -> (new_params,
     new_state)``.
 
@@ -967,9 +983,11 @@ def _identity(idx: jax.Array) -> jax.Array:
 class CondensedTrainDense(nn.Module):
     """A linen Dense layer trained in condensed form (constant fan-in ``k``).
 
-    Variables: ``params``: ``values [features, k]``, ``bias [features]``; ``sparsity``:
-    ``indices [features, k]`` (random distinct inputs per neuron at init; structure, so
-    ``optax`` only ever sees values and bias). With a ``probe`` collection given
+    Variables: ``params``: ``values [features, slots]``, ``bias [features]``; ``sparsity``:
+    ``indices [features, slots]`` (random distinct inputs per neuron at init; structure, so
+    ``optax`` only ever sees values and bias); ``slots`` is ``capacity`` (padded layout, for
+    ``srigl_condensed(..., ablation=True)``: the first ``k`` slots live at init, the rest
+    zero, ``constant_fan(variables["sparsity"], {name: k})`` their ``fan``) or ``k``. With a ``probe`` collection given
     (:func:`dense_weight_grads`), the layer adds ``x @ probe`` (``probe`` all zeros): the
     output is unchanged and the gradient w.r.t. ``probe`` is the dense weight gradient that
     growth needs.
@@ -982,6 +1000,8 @@ class CondensedTrainDense(nn.Module):
         sparse_scaling: initial values with variance ``1 / k`` (sparsity-aware, as
             ``jaxsparse.sparse_init``) instead of the dense layer's ``1 / n_in``.
         impl: ``"auto"``, ``"xla"`` or ``"cpu"`` (see :func:`condensed_linear`).
+        capacity: slots per neuron for the padded layout, ``k <= capacity <= n_in``;
+            ``None``: ``k`` (unpadded).
 
     Example:
         >>> layer = CondensedTrainDense(features=300, k=39)
@@ -996,12 +1016,18 @@ class CondensedTrainDense(nn.Module):
     param_dtype: Any = jnp.float32
     sparse_scaling: bool = False
     impl: str = "auto"
+    capacity: int | None = None
 
     @nn.compact
     def __call__(self, x):
         n_in = x.shape[-1]
         if not 1 <= self.k <= n_in:
             raise ValueError(f"{self.name}: fan-in k={self.k} must be in [1, n_in={n_in}]")
+        slots = self.k if self.capacity is None else self.capacity
+        if not self.k <= slots <= n_in:
+            raise ValueError(f"{self.name}: capacity={slots} must be in [k={self.k}, "
+                             f"n_in={n_in}]")
+        pad = ((0, 0), (0, slots - self.k))
         idt = self.index_dtype or smallest_index_dtype(n_in)
         if np.dtype(idt) not in [np.dtype(d) for d in INDEX_DTYPES] or (
                 n_in - 1 > np.iinfo(idt).max):
@@ -1009,12 +1035,14 @@ class CondensedTrainDense(nn.Module):
                              f"n_in={n_in} inputs (int8/int16/int32 wide enough)")
         indices = self.variable(
             "sparsity", "indices",
-            lambda: random_indices(self.make_rng("params"), n_in, self.features, self.k, idt),
+            lambda: jnp.pad(random_indices(self.make_rng("params"), n_in, self.features,
+                                           self.k, idt), pad),
         ).value
         scale = 1.0 if self.sparse_scaling else self.k / n_in
         init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
                                                 in_axis=-1, out_axis=-2)
-        values = self.param("values", init, (self.features, self.k), self.param_dtype)
+        values = self.param("values", lambda key, shape, dtype: jnp.pad(
+            init(key, shape, dtype), pad), (self.features, self.k), self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
                            self.param_dtype) if self.use_bias else None)
         y = condensed_linear(x, values.astype(x.dtype), indices,
