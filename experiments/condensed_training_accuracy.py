@@ -1,19 +1,26 @@
-"""Accuracy of condensed training vs the masked dense run (issue 18), Fashion-MNIST MLP.
+"""Accuracy of condensed training vs the masked dense run (issue 18), MNIST-type MLPs.
 
 For each seed and sparsity, two runs go in lockstep from the same initial params and masks
-on the same batches: ``jaxsparse.srigl(..., ablation=False)`` on the masked dense model and
-``srigl_condensed`` on values/indices (the same rule, tested equal step by step). Records
-test accuracy of each, the fraction of mask entries on which they agree at the end, and the
+on the same batches: ``jaxsparse.srigl`` on the masked dense model and ``srigl_condensed``
+on values/indices (the same rule, tested equal step by step). Without ``--ablation`` both
+run SRigL without neuron ablation (records ``srigl_no_ablation_{masked,condensed}``); with
+it, SRigL's neuron ablation (``--gamma_sal``) on the padded condensed layout, each hidden
+layer with ``ceil(capacity_factor * k0)`` slots per neuron (at most ``n_in``; records
+``srigl_{masked,condensed}``, with the active neurons per layer at the end). Records test
+accuracy of each, the fraction of mask entries on which they agree at the end, and the
 time per step of each loop, one ``final`` record per run in ``results/<out>/results.jsonl``
 (``--out``, default ``condensed_training``), and prints a table.
 
     python -m experiments.condensed_training_accuracy --seeds 0 1 2 --sparsities 0.9 0.95
+    python -m experiments.condensed_training_accuracy --dataset mnist \\
+        --data_dir ../shared/data/mnist --ablation --sparsities 0.9 0.95 0.99
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -70,14 +77,17 @@ def run(ds, sizes, sparsity, seed, args):
     key = jax.random.key(seed)
     kw = dict(key=key, end_step=end_step, update_every=args.update_every,
               drop_fraction=args.drop_fraction)
-    tx = jaxsparse.srigl(inner, sparsity, ablation=False, distribution="uniform",
-                         track_itop=False, **kw)
+    tx = jaxsparse.srigl(inner, sparsity, ablation=args.ablation, gamma_sal=args.gamma_sal,
+                         distribution="uniform", track_itop=False, **kw)
     mp, ms = jax.jit(lambda p: jaxsparse.init_masked(tx, p))(
         init_params(jax.random.fold_in(key, 1), sizes))
     cp, ci = T.condense_params(mp, jaxsparse.get_masks(ms))
-    ctx = T.srigl_condensed(inner, **kw)
-    cs = ctx.init(cp, ci)
     n_in = {f"fc{i}": a for i, a in enumerate(sizes[:-1])}
+    fan = None
+    if args.ablation:
+        cp, ci, fan = T.pad_condensed(cp, ci, capacities(ci, n_in, args.capacity_factor), n_in)
+    ctx = T.srigl_condensed(inner, ablation=args.ablation, gamma_sal=args.gamma_sal, **kw)
+    cs = ctx.init(cp, ci, fan)
 
     @jax.jit
     def masked_step(p, s, x, y):
@@ -91,7 +101,7 @@ def run(ds, sizes, sparsity, seed, args):
         g = jax.grad(lambda p: xent(condensed_apply(p, idx, x), y))(p)
 
         def dense_grads():
-            dense, _ = T.expand_params(p, idx, n_in)
+            dense, _ = T.expand_params(p, idx, n_in, s.fan)
             full = jax.grad(lambda d: xent(dense_apply(d, x), y))(dense)
             return {name: full[name]["kernel"] for name in sorted(full)}
 
@@ -124,8 +134,10 @@ def run(ds, sizes, sparsity, seed, args):
     out = {}
     logits = {"masked": jax.jit(dense_apply)(mp, xt),
               "condensed": jax.jit(condensed_apply)(cp, idx, xt)}
-    _, cmasks = T.expand_params(cp, idx, n_in)
+    _, cmasks = T.expand_params(cp, idx, n_in, cs.fan)
     masks = jaxsparse.get_masks(ms)
+    active = {name: {k: int((np.asarray(m[k]["kernel"]).sum(0) > 0).sum()) for k in n_in}
+              for name, m in (("masked", masks), ("condensed", cmasks))}
     agree = float(np.mean(np.concatenate([
         (np.asarray(masks[k]["kernel"]) == np.asarray(cmasks[k]["kernel"])).ravel()
         for k in n_in])))
@@ -135,8 +147,18 @@ def run(ds, sizes, sparsity, seed, args):
             "test_accuracy": float(jnp.mean(jnp.argmax(lg, -1) == yt)),
             "test_loss": float(xent(lg, yt)),
             "step_ms": 1e3 * times[name] / timed_steps,
+            "active_neurons": active[name],
         }
     return out, agree, steps
+
+
+def capacities(indices, n_in, factor: float) -> dict[str, int]:
+    """Slots per neuron of each layer for ablation: ``min(n_in, ceil(factor * k0))`` for the
+    hidden layers, ``k0`` for the output layer (the last: it keeps all its neurons)."""
+    names = sorted(indices)
+    k0 = {n: int(np.shape(indices[n]["indices"])[1]) for n in names}
+    return {n: k0[n] if n == names[-1] else min(n_in[n], math.ceil(factor * k0[n]))
+            for n in names}
 
 
 def _std(v):
@@ -156,6 +178,10 @@ def main(argv=None):
     ap.add_argument("--update_every", type=int, default=100)
     ap.add_argument("--drop_fraction", type=float, default=0.3)
     ap.add_argument("--validation_size", type=int, default=6000)
+    ap.add_argument("--ablation", action="store_true", help="SRigL with neuron ablation")
+    ap.add_argument("--gamma_sal", type=float, default=0.3)
+    ap.add_argument("--capacity_factor", type=float, default=2.0,
+                    help="with --ablation: slots per hidden neuron, times k0")
     ap.add_argument("--out", default="condensed_training")
     args = ap.parse_args(argv)
     ds = load_dataset(args.dataset, args.data_dir, validation_size=args.validation_size)
@@ -170,7 +196,7 @@ def main(argv=None):
             for seed in args.seeds:
                 res, agree, steps = run(ds, sizes, s, seed, args)
                 for name, r in res.items():
-                    rec = {"event": "final", "algorithm": f"srigl_no_ablation_{name}",
+                    rec = {"event": "final", "algorithm": f"srigl_{'' if args.ablation else 'no_ablation_'}{name}",
                            "sparsity_target": s, "dataset": args.dataset,
                            "model": "mlp-" + "-".join(map(str, sizes)), "seed": seed,
                            "steps": steps, **r, "mask_agreement": agree, "machine": machine,

@@ -1543,6 +1543,159 @@ def section_cl(root: Path) -> str:
     return "\n".join(out)
 
 
+# ----------------------------------------------------------------------------- condensed (issue 18)
+
+CONDENSED_DATASETS = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
+CONDENSED_RULES = (("srigl_no_ablation", "no ablation"), ("srigl", "with ablation"))
+
+
+def _condensed_groups(recs) -> dict[tuple[str, str, str, float], dict[str, list[dict]]]:
+    """``(dataset, model, rule, sparsity) -> {"masked": [...], "condensed": [...]}``."""
+    groups: dict = collections.defaultdict(lambda: {"masked": [], "condensed": []})
+    for r in recs:
+        rule, _, side = r["algorithm"].rpartition("_")
+        groups[(r["dataset"], r["model"], rule, target(r))][side].append(r)
+    rank = {ds: i for i, ds in enumerate(CONDENSED_DATASETS)}
+    order = {rule: i for i, (rule, _) in enumerate(CONDENSED_RULES)}
+    return dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0][0], 9), kv[0][1],
+                                                        order.get(kv[0][2], 9), kv[0][3])))
+
+
+def _median(v: Sequence[float]) -> float:
+    q = sorted(v)
+    return q[len(q) // 2] if len(q) % 2 else 0.5 * (q[len(q) // 2 - 1] + q[len(q) // 2])
+
+
+def _uniform_fan_ins(model: str, sparsity: float) -> list[int]:
+    """SRigL's k0 per layer of an ``mlp-a-b-...`` model under uniform sparsity
+    (``jaxsparse.algorithms.structured.fan_in_budgets``, what the runs used)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxsparse.algorithms.structured import fan_in_budgets
+
+    sizes = [int(x) for x in model.removeprefix("mlp-").split("-")]
+    params = {f"fc{i}": {"kernel": jax.ShapeDtypeStruct((a, b), jnp.float32)}
+              for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))}
+    ks = fan_in_budgets(params, sparsity, "uniform", None, None)
+    return [ks[f"fc{i}/kernel"] for i in range(len(sizes) - 1)]
+
+
+def section_condensed(root: Path) -> str:
+    """Condensed training (issue 18): the same SRigL run on the masked dense model and on
+    values/indices, in lockstep; records ``results/condensed_training/results.jsonl``."""
+    recs = load(root, "condensed_training")
+    models = sorted({r["model"].removeprefix("mlp-") for r in recs}) or ["784-300-100-10"]
+    out = [f"## Condensed training: masked vs condensed SRigL, MLP {', '.join(models)}"
+           + (" (LeNet-300-100)" if models == ["784-300-100-10"] else ""), ""]
+    if not recs:
+        return "\n".join(out + ["No records yet (`results/condensed_training/results.jsonl` "
+                                "absent)."])
+    cfg = config_of(recs[0])
+    abl_cfg = [config_of(r) for r in recs if config_of(r).get("ablation")]
+    machines = sorted({r["machine"] for r in recs})
+    out += ["`python -m experiments.condensed_training_accuracy --dataset DATASET --data_dir "
+            "../shared/data/DATASET --sparsities ... --seeds 0 1 2` (add `--ablation` for SRigL "
+            "with neuron ablation). Each seed trains two models in lockstep from the same "
+            "initial weights and masks on the same batches: `jaxsparse.srigl` on the masked "
+            "dense model and `jaxsparse.condensed.training.srigl_condensed` on values/indices "
+            "(the same rule; the tests check equal masks, bit for bit, over 7-13 steps). "
+            f"{cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}, SGD momentum 0.9, lr "
+            f"{cfg.get('learning_rate')} cosine, uniform sparsity, updates every "
+            f"{cfg.get('update_every')} steps until 75% of training, drop fraction "
+            f"{cfg.get('drop_fraction')}, {cfg.get('validation_size')} training images held "
+            "out (unused)."
+            + (" With ablation: gamma_sal "
+               + ", ".join(sorted({str(c.get("gamma_sal")) for c in abl_cfg}))
+               + "; the output layer keeps all its neurons; each hidden neuron of the condensed "
+               "model has ceil(capacity_factor * k0) slots (capacity_factor "
+               + ", ".join(sorted({str(c.get("capacity_factor")) for c in abl_cfg}))
+               + "), so more than that many weights per neuron would make the rules differ."
+               if abl_cfg else "")
+            + " Test accuracy in % (mean ± sample std over seeds), the lowest fraction of mask "
+            "entries on which the two runs agree at the end, and the median time per training "
+            "step of each loop (timed in lockstep on " + "; ".join(machines) + ", shared with "
+            "other jobs, so only roughly comparable). Table CT:", ""]
+    groups = _condensed_groups(recs)
+    lines = ["| dataset | rule | sparsity | masked | condensed | condensed - masked | "
+             "mask agreement (min) | masked ms/step | condensed ms/step |",
+             "|" + "---|" * 9]
+    separated, agree_all, n_runs, max_gap = [], [], 0, 0.0
+    rules = dict(CONDENSED_RULES)
+    for (ds, _model, rule, sp), g in groups.items():
+        m = [float(r["test_accuracy"]) for r in g["masked"]]
+        c = [float(r["test_accuracy"]) for r in g["condensed"]]
+        agree = [float(r["mask_agreement"]) for r in g["condensed"]]
+        label = f"{CONDENSED_DATASETS.get(ds, ds)} | {rules.get(rule, rule)} | {pct(sp)}"
+        lines.append(f"| {label} | {fmt_cell(m, 100, 3)} | {fmt_cell(c, 100, 3)} | "
+                     f"{fmt_compare(c, m)} | {min(agree):.4f} | "
+                     f"{_median([r['step_ms'] for r in g['masked']]):.2f} | "
+                     f"{_median([r['step_ms'] for r in g['condensed']]):.2f} |")
+        if significant(c, m):
+            separated.append(label.replace(" | ", " "))
+        agree_all += agree
+        n_runs += len(c)
+        by_seed = {r["seed"]: float(r["test_accuracy"]) for r in g["masked"]}
+        max_gap = max([max_gap] + [abs(float(r["test_accuracy"]) - by_seed[r["seed"]])
+                                   for r in g["condensed"] if r["seed"] in by_seed])
+    out += lines + [""]
+    fans = sorted({(k[1], k[3]) for k in groups})
+    out.append("* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
+        f"{pct(sp)} " + "/".join(map(str, _uniform_fan_ins(model, sp))) for model, sp in fans)
+        + " (at 99% each output neuron starts with "
+        + ", ".join(sorted({str(_uniform_fan_ins(m, 0.99)[-1]) for m, _ in fans}))
+        + " input).")
+    exact = sum(a == 1.0 for a in agree_all)
+    out.append("* Table CT, condensed - masked accuracy: Welch's test separates the two at "
+               + (", ".join(separated) if separated else "no row")
+               + f" (p < 0.05); the largest per-seed |condensed - masked| is "
+               f"{100 * max_gap:.2f} points. The masks are identical at the end in {exact} of "
+               f"{n_runs} paired runs; the lowest agreement is {min(agree_all):.4f}. Not bit-identical over "
+               "thousands of steps, though equal in the short tests: the two computations sum "
+               "in different orders, and a near-tie in a selection can then go the other way.")
+    abl = [(key, g) for key, g in groups.items() if key[2] == "srigl" and
+           all("active_neurons" in r for r in g["condensed"])]
+    if abl:
+        names = sorted(abl[0][1]["condensed"][0]["active_neurons"])
+        rows = []
+        for (ds, model, _rule, sp), g in abl:
+            sizes = [int(x) for x in model.split("-")[2:]]
+            cells = [f"{sum(r['active_neurons'][n] for r in g[side]) / len(g[side]):.1f} / "
+                     f"{sizes[i]}" for side in ("masked", "condensed")
+                     for i, n in enumerate(names)]
+            rows.append(f"| {CONDENSED_DATASETS.get(ds, ds)} | {pct(sp)} | "
+                        + " | ".join(cells) + " |")
+        head = [f"{side} {n}" for side in ("masked", "condensed") for n in names]
+        out += ["", "Active neurons at the end with ablation (mean over seeds / layer width), "
+                "table CT-neurons:", "",
+                "| dataset | sparsity | " + " | ".join(head) + " |",
+                "|" + "---|" * (len(head) + 2), *rows]
+        plain = {(r["dataset"], target(r), r["seed"]): r["test_accuracy"] for r in recs
+                 if r["algorithm"] == "srigl_no_ablation_masked"}
+        pairs = [(r, plain[(r["dataset"], target(r), r["seed"])]) for _, g in abl
+                 for r in g["masked"] if (r["dataset"], target(r), r["seed"]) in plain]
+        widths = {r["model"]: [int(x) for x in r["model"].split("-")[2:]] for r, _ in pairs}
+        ablated = [r for r, _ in pairs
+                   if any(r["active_neurons"][n] < w
+                          for n, w in zip(sorted(r["active_neurons"]), widths[r["model"]]))]
+        same = [r for r, a in pairs if r["test_accuracy"] == a]
+        out += ["", f"* Table CT-neurons: the masked run with ablation ends with ablated neurons "
+                f"in {len(ablated)} of {len(pairs)} runs; its test accuracy equals that of the "
+                f"masked run without ablation (same seed) exactly in {len(same)} of "
+                f"{len(pairs)}, including {sum(r in same for r in ablated)} of the runs with "
+                "ablated neurons."]
+    missing = [f"{CONDENSED_DATASETS.get(ds, ds)} {rules[rule]} {pct(sp)}"
+               for ds in CONDENSED_DATASETS for rule, _ in CONDENSED_RULES
+               for sp in (0.9, 0.95, 0.99)
+               if not any(k[0] == ds and k[2] == rule and k[3] == sp for k in groups)]
+    if missing:
+        out += ["", "Not run: " + ", ".join(missing) + "; the 784-3000-3000-10 MLP."]
+    else:
+        out += ["", "Not run: the 784-3000-3000-10 MLP."]
+    out += ["", "Wall-clock per epoch and memory of condensed vs dense training: BENCHMARKS.md."]
+    return "\n".join(out)
+
+
 FOOTER = """## Not measured
 
 * The rest of the sparse_learning replica grid (listed in its section), and its dense row.
@@ -1568,7 +1721,8 @@ def render(root: Path = ROOT) -> str:
              section_lenet5(root), section_srigl(root), section_sos(root),
              section_sos_fair(root), section_sos_mnist(root), section_retrain(root), section_init(root),
              section_erk_uniform(root), section_oneshot(root), section_lm(root),
-             section_rl(root), section_fs(root), section_cl(root), FOOTER]
+             section_rl(root), section_fs(root), section_cl(root), section_condensed(root),
+             FOOTER]
     return "\n\n".join(p.strip("\n") for p in parts) + "\n"
 
 

@@ -3,6 +3,7 @@ masked dense layer and finite differences, the C++ backward kernels against the 
 reference, bad input, the condensed SRigL update against ``jaxsparse.srigl(ablation=False)``
 on the masked dense model, and the Flax layer."""
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -315,18 +316,24 @@ def test_slot_selection_equals_srigl_layer_on_the_dense_view(n_in, n_out, k, fra
         np.asarray(i_slots)[kept])
 
 
-def _runs(steps, poison_step=None, hidden=1):
-    """The masked dense SRigL run and the condensed one, side by side."""
+def _runs(steps, poison_step=None, hidden=1, capacity=None, gamma_sal=0.9, trace=None):
+    """The masked dense SRigL run and the condensed one, side by side; with ``capacity``
+    (an int or ``{layer: int}``), both with neuron ablation, the condensed one padded.
+    ``trace``: a list that gets ``(masked masks, condensed masks)`` after every step."""
     key = jax.random.key(3)
     inner = lenient(optax.adam(1e-2))
     kw = dict(key=key, end_step=100, update_every=3, drop_fraction=0.5)
-    tx = jaxsparse.srigl(inner, 0.7, ablation=False, distribution="uniform",
-                         track_itop=False, **kw)
+    ablation = capacity is not None
+    tx = jaxsparse.srigl(inner, 0.7, ablation=ablation, gamma_sal=gamma_sal,
+                         distribution="uniform", track_itop=False, **kw)
     mp, ms = jax.jit(lambda p: jaxsparse.init_masked(tx, p))(_mlp_params(hidden))
     masks0 = jaxsparse.get_masks(ms)
     cp, ci = T.condense_params(mp, masks0)
-    ctx = T.srigl_condensed(inner, **kw)
-    cs = ctx.init(cp, ci)
+    fan = None
+    if ablation:
+        cp, ci, fan = T.pad_condensed(cp, ci, capacity, _n_in(hidden))
+    ctx = T.srigl_condensed(inner, ablation=ablation, gamma_sal=gamma_sal, **kw)
+    cs = ctx.init(cp, ci, fan)
 
     def poison(g, t):
         if poison_step is None:
@@ -347,7 +354,7 @@ def _runs(steps, poison_step=None, hidden=1):
         g = jax.grad(lambda p: _xent(_condensed_apply(p, idx, x), y))(p)
 
         def dense_grads():
-            dense, _ = T.expand_params(p, idx, _n_in(hidden))
+            dense, _ = T.expand_params(p, idx, _n_in(hidden), s.fan)
             full = jax.grad(lambda d: _xent(_dense_apply(d, x), y))(dense)
             return poison({n: full[n]["kernel"] for n in _n_in(hidden)}, t)
 
@@ -356,6 +363,9 @@ def _runs(steps, poison_step=None, hidden=1):
     for t in range(steps):
         mp, ms = masked_step(mp, ms, t)
         cp, cs = condensed_step(cp, cs, t)
+        if trace is not None:
+            trace.append((jaxsparse.get_masks(ms),
+                          T.expand_params(cp, T.get_indices(cs), _n_in(hidden), cs.fan)[1]))
     return (mp, ms, masks0), (cp, cs)
 
 
@@ -383,6 +393,129 @@ def test_condensed_srigl_equals_masked_srigl(hidden, steps):
         np.testing.assert_allclose(c_mu[name]["values"],
                                    _slots(m_mu[name]["kernel"], idx), atol=1e-6)
     assert cs.count == steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden, steps", [(1, 10), (2, 13)])
+def test_condensed_srigl_with_ablation_equals_masked_srigl(hidden, steps):
+    trace = []
+    (mp, ms, masks0), (cp, cs) = _runs(steps, hidden=hidden, capacity=_n_in(hidden),
+                                       trace=trace)  # capacity n_in: never binds
+    n_in = _n_in(hidden)
+    for masks, cmasks in trace:  # every step, every layer: the same topology, bit for bit
+        for name in n_in:
+            np.testing.assert_array_equal(np.asarray(cmasks[name]["kernel"]),
+                                          np.asarray(masks[name]["kernel"]))
+    dense, cmasks = T.expand_params(cp, T.get_indices(cs), n_in, cs.fan)
+    ablated = 0
+    for name in n_in:
+        c = np.asarray(cmasks[name]["kernel"])
+        fan = np.asarray(cs.fan[name]["indices"])
+        np.testing.assert_array_equal(c.sum(0), fan)
+        k0 = int(np.asarray(masks0[name]["kernel"]).sum(0)[0])
+        active = fan > 0
+        assert len(set(fan[active])) == 1  # constant fan-in k' among active neurons
+        assert fan[active][0] == min(k0 * fan.size // active.sum(), n_in[name])  # k'
+        ablated += int((~active).sum())
+        if name == "out":
+            assert active.all()
+        # Padded slots and ablated neurons hold exact zeros, in the params and the moments.
+        pad = ~np.asarray(T.live_slots(fan, cp[name]["values"].shape[1]))
+        assert (np.asarray(cp[name]["values"])[pad] == 0).all()
+        assert (np.asarray(cs.inner_state[0].mu[name]["values"])[pad] == 0).all()
+        np.testing.assert_allclose(dense[name]["kernel"], mp[name]["kernel"], atol=1e-5)
+        np.testing.assert_allclose(cp[name]["bias"], mp[name]["bias"], atol=1e-5)
+    assert ablated > 0  # gamma_sal=0.9: the rule did ablate
+    c_mu = cs.inner_state[0].mu
+    m_mu = find_sparse_states(ms)[0].inner_state[0].mu
+    for name in n_in:
+        live = np.asarray(T.live_slots(cs.fan[name]["indices"], c_mu[name]["values"].shape[1]))
+        moved = _slots(m_mu[name]["kernel"], T.get_indices(cs)[name]["indices"])
+        np.testing.assert_allclose(np.asarray(c_mu[name]["values"])[live],
+                                   np.asarray(moved)[live], atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity", [7, pytest.param(9, marks=pytest.mark.slow),
+                                      pytest.param(20, marks=pytest.mark.slow)])
+def test_ablation_layer_never_exceeds_capacity_and_is_srigl_layer_when_it_does_not_bind(
+        capacity):
+    # Unguarded, SRigL gives k' = 9 (capacity 7: binds) or 8 (9, 20: does not).
+    n_in, n_out, k0 = 20, 16, 6
+    rng = np.random.default_rng(capacity)
+    indices = jnp.asarray(np.stack([np.sort(rng.permutation(n_in)[:k0])
+                                    for _ in range(n_out)]), jnp.int8)
+    values = jnp.asarray(rng.standard_normal((n_out, k0)), jnp.float32)
+    cp, ci, fan = T.pad_condensed({"l": {"values": values}}, {"l": {"indices": indices}},
+                                  capacity, {"l": n_in})
+    v, i, f = cp["l"]["values"], ci["l"]["indices"], fan["l"]["indices"]
+    grad = jnp.asarray(rng.standard_normal((n_in, n_out)), jnp.float32)
+    key = jax.random.key(0)
+    tau = 5  # most neurons fall below tau: k' would be large
+    new_i, src, new_f = jax.jit(functools.partial(
+        T.srigl_ablation_condensed_layer, fraction=0.5, k0=k0, tau=tau,
+        min_neurons=1))(v, i, f, grad, key)
+    new_f = np.asarray(new_f)
+    assert new_f.max() <= capacity and (new_f[new_f > 0] == new_f.max()).all()
+    T.validate_indices(new_i, n_in, fan=new_f)
+    w, m = T.expand_from_training(v, i, n_in, f)
+
+    def masked(min_neurons):
+        return np.asarray(jax.jit(functools.partial(
+            jaxsparse.algorithms.structured.srigl_layer, k0=k0, fraction=0.5, gamma_sal=0.0,
+            ablation=True, min_neurons=min_neurons, tau=tau))(m, w, grad, key))
+
+    got = np.asarray(T.to_mask(new_i, n_in, new_f))
+    unguarded = masked(1)
+    binds = unguarded.sum(0).max() > capacity
+    assert binds == (capacity == 7)
+    # The documented rule: at least floor(B / (capacity + 1)) + 1 neurons stay active.
+    np.testing.assert_array_equal(got, masked(k0 * n_out // (capacity + 1) + 1)
+                                  if binds else unguarded)
+    kept = np.asarray(src) >= 0  # a moved slot reads the same input as before
+    np.testing.assert_array_equal(
+        np.take_along_axis(np.asarray(i), np.maximum(np.asarray(src), 0), 1)[kept],
+        np.asarray(new_i)[kept])
+    assert (np.asarray(src)[~np.asarray(T.live_slots(new_f, capacity))] == -1).all()
+
+
+def test_padded_layout_conversion_and_bad_input():
+    kernel, mask, bias = random_layer(0, 30, 12, 4)
+    params = {"fc": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+    cp, ci = T.condense_params(params, {"fc": {"kernel": mask, "bias": None}})
+    pp, pi, fan = T.pad_condensed(cp, ci, 9, {"fc": 30})
+    assert pp["fc"]["values"].shape == pi["fc"]["indices"].shape == (12, 9)
+    np.testing.assert_array_equal(fan["fc"]["indices"], np.full(12, 4))
+    dense, masks = T.expand_params(pp, pi, {"fc": 30}, fan)
+    np.testing.assert_array_equal(masks["fc"]["kernel"], mask)
+    np.testing.assert_array_equal(dense["fc"]["kernel"], kernel)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 30)), jnp.float32)
+    np.testing.assert_allclose(T.condensed_linear(x, pp["fc"]["values"], pi["fc"]["indices"]),
+                               x @ kernel, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"fc: capacity=3 must be in \[k=4, n_in=30\]"):
+        T.pad_condensed(cp, ci, 3, {"fc": 30})
+    with pytest.raises(ValueError, match=r"fc: capacity=31 must be in"):
+        T.pad_condensed(cp, ci, 31, {"fc": 30})
+    with pytest.raises(ValueError, match="fc: n_in of this condensed layer is not given"):
+        T.pad_condensed(cp, ci, 9, {})
+    bad = {"fc": {"indices": fan["fc"]["indices"].at[2].set(10)}}
+    with pytest.raises(ValueError, match=r"fc/indices: fan must be \[n_out=12\] in \[0, 9\]"):
+        T.expand_params(pp, pi, {"fc": 30}, bad)
+    tx = T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, ablation=True)
+    with pytest.raises(ValueError, match="fc/indices: SRigL starts from constant fan-in"):
+        tx.init(pp, pi, {"fc": {"indices": fan["fc"]["indices"].at[0].set(3)}})
+    with pytest.raises(ValueError, match="fc/indices: fan has no leaf"):
+        tx.init(pp, pi, {})
+    with pytest.raises(ValueError, match="output_layer 'head' matches no condensed layer"):
+        T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, ablation=True,
+                          output_layer="head").init(pp, pi, fan)
+    with pytest.raises(ValueError, match="fan \\(a padded layout\\) is for ablation=True"):
+        T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10).init(pp, pi, fan)
+    with pytest.raises(ValueError, match="selection must be 'dense' or None"):
+        T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, ablation=True,
+                          selection="slots")
+    with pytest.raises(ValueError, match="needs a state from its own init"):
+        tx.step(cp, T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10
+                                      ).init(pp, pi), pp, dense_grads={})
 
 
 @pytest.mark.slow
@@ -531,6 +664,61 @@ def test_flax_layer_trains_with_condensed_srigl():
     assert (new_idx != idx).any() and (np.diff(new_idx, axis=1) > 0).all()
 
 
+class _PaddedNet(nn.Module):
+    capacity: int | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = jax.nn.relu(T.CondensedTrainDense(32, k=6, capacity=self.capacity, name="fc0")(x))
+        return T.CondensedTrainDense(D_OUT, k=4, capacity=self.capacity and 8, name="fc1")(x)
+
+
+def test_flax_layer_with_capacity_is_the_padded_layout():
+    x, _ = _batch(0)
+    plain = jax.jit(_Net().init)(jax.random.key(0), x)
+    padded = jax.jit(_PaddedNet(12).init)(jax.random.key(0), x)
+    want_p, want_i, want_f = T.pad_condensed(plain["params"], plain["sparsity"],
+                                             {"fc0": 12, "fc1": 8}, {"fc0": D_IN, "fc1": 32})
+    for name in ("fc0", "fc1"):
+        np.testing.assert_array_equal(padded["params"][name]["values"], want_p[name]["values"])
+        np.testing.assert_array_equal(padded["sparsity"][name]["indices"],
+                                      want_i[name]["indices"])
+    fan = T.constant_fan(padded["sparsity"], {"fc0": 6, "fc1": 4})
+    jax.tree.map(np.testing.assert_array_equal, fan, want_f)
+    np.testing.assert_allclose(_PaddedNet(12).apply(padded, x), _Net().apply(plain, x),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"fc1: k=5 must be in \[1, 4\]"):
+        T.constant_fan(plain["sparsity"], 5)
+
+
+@pytest.mark.slow
+def test_flax_layer_with_capacity_trains_with_ablation():
+    net = _PaddedNet(12)
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
+                           update_every=5, ablation=True, gamma_sal=0.9)
+    params = variables["params"]
+    state = tx.init(params, variables["sparsity"],
+                    T.constant_fan(variables["sparsity"], {"fc0": 6, "fc1": 4}))
+
+    @jax.jit
+    def step(params, state):
+        v = {"params": params, "sparsity": T.get_indices(state)}
+        g = jax.grad(lambda p: _xent(net.apply({**v, "params": p}, x), y))(params)
+        return tx.step(g, state, params, dense_grads=lambda: T.dense_weight_grads(
+            net.apply, v, _xent, x, y))
+
+    first = float(_xent(net.apply(variables, x), y))
+    for _ in range(20):
+        params, state = step(params, state)
+    final = {"params": params, "sparsity": T.get_indices(state)}
+    assert float(_xent(net.apply(final, x), y)) < 0.7 * first
+    fan = np.asarray(state.fan["fc0"]["indices"])
+    assert (fan == 0).any() and fan.max() > 6  # ablated neurons, survivors grew to k' > k0
+    assert (np.asarray(state.fan["fc1"]["indices"]) == 4).all()  # output layer: no ablation
+
+
 def test_flax_layer_bad_configuration():
     x = jnp.ones((2, 10))
     with pytest.raises(ValueError, match=r"fan-in k=11 must be in \[1, n_in=10\]"):
@@ -538,6 +726,8 @@ def test_flax_layer_bad_configuration():
     with pytest.raises(ValueError, match="index dtype int8 cannot index n_in=300"):
         T.CondensedTrainDense(4, k=3, index_dtype=jnp.int8).init(
             jax.random.key(0), jnp.ones((2, 300)))
+    with pytest.raises(ValueError, match=r"capacity=11 must be in \[k=3, n_in=10\]"):
+        T.CondensedTrainDense(4, k=3, capacity=11).init(jax.random.key(0), x)
 
 
 @pytest.mark.slow
@@ -563,6 +753,7 @@ def test_without_a_compiler_training_falls_back_to_the_reference(tmp_path):
     import sys
 
     code = """
+import functools
 import warnings
 from pathlib import Path
 import jax, jax.numpy as jnp, numpy as np

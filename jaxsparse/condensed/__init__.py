@@ -9,8 +9,8 @@ CPU, Pallas on Mosaic GPU / Triton / TPU, XLA elsewhere; :func:`choose_impl`),
 :func:`save_condensed` / :func:`load_condensed` (npz + JSON, no pickle, validated).
 Training on the condensed form (:mod:`jaxsparse.condensed.training`): :func:`condense_params`
 / :func:`expand_params`, :func:`condensed_linear` (custom VJP; C++ CPU kernels),
-:class:`CondensedTrainDense`, :func:`srigl_condensed` (SRigL without ablation on values and
-indices).
+:class:`CondensedTrainDense`, :func:`srigl_condensed` (SRigL on values and indices; neuron
+ablation on the padded layout of :func:`pad_condensed`).
 """
 
 from jaxsparse.condensed.dispatch import (
@@ -47,7 +47,9 @@ from jaxsparse.condensed.training import (
     CondensedTrainDense,
     condense_params,
     condensed_linear,
+    constant_fan,
     expand_params,
+    pad_condensed,
     srigl_condensed,
 )
 
@@ -55,7 +57,9 @@ __all__ = [
     "CondensedTrainDense",
     "condense_params",
     "condensed_linear",
+    "constant_fan",
     "expand_params",
+    "pad_condensed",
     "srigl_condensed",
     "CondensedFileError",
     "CondensedLinear",

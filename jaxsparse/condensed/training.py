@@ -9,8 +9,10 @@ A Dense layer with ``n_in`` inputs, ``n_out`` neurons and constant fan-in ``k`` 
 
 and computes ``y[..., i] = sum_j values[i, j] * x[..., indices[i, j]] + bias[i]``. The
 params and the optimizer's moments then scale with ``nnz = n_out * k``, not with
-``n_in * n_out``. Every neuron is active (no ablation): the layout has a static shape, so one
-compiled step serves the whole run.
+``n_in * n_out``. The layout has a static shape, so one compiled step serves the whole run.
+SRigL's neuron ablation uses the *padded* layout (:func:`pad_condensed`): ``capacity``
+slots per neuron, of which neuron ``i`` uses the first ``fan[i]`` (0 when ablated, ``k'``
+otherwise); the padding holds zeros and gets no gradient.
 
 Pieces, each a pure function:
 
@@ -21,11 +23,11 @@ Pieces, each a pure function:
   ``dvalues`` (per-slot dot products) and ``dx`` (scatter-add through the index lists);
   the jnp formulas in :mod:`jaxsparse.condensed.kernels.train_cpu` are the reference, the
   C++ XLA FFI kernels beside them the fast CPU path (``impl="auto"``).
-* :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024, without
-  ablation) on the condensed form. The optimizer state exists for ``values`` only; at a
-  topology update the rule is :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same
-  counts, keys and tie-breaks as ``jaxsparse.srigl(..., ablation=False)``): the drop is
-  selected on the slots, the growth on the dense gradient of one layer at a time, built
+* :func:`srigl_condensed`: SRigL with constant fan-in (Lasby et al. 2024; neuron ablation
+  with ``ablation=True`` on the padded layout) on the condensed form. The optimizer state
+  exists for ``values`` only; at a topology update the rule is
+  :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same counts, keys and tie-breaks as
+  ``jaxsparse.srigl(..., ablation=...)``). Without ablation the drop is selected on the slots, the growth on the dense gradient of one layer at a time, built
   for that update only (``selection="dense"`` runs ``srigl_layer`` itself, the reference);
   the result is applied to values, indices and every param-shaped leaf of the optimizer
   state by slot moves. One compiled step (``lax.cond``), or a host loop over a ``"skip"``
@@ -45,15 +47,17 @@ Example:
     ...     return tx.step(grads, state, cparams,   # dense_loss_grads: the user's dense
     ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))  # grads
 
-Limits: Dense layers only (2-D kernels), every neuron active (no ablation, so SRigL's
-neuron ablation and ``k'`` growth are not available: use ``ablation=False`` in the masked
-run to compare), float32 for the C++ kernels (other dtypes run the jnp reference), one index
-list per neuron (no group-shared layout).
+Limits: Dense layers only (2-D kernels); with ablation the update selects on each layer's
+dense view (``srigl_layer`` itself) and a neuron holds at most ``capacity`` weights (a smaller
+capacity than the masked rule's ``k'`` keeps more neurons active instead); float32 for the
+C++ kernels (other dtypes run the jnp reference); one index list per neuron (no group-shared
+layout).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -65,7 +69,7 @@ import optax
 from flax import linen as nn
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.structured import srigl_layer
+from jaxsparse.algorithms.structured import _tau, srigl_layer
 from jaxsparse.condensed.checks import (
     INDEX_DTYPES,
     bad_rows,
@@ -156,38 +160,63 @@ def condense_for_training(kernel, mask, bias=None, *, index_dtype=None, name: st
     return jnp.asarray(values), jnp.asarray(rows.astype(idt)), bias
 
 
-def to_mask(indices: jax.Array, n_in: int) -> jax.Array:
-    """``bool[n_in, n_out]``: the dense mask of ``indices [n_out, k]`` (jit-safe)."""
+def live_slots(fan: jax.Array, capacity: int) -> jax.Array:
+    """``bool[n_out, capacity]``: slot ``s`` of neuron ``i`` holds a weight iff ``s < fan[i]``
+    (the padded layout of :func:`pad_condensed`; jit-safe)."""
+    return jnp.arange(capacity, dtype=jnp.int32)[None, :] < jnp.asarray(fan, jnp.int32)[:, None]
+
+
+def _dense_positions(indices: jax.Array, n_in: int, fan) -> tuple[jax.Array, jax.Array]:
+    """``(rows, cols)`` of every slot in the ``[n_in, n_out]`` view; padded slots (``fan``)
+    get row ``n_in``, which ``mode="drop"`` scatters ignore."""
     n_out = indices.shape[0]
     cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], indices.shape)
-    return jnp.zeros((n_in, n_out), bool).at[indices.astype(jnp.int32), cols].set(
-        True, mode="drop")
+    rows = indices.astype(jnp.int32)
+    if fan is not None:
+        rows = jnp.where(live_slots(fan, indices.shape[1]), rows, n_in)
+    return rows, cols
 
 
-def expand_from_training(values: jax.Array, indices: jax.Array, n_in: int):
+def to_mask(indices: jax.Array, n_in: int, fan=None) -> jax.Array:
+    """``bool[n_in, n_out]``: the dense mask of ``indices [n_out, k]`` (jit-safe); with
+    ``fan [n_out]`` only each neuron's first ``fan[i]`` slots count (padded layout)."""
+    rows, cols = _dense_positions(indices, n_in, fan)
+    return jnp.zeros((n_in, indices.shape[0]), bool).at[rows, cols].set(True, mode="drop")
+
+
+def expand_from_training(values: jax.Array, indices: jax.Array, n_in: int, fan=None):
     """``(kernel [n_in, n_out], mask)``: the masked dense layer of a condensed one (jit-safe).
 
-    Indices outside ``[0, n_in)`` write nothing (``mode="drop"``); check them first
-    (:func:`validate_indices`) when they come from outside.
+    ``fan [n_out]``: live slots per neuron of a padded layout (:func:`pad_condensed`); the
+    padding writes nothing. Indices outside ``[0, n_in)`` write nothing (``mode="drop"``);
+    check them first (:func:`validate_indices`) when they come from outside.
     """
-    n_out = values.shape[0]
-    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], indices.shape)
-    idx = indices.astype(jnp.int32)
-    kernel = jnp.zeros((n_in, n_out), values.dtype).at[idx, cols].set(values, mode="drop")
-    return kernel, to_mask(indices, n_in)
+    rows, cols = _dense_positions(indices, n_in, fan)
+    kernel = jnp.zeros((n_in, values.shape[0]), values.dtype).at[rows, cols].set(
+        values, mode="drop")
+    return kernel, to_mask(indices, n_in, fan)
 
 
-def validate_indices(indices, n_in: int, *, name: str = "layer") -> None:
+def validate_indices(indices, n_in: int, *, name: str = "layer", fan=None) -> None:
     """Raises ``ValueError`` naming the layer when concrete ``indices [n_out, k]`` has an entry
-    outside ``[0, n_in)`` or a neuron reads one input twice (traced indices: not checked)."""
+    outside ``[0, n_in)`` or a neuron reads one input twice among its live slots (all slots,
+    or the first ``fan[i]`` of neuron ``i``); traced indices are not checked."""
     if indices.ndim != 2:
         raise ValueError(f"{name}: indices must be [n_out, k], got shape {indices.shape}")
     if jnp.dtype(indices.dtype) not in [jnp.dtype(d) for d in INDEX_DTYPES]:
         raise TypeError(f"{name}: indices must be int8, int16 or int32, got {indices.dtype}")
-    if is_traced(indices):
+    if is_traced(indices) or is_traced(fan):
         return
     check_index_range(indices, n_in, name=name)
-    a = np.sort(np.asarray(indices), axis=1)
+    a = np.asarray(indices).astype(np.int64)
+    if fan is not None:
+        fan = np.asarray(fan)
+        if fan.shape != (a.shape[0],) or (fan < 0).any() or (fan > a.shape[1]).any():
+            raise ValueError(f"{name}: fan must be [n_out={a.shape[0]}] in [0, {a.shape[1]}], "
+                             f"got shape {fan.shape}, range [{fan.min()}, {fan.max()}]")
+        pad = np.arange(a.shape[1])[None, :] >= fan[:, None]
+        a = np.where(pad, -1 - np.arange(a.shape[1])[None, :], a)  # distinct, never inputs
+    a = np.sort(a, axis=1)
     dup = np.flatnonzero((a[:, 1:] == a[:, :-1]).any(axis=1))
     if dup.size:
         raise ValueError(f"{name}: neuron {int(dup[0])} reads one input twice; each neuron's "
@@ -248,12 +277,16 @@ def condense_params(params: PyTree, masks: PyTree, *, index_dtype=None):
     return _nest(out), _nest(idx)
 
 
-def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int]):
-    """Inverse of :func:`condense_params`: ``(masked dense params, masks)``.
+def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int], fan: PyTree = None):
+    """Inverse of :func:`condense_params` (and of :func:`pad_condensed`): ``(masked dense
+    params, masks)``.
 
     Args:
         cparams, indices: as :func:`condense_params` returns them.
         n_in: input width of each condensed layer, by the layer's path (``"dense0"``).
+        fan: for a padded layout, the live slots per neuron (the structure of ``indices``,
+            ``int[n_out]`` leaves: :func:`pad_condensed`, ``CondensedState.fan``); ``None``:
+            every slot is live.
 
     Returns:
         Params with ``.../kernel [n_in, n_out]`` (zero outside the mask) in place of
@@ -261,6 +294,7 @@ def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int]):
     """
     c_flat = _flat_paths(cparams)
     i_flat = _flat_paths(indices)
+    f_flat = {} if fan is None else _flat_paths(fan)
     out, masks = {}, {}
     for path, x in c_flat.items():
         head, leaf = _split_path(path)
@@ -270,10 +304,78 @@ def expand_params(cparams: PyTree, indices: PyTree, n_in: dict[str, int]):
             continue
         if head not in n_in:
             raise ValueError(f"{head}: n_in of this condensed layer is not given")
+        if fan is not None and ipath not in f_flat:
+            raise ValueError(f"{ipath}: fan has no leaf for this condensed layer")
         kpath = f"{head}/kernel" if head else "kernel"
-        validate_indices(i_flat[ipath], n_in[head], name=ipath)
-        out[kpath], masks[kpath] = expand_from_training(x, i_flat[ipath], n_in[head])
+        f = f_flat.get(ipath)
+        validate_indices(i_flat[ipath], n_in[head], name=ipath, fan=f)
+        out[kpath], masks[kpath] = expand_from_training(x, i_flat[ipath], n_in[head], f)
     return _nest(out), _nest(masks)
+
+
+def constant_fan(indices: PyTree, k) -> PyTree:
+    """The ``fan`` tree of a padded layout whose neurons all use their first ``k`` slots:
+    the structure of ``indices``, ``int32[n_out]`` leaves; ``k`` an int or ``{layer path:
+    int}`` (e.g. for :class:`CondensedTrainDense` layers built with a ``capacity``)."""
+    out = {}
+    for ipath, idx in _flat_paths(indices).items():
+        head, _ = _split_path(ipath)
+        kk = k.get(head) if isinstance(k, dict) else k
+        if isinstance(kk, bool) or not isinstance(kk, (int, np.integer)):
+            raise TypeError(f"{head}: k must be an int, got {kk!r}")
+        if not 1 <= kk <= np.shape(idx)[1]:
+            raise ValueError(f"{head}: k={kk} must be in [1, {np.shape(idx)[1]}] (the slots)")
+        out[ipath] = jnp.full((np.shape(idx)[0],), int(kk), jnp.int32)
+    return _nest(out)
+
+
+def pad_condensed(cparams: PyTree, indices: PyTree, capacity, n_in: dict[str, int]):
+    """Constant fan-in condensed layers -> the padded layout that neuron ablation needs.
+
+    SRigL with ablation (:func:`srigl_condensed` with ``ablation=True``) leaves ablated
+    neurons with no weights and the others with ``k' = floor(k0 * n_out / n_active) >= k0``
+    each. The padded layout keeps static shapes for that: ``values`` and ``indices`` get
+    ``capacity`` slots per neuron, of which neuron ``i`` uses the first ``fan[i]``
+    (ascending inputs); the rest hold value 0 and index 0 and are masked out of the
+    gradients, the optimizer state and every conversion.
+
+    Args:
+        cparams, indices: constant fan-in ``k`` layers (:func:`condense_params`).
+        capacity: slots per neuron, an int for every layer or ``{layer path: int}`` (layers
+            not named stay unpadded); ``k <= capacity <= n_in``. The rule never gives a
+            neuron more than ``capacity`` weights (see :func:`srigl_condensed`); with
+            ``capacity = n_in`` it is exactly the masked rule.
+        n_in: input width of each condensed layer, by the layer's path.
+
+    Returns:
+        ``(cparams, indices, fan)``: ``fan`` has the structure of ``indices`` with
+        ``int32[n_out]`` leaves (``k`` everywhere), for ``srigl_condensed(...).init(cparams,
+        indices, fan)`` and :func:`expand_params`.
+
+    Raises:
+        ValueError naming the layer: capacity below ``k`` or above ``n_in``, a layer without
+        ``n_in``.
+    """
+    p_flat = dict(_flat_paths(cparams))
+    i_flat = _flat_paths(indices)
+    idx_out = {}
+    for ipath, idx in i_flat.items():
+        head, _ = _split_path(ipath)
+        vpath = f"{head}/values" if head else "values"
+        k = np.shape(idx)[1]
+        cap = capacity.get(head, k) if isinstance(capacity, dict) else capacity
+        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)):
+            raise TypeError(f"{head}: capacity must be an int, got {cap!r}")
+        if head not in n_in:
+            raise ValueError(f"{head}: n_in of this condensed layer is not given")
+        if not k <= cap <= n_in[head]:
+            raise ValueError(f"{head}: capacity={cap} must be in [k={k}, n_in={n_in[head]}]")
+        pad = ((0, 0), (0, int(cap) - k))
+        p_flat[vpath] = jnp.pad(jnp.asarray(p_flat[vpath]), pad)
+        idx_out[ipath] = jnp.pad(jnp.asarray(idx), pad)
+    fan = constant_fan(indices, {_split_path(ip)[0]: int(np.shape(i)[1])
+                                 for ip, i in i_flat.items()})
+    return _nest(p_flat), _nest(idx_out), fan
 
 
 # ----------------------------------------------------------------------------- the layer op
@@ -401,15 +503,20 @@ def _running_counts(mask: jax.Array, block: int = 64) -> jax.Array:
     return counts.astype(jnp.int32)
 
 
-def mask_to_indices(mask: jax.Array, k: int, dtype=jnp.int32) -> jax.Array:
+def mask_to_indices(mask: jax.Array, k: int, dtype=jnp.int32, *, pad: bool = False
+                    ) -> jax.Array:
     """``[n_out, k]`` ascending input positions of a constant fan-in ``bool[n_in, n_out]``
     mask (jit-safe; the caller guarantees exactly ``k`` per column): slot ``s`` of a neuron
-    is the first input where its running count reaches ``s + 1``."""
+    is the first input where its running count reaches ``s + 1``. ``pad=True``: a column may
+    have fewer than ``k`` (at most ``k``: the caller's guarantee); its missing slots get
+    index 0 (the padded layout, :func:`pad_condensed`)."""
     if mask.shape[0] - 1 > np.iinfo(np.int32).max or mask.shape[0] >= 2**24:
         raise ValueError(f"mask_to_indices: n_in={mask.shape[0]} is too large")
     targets = jnp.arange(1, k + 1, dtype=jnp.int32)
     counts = _running_counts(mask)
     slots = jax.vmap(lambda c: jnp.searchsorted(c, targets, side="left", method="scan"))(counts)
+    if pad:  # a target beyond the column's count is not found: searchsorted gives n_in
+        slots = jnp.where(slots < mask.shape[0], slots, 0)
     return slots.astype(dtype)
 
 
@@ -497,12 +604,69 @@ def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax
                                          tie_key=k_fill)
         new_mask = keep | grow
     new_indices = mask_to_indices(new_mask, k, indices.dtype)
-    # Both lists ascend: a new input's old slot is found by binary search in its neuron's row.
-    old, new = indices.astype(jnp.int32), new_indices.astype(jnp.int32)
-    pos = jax.vmap(lambda o, n: jnp.searchsorted(o, n, method="scan"))(old, new)
+    return new_indices, slot_sources(indices, new_indices)
+
+
+def slot_sources(old: jax.Array, new: jax.Array, old_fan=None, new_fan=None) -> jax.Array:
+    """``int32[n_out, k]``: for each live slot of ``new`` the slot of ``old`` holding the same
+    input, ``-1`` where none does (a grown weight) and at padded slots.
+
+    Both lists ascend over their live slots (the first ``fan[i]``; all without ``fan``), so
+    a new input's old slot is found by binary search in its neuron's row.
+    """
+    n_in_bound = np.iinfo(np.int32).max  # above every input: padded old slots match nothing
+    k = old.shape[1]
+    o, n = old.astype(jnp.int32), new.astype(jnp.int32)
+    if old_fan is not None:
+        o = jnp.where(live_slots(old_fan, k), o, n_in_bound)
+    pos = jax.vmap(lambda a, b: jnp.searchsorted(a, b, method="scan"))(o, n)
     pos = jnp.minimum(pos, k - 1)
-    found = jnp.take_along_axis(old, pos, axis=1) == new
-    return new_indices, jnp.where(found, pos, -1)
+    found = jnp.take_along_axis(o, pos, axis=1) == n
+    if new_fan is not None:
+        found &= live_slots(new_fan, new.shape[1])
+    return jnp.where(found, pos, -1)
+
+
+def srigl_ablation_condensed_layer(values: jax.Array, indices: jax.Array, fan: jax.Array,
+                                   dense_grad: jax.Array, key: jax.Array, *, fraction, k0,
+                                   tau, min_neurons) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One SRigL update with neuron ablation of one padded condensed layer.
+
+    The rule is :func:`jaxsparse.algorithms.structured.srigl_layer` itself
+    (``ablation=True``, budget ``k0 * n_out``: same counts, saliency, threshold, keys and
+    tie-breaks as the masked run), on the layer's dense view; the new mask is then written
+    back into the padded layout (:func:`pad_condensed`). Active neurons get ``k' =
+    floor(k0 * n_out / n_active)`` slots, ablated ones none. A neuron cannot hold more than
+    ``capacity`` weights, so at least ``floor(k0 * n_out / (capacity + 1)) + 1`` neurons
+    stay active (when ``capacity < n_in``): with a capacity that never binds the result is
+    exactly the masked rule's.
+
+    Args:
+        values, indices: ``[n_out, capacity]`` (the first ``fan[i]`` slots of neuron ``i``
+            live, ascending).
+        fan: ``int32[n_out]`` live slots per neuron.
+        dense_grad: ``[n_in, n_out]`` gradient w.r.t. the dense effective weight.
+        key: this layer's PRNG key.
+        fraction: drop fraction (traced ok).
+        k0, tau, min_neurons: as for ``srigl_layer`` (traced ok).
+
+    Returns:
+        ``(new_indices, src, new_fan)``: ``src`` as :func:`slot_sources`.
+    """
+    n_in, n_out = dense_grad.shape
+    cap = values.shape[1]
+    if cap > n_in:
+        raise ValueError(f"capacity {cap} exceeds n_in={n_in}")
+    weight, mask = expand_from_training(values, indices, n_in, fan)
+    k0 = jnp.asarray(k0, jnp.int32)
+    if cap < n_in:
+        min_neurons = jnp.maximum(min_neurons, k0 * n_out // (cap + 1) + 1)
+    new_mask = srigl_layer(mask, weight, dense_grad.astype(weight.dtype), key, k0=k0,
+                           fraction=fraction, gamma_sal=0.0, ablation=True,
+                           min_neurons=min_neurons, tau=tau)
+    new_indices = mask_to_indices(new_mask, cap, indices.dtype, pad=True)
+    new_fan = topology.count_per_neuron(new_mask)
+    return new_indices, slot_sources(indices, new_indices, fan, new_fan), new_fan
 
 
 class CondensedState(NamedTuple):
@@ -514,19 +678,26 @@ class CondensedState(NamedTuple):
             dense kernels).
         count: ``int32[]`` steps taken.
         key: PRNG key; update ``t`` uses ``fold_in(key, t)``, layer ``j`` ``fold_in(., j)``.
+        fan: with ablation, the live slots per neuron (the structure of ``indices``,
+            ``int32[n_out]`` leaves; 0 for an ablated neuron); ``None`` without.
+        consts: with ablation, per layer (flattening order) ``{"k0", "tau", "output"}``:
+            the initial constant fan-in (budget ``k0 * n_out``), the ablation threshold and
+            whether it is the output layer (no neuron ablated); ``None`` without.
     """
 
     indices: PyTree
     inner_state: optax.OptState
     count: jax.Array
     key: jax.Array
+    fan: PyTree = None
+    consts: Any = None
 
 
 TOPOLOGY_MODES = ("scheduled", "skip", "update")
 
 
 class CondensedSparsity(NamedTuple):
-    """A condensed sparse optimizer: ``init(params, indices)`` and
+    """A condensed sparse optimizer: ``init(params, indices, fan=None)`` and
     ``step(grads, state, params, dense_grads, topology="scheduled") -> (new_params,
     new_state)``.
 
@@ -572,6 +743,29 @@ def _layers(params: PyTree, indices: PyTree) -> list[tuple[str, str]]:
     return pairs
 
 
+def _ablation_consts(pairs, fan_flat, gamma_sal, output_layer) -> list[dict]:
+    """Per layer ``{"k0", "tau", "output"}`` (host; ``fan`` concrete and constant per layer)."""
+    heads = [_split_path(ip)[0] for _, ip in pairs]
+    if output_layer is None:
+        out = heads[-1]
+    else:
+        hits = [h for h in heads if re.search(output_layer, h)]
+        if not hits:
+            raise ValueError(f"output_layer {output_layer!r} matches no condensed layer; the "
+                             f"layers are {heads}")
+        out = hits[-1]
+    consts = []
+    for head, (_, ipath) in zip(heads, pairs):
+        f = _host(fan_flat[ipath], "fan", ipath)
+        if f.ndim != 1 or f.size == 0 or (f != f[0]).any() or f[0] < 1:
+            raise ValueError(f"{ipath}: SRigL starts from constant fan-in k0 >= 1 per neuron; "
+                             f"fan has {np.unique(f).tolist()[:5]} (shape {f.shape})")
+        k0 = int(f[0])
+        consts.append({"k0": jnp.int32(k0), "tau": jnp.int32(_tau(gamma_sal, k0)),
+                       "output": jnp.asarray(head == out)})
+    return consts
+
+
 def srigl_condensed(
     inner: optax.GradientTransformation,
     *,
@@ -581,49 +775,95 @@ def srigl_condensed(
     begin_step: int = 0,
     drop_fraction: float = 0.3,
     drop_fraction_decay: str = "cosine",
-    selection: str = "slots",
+    selection: str | None = None,
+    ablation: bool = False,
+    gamma_sal: float = 0.3,
+    output_layer: str | None = None,
 ) -> CondensedSparsity:
-    """Constant fan-in SRigL (Lasby et al. 2024, no ablation) trained on the condensed form.
+    """SRigL (Lasby et al. 2024) trained on the condensed form.
 
     Same schedule, counts, scores and keys as ``jaxsparse.srigl(inner, ...,
-    ablation=False)`` on the masked dense model (tested equal: same masks, same params to
-    float tolerance), but the params are ``values [n_out, k]`` and the inner optimizer's
+    ablation=ablation)`` on the masked dense model (tested equal: same masks, same params
+    to float tolerance), but the params are ``values [n_out, k]`` and the inner optimizer's
     state is built over them, so params + moments scale with the nonzeros. Per step:
 
     1. at an update step (``periodic(update_every, end_step, begin_step)``, under
        ``lax.cond`` with ``topology="scheduled"``; always with ``"update"``, never with
-       ``"skip"``): new indices from :func:`srigl_condensed_layer` per layer, on the
-       pre-step values and the dense gradients (``dense_grads()`` is called inside that
-       branch only); non-finite gradients keep the topology for that step;
-    2. the inner optimizer's update of every param (values, biases, dense leaves);
+       ``"skip"``): new indices per layer (:func:`srigl_condensed_layer`, or
+       :func:`srigl_ablation_condensed_layer` with ablation), on the pre-step values and
+       the dense gradients (``dense_grads()`` is called inside that branch only);
+       non-finite gradients keep the topology for that step;
+    2. the inner optimizer's update of every param (values, biases, dense leaves); with
+       ablation the gradients of padded slots are zero and padded values stay zero;
     3. at an update step: kept slots move with their values and moments, grown slots start
        at zero with zero moments (every param-shaped leaf of the inner state, through
        ``optax.tree.map_params``: any elementwise optimizer).
+
+    Neuron ablation (``ablation=True``) needs the padded layout of :func:`pad_condensed`
+    and its ``fan`` at ``init(params, indices, fan)``: ablated neurons keep their slots
+    with ``fan = 0``, survivors use ``k' >= k0`` of their ``capacity`` slots. Where the
+    masked rule would give a neuron more than ``capacity`` weights, more neurons stay
+    active instead (see :func:`srigl_ablation_condensed_layer`); ``capacity = n_in`` is
+    always exact, a smaller one is exact as long as it does not bind. The output layer
+    (default: the last condensed layer in flattening order; ``output_layer``, a regex on the
+    layer path, as in ``jaxsparse.srigl``) keeps all its neurons; the others keep at least
+    ``max(1, floor(k0 * n_out / n_in))``.
 
     Args:
         inner: any optax optimizer (elementwise in its per-weight state, as Adam, SGD with
             momentum, RMSProp, Lion; a global-norm clip is fine too: the masked gradients
             of the dense run have the same norm).
-        key, end_step, update_every, begin_step, drop_fraction, drop_fraction_decay: as
-            for ``jaxsparse.srigl``.
-        selection: ``"slots"`` or ``"dense"`` (see :func:`srigl_condensed_layer`).
+        key, end_step, update_every, begin_step, drop_fraction, drop_fraction_decay,
+        gamma_sal, output_layer: as for ``jaxsparse.srigl``.
+        selection: without ablation ``"slots"`` (default) or ``"dense"`` (see
+            :func:`srigl_condensed_layer`); with ablation only ``"dense"`` (the default):
+            the update runs ``srigl_layer`` on each layer's dense view.
+        ablation: SRigL's neuron ablation (default False: constant fan-in, every slot live).
 
     Example:
         >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
         >>> state = tx.init(cparams, indices)
         >>> cparams, state = tx.step(grads, state, cparams, dense_grads=lambda: dgrads())
+        >>> # with ablation: the padded layout
+        >>> cparams, indices, fan = pad_condensed(cparams, indices, 2 * k, n_in)
+        >>> tx = srigl_condensed(optax.adam(1e-3), key=key, end_step=5000, ablation=True)
+        >>> state = tx.init(cparams, indices, fan)
     """
     if key is None:
         raise ValueError("srigl_condensed needs key=jax.random.key(seed)")
+    if selection is None:
+        selection = "dense" if ablation else "slots"
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if ablation and selection != "dense":
+        raise ValueError("srigl_condensed(ablation=True) selects on the dense view only: "
+                         f"selection must be 'dense' or None, got {selection!r}")
+    if not 0.0 <= gamma_sal <= 1.0:
+        raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
     fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
     is_update_step = schedules.periodic(update_every, end_step, begin_step)
 
-    def init(params, indices) -> CondensedState:
-        _layers(params, indices)
+    def init(params, indices, fan=None) -> CondensedState:
+        pairs = _layers(params, indices)
+        if not ablation:
+            if fan is not None:
+                raise ValueError("srigl_condensed: fan (a padded layout) is for ablation=True; "
+                                 "without ablation every slot is live")
+            return CondensedState(indices, inner.init(params), jnp.zeros((), jnp.int32),
+                                  jnp.copy(key))
+        if fan is None:  # unpadded: every slot live (the capacity then allows no ablation)
+            fan = jax.tree.map(lambda i: jnp.full((i.shape[0],), i.shape[1], jnp.int32),
+                               indices)
+        f_flat = _flat_paths(fan)
+        for _, ipath in pairs:
+            if ipath not in f_flat:
+                raise ValueError(f"{ipath}: fan has no leaf for this condensed layer")
+            validate_indices(_flat_paths(indices)[ipath], np.iinfo(np.int32).max, name=ipath,
+                             fan=f_flat[ipath])
+        fan = jax.tree.map(lambda f: jnp.asarray(f, jnp.int32), fan)
+        consts = _ablation_consts(pairs, f_flat, gamma_sal, output_layer)
         return CondensedState(indices, inner.init(params), jnp.zeros((), jnp.int32),
-                              jnp.copy(key))
+                              jnp.copy(key), fan, consts)
 
     def step(grads, state: CondensedState, params, dense_grads=None, *,
              topology: str = "scheduled"):
@@ -633,9 +873,14 @@ def srigl_condensed(
             raise ValueError("srigl_condensed.step needs dense_grads: the dense weight "
                              "gradients of the condensed layers (a tree or a zero-argument "
                              "function giving one, called at update steps only)")
+        if ablation and (state.fan is None or state.consts is None):
+            raise ValueError("srigl_condensed(ablation=True).step needs a state from its own "
+                             "init (with fan and per-layer constants)")
         pairs = _layers(params, state.indices)
         p_flat = _flat_paths(params)
         i_flat = _flat_paths(state.indices)
+        f_flat = _flat_paths(state.fan) if ablation else {}
+        fans = [f_flat.get(ip) for _, ip in pairs]
         count = state.count
 
         def new_topology(_):
@@ -646,29 +891,49 @@ def srigl_condensed(
                                  f"{len(pairs)} condensed layers")
             finite = all_finite(grads) & all_finite(dg)
             key_t = jax.random.fold_in(state.key, count)
-            news, srcs = [], []
+            news, srcs, new_fans = [], [], []
             for j, ((vpath, ipath), g) in enumerate(zip(pairs, dg_leaves)):
                 values, idx = p_flat[vpath], i_flat[ipath]
                 if g.ndim != 2 or g.shape[1] != values.shape[0]:
                     raise ValueError(f"{ipath}: dense gradient shape {g.shape} is not "
                                      f"[n_in, n_out={values.shape[0]}]")
-                new, src = srigl_condensed_layer(values, idx, g, jax.random.fold_in(key_t, j),
-                                                 fraction=fraction(count), selection=selection)
+                key_j = jax.random.fold_in(key_t, j)
+                if ablation:
+                    c = state.consts[j]
+                    n_in, n_out = g.shape
+                    min_neurons = jnp.where(c["output"], n_out,
+                                            jnp.maximum(1, c["k0"] * n_out // n_in))
+                    new, src, nf = srigl_ablation_condensed_layer(
+                        values, idx, fans[j], g, key_j, fraction=fraction(count),
+                        k0=c["k0"], tau=c["tau"], min_neurons=min_neurons)
+                    new_fans.append(jnp.where(finite, nf, fans[j]))
+                else:
+                    new, src = srigl_condensed_layer(values, idx, g, key_j,
+                                                     fraction=fraction(count),
+                                                     selection=selection)
                 news.append(jnp.where(finite, new, idx))
                 srcs.append(jnp.where(finite, src, _identity(idx)))
-            return news, srcs
+            return news, srcs, new_fans
 
         def keep(_):
-            return [i_flat[ip] for _, ip in pairs], [_identity(i_flat[ip]) for _, ip in pairs]
+            return ([i_flat[ip] for _, ip in pairs], [_identity(i_flat[ip]) for _, ip in pairs],
+                    [f for f in fans if f is not None])
 
         if topology == "scheduled":
             update = is_update_step(count)
-            news, srcs = jax.lax.cond(update, new_topology, keep, None)
+            news, srcs, new_fans = jax.lax.cond(update, new_topology, keep, None)
         else:
             update = topology == "update"
-            news, srcs = (new_topology if update else keep)(None)
+            news, srcs, new_fans = (new_topology if update else keep)(None)
+        if ablation:  # padded slots: no gradient, value zero (ablated neurons hold nothing)
+            live = {vp: live_slots(f, p_flat[vp].shape[1]) for (vp, _), f in zip(pairs, fans)}
+            grads = _map_values(lambda g, m: jnp.where(m, g, jnp.zeros((), g.dtype)),
+                                grads, live)
         updates, inner_state = inner.update(grads, state.inner_state, params)
         new_params = optax.apply_updates(params, updates)
+        if ablation:
+            new_params = _map_values(lambda p, m: jnp.where(m, p, jnp.zeros((), p.dtype)),
+                                     new_params, live)
 
         src_by_path = {vp: s for (vp, _), s in zip(pairs, srcs)}
         sentinel = jnp.zeros((0,), jnp.int32)
@@ -693,9 +958,19 @@ def srigl_condensed(
         elif update:
             new_params, inner_state = moved((new_params, inner_state))
         new_indices = jax.tree.unflatten(jax.tree.structure(state.indices), news)
-        return new_params, CondensedState(new_indices, inner_state, count + 1, state.key)
+        new_fan = (jax.tree.unflatten(jax.tree.structure(state.fan), new_fans) if ablation
+                   else state.fan)
+        return new_params, CondensedState(new_indices, inner_state, count + 1, state.key,
+                                          new_fan, state.consts)
 
     return CondensedSparsity(init, step, is_update_step)
+
+
+def _map_values(fn, tree: PyTree, by_path: dict[str, jax.Array]) -> PyTree:
+    """``fn(leaf, by_path[path])`` at the leaves named in ``by_path``; others unchanged."""
+    flat = _flat_paths(tree)
+    return jax.tree.unflatten(jax.tree.structure(tree),
+                              [fn(x, by_path[p]) if p in by_path else x for p, x in flat.items()])
 
 
 def _identity(idx: jax.Array) -> jax.Array:
@@ -708,9 +983,11 @@ def _identity(idx: jax.Array) -> jax.Array:
 class CondensedTrainDense(nn.Module):
     """A linen Dense layer trained in condensed form (constant fan-in ``k``).
 
-    Variables: ``params``: ``values [features, k]``, ``bias [features]``; ``sparsity``:
-    ``indices [features, k]`` (random distinct inputs per neuron at init; structure, so
-    ``optax`` only ever sees values and bias). With a ``probe`` collection given
+    Variables: ``params``: ``values [features, slots]``, ``bias [features]``; ``sparsity``:
+    ``indices [features, slots]`` (random distinct inputs per neuron at init; structure, so
+    ``optax`` only ever sees values and bias); ``slots`` is ``capacity`` (padded layout, for
+    ``srigl_condensed(..., ablation=True)``: the first ``k`` slots live at init, the rest
+    zero, ``constant_fan(variables["sparsity"], {name: k})`` their ``fan``) or ``k``. With a ``probe`` collection given
     (:func:`dense_weight_grads`), the layer adds ``x @ probe`` (``probe`` all zeros): the
     output is unchanged and the gradient w.r.t. ``probe`` is the dense weight gradient that
     growth needs.
@@ -723,6 +1000,8 @@ class CondensedTrainDense(nn.Module):
         sparse_scaling: initial values with variance ``1 / k`` (sparsity-aware, as
             ``jaxsparse.sparse_init``) instead of the dense layer's ``1 / n_in``.
         impl: ``"auto"``, ``"xla"`` or ``"cpu"`` (see :func:`condensed_linear`).
+        capacity: slots per neuron for the padded layout, ``k <= capacity <= n_in``;
+            ``None``: ``k`` (unpadded).
 
     Example:
         >>> layer = CondensedTrainDense(features=300, k=39)
@@ -737,12 +1016,18 @@ class CondensedTrainDense(nn.Module):
     param_dtype: Any = jnp.float32
     sparse_scaling: bool = False
     impl: str = "auto"
+    capacity: int | None = None
 
     @nn.compact
     def __call__(self, x):
         n_in = x.shape[-1]
         if not 1 <= self.k <= n_in:
             raise ValueError(f"{self.name}: fan-in k={self.k} must be in [1, n_in={n_in}]")
+        slots = self.k if self.capacity is None else self.capacity
+        if not self.k <= slots <= n_in:
+            raise ValueError(f"{self.name}: capacity={slots} must be in [k={self.k}, "
+                             f"n_in={n_in}]")
+        pad = ((0, 0), (0, slots - self.k))
         idt = self.index_dtype or smallest_index_dtype(n_in)
         if np.dtype(idt) not in [np.dtype(d) for d in INDEX_DTYPES] or (
                 n_in - 1 > np.iinfo(idt).max):
@@ -750,12 +1035,14 @@ class CondensedTrainDense(nn.Module):
                              f"n_in={n_in} inputs (int8/int16/int32 wide enough)")
         indices = self.variable(
             "sparsity", "indices",
-            lambda: random_indices(self.make_rng("params"), n_in, self.features, self.k, idt),
+            lambda: jnp.pad(random_indices(self.make_rng("params"), n_in, self.features,
+                                           self.k, idt), pad),
         ).value
         scale = 1.0 if self.sparse_scaling else self.k / n_in
         init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
                                                 in_axis=-1, out_axis=-2)
-        values = self.param("values", init, (self.features, self.k), self.param_dtype)
+        values = self.param("values", lambda key, shape, dtype: jnp.pad(
+            init(key, shape, dtype), pad), (self.features, self.k), self.param_dtype)
         bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
                            self.param_dtype) if self.use_bias else None)
         y = condensed_linear(x, values.astype(x.dtype), indices,
