@@ -92,3 +92,11 @@ def test_reserve_takes_neurons_per_task_free_neurons_per_task():
             np.testing.assert_array_equal(frozen[f"dense{i}"]["kernel"],
                                           np.broadcast_to(m, shapes[i]))
     assert counts == [[4, 4, 2], [8, 8, 4], [10, 10, 6]]
+
+
+def test_resume_key_is_the_setting_without_the_sweep_fields():
+    cfg = cl.cl_config(cl_digits_tiny.get_config())
+    import json
+    rec_config = json.loads(json.dumps(cfg._asdict(), default=list))  # as records store it
+    assert cl.setting(rec_config) == cl.setting(cfg._replace(seeds=(7,), methods=("joint",)))
+    assert cl.setting(rec_config) != cl.setting(cfg._replace(neurons_per_task=3))
