@@ -20,6 +20,8 @@ at test time the model sees an image from any task and must pick among all class
 Metrics (Chaudhry et al. 2018): ``R[t, j]`` = accuracy on task ``j``'s test images after
 training task ``t``, over the classes seen so far; average accuracy after the last task
 ``mean_j R[T-1, j]``; forgetting of task ``j < T-1`` is ``max_{t<T-1} R[t, j] - R[T-1, j]``.
+SpaceNet records also hold ``pre_reserve_accuracy``: task ``t``'s accuracy with its whole
+trained delta, before consolidation (compare ``R[t, t]``, after it).
 
   python -m experiments.continual --config=experiments/configs/cl_split_mnist.py \
       --out=results/cl_split_mnist

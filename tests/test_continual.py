@@ -1,5 +1,7 @@
 """Class-incremental split-digits: SpaceNet-style sparse subnetworks vs fine-tuning vs joint."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -96,7 +98,6 @@ def test_reserve_takes_neurons_per_task_free_neurons_per_task():
 
 def test_resume_key_is_the_setting_without_the_sweep_fields():
     cfg = cl.cl_config(cl_digits_tiny.get_config())
-    import json
     rec_config = json.loads(json.dumps(cfg._asdict(), default=list))  # as records store it
     assert cl.setting(rec_config) == cl.setting(cfg._replace(seeds=(7,), methods=("joint",)))
     assert cl.setting(rec_config) != cl.setting(cfg._replace(neurons_per_task=3))
