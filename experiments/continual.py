@@ -20,6 +20,8 @@ at test time the model sees an image from any task and must pick among all class
 Metrics (Chaudhry et al. 2018): ``R[t, j]`` = accuracy on task ``j``'s test images after
 training task ``t``, over the classes seen so far; average accuracy after the last task
 ``mean_j R[T-1, j]``; forgetting of task ``j < T-1`` is ``max_{t<T-1} R[t, j] - R[T-1, j]``.
+SpaceNet records also hold ``pre_reserve_accuracy``: task ``t``'s accuracy with its whole
+trained delta, before consolidation (compare ``R[t, t]``, after it).
 
   python -m experiments.continual --config=experiments/configs/cl_split_mnist.py \
       --out=results/cl_split_mnist
@@ -44,7 +46,7 @@ import optax
 
 import jaxsparse
 from experiments import data as data_lib
-from experiments.sweep import load_config
+from experiments.sweep import apply_overrides, load_config
 from experiments.train import machine_description
 from jaxsparse import features
 from jaxsparse import freeze as freeze_lib
@@ -307,6 +309,7 @@ def run_method(method: str, cfg: CLConfig, data: TaskData, seed: int, trainers: 
     reserved = [np.zeros(s, bool) for s in sizes[1:]]
     params = init_params(k_init, sizes)  # fine-tuning starts from a random init
     seen = np.zeros(num_classes, bool)
+    pre_reserve = []
     for t, classes in enumerate(cfg.tasks):
         seen[list(classes)] = True
         task_key = jax.random.fold_in(key, t)
@@ -325,6 +328,9 @@ def run_method(method: str, cfg: CLConfig, data: TaskData, seed: int, trainers: 
                                     jax.tree.map(jnp.asarray, frozen),
                                     jnp.asarray(data.x[t]), jnp.asarray(data.y[t]),
                                     jnp.asarray(data.n[t]), jnp.asarray(train_classes))
+            # The task's own accuracy before consolidation (all of ``delta``), to tell
+            # what reserving only ``neurons_per_task`` neurons costs (compare ``R[t, t]``).
+            pre_reserve.append(evaluate(jax.tree.map(jnp.add, fixed, delta), data, seen)[t])
             fixed, frozen, reserved = reserve(fixed, frozen, delta, reserved, classes,
                                               cfg.neurons_per_task)
             params = jax.tree.map(jnp.asarray, fixed)
@@ -336,6 +342,7 @@ def run_method(method: str, cfg: CLConfig, data: TaskData, seed: int, trainers: 
         extra["frozen_fraction"] = float(freeze_lib.frozen_fraction(
             jax.tree.map(jnp.asarray, frozen)))
         extra["reserved_neurons"] = [int(m.sum()) for m in reserved]
+        extra["pre_reserve_accuracy"] = pre_reserve
     return r, extra
 
 
@@ -392,6 +399,15 @@ def run(cfg: CLConfig, done: set | None = None, write=None) -> list[dict]:
             if write is not None:
                 write(rec)
     return records
+
+
+def setting(cfg: CLConfig | dict) -> str:
+    """The config of a run less its sweep fields (``methods``, ``seeds``), as canonical JSON:
+    records with equal settings come from the same experiment."""
+    d = dict(cfg._asdict() if isinstance(cfg, CLConfig) else cfg)
+    d.pop("methods", None)
+    d.pop("seeds", None)
+    return json.dumps(d, sort_keys=True, default=list)
 
 
 def cl_config(c) -> CLConfig:
@@ -485,8 +501,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--report", action="store_true", help="print the table, write the plot")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (JSON value), e.g. neurons_per_task=40")
     a = p.parse_args(argv)
-    cfg = cl_config(load_config(a.config))
+    cfg = cl_config(apply_overrides(load_config(a.config), a.set))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
@@ -495,8 +513,11 @@ def main(argv=None) -> list[dict]:
         print(summary_table(records))
         print(plot_accuracy(records, out / "accuracy.png", f"split {cfg.dataset}"))
         return records
+    # A (method, seed) is done when a record of the same setting (the config less its sweep
+    # fields) has it, so that several settings (e.g. ``--set neurons_per_task=...``) can
+    # share one results file.
     done = {(r["method"], r["seed"]) for r in _load(results)
-            if r.get("event") == "final" and r.get("dataset") == cfg.dataset}
+            if r.get("event") == "final" and setting(json.loads(r["config"])) == setting(cfg)}
 
     def write(record):
         with open(results, "a") as f:

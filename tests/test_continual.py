@@ -1,5 +1,7 @@
 """Class-incremental split-digits: SpaceNet-style sparse subnetworks vs fine-tuning vs joint."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,35 @@ def test_unknown_method():
     cfg = cl.cl_config(cl_digits_tiny.get_config())._replace(methods=("ewc",))
     with pytest.raises(ValueError, match="methods: unknown method 'ewc'"):
         cl.check_config(cfg)
+
+
+def test_reserve_takes_neurons_per_task_free_neurons_per_task():
+    # 3 tasks x 4 neurons on 10 hidden units: 4, 8, then the 2 left; never a reserved one twice.
+    rng = np.random.default_rng(0)
+    sizes = (6, 10, 10, 6)
+    shapes = [(a, b) for a, b in zip(sizes[:-1], sizes[1:])]
+    fixed = {f"dense{i}": {"kernel": np.zeros(s, np.float32)} for i, s in enumerate(shapes)}
+    frozen = {f"dense{i}": {"kernel": np.zeros(s, bool)} for i, s in enumerate(shapes)}
+    reserved = [np.zeros(b, bool) for b in sizes[1:]]
+    counts = []
+    for t in range(3):
+        delta = {f"dense{i}": {"kernel": rng.normal(size=s).astype(np.float32)}
+                 for i, s in enumerate(shapes)}
+        before = [m.copy() for m in reserved]
+        fixed, frozen, reserved = cl.reserve(fixed, frozen, delta, reserved, (2 * t, 2 * t + 1),
+                                             neurons_per_task=4)
+        counts.append([int(m.sum()) for m in reserved])
+        for old, new in zip(before, reserved):
+            assert np.all(new[old])  # reserved neurons stay reserved
+        for i, m in enumerate(reserved):
+            # Exactly the reserved neurons' incoming weights are frozen.
+            np.testing.assert_array_equal(frozen[f"dense{i}"]["kernel"],
+                                          np.broadcast_to(m, shapes[i]))
+    assert counts == [[4, 4, 2], [8, 8, 4], [10, 10, 6]]
+
+
+def test_resume_key_is_the_setting_without_the_sweep_fields():
+    cfg = cl.cl_config(cl_digits_tiny.get_config())
+    rec_config = json.loads(json.dumps(cfg._asdict(), default=list))  # as records store it
+    assert cl.setting(rec_config) == cl.setting(cfg._replace(seeds=(7,), methods=("joint",)))
+    assert cl.setting(rec_config) != cl.setting(cfg._replace(neurons_per_task=3))

@@ -127,3 +127,25 @@ def test_erk_uniform_records_have_equal_overall_sparsity():
         assert set(per) == {"erk", "uniform"}, t
         assert max(abs(a - b) for a in per["erk"] for b in per["uniform"]) < 1e-4, (t, per)
         assert all(abs(x - t) < 5e-3 for v in per.values() for x in v), (t, per)
+
+
+def test_cl_capacity_section(tmp_path):
+    assert "No records yet" in results_report.section_cl_capacity(tmp_path)
+    d = tmp_path / "results" / "cl_split_mnist_capacity"
+    d.mkdir(parents=True)
+    recs = []
+    for npt, acc in ((4, 0.3), (2, 0.5)):
+        for seed, eps in ((0, 0.0), (1, 0.02)):
+            recs.append({"event": "final", "method": "spacenet", "seed": seed,
+                         "config": json.dumps({"neurons_per_task": npt, "hidden": [8, 8],
+                                               "tasks": [[0, 1], [2, 3]]}),
+                         "avg_accuracy": acc + eps, "avg_forgetting": 0.5,
+                         "accuracy_matrix": [[1.0, None], [0.4, 0.6 + eps]],
+                         "pre_reserve_accuracy": [1.0, 1.0 - eps], "reserved_neurons": [npt * 2] * 2
+                         + [4], "frozen_fraction": npt / 4, "wall_time": 1.0})
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_cl_capacity(tmp_path)
+    # Rows by neurons per task, largest first; "after" is the mean of R[t, t] (0.8, 0.81).
+    assert "| 4 | [8, 8] | 1.000 ± 0.000 (n=2) | 31.00 ± 1.41 (n=2) |" in text
+    assert "| 2 | [4, 4] |" in text and "80.50 ± 0.71 (n=2) |" in text
+    assert "2 vs 4 reserved per task, accuracy +20.00 points" in text
