@@ -276,19 +276,29 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
     if whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE:
         lo, hi, c_lo, c_hi = _sample_bracket(keys_list[0], k, count, lo, hi, c_lo, c_hi)
     lo, hi, c_lo, c_hi = _search(count, k, lo, hi, c_lo, c_hi)
-    top = [x >= _bcast(hi, whole) for x in keys_list]
-    tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
-    # Keys in [lo, hi) tie at the threshold unless c_lo == k; rank them by tie rank.
-    # Ranks given as functions are computed inside each pass that reads them (fused, never
-    # stored): they are needed only to split ties, and the final comparison.
-    def ranks():
-        return [r() if callable(r) else r for r in ranks_list]
 
-    r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
-                                      jnp.full_like(hi, _RANK_LIMIT))
-    r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi, r_clo,
-                   r_chi)[0]
-    return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
+    def no_ties(lo, hi, c_lo, c_hi):
+        # c_lo == k in every column: the keys >= lo are exactly the top k.
+        return [x >= _bcast(lo, whole) for x in keys_list]
+
+    def ties(lo, hi, c_lo, c_hi):
+        # The keys in [lo, hi) tie at the threshold; they are ranked by tie rank. Ranks
+        # given as functions are computed here only, inside the passes that read them.
+        top = [x >= _bcast(hi, whole) for x in keys_list]
+        tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
+
+        def ranks():
+            return [r() if callable(r) else r for r in ranks_list]
+
+        r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
+                                          jnp.full_like(hi, _RANK_LIMIT))
+        r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi,
+                       r_clo, r_chi)[0]
+        return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
+
+    # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
+    # are computed only when some column needs them.
+    return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
 
 
 def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
