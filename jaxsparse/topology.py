@@ -183,30 +183,48 @@ def _combine(a, b):
     return a[0] + b[0], jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])
 
 
+# Rows per block of a per-column reduction (see :func:`_fold`).
+_BLOCK_ROWS = 16
+
+
+def _block_rows(m: int) -> int:
+    """The largest divisor of ``m`` up to :data:`_BLOCK_ROWS`."""
+    return max(r for r in range(1, min(m, _BLOCK_ROWS) + 1) if m % r == 0)
+
+
+def _fold(parts, inits, whole: bool):
+    """Reduces a tuple of equally shaped (m, s) arrays with :func:`_combine`: over the whole
+    array, or per column.
+
+    One variadic reduction reads each entry once and keeps no temporary of the array's size
+    (a lone large ``sum`` is split by XLA:CPU into a tree of partial sums over a stored
+    int32 copy of its input). Per column, the rows are first folded in blocks of up to
+    :data:`_BLOCK_ROWS` (a reduction over a middle axis, vectorised along the columns), then
+    the ``m / block`` partial results of each column are combined.
+    """
+    if whole:
+        return tuple(jnp.atleast_1d(p) for p in jax.lax.reduce(parts, inits, _combine, (0, 1)))
+    m, s = parts[0].shape
+    r = _block_rows(m)
+    blocks = jax.lax.reduce(tuple(p.reshape(m // r, r, s) for p in parts), inits, _combine,
+                            (1,))
+    return (jnp.sum(blocks[0], axis=0), jnp.min(blocks[1], axis=0), jnp.max(blocks[2], axis=0))
+
+
 def _reduce(arrays, among, pivot, whole: bool):
     """One pass over ``arrays`` at ``pivot``: ``(count, above, below)``: the number of
     entries ``>= pivot``, the smallest of them and the largest entry below ``pivot`` (0 if
-    none), over the entries where ``among`` holds (all when ``among`` is None).
-
-    Over a whole array one variadic reduction computes the three, so the pass reads each
-    entry once and keeps no temporary of the array's size. Per column it counts only (a
-    column sum; a variadic reduction along the major axis is much slower on XLA:CPU) and
-    reports the pivot itself as ``above`` and ``pivot - 1`` as ``below``, which keeps the
-    bracket valid without moving it onto keys.
-    """
+    none), over the entries where ``among`` holds (all when ``among`` is None); per column
+    unless ``whole``."""
     top = jnp.uint32(_U32_MAX)
     total = None
     for j, x in enumerate(arrays):
         ge = x >= _bcast(pivot, whole)
         at = ge if among is None else ge & among[j]
-        if whole:
-            under = ~ge if among is None else ~ge & among[j]
-            parts = jax.lax.reduce(
-                (at.astype(jnp.int32), jnp.where(at, x, top), jnp.where(under, x, jnp.uint32(0))),
-                (jnp.int32(0), top, jnp.uint32(0)), _combine, (0, 1))
-            parts = tuple(jnp.atleast_1d(p) for p in parts)
-        else:
-            parts = (jnp.sum(at, axis=0, dtype=jnp.int32), pivot, pivot - jnp.uint32(1))
+        under = ~ge if among is None else ~ge & among[j]
+        parts = _fold((at.astype(jnp.int32), jnp.where(at, x, top),
+                       jnp.where(under, x, jnp.uint32(0))), (jnp.int32(0), top, jnp.uint32(0)),
+                      whole)
         total = parts if total is None else _combine(total, parts)
     return total
 
@@ -214,18 +232,12 @@ def _reduce(arrays, among, pivot, whole: bool):
 def _range(arrays, whole: bool):
     """``(count, lo, hi)``: the number of candidates (keys >= 1), the smallest candidate key
     and one past the largest (per column unless ``whole``)."""
-    if whole:
-        def one(x):
-            valid = x >= jnp.uint32(1)
-            return jax.lax.reduce(
-                (valid.astype(jnp.int32), jnp.where(valid, x, jnp.uint32(_U32_MAX)), x),
-                (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0)), _combine, (0, 1))
-    else:
-        def one(x):
-            return (jnp.sum(x >= jnp.uint32(1), axis=0, dtype=jnp.int32),
-                    jnp.min(jnp.where(x >= jnp.uint32(1), x, jnp.uint32(_U32_MAX)), axis=0),
-                    jnp.max(x, axis=0))
-    n, lo, top = functools.reduce(_combine, [tuple(map(jnp.atleast_1d, one(x))) for x in arrays])
+    def one(x):
+        valid = x >= jnp.uint32(1)
+        return _fold((valid.astype(jnp.int32), jnp.where(valid, x, jnp.uint32(_U32_MAX)), x),
+                     (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0)), whole)
+
+    n, lo, top = functools.reduce(_combine, [one(x) for x in arrays])
     # Keys never exceed 0xFF800000 (+inf), so top + 1 does not wrap.
     return n, jnp.maximum(lo, jnp.uint32(1)), top + jnp.uint32(1)
 
@@ -440,8 +452,11 @@ def count_true(x) -> jax.Array:
 
 def count_per_neuron(x) -> jax.Array:
     """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
-    x = _nonzero(x)
-    return jnp.sum(x.reshape(-1, x.shape[-1]), axis=0, dtype=jnp.int32)
+    x = _nonzero(x).reshape(-1, x.shape[-1])
+    m, s = x.shape
+    r = _block_rows(m)
+    # Blocks of rows first, as in :func:`_fold` (a lone column sum would store an int32 copy).
+    return jnp.sum(_count(x.reshape(m // r, r, s), (1,)), axis=0)
 
 
 def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:
