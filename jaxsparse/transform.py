@@ -35,6 +35,7 @@ import optax
 
 from jaxsparse import bitmask
 from jaxsparse.bitmask import PackedMask
+from jaxsparse.layermap import map_layers
 from jaxsparse.masks import (
     Masks,
     PyTree,
@@ -117,12 +118,10 @@ class SparsityRule(NamedTuple):
 
 
 def all_finite(tree) -> jax.Array:
-    """Whether every entry of every leaf is finite.
-
-    One fused count per leaf, reading the leaf where it lies (through
-    :func:`jaxsparse.map_layers` each layer would first be copied out of its ``lax.switch``:
-    two more passes over its memory than the count itself)."""
-    bad = [count_true(~jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    """Whether every entry of every leaf is finite (one count per leaf, leaves of a shape
+    sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
+    leaves = jax.tree.leaves(tree)
+    bad = map_layers(lambda x, _: count_true(~jnp.isfinite(x)), leaves)
     return sum(bad) == 0 if bad else jnp.asarray(True)
 
 
@@ -238,11 +237,11 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
         return
     paths = [path for path, _ in pairs]
 
-    def outside(m, p):
+    def outside(layer, _):
+        m, p = layer
         return count_true((p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m))
 
-    # One fused count per leaf, in place (see all_finite).
-    counts = [outside(*layer) for _, layer in pairs]
+    counts = map_layers(outside, [layer for _, layer in pairs])
 
     def check(c):
         jax.debug.callback(_raise_outside(paths), c)
