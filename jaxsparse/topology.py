@@ -179,55 +179,79 @@ def _bcast(v, whole: bool):
 
 
 def _combine(a, b):
-    """Merges two ``(count, smallest, largest)`` triples."""
-    return a[0] + b[0], jnp.minimum(a[1], b[1]), jnp.maximum(a[2], b[2])
+    """Merges two tuples of ``(count, smallest, largest)`` triples."""
+    out = []
+    for i in range(0, len(a), 3):
+        out += [a[i] + b[i], jnp.minimum(a[i + 1], b[i + 1]), jnp.maximum(a[i + 2], b[i + 2])]
+    return tuple(out)
+
+
+# Rows per block of a per-column reduction (see :func:`_fold`).
+_BLOCK_ROWS = 16
+
+
+def _block_rows(m: int) -> int:
+    """The largest divisor of ``m`` up to :data:`_BLOCK_ROWS`."""
+    return max(r for r in range(1, min(m, _BLOCK_ROWS) + 1) if m % r == 0)
+
+
+def _fold(parts, inits, whole: bool):
+    """Reduces a tuple of equally shaped (m, s) arrays with :func:`_combine`: over the whole
+    array, or per column.
+
+    One variadic reduction reads each entry once and keeps no temporary of the array's size
+    (a lone large ``sum`` is split by XLA:CPU into a tree of partial sums over a stored
+    int32 copy of its input). Per column, the rows are first folded in blocks of up to
+    :data:`_BLOCK_ROWS` (a reduction over a middle axis, vectorised along the columns), then
+    the ``m / block`` partial results of each column are combined.
+    """
+    if whole:
+        return tuple(jnp.atleast_1d(p) for p in jax.lax.reduce(parts, inits, _combine, (0, 1)))
+    m, s = parts[0].shape
+    r = _block_rows(m)
+    blocks = jax.lax.reduce(tuple(p.reshape(m // r, r, s) for p in parts), inits, _combine,
+                            (1,))
+    return tuple(jnp.sum(b, axis=0) if i % 3 == 0 else
+                 jnp.min(b, axis=0) if i % 3 == 1 else jnp.max(b, axis=0)
+                 for i, b in enumerate(blocks))
+
+
+def _at(x, pivot, among, whole: bool):
+    """The ``(count, smallest, largest)`` parts of one pivot (see :func:`_reduce`)."""
+    ge = x >= _bcast(pivot, whole)
+    at = ge if among is None else ge & among
+    under = ~ge if among is None else ~ge & among
+    return ((at.astype(jnp.int32), jnp.where(at, x, jnp.uint32(_U32_MAX)),
+             jnp.where(under, x, jnp.uint32(0))), (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0)))
 
 
 def _reduce(arrays, among, pivot, whole: bool):
     """One pass over ``arrays`` at ``pivot``: ``(count, above, below)``: the number of
     entries ``>= pivot``, the smallest of them and the largest entry below ``pivot`` (0 if
-    none), over the entries where ``among`` holds (all when ``among`` is None).
-
-    Over a whole array one variadic reduction computes the three, so the pass reads each
-    entry once and keeps no temporary of the array's size. Per column it counts only (a
-    column sum; a variadic reduction along the major axis is much slower on XLA:CPU) and
-    reports the pivot itself as ``above`` and ``pivot - 1`` as ``below``, which keeps the
-    bracket valid without moving it onto keys.
-    """
-    top = jnp.uint32(_U32_MAX)
-    total = None
-    for j, x in enumerate(arrays):
-        ge = x >= _bcast(pivot, whole)
-        at = ge if among is None else ge & among[j]
-        if whole:
-            under = ~ge if among is None else ~ge & among[j]
-            parts = jax.lax.reduce(
-                (at.astype(jnp.int32), jnp.where(at, x, top), jnp.where(under, x, jnp.uint32(0))),
-                (jnp.int32(0), top, jnp.uint32(0)), _combine, (0, 1))
-            parts = tuple(jnp.atleast_1d(p) for p in parts)
-        else:
-            parts = (jnp.sum(at, axis=0, dtype=jnp.int32), pivot, pivot - jnp.uint32(1))
-        total = parts if total is None else _combine(total, parts)
-    return total
+    none), over the entries where ``among`` holds (all when ``among`` is None); per column
+    unless ``whole``."""
+    return functools.reduce(_combine, [
+        _fold(*_at(x, pivot, None if among is None else among[j], whole), whole)
+        for j, x in enumerate(arrays)])
 
 
-def _range(arrays, whole: bool):
+def _range(arrays, whole: bool, pivots=()):
     """``(count, lo, hi)``: the number of candidates (keys >= 1), the smallest candidate key
-    and one past the largest (per column unless ``whole``)."""
-    if whole:
-        def one(x):
-            valid = x >= jnp.uint32(1)
-            return jax.lax.reduce(
-                (valid.astype(jnp.int32), jnp.where(valid, x, jnp.uint32(_U32_MAX)), x),
-                (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0)), _combine, (0, 1))
-    else:
-        def one(x):
-            return (jnp.sum(x >= jnp.uint32(1), axis=0, dtype=jnp.int32),
-                    jnp.min(jnp.where(x >= jnp.uint32(1), x, jnp.uint32(_U32_MAX)), axis=0),
-                    jnp.max(x, axis=0))
-    n, lo, top = functools.reduce(_combine, [tuple(map(jnp.atleast_1d, one(x))) for x in arrays])
+    and one past the largest (per column unless ``whole``); then :func:`_reduce`'s triple
+    at each of ``pivots``, all in the same pass."""
+    def one(x):
+        valid = x >= jnp.uint32(1)
+        parts = (valid.astype(jnp.int32), jnp.where(valid, x, jnp.uint32(_U32_MAX)), x)
+        inits = (jnp.int32(0), jnp.uint32(_U32_MAX), jnp.uint32(0))
+        for pivot in pivots:
+            more, more_inits = _at(x, pivot, None, whole)
+            parts, inits = parts + more, inits + more_inits
+        return _fold(parts, inits, whole)
+
+    n, lo, top, *at_pivots = functools.reduce(_combine, [one(x) for x in arrays])
     # Keys never exceed 0xFF800000 (+inf), so top + 1 does not wrap.
-    return n, jnp.maximum(lo, jnp.uint32(1)), top + jnp.uint32(1)
+    triples = [tuple(at_pivots[i:i + 3]) for i in range(0, len(at_pivots), 3)]
+    return (n, jnp.maximum(lo, jnp.uint32(1)), top + jnp.uint32(1)), triples
 
 
 def _counter(arrays, among, whole: bool):
@@ -236,59 +260,75 @@ def _counter(arrays, among, whole: bool):
 
 
 # A whole-array selection over at least this many keys first brackets its k-th key between
-# two order statistics of a fixed sample (two counting passes confirm them).
+# two order statistics of a fixed sample (counted in the first pass).
 _SAMPLE_MIN_SIZE = 1 << 14
 _SAMPLE_SIZE = 2048
 
 
-def _sample_bracket(keys, k, count, lo, hi, c_lo, c_hi):
+def _sample_pivots(keys, k):
+    """Two pivots that bracket the k-th largest key with high probability: order statistics
+    of a fixed strided sample (a strided slice of a sharded layer stays on its shards;
+    gathering positions of the flattened layer would all-gather its keys), 3 standard
+    deviations of the sample rank to either side."""
     n = keys.size
-    # A strided grid of rows x columns: a strided slice of a sharded layer stays on its
-    # shards (gathering positions of the flattened layer would all-gather its keys).
     m, s = keys.shape
     row_step = max(1, m // 64)
     col_step = max(1, s // max(1, _SAMPLE_SIZE // -(-m // row_step)))
     sample = jnp.sort(keys[::row_step, ::col_step].reshape(-1))[::-1]  # descending
     size = sample.size
+    # The k-th key's rank among the sample's candidates (keys >= 1) has a binomial spread.
     r = k[0].astype(jnp.float32) * (size / n)
-    margin = 4.0 * jnp.sqrt(r + 1.0) + 4.0
+    n_cand = jnp.maximum(jnp.sum(sample >= jnp.uint32(1), dtype=jnp.int32), 1)
+    n_cand = n_cand.astype(jnp.float32)
+    margin = 3.0 * jnp.sqrt(r * jnp.clip(1.0 - r / n_cand, 0.0, 1.0) + 1.0) + 3.0
     i_hi, i_lo = (r - margin).astype(jnp.int32), (r + margin).astype(jnp.int32)
     s_hi = jnp.where(i_hi < 0, jnp.uint32(_U32_MAX - 1),
                      sample[jnp.clip(i_hi, 0, size - 1)]) + jnp.uint32(1)
-    s_lo = jnp.where(i_lo >= size, jnp.uint32(0),
-                     sample[jnp.clip(i_lo, 0, size - 1)])
-    c_slo, a_slo, _ = count(s_lo[None])
-    c_shi, _, b_shi = count(s_hi[None])
-    # Keep a confirmed end only where it narrows the bracket (snapped onto keys).
-    take_lo = (c_slo >= k) & (c_slo < c_lo)
-    take_hi = (c_shi < k) & (c_shi > c_hi)
-    return (jnp.where(take_lo, a_slo, lo), jnp.where(take_hi, b_shi + jnp.uint32(1), hi),
-            jnp.where(take_lo, c_slo, c_lo), jnp.where(take_hi, c_shi, c_hi))
+    s_lo = jnp.where(i_lo >= size, jnp.uint32(0), sample[jnp.clip(i_lo, 0, size - 1)])
+    return s_lo[None], s_hi[None]
 
 
 def _select_counting(keys_list, ranks_list, k, whole: bool):
     """Counting selection over one or several arrays (several only when ``whole``): the
-    top ``k`` of each row of a (s, m) array unless ``whole``."""
+    top ``k`` of each column of a (m, s) array unless ``whole``."""
     count = _counter(keys_list, None, whole)
-    n_valid, lo, hi = _range(keys_list, whole)
+    sampled = whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE
+    # A large array: the first pass also counts at two pivots from a sample.
+    pivots = _sample_pivots(keys_list[0], k) if sampled else ()
+    (n_valid, lo, hi), at_pivots = _range(keys_list, whole, pivots)
     k = jnp.minimum(k, n_valid)
     lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
-    if whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE:
-        lo, hi, c_lo, c_hi = _sample_bracket(keys_list[0], k, count, lo, hi, c_lo, c_hi)
+    if sampled:
+        (c_slo, a_slo, _), (c_shi, _, b_shi) = at_pivots
+        # Keep a sample end only where it narrows the bracket (snapped onto keys).
+        take_lo = (c_slo >= k) & (c_slo < c_lo)
+        take_hi = (c_shi < k) & (c_shi > c_hi)
+        lo, c_lo = jnp.where(take_lo, a_slo, lo), jnp.where(take_lo, c_slo, c_lo)
+        hi, c_hi = jnp.where(take_hi, b_shi + jnp.uint32(1), hi), jnp.where(take_hi, c_shi, c_hi)
     lo, hi, c_lo, c_hi = _search(count, k, lo, hi, c_lo, c_hi)
-    top = [x >= _bcast(hi, whole) for x in keys_list]
-    tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
-    # Keys in [lo, hi) tie at the threshold unless c_lo == k; rank them by tie rank.
-    # Ranks given as functions are computed inside each pass that reads them (fused, never
-    # stored): they are needed only to split ties, and the final comparison.
-    def ranks():
-        return [r() if callable(r) else r for r in ranks_list]
 
-    r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
-                                      jnp.full_like(hi, _RANK_LIMIT))
-    r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi, r_clo,
-                   r_chi)[0]
-    return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
+    def no_ties(lo, hi, c_lo, c_hi):
+        # c_lo == k in every column: the keys >= lo are exactly the top k.
+        return [x >= _bcast(lo, whole) for x in keys_list]
+
+    def ties(lo, hi, c_lo, c_hi):
+        # The keys in [lo, hi) tie at the threshold; they are ranked by tie rank. Ranks
+        # given as functions are computed here only, inside the passes that read them.
+        top = [x >= _bcast(hi, whole) for x in keys_list]
+        tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
+
+        def ranks():
+            return [r() if callable(r) else r for r in ranks_list]
+
+        r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
+                                          jnp.full_like(hi, _RANK_LIMIT))
+        r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi,
+                       r_clo, r_chi)[0]
+        return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
+
+    # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
+    # are computed only when some column needs them.
+    return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
 
 
 def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
@@ -430,8 +470,11 @@ def count_true(x) -> jax.Array:
 
 def count_per_neuron(x) -> jax.Array:
     """Number of true entries per output neuron (last axis) as int32 ``(n_out,)``."""
-    x = _nonzero(x)
-    return jnp.sum(x.reshape(-1, x.shape[-1]), axis=0, dtype=jnp.int32)
+    x = _nonzero(x).reshape(-1, x.shape[-1])
+    m, s = x.shape
+    r = _block_rows(m)
+    # Blocks of rows first, as in :func:`_fold` (a lone column sum would store an int32 copy).
+    return jnp.sum(_count(x.reshape(m // r, r, s), (1,)), axis=0)
 
 
 def drop_lowest(mask, scores, n_drop, *, tie_key=None) -> jax.Array:

@@ -69,13 +69,18 @@ def make_step(tx):
     return step
 
 
-def run(tx, steps, params=None, jit=True):
+def run(tx, steps, params=None, jit=True, step=None):
     """Runs ``steps`` steps; returns a list of dicts of numpy snapshots, one per step, with
-    the params and masks *after* the step and the grads used in it."""
+    the params and masks *after* the step and the grads used in it, and the step function.
+
+    ``step``: a step returned by an earlier ``run`` of an optimizer built the same way (it
+    reads its key from the state, which ``tx.init`` makes), reused without compiling again.
+    """
     params = tiny_params() if params is None else params
     state = tx.init(params)
     params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
-    step = jax.jit(make_step(tx)) if jit else make_step(tx)
+    if step is None:
+        step = jax.jit(make_step(tx)) if jit else make_step(tx)
     history = [{"params": jax.device_get(params), "masks": jax.device_get(jaxsparse.get_masks(state)),
                 "state": jax.device_get(state)}]
     for t in range(steps):

@@ -59,8 +59,13 @@ def recorded(request):
     name = request.param
     make, kind, random = ALGORITHMS[name]
     tx = make(lenient(optax.adam(1e-2)), jax.random.key(0))
-    history, _ = run(tx, STEPS)
-    return name, kind, random, tx, history
+    # Every run of this module goes through this one compiled step, which raises if it is
+    # ever traced a second time (test_step_is_traced_once). chex counts traces per code
+    # location: every algorithm's step starts from zero.
+    chex.clear_trace_counter()
+    step = jax.jit(chex.assert_max_traces(make_step(tx), n=1))
+    history, step = run(tx, STEPS, step=step)
+    return name, kind, random, tx, history, step
 
 
 def _sparse_items(masks):
@@ -75,18 +80,19 @@ def _leaf(tree, path):
 
 
 def test_step_is_traced_once(recorded):
-    name, _, _, tx, _ = recorded
-    chex.clear_trace_counter()
+    # The recorded run crossed many topology updates and schedule changes through one step
+    # wrapped in chex.assert_max_traces(n=1); run it further, from a fresh state.
+    _, _, _, tx, history, step = recorded
+    assert int(jaxsparse.get_sparse_state(history[-1]["state"]).count) == STEPS
     params = tiny_params()
     state = tx.init(params)
-    step = jax.jit(chex.assert_max_traces(make_step(tx), n=1))
-    for t in range(STEPS):  # crosses many topology updates and schedule changes
+    for t in range(3):
         params, state, _ = step(params, state, *tiny_batch(t))
-    assert int(jaxsparse.get_sparse_state(state).count) == STEPS
+    assert int(jaxsparse.get_sparse_state(state).count) == 3
 
 
 def test_params_exactly_masked_after_every_step(recorded):
-    _, _, _, _, history = recorded
+    _, _, _, _, history, _ = recorded
     for t, snap in enumerate(history):
         for path, m in _sparse_items(snap["masks"]):
             w = _leaf(snap["params"], path)
@@ -94,7 +100,7 @@ def test_params_exactly_masked_after_every_step(recorded):
 
 
 def test_exact_counts_after_every_update(recorded):
-    name, kind, _, _, history = recorded
+    name, kind, _, _, history, _ = recorded
     first = {p: int(m.sum()) for p, m in _sparse_items(history[0]["masks"])}
     specs = jaxsparse.layer_specs(history[0]["params"])
     for t, snap in enumerate(history):
@@ -135,7 +141,7 @@ def test_pruning_follows_schedule_exactly():
 
 
 def test_topology_changes_only_on_update_steps(recorded):
-    name, kind, _, _, history = recorded
+    name, kind, _, _, history, _ = recorded
     changed_at = []
     for t in range(1, len(history)):
         prev, cur = history[t - 1]["masks"], history[t]["masks"]
@@ -154,7 +160,7 @@ def test_topology_changes_only_on_update_steps(recorded):
 
 
 def test_grown_weights_are_zero_and_moments_reset(recorded):
-    name, _, _, _, history = recorded
+    name, _, _, _, history, _ = recorded
     grew = 0
     for t in range(1, len(history)):
         old = dict(_sparse_items(history[t - 1]["masks"]))
@@ -172,14 +178,16 @@ def test_grown_weights_are_zero_and_moments_reset(recorded):
 
 
 def test_same_key_same_masks_different_key_different(recorded):
-    name, _, random, _, history = recorded
+    name, _, random, _, history, step = recorded
     make = ALGORITHMS[name][0]
-    again, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(0)), STEPS)
+    # A fresh optimizer with the same key, run through the recorded compiled step (the key
+    # lives in the state), then one with another key.
+    again, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(0)), STEPS, step=step)
     for (_, a), (_, b) in zip(_sparse_items(history[-1]["masks"]),
                               _sparse_items(again[-1]["masks"])):
         np.testing.assert_array_equal(a, b)
     if random:
-        other, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(1)), STEPS)
+        other, _ = run(make(lenient(optax.adam(1e-2)), jax.random.key(1)), STEPS, step=step)
         assert any(not np.array_equal(a, b) for (_, a), (_, b) in
                    zip(_sparse_items(history[-1]["masks"]), _sparse_items(other[-1]["masks"])))
 
