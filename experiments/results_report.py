@@ -199,7 +199,8 @@ def section_replica(root: Path) -> str:
            "`python -m experiments.sweep --config experiments/configs/mnist_lenet300_sparse_learning.py "
            "--out runs/sl_replica --methods snfs,set --sparsities 0.99 --seeds 0,1,2 --set "
            "data_dir=../shared/data/mnist --set checkpoint_every=5400` (then `--methods set "
-           "--sparsities 0.98`, `--methods static --sparsities 0.99` and `--methods dense`)",
+           "--sparsities 0.98`, `--methods static --sparsities 0.99`, `--methods dense` and "
+           "`--methods snfs --sparsities 0.98`)",
            ""]
     if not recs:
         out.append("No records yet (`results/sl_replica/results.jsonl` absent).")
