@@ -199,8 +199,9 @@ def section_replica(root: Path) -> str:
            "`python -m experiments.sweep --config experiments/configs/mnist_lenet300_sparse_learning.py "
            "--out runs/sl_replica --methods snfs,set --sparsities 0.99 --seeds 0,1,2 --set "
            "data_dir=../shared/data/mnist --set checkpoint_every=5400` (then `--methods set "
-           "--sparsities 0.98`, `--methods static --sparsities 0.99`, `--methods dense` and "
-           "`--methods snfs --sparsities 0.98,0.95`)",
+           "--sparsities 0.98`, `--methods static --sparsities 0.99`, `--methods dense`, "
+           "`--methods snfs --sparsities 0.98,0.95` and `--methods set --sparsities 0.95 "
+           "--seeds 0,1`)",
            ""]
     if not recs:
         out.append("No records yet (`results/sl_replica/results.jsonl` absent).")
@@ -254,8 +255,9 @@ def section_replica(root: Path) -> str:
             + ". SNFS moves budget between layers by momentum; SET (no redistribution) "
             "cannot, which is one candidate cause of a SET shortfall at 99%; it was not "
             "isolated here."]
-    missing = [f"{NAMES[m]} {pct(s)}" for m in ("static", "set", "snfs") for s in sparsities
-               if not values(recs, algo(m, s))]
+    missing = [f"{NAMES[m]} {pct(s)}" + (f" (only {n} of 3 seeds)" if n else "")
+               for m in ("static", "set", "snfs") for s in sparsities
+               if (n := len(values(recs, algo(m, s)))) < 3]
     if missing or not values(recs, algo("dense")):
         out += ["", "**Not run** under this protocol (time: " + wall(recs)
                 + " on this shared CPU): " + ", ".join(
