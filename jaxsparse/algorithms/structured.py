@@ -47,6 +47,24 @@ def _tau(gamma_sal: float, k0: int) -> int:
     return max(1, int(np.floor(gamma_sal * k0)))
 
 
+def output_layer_path(paths: list[str], pattern: str | None, what: str) -> str | None:
+    """The layer SRigL never ablates: the last of ``paths``, or the last matching the regex
+    ``pattern``; ``what`` names the paths in the error when none matches."""
+    if pattern is None:
+        return paths[-1] if paths else None
+    hits = [p for p in paths if re.search(pattern, p)]
+    if not hits:
+        raise ValueError(f"output_layer {pattern!r} matches no {what}; {what}s are {paths}")
+    return hits[-1]
+
+
+def min_neurons(k0, n_out: int, fan_in: int, output) -> jax.Array:
+    """The neurons that survive ablation at least: all ``n_out`` in the output layer, else
+    ``max(1, floor(k0 * n_out / fan_in))`` (the budget must fit in the survivors' fan-in)."""
+    k0 = jnp.asarray(k0, jnp.int32)
+    return jnp.where(output, jnp.int32(n_out), jnp.maximum(1, k0 * n_out // fan_in))
+
+
 def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
                 ablation: bool, min_neurons, tau=None):
     """One SRigL update of one layer (Lasby et al. 2024), as a pure function.
@@ -151,17 +169,7 @@ def srigl(
     def plan(params) -> tuple[dict[str, int], str | None]:
         ks = fan_in_budgets(params, sparsity, distribution, prunable, overrides)
         sparse = [p for p in ks if ks[p] < _fan_in(_shape_of(params, p))]
-        if output_layer is None:
-            out = sparse[-1] if sparse else None
-        else:
-            hits = [p for p in sparse if re.search(output_layer, p)]
-            if not hits:
-                raise ValueError(
-                    f"output_layer {output_layer!r} matches no sparse leaf; sparse leaves are "
-                    f"{sparse}"
-                )
-            out = hits[-1]
-        return ks, out
+        return ks, output_layer_path(sparse, output_layer, "sparse leaf")
 
     def init_masks(params, key):
         ks, _ = plan(params)
@@ -179,8 +187,9 @@ def srigl(
         consts = []
         for path in paths:
             shape, k0 = shapes[path], ks[path]
-            min_neurons = shape[-1] if path == out else max(1, k0 * shape[-1] // _fan_in(shape))
-            consts.append({"k0": k0, "min_neurons": min_neurons, "tau": _tau(gamma_sal, k0)})
+            consts.append({"k0": k0, "tau": _tau(gamma_sal, k0),
+                           "min_neurons": min_neurons(k0, shape[-1], _fan_in(shape),
+                                                      path == out)})
         return consts
 
     def layer(x: LayerInputs):

@@ -57,7 +57,6 @@ layout).
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -69,7 +68,7 @@ import optax
 from flax import linen as nn
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.structured import _tau, srigl_layer
+from jaxsparse.algorithms.structured import _tau, min_neurons, output_layer_path, srigl_layer
 from jaxsparse.condensed.checks import (
     INDEX_DTYPES,
     bad_rows,
@@ -746,14 +745,7 @@ def _layers(params: PyTree, indices: PyTree) -> list[tuple[str, str]]:
 def _ablation_consts(pairs, fan_flat, gamma_sal, output_layer) -> list[dict]:
     """Per layer ``{"k0", "tau", "output"}`` (host; ``fan`` concrete and constant per layer)."""
     heads = [_split_path(ip)[0] for _, ip in pairs]
-    if output_layer is None:
-        out = heads[-1]
-    else:
-        hits = [h for h in heads if re.search(output_layer, h)]
-        if not hits:
-            raise ValueError(f"output_layer {output_layer!r} matches no condensed layer; the "
-                             f"layers are {heads}")
-        out = hits[-1]
+    out = output_layer_path(heads, output_layer, "condensed layer")
     consts = []
     for head, (_, ipath) in zip(heads, pairs):
         f = _host(fan_flat[ipath], "fan", ipath)
@@ -901,11 +893,10 @@ def srigl_condensed(
                 if ablation:
                     c = state.consts[j]
                     n_in, n_out = g.shape
-                    min_neurons = jnp.where(c["output"], n_out,
-                                            jnp.maximum(1, c["k0"] * n_out // n_in))
                     new, src, nf = srigl_ablation_condensed_layer(
                         values, idx, fans[j], g, key_j, fraction=fraction(count),
-                        k0=c["k0"], tau=c["tau"], min_neurons=min_neurons)
+                        k0=c["k0"], tau=c["tau"],
+                        min_neurons=min_neurons(c["k0"], n_out, n_in, c["output"]))
                     new_fans.append(jnp.where(finite, nf, fans[j]))
                 else:
                     new, src = srigl_condensed_layer(values, idx, g, key_j,
