@@ -16,6 +16,7 @@ import argparse
 import collections
 import json
 import math
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -126,9 +127,8 @@ def wall(records) -> str:
     w = [r["wall_time"] for r in records if r.get("wall_time") is not None]
     if not w:
         return ""
-    q = sorted(w)
-    med = q[len(q) // 2] if len(q) % 2 else 0.5 * (q[len(q) // 2 - 1] + q[len(q) // 2])
-    return f"{len(records)} runs, {min(w):.0f}-{max(w):.0f} s each (median {med:.0f} s)"
+    return (f"{len(records)} runs, {min(w):.0f}-{max(w):.0f} s each "
+            f"(median {statistics.median(w):.0f} s)")
 
 
 def ordering_report(records, methods: Sequence[str], sparsities: Sequence[float]) -> str:
@@ -1573,11 +1573,6 @@ def _condensed_groups(recs) -> dict[tuple[str, str, str, float], dict[str, list[
                                                         order.get(kv[0][2], 9), kv[0][3])))
 
 
-def _median(v: Sequence[float]) -> float:
-    q = sorted(v)
-    return q[len(q) // 2] if len(q) % 2 else 0.5 * (q[len(q) // 2 - 1] + q[len(q) // 2])
-
-
 def _uniform_fan_ins(model: str, sparsity: float) -> list[int]:
     """SRigL's k0 per layer of an ``mlp-a-b-...`` model under uniform sparsity
     (``jaxsparse.algorithms.structured.fan_in_budgets``, what the runs used)."""
@@ -1641,8 +1636,8 @@ def section_condensed(root: Path) -> str:
         label = f"{CONDENSED_DATASETS.get(ds, ds)} | {rules.get(rule, rule)} | {pct(sp)}"
         lines.append(f"| {label} | {fmt_cell(m, 100, 3)} | {fmt_cell(c, 100, 3)} | "
                      f"{fmt_compare(c, m)} | {min(agree):.4f} | "
-                     f"{_median([r['step_ms'] for r in g['masked']]):.2f} | "
-                     f"{_median([r['step_ms'] for r in g['condensed']]):.2f} |")
+                     f"{statistics.median([r['step_ms'] for r in g['masked']]):.2f} | "
+                     f"{statistics.median([r['step_ms'] for r in g['condensed']]):.2f} |")
         if significant(c, m):
             separated.append(label.replace(" | ", " "))
         agree_all += agree
