@@ -122,7 +122,10 @@ def all_finite(tree) -> jax.Array:
     sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
     leaves = jax.tree.leaves(tree)
     bad = map_layers(lambda x, _: count_true(~jnp.isfinite(x)), leaves)
-    return sum(bad) == 0 if bad else jnp.asarray(True)
+    # One reduction over the stacked counts: a Python sum would be a chain of scalar adds
+    # that XLA fuses into every consumer of the flag (one copy per mask leaf: a compile time
+    # quadratic in depth).
+    return jnp.all(jnp.stack(bad) == 0) if bad else jnp.asarray(True)
 
 
 def _is_masked_node(x) -> bool:
