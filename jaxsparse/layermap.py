@@ -27,36 +27,28 @@ def _after(done, tree):
     return jax.lax.optimization_barrier((done, tree))[1]
 
 
-def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
-    """``[fn(layer, c) for layer, c in zip(layers, consts)]``, one layer at a time.
+def map_groups(fn: Callable, layers: list, consts: list | None = None) -> list[tuple]:
+    """:func:`map_layers` without splitting the results: ``[(members, stacked)]`` per group of
+    same-shaped layers, ``members`` the group's positions in ``layers`` and ``stacked`` the
+    outputs of ``fn`` stacked along a new leading axis in the order of ``members``.
 
-    Layers whose arrays (and consts) have the same shapes and dtypes share one traced ``fn``:
-    a ``lax.fori_loop`` over them picks the layer with ``lax.switch`` and writes ``fn``'s
-    output into a stacked result, so the compiled graph grows with the number of distinct
-    layer shapes, not with depth, and only one layer's temporaries are alive at a time
-    (the rest of the model is only read). Outputs should be small next to the inputs (a
-    packed mask, scalars): they are stacked per group.
-
-    Args:
-      fn: ``(layer, consts) -> pytree`` for one layer.
-      layers: one pytree of arrays per layer (e.g. mask, weight, gradient).
-      consts: one pytree of scalars per layer (traced ok), or ``None``.
-
-    Returns:
-      The list of outputs, in the order of ``layers``.
+    For results that are combined across layers anyway (a total count, a check over all
+    layers): reducing the stacked outputs avoids one slice per layer, and every slice at
+    its own offset is a distinct compiled kernel.
     """
     consts = [None] * len(layers) if consts is None else list(consts)
     consts = [jax.tree.map(jnp.asarray, c) for c in consts]
     groups: dict = {}
     for i, (layer, c) in enumerate(zip(layers, consts)):
         groups.setdefault((_signature(layer), _signature(c)), []).append(i)
-    out: list = [None] * len(layers)
+    out: list = []
     done = ()
     for members in groups.values():
         if len(members) == 1:
             i = members[0]
-            out[i] = fn(_after(done, layers[i]), consts[i])
-            done = out[i]
+            result = fn(_after(done, layers[i]), consts[i])
+            out.append((members, jax.tree.map(lambda a: a[None], result)))
+            done = result
             continue
         group_layers = _after(done, [layers[i] for i in members])
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[consts[i] for i in members])
@@ -69,8 +61,33 @@ def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
             result = fn(layer, jax.tree.map(lambda a: a[j], stacked))
             return jax.tree.map(lambda a, r: a.at[j].set(r), acc, result)
 
-        acc = jax.lax.fori_loop(0, len(members), body, init)
-        for j, i in enumerate(members):
-            out[i] = jax.tree.map(lambda a, j=j: a[j], acc)
+        acc = jax.lax.fori_loop(0, n, body, init)
+        out.append((members, acc))
         done = acc
+    return out
+
+
+def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
+    """``[fn(layer, c) for layer, c in zip(layers, consts)]``, one layer at a time.
+
+    Layers whose arrays (and consts) have the same shapes and dtypes share one traced ``fn``:
+    a ``lax.fori_loop`` over them picks the layer with ``lax.switch`` and writes ``fn``'s
+    output into a stacked result, so the compiled graph grows with the number of distinct
+    layer shapes, not with depth, and only one layer's temporaries are alive at a time
+    (the rest of the model is only read). Outputs should be small next to the inputs (a
+    packed mask, scalars): they are stacked per group (:func:`map_groups` returns them
+    stacked).
+
+    Args:
+      fn: ``(layer, consts) -> pytree`` for one layer.
+      layers: one pytree of arrays per layer (e.g. mask, weight, gradient).
+      consts: one pytree of scalars per layer (traced ok), or ``None``.
+
+    Returns:
+      The list of outputs, in the order of ``layers``.
+    """
+    out: list = [None] * len(layers)
+    for members, stacked in map_groups(fn, layers, consts):
+        for j, i in enumerate(members):
+            out[i] = jax.tree.map(lambda a, j=j: a[j], stacked)
     return out

@@ -35,7 +35,7 @@ import optax
 
 from jaxsparse import bitmask
 from jaxsparse.bitmask import PackedMask
-from jaxsparse.layermap import map_layers
+from jaxsparse.layermap import map_groups
 from jaxsparse.masks import (
     Masks,
     PyTree,
@@ -120,12 +120,11 @@ class SparsityRule(NamedTuple):
 def all_finite(tree) -> jax.Array:
     """Whether every entry of every leaf is finite (one count per leaf, leaves of a shape
     sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
-    leaves = jax.tree.leaves(tree)
-    bad = map_layers(lambda x, _: count_true(~jnp.isfinite(x)), leaves)
-    # One reduction over the stacked counts: a Python sum would be a chain of scalar adds
-    # that XLA fuses into every consumer of the flag (one copy per mask leaf: a compile time
-    # quadratic in depth).
-    return jnp.all(jnp.stack(bad) == 0) if bad else jnp.asarray(True)
+    groups = map_groups(lambda x, _: count_true(~jnp.isfinite(x)), jax.tree.leaves(tree))
+    # The stacked counts of each group reduced at once (per-leaf scalars added one by one
+    # are a chain that XLA fuses into every consumer of the flag).
+    return jnp.all(jnp.stack([jnp.all(c == 0) for _, c in groups])) if groups else (
+        jnp.asarray(True))
 
 
 def _is_masked_node(x) -> bool:
@@ -244,7 +243,10 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
         m, p = layer
         return count_true((p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m))
 
-    counts = map_layers(outside, [layer for _, layer in pairs])
+    groups = map_groups(outside, [layer for _, layer in pairs])
+    # The paths in the order of the stacked counts.
+    paths = [paths[i] for members, _ in groups for i in members]
+    counts = jnp.concatenate([c for _, c in groups])
 
     def check(c):
         jax.debug.callback(_raise_outside(paths), c)
@@ -254,7 +256,7 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
     # here for another platform (an ahead-of-time TPU lowering on a CPU host) skips it.
     backend = jax.default_backend()
     platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
-    jax.lax.platform_dependent(jnp.stack(counts), default=lambda c: c,
+    jax.lax.platform_dependent(counts, default=lambda c: c,
                                **{p: check for p in platforms})
 
 
@@ -326,7 +328,7 @@ def sparse_transform(
         # keeps the topology passes 1/8 byte per weight through, and the algorithm state
         # enters the cond only when the rule updates it (XLA would copy SNFS's momentum on
         # every step otherwise).
-        def topology(masks, ever, cond_extra):
+        def topology(masks, cond_extra):
             # Without update_extra the branch only reads the algorithm state (closed over);
             # with it, the state is an operand and an output of the cond.
             inputs = UpdateInputs(masks, params, grads, step,
@@ -334,26 +336,29 @@ def sparse_transform(
                                   cond_extra if with_extra else extra)
             if check_params:
                 _check_inside(masks, params)
-            proposed = bitmask.pack_tree(rule.update_masks(inputs))
+
+            def update(masks, cond_extra):
+                new = bitmask.pack_tree(rule.update_masks(inputs))
+                return new, rule.update_extra(inputs, new) if with_extra else ()
+
             # Non-finite gradients: the masks (and extra) keep their value for this step.
-            finite = all_finite(grads)
-            new = map_masked(lambda a, b: bitmask.select_packed(finite, a, b), proposed, masks)
-            if ever is not None:
-                ever = map_masked(bitmask.or_packed, ever, new)
-            if not with_extra:
-                return new, ever, ()
-            new_extra = rule.update_extra(inputs, new)
-            return new, ever, jax.tree.map(lambda a, b: jnp.where(finite, a, b),
-                                           new_extra, cond_extra)
+            # A second cond rather than a select per leaf: the new masks come out of the
+            # rule's stacked per-shape results, and a select fused with each leaf's slice
+            # would be one more compiled kernel per leaf.
+            return jax.lax.cond(all_finite(grads), update, keep, masks, cond_extra)
 
-        def keep(masks, ever, extra):
-            return masks, ever, extra
+        def keep(masks, extra):
+            return masks, extra
 
-        new_masks, ever, cond_extra = jax.lax.cond(
-            rule.is_update_step(step), topology, keep, state.masks, state.ever_active,
+        new_masks, cond_extra = jax.lax.cond(
+            rule.is_update_step(step), topology, keep, state.masks,
             extra if with_extra else ())
         if with_extra:
             extra = cond_extra
+        # The ITOP union outside the cond: one pass over 1 bit per weight, where the cond
+        # would copy the bits through its untaken branch on every plain step.
+        ever = (None if state.ever_active is None
+                else map_masked(bitmask.or_packed, state.ever_active, new_masks))
         old = bitmask.unpack_tree(state.masks)
         new = bitmask.unpack_tree(new_masks)
         # Gradients of inactive weights never reach the inner optimizer.
