@@ -462,3 +462,30 @@ def test_frequency_is_a_deprecated_alias_of_update_every():
     assert masks[0] == masks[1] and masks[0][0] > masks[0][-1]  # pruned at the same steps
     with pytest.raises(ValueError, match="update_every must be a positive integer"):
         jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.5, end_step=10, update_every=0)
+
+
+def _compiled_rigl_step_text(depth: int) -> str:
+    params = {f"layer_{i:02d}": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros((8,))}
+              for i in range(depth)}
+    tx = jaxsparse.rigl(optax.sgd(0.1, momentum=0.9), 0.5, key=jax.random.key(0),
+                        end_step=10, update_every=2, distribution="uniform")
+    state = tx.init(params)
+    return jax.jit(tx.update).lower(params, state, params).compile().as_text()
+
+
+def _fused_computation_sizes(hlo: str) -> list[int]:
+    blocks = hlo.split("\n%")
+    return [b.count("\n") for b in blocks if b.startswith("fused_computation")]
+
+
+@pytest.mark.slow
+def test_the_compiled_step_grows_linearly_with_depth():
+    # A flag summed from per-leaf scalars in Python was fused into every leaf's mask select:
+    # each of those kernels held a chain over all leaves, so the compiled program (and the
+    # compile time) grew with the square of the depth. No kernel may grow with depth, and
+    # each added layer adds a bounded number of instructions.
+    sizes = {d: _compiled_rigl_step_text(d) for d in (4, 8, 12)}
+    largest = {d: max(_fused_computation_sizes(t)) for d, t in sizes.items()}
+    assert largest[12] <= largest[4] + 2, largest
+    lines = {d: t.count("\n") for d, t in sizes.items()}
+    assert lines[12] - lines[8] <= 1.2 * (lines[8] - lines[4]) + 20, lines
