@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxsparse import bitmask, schedules, topology
@@ -27,6 +28,7 @@ from jaxsparse.algorithms.common import (
     sparse_leaves,
 )
 from jaxsparse.distributions import check_sparsity
+from jaxsparse.layermap import map_groups
 from jaxsparse.masks import map_masked
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 
@@ -224,11 +226,19 @@ def snfs(
                     / jnp.maximum(nnz, 1).astype(jnp.float32))
             return bitmask.pack(kept), n, mean, m.size - (nnz - n)
 
-        firsts = map_layers(drop, [(m, w, v) for (m, w, _), v in zip(leaves, moms)],
+        groups = map_groups(drop, [(m, w, v) for (m, w, _), v in zip(leaves, moms)],
                             list(range(len(idx))))
-        kept, n_drop, weights, caps = zip(*firsts)
+        # Per-layer results in layer order; the scalars stay arrays (a slice per layer and
+        # scalar would be a compiled kernel each).
+        order = np.argsort(np.concatenate([members for members, _ in groups]))
+        kept = [None] * len(idx)
+        for members, (packed, *_) in groups:
+            for j, i in enumerate(members):
+                kept[i] = jax.tree.map(lambda a, j=j: a[j], packed)
+        n_drop, weights, caps = (jnp.concatenate([out[k] for _, out in groups])[order]
+                                 for k in (1, 2, 3))
         # The total regrowth, split across layers by mean |momentum| (capped by free room).
-        regrow = topology.distribute(sum(n_drop), jnp.stack(weights), jnp.stack(caps))
+        regrow = topology.distribute(jnp.sum(n_drop), weights, caps)
 
         # Pass 2, per layer: grow its share by largest |momentum| among the free positions.
         def grow(layer, c):
