@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("gymnax")
 
 from experiments.configs import rl_cartpole_tiny  # noqa: E402
-from experiments.rl import dqn, run  # noqa: E402
+from experiments.rl import dqn, run, tune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,17 @@ def test_unknown_algorithm_on_command_line(tmp_path):
     with pytest.raises(ValueError, match="--algorithms: unknown algorithm 'ppo'"):
         run.main(["--config=experiments/configs/rl_cartpole_tiny.py", f"--out={tmp_path}",
                   "--algorithms=ppo"])
+
+
+def test_tune_refuses_reported_seeds(tmp_path):
+    # Hyperparameters are chosen on seeds the sweep does not report.
+    with pytest.raises(ValueError, match=r"overlap the reported seeds \[0, 1\]"):
+        tune.main(["--config=experiments/configs/rl_cartpole_tiny.py", f"--out={tmp_path}",
+                   "--seeds=1,100"])
+
+
+def test_tune_overrides():
+    assert tune.parse_override("learning_rate=5e-4") == ("learning_rate", 5e-4)
+    assert tune.parse_override("hidden=(64, 64)") == ("hidden", (64, 64))
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        tune.parse_override("lr=1e-3")
