@@ -1340,6 +1340,12 @@ RL_METHODS = ("rigl", "set", "static")
 RL_TUNING = "rl_cartpole_tuning"
 # CartPole-v1's conventional "solved" threshold (gym's reward_threshold).
 RL_SOLVED = 475.0
+# DQN config fields added after the first records, with the value the older code used.
+RL_DEFAULTS = {"loss": "huber"}
+
+
+def _rl_config(r: dict) -> dict:
+    return {**RL_DEFAULTS, **config_of(r)}
 
 
 def _rl_tuning(root: Path, grid: list[dict]) -> list[str]:
@@ -1350,8 +1356,8 @@ def _rl_tuning(root: Path, grid: list[dict]) -> list[str]:
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not recs:
         return []
-    base = config_of(recs[0])
-    chosen = {k: v for k, v in config_of(next(
+    base = _rl_config(recs[0])
+    chosen = {k: v for k, v in _rl_config(next(
         (r for r in grid if r["algorithm"] == "dense"), {})).items()
         if k not in ("algorithm", "sparsity")}
     seeds = sorted({s for r in recs for s in r["seeds"]})
@@ -1359,7 +1365,7 @@ def _rl_tuning(root: Path, grid: list[dict]) -> list[str]:
              "return | per seed | training return, last 10% | wall |",
              "|---|---|---|---|---|---|---|"]
     for r in recs:
-        cfg = config_of(r)
+        cfg = _rl_config(r)
         diff = ", ".join(f"{k} = {cfg[k]}" for k in sorted(cfg) if base.get(k) != cfg[k])
         label = diff or "previous grid config"
         if chosen and {k: v for k, v in cfg.items()
@@ -1380,7 +1386,7 @@ def _rl_tuning(root: Path, grid: list[dict]) -> list[str]:
 def _rl_block(root: Path, name: str, tag: str) -> list[str]:
     """Description, tables and comparisons of one RL grid ``results/<name>``."""
     recs = load(root, name)
-    cfg = config_of(recs[0])
+    cfg = _rl_config(recs[0])
     sp = sorted({target(r) for r in recs if r["algorithm"] != "dense"})
     seeds = sorted({r["seed"] for r in recs})
     n = len(seeds)
@@ -1389,7 +1395,8 @@ def _rl_block(root: Path, name: str, tag: str) -> list[str]:
     out = [f"Q-network MLP {hidden}, {recs[0]['env_steps']} env steps per seed "
            f"({cfg.get('num_envs')} envs, {recs[0]['gradient_steps']} gradient steps: one "
            f"per parallel step), Adam {cfg.get('learning_rate')}, batch "
-           f"{cfg.get('batch_size')}, replay {cfg.get('buffer_size')}, Huber loss, hard "
+           f"{cfg.get('batch_size')}, replay {cfg.get('buffer_size')}, "
+           f"{'Huber' if cfg['loss'] == 'huber' else 'squared'} TD loss, hard "
            f"target copy every {cfg.get('target_update_every')} gradient steps, epsilon "
            f"{cfg.get('eps_start')} -> {cfg.get('eps_end')} over the first "
            f"{cfg.get('eps_fraction')} of the env steps, "

@@ -111,3 +111,19 @@ def test_tune_overrides():
     assert tune.parse_override("hidden=(64, 64)") == ("hidden", (64, 64))
     with pytest.raises(ValueError, match="expected FIELD=VALUE"):
         tune.parse_override("lr=1e-3")
+
+
+def test_td_loss_huber_and_mse():
+    def q_fn(params, obs):
+        return obs * params
+
+    obs = np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)
+    batch = (obs, np.array([1, 0]), np.array([1.0, 1.0], np.float32), obs,
+             np.array([1.0, 0.0], np.float32))
+    # q = [2, 3]; targets: terminal 1 -> 1, else 1 + 0.5 * max(3, 0) = 2.5; errors 1, 0.5.
+    mse = dqn.td_loss(q_fn, 1.0, 1.0, batch, 0.5, "mse")
+    huber = dqn.td_loss(q_fn, 1.0, 1.0, batch, 0.5, "huber")
+    assert float(mse) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)
+    assert float(huber) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)  # |error| <= 1
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        dqn.check_config(dqn.DQNConfig(loss="l1"))
