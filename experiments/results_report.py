@@ -1498,6 +1498,31 @@ def _rl_block(root: Path, name: str, tag: str) -> list[str]:
     return out
 
 
+RL_SPEED_LEVEL = 400.0
+
+
+def _rl_speed(root: Path, name: str) -> list[str]:
+    """When the seed-mean training return (the plot's curves) first reaches
+    :data:`RL_SPEED_LEVEL`, per setting."""
+    curves = collections.defaultdict(list)
+    for r in load_events(root, name, "curve"):
+        curves[(r["algorithm"], target(r))].append(r)
+    if not curves:
+        return []
+    parts = []
+    for (a, s), runs in sorted(curves.items(), key=lambda kv: (kv[0][0] != "dense", kv[0])):
+        steps = runs[0]["env_steps"]
+        mean = [statistics.fmean([x[i] for x in (r["train_return"] for r in runs)
+                                  if x[i] is not None] or [math.nan])
+                for i in range(len(steps))]
+        first = next((st for st, m in zip(steps, mean) if m >= RL_SPEED_LEVEL), None)
+        label = NAMES[a] if a == "dense" else f"{NAMES[a]} {pct(s)}"
+        parts.append(f"{label} {first if first is not None else 'not reached'}")
+    return [f"* Learning speed, from the training-return curves (plot below): env steps at "
+            f"which the seed-mean training return of a log window first reaches "
+            f"{RL_SPEED_LEVEL:.0f}: " + "; ".join(parts) + "."]
+
+
 def section_rl(root: Path) -> str:
     recs = load(root, "rl_cartpole")
     out = ["## DQN on CartPole-v1 with sparse training (gymnax)", "",
@@ -1516,6 +1541,7 @@ def section_rl(root: Path) -> str:
                 "only at the tuning rows above; the training-return column was not used. "
                 "The grid below uses the chosen row's config on the reported seeds.", ""]
     out += _rl_block(root, "rl_cartpole", "RL")
+    out += _rl_speed(root, "rl_cartpole")
     out += ["", "![DQN CartPole training returns](results/rl_cartpole/returns.png)"]
     return "\n".join(out)
 
