@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("gymnax")
 
 from experiments.configs import rl_cartpole_tiny  # noqa: E402
-from experiments.rl import dqn, run  # noqa: E402
+from experiments.rl import dqn, run, tune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,33 @@ def test_unknown_algorithm_on_command_line(tmp_path):
     with pytest.raises(ValueError, match="--algorithms: unknown algorithm 'ppo'"):
         run.main(["--config=experiments/configs/rl_cartpole_tiny.py", f"--out={tmp_path}",
                   "--algorithms=ppo"])
+
+
+def test_tune_refuses_reported_seeds(tmp_path):
+    # Hyperparameters are chosen on seeds the sweep does not report.
+    with pytest.raises(ValueError, match=r"overlap the reported seeds \[0, 1\]"):
+        tune.main(["--config=experiments/configs/rl_cartpole_tiny.py", f"--out={tmp_path}",
+                   "--seeds=1,100"])
+
+
+def test_tune_overrides():
+    assert tune.parse_override("learning_rate=5e-4") == ("learning_rate", 5e-4)
+    assert tune.parse_override("hidden=(64, 64)") == ("hidden", (64, 64))
+    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
+        tune.parse_override("lr=1e-3")
+
+
+def test_td_loss_huber_and_mse():
+    def q_fn(params, obs):
+        return obs * params
+
+    obs = np.array([[1.0, 2.0], [3.0, 0.0]], np.float32)
+    batch = (obs, np.array([1, 0]), np.array([1.0, 1.0], np.float32), obs,
+             np.array([1.0, 0.0], np.float32))
+    # q = [2, 3]; targets: terminal 1 -> 1, else 1 + 0.5 * max(3, 0) = 2.5; errors 1, 0.5.
+    mse = dqn.td_loss(q_fn, 1.0, 1.0, batch, 0.5, "mse")
+    huber = dqn.td_loss(q_fn, 1.0, 1.0, batch, 0.5, "huber")
+    assert float(mse) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)
+    assert float(huber) == pytest.approx((0.5 * 1.0 + 0.5 * 0.25) / 2)  # |error| <= 1
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        dqn.check_config(dqn.DQNConfig(loss="l1"))

@@ -9,6 +9,9 @@ def get_config():
     c.total_steps = 16_000
     c.num_envs = 4
     c.buffer_size = 16_000
+    c.batch_size = 64
+    c.eps_fraction = 0.25
+    c.loss = "huber"
     c.target_update_every = 100
     c.update_every = 200
     c.num_logs = 8

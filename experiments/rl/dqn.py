@@ -32,6 +32,7 @@ import optax
 import jaxsparse
 
 ALGORITHMS = ("dense", "static", "set", "rigl")
+LOSSES = ("huber", "mse")
 
 
 class DQNConfig(NamedTuple):
@@ -52,6 +53,8 @@ class DQNConfig(NamedTuple):
       gamma: discount.
       learning_starts: random-policy warm-up steps that fill the buffer before learning.
       target_update_every: gradient steps between hard target-network copies.
+      loss: ``huber`` (Mnih et al. 2015) or ``mse`` (Dopamine's classic-control DQN) of the
+        one-step TD error.
       eps_start, eps_end, eps_fraction: epsilon decays linearly from ``eps_start`` to
         ``eps_end`` over the first ``eps_fraction`` of ``total_steps``.
       update_every: gradient steps between topology updates (SET / RigL).
@@ -74,6 +77,7 @@ class DQNConfig(NamedTuple):
     gamma: float = 0.99
     learning_starts: int = 1_000
     target_update_every: int = 500
+    loss: str = "huber"
     eps_start: float = 1.0
     eps_end: float = 0.05
     eps_fraction: float = 0.2
@@ -181,6 +185,8 @@ def check_config(cfg: DQNConfig) -> None:
     """Raises ``ValueError`` naming the first inconsistent field of ``cfg``."""
     if cfg.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {cfg.algorithm!r}; choose one of {ALGORITHMS}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"unknown loss {cfg.loss!r}; choose one of {LOSSES}")
     if cfg.buffer_size % cfg.num_envs:
         raise ValueError(
             f"buffer_size={cfg.buffer_size} must be a multiple of num_envs={cfg.num_envs}"
@@ -230,13 +236,18 @@ def epsilon(cfg: DQNConfig, env_step: jax.Array) -> jax.Array:
     return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
 
 
-def td_loss(q_fn, params, target_params, batch, gamma: float) -> jax.Array:
-    """Mean Huber loss of the one-step TD error; bootstraps only where not terminal."""
+def td_loss(q_fn, params, target_params, batch, gamma: float,
+            loss: str = "huber") -> jax.Array:
+    """Mean Huber (or squared) loss of the one-step TD error; bootstraps only where not
+    terminal."""
     obs, action, reward, next_obs, terminal = batch
     q = jnp.take_along_axis(q_fn(params, obs), action[:, None], axis=1)[:, 0]
     next_q = jnp.max(q_fn(target_params, next_obs), axis=1)
     target = reward + gamma * (1.0 - terminal) * next_q
-    return jnp.mean(optax.huber_loss(q, jax.lax.stop_gradient(target)))
+    target = jax.lax.stop_gradient(target)
+    if loss == "mse":
+        return jnp.mean(0.5 * jnp.square(q - target))
+    return jnp.mean(optax.huber_loss(q, target))
 
 
 def kernel_sparsity(params, masks) -> jax.Array:
@@ -365,7 +376,7 @@ def make_train(cfg: DQNConfig):
             batch = (replay.obs[idx], replay.action[idx], replay.reward[idx],
                      replay.next_obs[idx], replay.terminal[idx])
             loss, grads = jax.value_and_grad(td_loss, argnums=1)(
-                q_fn, params, target, batch, cfg.gamma)
+                q_fn, params, target, batch, cfg.gamma, cfg.loss)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             target = optax.periodic_update(params, target, it + 1, cfg.target_update_every)
