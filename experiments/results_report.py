@@ -203,8 +203,8 @@ def section_replica(root: Path) -> str:
            "--out runs/sl_replica --methods snfs,set --sparsities 0.99 --seeds 0,1,2 --set "
            "data_dir=../shared/data/mnist --set checkpoint_every=5400` (then `--methods set "
            "--sparsities 0.98`, `--methods static --sparsities 0.99`, `--methods dense`, "
-           "`--methods snfs --sparsities 0.98,0.95` and `--methods set --sparsities 0.95 "
-           "--seeds 0,1`)",
+           "`--methods snfs --sparsities 0.98,0.95`, `--methods set --sparsities 0.95 "
+           "--seeds 0,1` and `--methods set --sparsities 0.95 --seeds 2`)",
            ""]
     if not recs:
         out.append("No records yet (`results/sl_replica/results.jsonl` absent).")
