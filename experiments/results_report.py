@@ -205,8 +205,9 @@ def section_replica(root: Path) -> str:
            "--sparsities 0.98`, `--methods static --sparsities 0.99`, `--methods dense`, "
            "`--methods snfs --sparsities 0.98,0.95`, `--methods set --sparsities 0.95 "
            "--seeds 0,1`, `--methods set --sparsities 0.95 --seeds 2`, `--methods set "
-           "--sparsities 0.9`, `--methods snfs --sparsities 0.9` and `--methods static "
-           "--sparsities 0.95`; these last three one seed per invocation)",
+           "--sparsities 0.9`, `--methods snfs --sparsities 0.9`, `--methods static "
+           "--sparsities 0.95` and `--methods static --sparsities 0.9`; these last four one "
+           "seed per invocation)",
            ""]
     if not recs:
         out.append("No records yet (`results/sl_replica/results.jsonl` absent).")
