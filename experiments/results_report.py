@@ -206,8 +206,8 @@ def section_replica(root: Path) -> str:
            "`--methods snfs --sparsities 0.98,0.95`, `--methods set --sparsities 0.95 "
            "--seeds 0,1`, `--methods set --sparsities 0.95 --seeds 2`, `--methods set "
            "--sparsities 0.9`, `--methods snfs --sparsities 0.9`, `--methods static "
-           "--sparsities 0.95` and `--methods static --sparsities 0.9`; these last four one "
-           "seed per invocation)",
+           "--sparsities 0.95`, `--methods static --sparsities 0.9` and `--methods static "
+           "--sparsities 0.98`; these last five one seed per invocation)",
            ""]
     if not recs:
         out.append("No records yet (`results/sl_replica/results.jsonl` absent).")
