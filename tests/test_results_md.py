@@ -149,3 +149,24 @@ def test_cl_capacity_section(tmp_path):
     assert "| 4 | [8, 8] | 1.000 ± 0.000 (n=2) | 31.00 ± 1.41 (n=2) |" in text
     assert "| 2 | [4, 4] |" in text and "80.50 ± 0.71 (n=2) |" in text
     assert "2 vs 4 reserved per task, accuracy +20.00 points" in text
+
+
+def test_replica_not_run_list_and_footer_follow_the_records(tmp_path):
+    """The replica's "Not run" line and the footer's replica item come from the records:
+    a cell with fewer than 3 seeds is listed, and a full grid lists nothing."""
+    d = tmp_path / "results" / "sl_replica"
+    d.mkdir(parents=True)
+    full = [{"algorithm": m, "sparsity_target": s, "seed": seed, "test_accuracy": 0.9}
+            for m in ("static", "set", "snfs") for s in results_report.REPLICA_SPARSITIES
+            for seed in range(3)] + [{"algorithm": "dense", "sparsity_target": 0.0,
+                                      "seed": 0, "test_accuracy": 0.98}]
+    assert results_report.replica_missing(full) == []
+    short = [r for r in full if not (r["algorithm"] == "set" and r["sparsity_target"] == 0.9
+                                     and r["seed"] == 2)]
+    short = [r for r in short if r["algorithm"] != "dense"]
+    assert results_report.replica_missing(short) == ["dense", "SET 90% (only 2 of 3 seeds)"]
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in full) + "\n")
+    assert "replica grid" not in results_report.footer(tmp_path)
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in short) + "\n")
+    assert "* The rest of the sparse_learning replica grid" in results_report.footer(tmp_path)
+    assert results_report.footer(tmp_path).startswith("## Not measured\n\n* The rest")
