@@ -329,15 +329,15 @@ def sparse_transform(
         # enters the cond only when the rule updates it (XLA would copy SNFS's momentum on
         # every step otherwise).
         def topology(masks, cond_extra):
-            # Without update_extra the branch only reads the algorithm state (closed over);
-            # with it, the state is an operand and an output of the cond.
-            inputs = UpdateInputs(masks, params, grads, step,
-                                  jax.random.fold_in(state.key, step),
-                                  cond_extra if with_extra else extra)
             if check_params:
                 _check_inside(masks, params)
 
             def update(masks, cond_extra):
+                # Without update_extra the branch only reads the algorithm state (closed
+                # over); with it, the state is an operand and an output of the cond.
+                inputs = UpdateInputs(masks, params, grads, step,
+                                      jax.random.fold_in(state.key, step),
+                                      cond_extra if with_extra else extra)
                 new = bitmask.pack_tree(rule.update_masks(inputs))
                 return new, rule.update_extra(inputs, new) if with_extra else ()
 
