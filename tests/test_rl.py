@@ -10,6 +10,7 @@ pytest.importorskip("gymnax")
 
 from experiments.configs import rl_cartpole_tiny  # noqa: E402
 from experiments.rl import dqn, run, tune  # noqa: E402
+from experiments.sweep import load_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,12 @@ def test_tune_refuses_reported_seeds(tmp_path):
 
 
 def test_tune_overrides():
-    assert tune.parse_override("learning_rate=5e-4") == ("learning_rate", 5e-4)
-    assert tune.parse_override("hidden=(64, 64)") == ("hidden", (64, 64))
-    with pytest.raises(ValueError, match="expected FIELD=VALUE"):
-        tune.parse_override("lr=1e-3")
+    c = load_config("experiments/configs/rl_cartpole_tiny.py")
+    assert tune.dqn_overrides(c, ["learning_rate=5e-4", "hidden=[64, 64]"]) == {
+        "learning_rate": 5e-4, "hidden": (64, 64)}
+    assert run.dqn_config(c, "dense", 0.0).hidden == (64, 64)
+    with pytest.raises(ValueError, match="not a DQNConfig field"):
+        tune.dqn_overrides(c, ["lr=1e-3"])
 
 
 def test_td_loss_huber_and_mse():

@@ -246,7 +246,7 @@ def td_loss(q_fn, params, target_params, batch, gamma: float,
     target = reward + gamma * (1.0 - terminal) * next_q
     target = jax.lax.stop_gradient(target)
     if loss == "mse":
-        return jnp.mean(0.5 * jnp.square(q - target))
+        return jnp.mean(optax.l2_loss(q, target))
     return jnp.mean(optax.huber_loss(q, target))
 
 

@@ -12,28 +12,24 @@ config by hand; the reported seeds are never looked at while choosing.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import time
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from experiments.rl import dqn, run
-from experiments.sweep import load_config
-from experiments.train import machine_description
+from experiments.sweep import apply_overrides, load_config
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or key not in dqn.DQNConfig._fields:
-        raise ValueError(f"--set {text!r}: expected FIELD=VALUE with FIELD one of "
-                         f"{dqn.DQNConfig._fields}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+def dqn_overrides(c, items: list[str]) -> dict:
+    """Applies ``FIELD=VALUE`` items (JSON values, as ``experiments.sweep --set``) to sweep
+    config ``c``; returns ``{field: new value}``. Only :class:`dqn.DQNConfig` fields."""
+    fields = [item.partition("=")[0] for item in items]
+    for f in fields:
+        if f not in dqn.DQNConfig._fields:
+            raise ValueError(f"--set {f}=...: not a DQNConfig field {dqn.DQNConfig._fields}")
+    apply_overrides(c, items)
+    return {f: c[f] for f in fields}
 
 
 def main(argv=None) -> dict:
@@ -47,29 +43,22 @@ def main(argv=None) -> dict:
     reported = set(c.seeds)
     if reported & set(a.seeds):
         raise ValueError(f"--seeds {a.seeds} overlap the reported seeds {sorted(reported)}")
-    overrides = dict(parse_override(t) for t in a.overrides)
-    cfg = run.dqn_config(c, "dense", 0.0)._replace(**overrides)
-    if "hidden" in overrides:
-        cfg = cfg._replace(hidden=tuple(cfg.hidden))
-    start = time.perf_counter()
-    result = jax.device_get(dqn.train_seeds(cfg, a.seeds))
-    wall = time.perf_counter() - start
-    last = max(1, int(round(run.LAST_FRACTION * cfg.num_logs)))
-    train_last = [float(np.nanmean(np.asarray(c_, np.float64)[-last:]))
-                  for c_ in result.curve_return]
+    overrides = dqn_overrides(c, a.overrides)
+    cfg = run.dqn_config(c, "dense", 0.0)
+    finals = [r for r in run.run_setting(cfg, a.seeds) if r["event"] == "final"]
     rec = {"event": "tuning", "algorithm": "dense", "overrides": overrides,
-           "seeds": list(a.seeds), "final_return": [float(x) for x in result.eval_return],
-           "train_return_last": train_last, "env_steps": int(result.curve_steps[0][-1]),
-           "gradient_steps": dqn.train_iterations(cfg), "wall_time": wall,
-           "machine": machine_description(),
-           "config": json.dumps(cfg._asdict(), sort_keys=True, default=list)}
+           "seeds": list(a.seeds), "final_return": [r["final_return"] for r in finals],
+           "train_return_last": [r["train_return_last"] for r in finals],
+           **{k: finals[0][k] for k in ("env_steps", "gradient_steps", "wall_time",
+                                        "machine", "config")}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "tuning.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        f.write(json.dumps(rec, default=list) + "\n")
     fr = np.array(rec["final_return"])
     print(f"{overrides}: greedy {fr.mean():.1f} +- {fr.std(ddof=1):.1f} {np.round(fr, 1)}, "
-          f"train-last {np.round(train_last, 1)}, {wall:.0f} s", flush=True)
+          f"train-last {np.round(rec['train_return_last'], 1)}, {rec['wall_time']:.0f} s",
+          flush=True)
     return rec
 
 
