@@ -921,10 +921,10 @@ def section_init(root: Path) -> str:
 # ----------------------------------------------------------------------------- newer studies
 
 
-def load_events(root: Path, name: str, event: str) -> list[dict]:
-    """Records of ``results/<name>/results.jsonl`` whose ``event`` is ``event`` (e.g. the RL
+def load_events(root: Path, name: str, event: str, file: str = "results.jsonl") -> list[dict]:
+    """Records of ``results/<name>/<file>`` whose ``event`` is ``event`` (e.g. the RL
     study's ``random_policy`` baseline, which :func:`load` leaves out)."""
-    path = root / "results" / name / "results.jsonl"
+    path = root / "results" / name / file
     if not path.exists():
         return []
     return [r for r in (json.loads(line) for line in path.read_text().splitlines()
@@ -1365,10 +1365,7 @@ def _rl_config(r: dict) -> dict:
 
 def _rl_tuning(root: Path, grid: list[dict]) -> list[str]:
     """The dense tuning table: each tried setting as its differences from the first one."""
-    path = root / "results" / RL_TUNING / "tuning.jsonl"
-    if not path.exists():
-        return []
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = load_events(root, RL_TUNING, "tuning", "tuning.jsonl")
     if not recs:
         return []
     base = _rl_config(recs[0])
