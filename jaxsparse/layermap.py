@@ -86,8 +86,14 @@ def map_layers(fn: Callable, layers: list, consts: list | None = None) -> list:
     Returns:
       The list of outputs, in the order of ``layers``.
     """
-    out: list = [None] * len(layers)
-    for members, stacked in map_groups(fn, layers, consts):
+    return split_groups(map_groups(fn, layers, consts), len(layers))
+
+
+def split_groups(groups: list[tuple], n: int) -> list:
+    """The per-layer results, in layer order, of :func:`map_groups`' ``groups`` over ``n``
+    layers (a slice of its group's stack each)."""
+    out: list = [None] * n
+    for members, stacked in groups:
         for j, i in enumerate(members):
             out[i] = jax.tree.map(lambda a, j=j: a[j], stacked)
     return out

@@ -28,7 +28,7 @@ from jaxsparse.algorithms.common import (
     sparse_leaves,
 )
 from jaxsparse.distributions import check_sparsity
-from jaxsparse.layermap import map_groups
+from jaxsparse.layermap import map_groups, split_groups
 from jaxsparse.masks import map_masked
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 
@@ -231,10 +231,7 @@ def snfs(
         # Per-layer results in layer order; the scalars stay arrays (a slice per layer and
         # scalar would be a compiled kernel each).
         order = np.argsort(np.concatenate([members for members, _ in groups]))
-        kept = [None] * len(idx)
-        for members, (packed, *_) in groups:
-            for j, i in enumerate(members):
-                kept[i] = jax.tree.map(lambda a, j=j: a[j], packed)
+        kept = split_groups([(members, out[0]) for members, out in groups], len(idx))
         n_drop, weights, caps = (jnp.concatenate([out[k] for _, out in groups])[order]
                                  for k in (1, 2, 3))
         # The total regrowth, split across layers by mean |momentum| (capped by free room).
