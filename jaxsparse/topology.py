@@ -364,11 +364,25 @@ def layer_view(shape) -> tuple[int, int]:
     return (int(np.prod(shape[:-1])), shape[-1])
 
 
-def _candidate_keys(scores, where, view):
-    keys = sortable_key(scores).reshape(view)
+def candidate_keys(scores, where=None) -> jax.Array:
+    """The selection keys of ``scores`` (:func:`sortable_key`, shape kept), 0 where ``where``
+    is false (not a candidate): what :func:`top_k_keys` selects from."""
+    keys = sortable_key(scores)
     if where is not None:
-        keys = jnp.where(jnp.reshape(where, view), keys, jnp.uint32(0))
+        keys = jnp.where(where, keys, jnp.uint32(0))
     return keys
+
+
+def top_k_keys(keys, k, *, tie_key=None, per_neuron: bool = False) -> jax.Array:
+    """Bool mask of the ``k`` largest nonzero ``keys`` (from :func:`candidate_keys`): over
+    the whole array, or per output neuron (last axis) with ``per_neuron``; ties as in
+    :func:`top_k_mask`. For keys computed apart from their selection (e.g. inside the
+    branch that reads a layer, :func:`jaxsparse.map_layers`)."""
+    shape = jnp.shape(keys)
+    view = layer_view(shape)
+    whole = not per_neuron
+    return _select(jnp.reshape(keys, view), lambda: tie_ranks(view, tie_key, whole=whole), k,
+                   whole).reshape(shape)
 
 
 def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:
@@ -386,10 +400,7 @@ def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:
       >>> top_k_mask(jnp.array([[0.1, 0.9], [0.5, 0.3]]), 2)
       Array([[False,  True], [ True, False]], dtype=bool)
     """
-    shape = jnp.shape(scores)
-    view = layer_view(shape)
-    keys = _candidate_keys(scores, where, view)
-    return _select(keys, lambda: tie_ranks(view, tie_key, whole=True), k, True).reshape(shape)
+    return top_k_keys(candidate_keys(scores, where), k, tie_key=tie_key)
 
 
 def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
@@ -399,10 +410,7 @@ def top_k_per_neuron(scores, k, *, where=None, tie_key=None) -> jax.Array:
     kernel (in, out) ranks each column; a Conv kernel (h, w, in, out) ranks each output
     channel over h*w*in.
     """
-    shape = jnp.shape(scores)
-    view = layer_view(shape)
-    keys = _candidate_keys(scores, where, view)
-    return _select(keys, lambda: tie_ranks(view, tie_key, whole=False), k, False).reshape(shape)
+    return top_k_keys(candidate_keys(scores, where), k, tie_key=tie_key, per_neuron=True)
 
 
 def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> list:
@@ -423,7 +431,7 @@ def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> l
     """
     views = [layer_view(jnp.shape(s)) for s in scores]
     where = [None] * len(scores) if where is None else where
-    keys = [_candidate_keys(s, w, v) for s, w, v in zip(scores, where, views)]
+    keys = [candidate_keys(s, w).reshape(v) for s, w, v in zip(scores, where, views)]
     sizes = [int(np.prod(v)) for v in views]
     total = sum(sizes)
     if total >= _RANK_LIMIT:

@@ -120,7 +120,9 @@ class SparsityRule(NamedTuple):
 def all_finite(tree) -> jax.Array:
     """Whether every entry of every leaf is finite (one count per leaf, leaves of a shape
     sharing one compiled count: see :func:`jaxsparse.map_layers`)."""
-    groups = map_groups(lambda x, _: count_true(~jnp.isfinite(x)), jax.tree.leaves(tree))
+    # Each count runs on its leaf's own buffer (``read``): no copy of the leaf.
+    groups = map_groups(lambda read, _: read(lambda x: count_true(~jnp.isfinite(x))),
+                        jax.tree.leaves(tree), read=True)
     # The stacked counts of each group reduced at once (per-leaf scalars added one by one
     # are a chain that XLA fuses into every consumer of the flag).
     return jnp.all(jnp.stack([jnp.all(c == 0) for _, c in groups])) if groups else (
@@ -239,11 +241,11 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
         return
     paths = [path for path, _ in pairs]
 
-    def outside(layer, _):
+    def outside(layer):
         m, p = layer
         return count_true((p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m))
 
-    groups = map_groups(outside, [layer for _, layer in pairs])
+    groups = map_groups(lambda read, _: read(outside), [layer for _, layer in pairs], read=True)
     # The paths in the order of the stacked counts.
     paths = [paths[i] for members, _ in groups for i in members]
     counts = jnp.concatenate([c for _, c in groups])

@@ -88,7 +88,8 @@ class LayerInputs(NamedTuple):
 
     ``consts`` holds the layer's own values (a budget, a fan-in, a target), possibly
     traced; ``extra`` is the layer's leaf of the algorithm state when that state has the
-    params' structure, else the whole state.
+    params' structure, else the whole state. ``read``, when given, evaluates
+    ``f(inputs, *args)`` on the layer's own arrays (see :meth:`keys`).
     """
 
     mask: jax.Array
@@ -98,6 +99,19 @@ class LayerInputs(NamedTuple):
     step: jax.Array
     extra: object
     consts: object = None
+    read: Callable | None = None
+
+    def keys(self, score: Callable, where=None) -> jax.Array:
+        """The selection keys (:func:`jaxsparse.topology.candidate_keys`) of
+        ``score(inputs)`` among ``where``, for :func:`jaxsparse.topology.top_k_keys`.
+
+        Under :func:`layerwise` the score is computed where the layer's arrays live, so a
+        selection by |grad| costs the 4-byte keys, not a copy of the weight and gradient
+        of the layer (``jnp.abs(x.grad)`` would copy the gradient first)."""
+        def f(x, where):
+            return topology.candidate_keys(score(x), where)
+
+        return f(self, where) if self.read is None else self.read(f, where)
 
 
 def sparse_leaves(inputs: UpdateInputs):
@@ -152,13 +166,24 @@ def layerwise(
         cs = consts(inputs, paths) if consts is not None else [None] * len(idx)
         cs = [{"index": j, "c": c} for j, c in enumerate(cs)]
 
-        def one(layer, c):
-            m, w, g, e = layer
-            x = LayerInputs(bitmask.unpack(m), w, g, jax.random.fold_in(inputs.key, c["index"]),
-                            inputs.step, e if per_leaf else inputs.extra, c["c"])
+        def one(read, c):
+            key = jax.random.fold_in(inputs.key, c["index"])
+
+            def view(layer):
+                m, w, g, e = layer
+                return LayerInputs(bitmask.unpack(m), w, g, key, inputs.step,
+                                   e if per_leaf else inputs.extra, c["c"])
+
+            # Each field is its own read (one the rule does not use is never computed).
+            x = LayerInputs(bitmask.unpack(read(lambda layer: layer[0])),
+                            read(lambda layer: layer[1]), read(lambda layer: layer[2]), key,
+                            inputs.step, read(lambda layer: layer[3]) if per_leaf
+                            else inputs.extra, c["c"],
+                            lambda f, *args: read(lambda layer, *a: f(view(layer), *a), *args))
             return bitmask.pack(fn(x))
 
-        return rebuild(treedef, treedef.num_leaves, idx, map_layers(one, layers, cs))
+        return rebuild(treedef, treedef.num_leaves, idx,
+                       map_layers(one, layers, cs, read=True))
 
     return update_masks
 

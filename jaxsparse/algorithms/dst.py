@@ -73,8 +73,12 @@ def drop_and_grow(drop_score, grow_score, fraction):
     def layer(x: LayerInputs):
         k_drop, k_grow, k_score = jax.random.split(x.key, 3)
         n = drop_count(x.mask, fraction(x.step))
-        kept = topology.drop_lowest(x.mask, drop_score(x, k_score), n, tie_key=k_drop)
-        grown = topology.top_k_mask(grow_score(x, k_score), n, where=~kept, tie_key=k_grow)
+        # Keep the nnz - n active weights of highest drop score ...
+        kept = topology.top_k_keys(x.keys(lambda y: drop_score(y, k_score), x.mask),
+                                   topology.count_true(x.mask) - n, tie_key=k_drop)
+        # ... and grow the n positions not kept of highest grow score.
+        grown = topology.top_k_keys(x.keys(lambda y: grow_score(y, k_score), ~kept), n,
+                                    tie_key=k_grow)
         return kept | grown
 
     return layer
@@ -215,19 +219,21 @@ def snfs(
 
         # Pass 1, per layer: drop the floor(f * nnz) smallest |W|; the layer's mean |momentum|
         # over its active weights; its free positions after the drop.
-        def drop(layer, j):
-            packed, w, v = layer
-            m = bitmask.unpack(packed)
+        # (The layer's arrays are read in place, map_groups' ``read``: no copy of them.)
+        def drop(read, j):
+            m = bitmask.unpack(read(lambda layer: layer[0]))
             nnz = topology.count_true(m)
             n = drop_count(m, f)
-            kept = topology.drop_lowest(m, jnp.abs(w), n,
-                                        tie_key=jax.random.fold_in(x.key, 2 * j))
-            mean = (jnp.sum(jnp.where(m, jnp.abs(v), 0.0), dtype=jnp.float32)
-                    / jnp.maximum(nnz, 1).astype(jnp.float32))
+            keys = read(lambda layer: topology.candidate_keys(
+                jnp.abs(layer[1]), bitmask.unpack(layer[0])))
+            kept = topology.top_k_keys(keys, nnz - n, tie_key=jax.random.fold_in(x.key, 2 * j))
+            total = read(lambda layer: jnp.sum(jnp.where(m, jnp.abs(layer[2]), 0.0),
+                                               dtype=jnp.float32))
+            mean = total / jnp.maximum(nnz, 1).astype(jnp.float32)
             return bitmask.pack(kept), n, mean, m.size - (nnz - n)
 
         groups = map_groups(drop, [(m, w, v) for (m, w, _), v in zip(leaves, moms)],
-                            list(range(len(idx))))
+                            list(range(len(idx))), read=True)
         # Per-layer results in layer order; the scalars stay arrays (a slice per layer and
         # scalar would be a compiled kernel each).
         order = np.argsort(np.concatenate([members for members, _ in groups]))
@@ -238,15 +244,15 @@ def snfs(
         regrow = topology.distribute(jnp.sum(n_drop), weights, caps)
 
         # Pass 2, per layer: grow its share by largest |momentum| among the free positions.
-        def grow(layer, c):
-            packed, v = layer
-            keep = bitmask.unpack(packed)
-            grown = topology.top_k_mask(jnp.abs(v), c["n"], where=~keep,
+        def grow(read, c):
+            keep = bitmask.unpack(read(lambda layer: layer[0]))
+            keys = read(lambda layer: topology.candidate_keys(jnp.abs(layer[1]), ~keep))
+            grown = topology.top_k_keys(keys, c["n"],
                                         tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
             return bitmask.pack(keep | grown)
 
         new = map_layers(grow, list(zip(kept, moms)),
-                         [{"n": regrow[j], "j": j} for j in range(len(idx))])
+                         [{"n": regrow[j], "j": j} for j in range(len(idx))], read=True)
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     rule = SparsityRule(

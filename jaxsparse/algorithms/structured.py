@@ -87,6 +87,17 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
       The new mask: every active neuron has exactly ``k' = floor(B / n_active)`` inputs,
       ablated neurons have none.
     """
+    return _srigl(mask, lambda where: topology.candidate_keys(jnp.abs(weight), where),
+                  lambda where: topology.candidate_keys(jnp.abs(grad), where), key, k0=k0,
+                  fraction=fraction, gamma_sal=gamma_sal, ablation=ablation,
+                  min_neurons=min_neurons, tau=tau)
+
+
+def _srigl(mask, w_keys, g_keys, key, *, k0, fraction, gamma_sal, ablation, min_neurons,
+           tau):
+    """:func:`srigl_layer` with the weights and gradient given as the keys of |W| and
+    |grad| among a set of candidates: ``w_keys(where)`` / ``g_keys(where)``
+    (:func:`jaxsparse.topology.candidate_keys`)."""
     shape = mask.shape
     n_out = shape[-1]
     if tau is None:
@@ -94,13 +105,12 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
     k0 = jnp.asarray(k0, jnp.int32)
     budget = k0 * n_out
     k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)
-    abs_w, abs_g = jnp.abs(weight), jnp.abs(grad)
     n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
                        ).astype(jnp.int32)
     n_keep = budget - n_drop
-    kept = topology.top_k_mask(abs_w, n_keep, where=mask, tie_key=k_keep)
+    kept = topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep)
     if ablation:
-        salient = kept | topology.top_k_mask(abs_g, n_drop, tie_key=k_grow)
+        salient = kept | topology.top_k_keys(g_keys(None), n_drop, tie_key=k_grow)
         counts = topology.count_per_neuron(salient)
         active = counts >= tau
         guard = topology.top_k_mask(counts.astype(jnp.float32), min_neurons, tie_key=k_abl)
@@ -113,9 +123,9 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
     # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
     # k' fell since the last update (neurons came back), so this search usually ends at
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
-    keep = topology.top_k_per_neuron(abs_w, k_vec, where=kept)
+    keep = topology.top_k_keys(w_keys(kept), k_vec, per_neuron=True)
     need = k_vec - topology.count_per_neuron(keep)
-    grow = topology.top_k_per_neuron(abs_g, need, where=~keep, tie_key=k_fill)
+    grow = topology.top_k_keys(g_keys(~keep), need, tie_key=k_fill, per_neuron=True)
     return keep | grow
 
 
@@ -193,9 +203,12 @@ def srigl(
         return consts
 
     def layer(x: LayerInputs):
-        return srigl_layer(x.mask, x.weight, x.grad, x.key, k0=x.consts["k0"],
-                           fraction=fraction(x.step), gamma_sal=gamma_sal, ablation=ablation,
-                           min_neurons=x.consts["min_neurons"], tau=x.consts["tau"])
+        # srigl_layer, with the keys computed where the layer's arrays live (LayerInputs.keys).
+        return _srigl(x.mask, lambda where: x.keys(lambda y: jnp.abs(y.weight), where),
+                      lambda where: x.keys(lambda y: jnp.abs(y.grad), where), x.key,
+                      k0=x.consts["k0"], fraction=fraction(x.step), gamma_sal=gamma_sal,
+                      ablation=ablation, min_neurons=x.consts["min_neurons"],
+                      tau=x.consts["tau"])
 
     update_masks = layerwise(layer, layer_consts)
 

@@ -1,0 +1,87 @@
+"""map_groups / map_layers: reading layers in place gives what copying them gives, and
+copies nothing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxsparse
+from jaxsparse import layermap
+
+SHAPE = (64, 48)
+
+
+def _params():
+    # A group of three same-shaped kernels and a singleton (each map_groups path).
+    keys = jax.random.split(jax.random.key(3), 4)
+    p = {f"dense_{i}": {"kernel": jax.random.normal(k, SHAPE), "bias": jnp.zeros(SHAPE[-1])}
+         for i, k in enumerate(keys[:3])}
+    p["out"] = {"kernel": jax.random.normal(keys[3], (SHAPE[-1], 10)), "bias": jnp.zeros(10)}
+    return p
+
+
+# SET shares RigL's per-layer rule (drop_and_grow); these are the three ways of reading.
+FACTORIES = {
+    "rigl": lambda: jaxsparse.rigl(optax.sgd(0.05, momentum=0.9), 0.8, key=jax.random.key(1),
+                                   end_step=100, update_every=2),
+    "srigl": lambda: jaxsparse.srigl(optax.sgd(0.05, momentum=0.9), 0.8, key=jax.random.key(1),
+                                     end_step=100, update_every=2, gamma_sal=0.5),
+    "snfs": lambda: jaxsparse.snfs(optax.sgd(0.05, momentum=0.9), 0.8, key=jax.random.key(1),
+                                   end_step=100, update_every=2),
+}
+
+
+def _run(factory, steps=7):
+    tx = factory()
+    params, state = jaxsparse.init_masked(tx, _params())
+
+    @jax.jit
+    def step(params, state, key):
+        # Gradients of a fixed random quadratic: every layer's topology moves.
+        grads = jax.tree.map(lambda p: p - jax.random.normal(key, p.shape), params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for t in range(steps):
+        params, state = step(params, state, jax.random.key(100 + t))
+    return params, jaxsparse.get_masks(state)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_reading_layers_in_place_equals_copying_them(name, monkeypatch):
+    # The test layers are below the in-place threshold; with it at 0 the same rules read
+    # every layer in place. Masks and params must be equal, bit for bit.
+    copied = _run(FACTORIES[name])
+    monkeypatch.setattr(layermap, "READ_IN_PLACE_MIN_SIZE", 0)
+    in_place = _run(FACTORIES[name])
+    changed = any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(copied[1]), jax.tree.leaves(jaxsparse.get_masks(
+            FACTORIES[name]().init(_params())))))
+    assert changed  # the topology did move
+    for a, b in zip(jax.tree.leaves(copied), jax.tree.leaves(in_place), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _temp_bytes(read: bool, monkeypatch) -> int:
+    monkeypatch.setattr(layermap, "READ_IN_PLACE_MIN_SIZE", 0)
+    layers = [jnp.full((256, 256), float(i)) for i in range(4)]
+
+    def total(layers):
+        if read:
+            fn = lambda rd, c: rd(lambda x: jnp.sum(jnp.abs(x) * c))  # noqa: E731
+        else:
+            fn = lambda x, c: jnp.sum(jnp.abs(x) * c)  # noqa: E731
+        groups = layermap.map_groups(fn, layers, [jnp.float32(2.0)] * 4, read=read)
+        return sum(jnp.sum(s) for _, s in groups)
+
+    compiled = jax.jit(total).lower(layers).compile()
+    assert float(compiled(layers)) == 2.0 * 256 * 256 * (0 + 1 + 2 + 3)
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_reading_in_place_copies_no_layer(monkeypatch):
+    layer_bytes = 256 * 256 * 4
+    assert _temp_bytes(read=False, monkeypatch=monkeypatch) >= layer_bytes  # a copy
+    assert _temp_bytes(read=True, monkeypatch=monkeypatch) < layer_bytes // 16
