@@ -1,4 +1,5 @@
-"""Accuracy of condensed training vs the masked dense run (issue 18), MNIST-type MLPs.
+"""Accuracy of condensed training vs the masked dense run (issue 18), MNIST-type MLPs
+(``--sizes``: LeNet-300-100 by default, or the 784-3000-3000-10 MLP).
 
 For each seed and sparsity, two runs go in lockstep from the same initial params and masks
 on the same batches: ``jaxsparse.srigl`` on the masked dense model and ``srigl_condensed``
@@ -14,6 +15,8 @@ time per step of each loop, one ``final`` record per run in ``results/<out>/resu
     python -m experiments.condensed_training_accuracy --seeds 0 1 2 --sparsities 0.9 0.95
     python -m experiments.condensed_training_accuracy --dataset mnist \\
         --data_dir ../shared/data/mnist --ablation --sparsities 0.9 0.95 0.99
+    python -m experiments.condensed_training_accuracy --sizes 784 3000 3000 10 --epochs 3 \\
+        --sparsities 0.9 0.95 0.99 --out condensed_training_3000
 """
 
 from __future__ import annotations

@@ -1700,6 +1700,9 @@ def section_cl(root: Path) -> str:
 
 CONDENSED_DATASETS = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST"}
 CONDENSED_RULES = (("srigl_no_ablation", "no ablation"), ("srigl", "with ablation"))
+CONDENSED_SPARSITIES = (0.9, 0.95, 0.99)
+# The 784-3000-3000-10 MLP the issue names: its own records (another epoch budget).
+CONDENSED_LARGE, CONDENSED_LARGE_MODEL = "condensed_training_3000", "784-3000-3000-10"
 
 
 def _condensed_groups(recs) -> dict[tuple[str, str, str, float], dict[str, list[dict]]]:
@@ -1735,7 +1738,8 @@ def section_condensed(root: Path) -> str:
     recs = load(root, "condensed_training")
     models = sorted({r["model"].removeprefix("mlp-") for r in recs}) or ["784-300-100-10"]
     out = [f"## Condensed training: masked vs condensed SRigL, MLP {', '.join(models)}"
-           + (" (LeNet-300-100)" if models == ["784-300-100-10"] else ""), ""]
+           + (" (LeNet-300-100)" if models == ["784-300-100-10"] else "")
+           + (f" and {CONDENSED_LARGE_MODEL}" if load(root, CONDENSED_LARGE) else ""), ""]
     if not recs:
         return "\n".join(out + ["No records yet (`results/condensed_training/results.jsonl` "
                                 "absent)."])
@@ -1832,15 +1836,109 @@ def section_condensed(root: Path) -> str:
                 f"masked run without ablation (same seed) exactly in {len(same)} of "
                 f"{len(pairs)}, including {sum(r in same for r in ablated)} of the runs with "
                 "ablated neurons."]
-    missing = [f"{CONDENSED_DATASETS.get(ds, ds)} {rules[rule]} {pct(sp)}"
-               for ds in CONDENSED_DATASETS for rule, _ in CONDENSED_RULES
-               for sp in (0.9, 0.95, 0.99)
-               if not any(k[0] == ds and k[2] == rule and k[3] == sp for k in groups)]
-    if missing:
-        out += ["", "Not run: " + ", ".join(missing) + "; the 784-3000-3000-10 MLP."]
-    else:
-        out += ["", "Not run: the 784-3000-3000-10 MLP."]
+    large = load(root, CONDENSED_LARGE)
+    out += ["", section_condensed_large(root)]
+    missing = _condensed_missing(groups)
+    missing_large = _condensed_missing(_condensed_groups(large), whole=True)
+    text = ", ".join(missing) + "; " if missing else ""
+    text += (f"the {CONDENSED_LARGE_MODEL} MLP" + (": " + ", ".join(missing_large) if large
+                                                  else ""))
+    if missing or missing_large:
+        out += ["", f"Not run: {text}."]
     out += ["", "Wall-clock per epoch and memory of condensed vs dense training: BENCHMARKS.md."]
+    return "\n".join(out)
+
+
+def _condensed_missing(groups, whole: bool = False) -> list[str]:
+    """The dataset x rule x sparsity cells of the condensed grid without 3 paired seeds;
+    with ``whole``, a dataset and rule with no cell at all is one item."""
+    rules = dict(CONDENSED_RULES)
+    out = []
+    for ds in CONDENSED_DATASETS:
+        for rule in rules:
+            name = f"{CONDENSED_DATASETS[ds]} {rules[rule]}"
+            n = {k[3]: len(_paired(g)) for k, g in groups.items() if k[0] == ds and k[2] == rule}
+            if whole and not n:
+                out.append(name)
+                continue
+            out += [f"{name} {pct(sp)}" + (f" (only {n[sp]} of 3 seeds)" if n.get(sp) else "")
+                    for sp in CONDENSED_SPARSITIES if n.get(sp, 0) < 3]
+    return out
+
+
+def _paired(g: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
+    """``(masked, condensed)`` records of the same seed in a group of :func:`_condensed_groups`."""
+    masked = {r["seed"]: r for r in g["masked"]}
+    return [(masked[r["seed"]], r) for r in g["condensed"] if r["seed"] in masked]
+
+
+def section_condensed_large(root: Path) -> str:
+    """Table CT-3000: the lockstep comparison of :func:`section_condensed` on the
+    784-3000-3000-10 MLP; records ``results/condensed_training_3000/results.jsonl``."""
+    recs = load(root, CONDENSED_LARGE)
+    out = [f"### Condensed training, MLP {CONDENSED_LARGE_MODEL}", ""]
+    if not recs:
+        return "\n".join(out + [f"No records yet (`results/{CONDENSED_LARGE}/results.jsonl` "
+                                "absent)."])
+    cfgs = [config_of(r) for r in recs]
+
+    def setting(key):
+        return ", ".join(sorted({str(c.get(key)) for c in cfgs}))
+
+    groups = _condensed_groups(recs)
+    sparsities = " ".join(f"{sp:g}" for sp in sorted({target(r) for r in recs}))
+    seeds = " ".join(str(s) for s in sorted({r["seed"] for r in recs}))
+    cmd = " ".join(f"`python -m experiments.condensed_training_accuracy --dataset {ds} "
+                   f"--data_dir ../shared/data/{ds} --sizes {CONDENSED_LARGE_MODEL.replace('-', ' ')}"
+                   f" --sparsities {sparsities} --seeds {seeds} --epochs {setting('epochs')} "
+                   f"--out {CONDENSED_LARGE}`" for ds in sorted({r["dataset"] for r in recs}))
+    abl = sorted({rule for (_, _, rule, _) in groups})
+    out += [f"{cmd}: the lockstep comparison of table CT on the {CONDENSED_LARGE_MODEL} MLP, "
+            f"rule {', '.join(dict(CONDENSED_RULES).get(a, a) for a in abl)}, "
+            f"{setting('epochs')} epochs of {sorted({r['steps'] for r in recs})[0]} steps in "
+            f"all, batch {setting('batch_size')}, SGD momentum 0.9, lr "
+            f"{setting('learning_rate')} cosine, uniform sparsity, updates every "
+            f"{setting('update_every')} steps until 75% of training, drop fraction "
+            f"{setting('drop_fraction')}, {setting('validation_size')} training images held out "
+            "(unused). Test accuracy in % (mean ± sample std over seeds, n paired seeds), the "
+            "mean and lowest fraction of mask entries on which the two runs agree at the end, "
+            "the median time per step of each loop, and the median over seeds of the ratio "
+            "condensed / masked time per step of the same seed (timed in lockstep on "
+            + "; ".join(sorted({r["machine"] for r in recs})) + ", shared with other jobs). "
+            "Table CT-3000:", "",
+            "| dataset | rule | sparsity | n | masked | condensed | condensed - masked | "
+            "mask agreement (mean / min) | masked ms/step | condensed ms/step | "
+            "condensed / masked time per step |", "|" + "---|" * 11]
+    rules = dict(CONDENSED_RULES)
+    separated, ratios, agree_all, gaps = [], [], [], []
+    for (ds, _model, rule, sp), g in groups.items():
+        pairs = _paired(g)
+        m = [float(a["test_accuracy"]) for a, _ in pairs]
+        c = [float(b["test_accuracy"]) for _, b in pairs]
+        agree = [float(b["mask_agreement"]) for _, b in pairs]
+        ratio = [b["step_ms"] / a["step_ms"] for a, b in pairs]
+        label = f"{CONDENSED_DATASETS.get(ds, ds)} | {rules.get(rule, rule)} | {pct(sp)}"
+        out.append(f"| {label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
+                   f"{fmt_compare(c, m)} | {statistics.mean(agree):.6f} / {min(agree):.6f} | "
+                   f"{statistics.median(a['step_ms'] for a, _ in pairs):.1f} | "
+                   f"{statistics.median(b['step_ms'] for _, b in pairs):.1f} | "
+                   f"{statistics.median(ratio):.2f} |")
+        if significant(c, m):
+            separated.append(label.replace(" | ", " "))
+        ratios += ratio
+        agree_all += agree
+        gaps += [abs(x - y) for x, y in zip(c, m)]
+    fans = sorted({k[3] for k in groups})
+    out += ["", "* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
+        f"{pct(sp)} " + "/".join(map(str, _uniform_fan_ins("mlp-" + CONDENSED_LARGE_MODEL, sp)))
+        for sp in fans) + ".",
+        "* Table CT-3000, condensed - masked accuracy: Welch's test separates the two at "
+        + (", ".join(separated) if separated else "no row")
+        + f" (p < 0.05); the largest per-seed |condensed - masked| is {100 * max(gaps):.2f} "
+        f"points. The masks are identical at the end in {sum(a == 1.0 for a in agree_all)} of "
+        f"{len(agree_all)} paired runs; the lowest agreement is {min(agree_all):.6f}. The "
+        f"condensed loop's time per step is {min(ratios):.2f} to {max(ratios):.2f} times the "
+        f"masked loop's over the {len(ratios)} paired runs."]
     return "\n".join(out)
 
 

@@ -151,6 +151,37 @@ def test_cl_capacity_section(tmp_path):
     assert "2 vs 4 reserved per task, accuracy +20.00 points" in text
 
 
+def test_condensed_large_table_and_not_run_line(tmp_path):
+    """Table CT-3000 pairs the masked and condensed record of each seed (n, mean ± sample
+    std, the per-seed time ratio) and the "Not run" line lists the cells without 3 seeds."""
+    assert "No records yet" in results_report.section_condensed_large(tmp_path)
+    d = tmp_path / "results" / results_report.CONDENSED_LARGE
+    d.mkdir(parents=True)
+    cfg = json.dumps({"epochs": 2, "batch_size": 100, "learning_rate": 0.1,
+                      "update_every": 100, "drop_fraction": 0.3, "validation_size": 6000})
+    recs = [{"event": "final", "algorithm": f"srigl_no_ablation_{side}",
+             "sparsity_target": sp, "dataset": "fashion_mnist",
+             "model": "mlp-784-3000-3000-10", "seed": seed, "steps": 1080,
+             "test_accuracy": acc + (0.01 if side == "condensed" else 0.0),
+             "step_ms": ms, "mask_agreement": agree, "machine": "cpu", "config": cfg}
+            for sp, seeds in ((0.9, (0, 1, 2)), (0.95, (0,)))
+            for seed, acc, agree in zip(seeds, (0.80, 0.82, 0.84), (1.0, 0.99, 1.0))
+            for side, ms in (("masked", 200.0), ("condensed", 50.0 * (seed + 1)))]
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_condensed_large(tmp_path)
+    assert ("| Fashion-MNIST | no ablation | 90% | 3 | 82.00 ± 2.00 | 83.00 ± 2.00 | "
+            "+1.00 points") in text
+    assert "| 0.996667 / 0.990000 | 200.0 | 100.0 | 0.50 |" in text
+    assert "| 95% | 1 | 80.00 (n=1) | 81.00 (n=1) |" in text
+    assert "identical at the end in 3 of 4 paired runs" in text
+    assert "0.25 to 0.75 times the masked loop's" in text
+    groups = results_report._condensed_groups(recs)
+    missing = results_report._condensed_missing(groups, whole=True)
+    assert missing == ["Fashion-MNIST no ablation 95% (only 1 of 3 seeds)",
+                       "Fashion-MNIST no ablation 99%", "Fashion-MNIST with ablation",
+                       "MNIST no ablation", "MNIST with ablation"]
+
+
 def test_replica_not_run_list_and_footer_follow_the_records(tmp_path):
     """The replica's "Not run" line and the footer's replica item come from the records:
     a cell with fewer than 3 seeds is listed, and a full grid lists nothing."""
