@@ -201,3 +201,21 @@ def test_replica_not_run_list_and_footer_follow_the_records(tmp_path):
     (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in short) + "\n")
     assert "* The rest of the sparse_learning replica grid" in results_report.footer(tmp_path)
     assert results_report.footer(tmp_path).startswith("## Not measured\n\n* The rest")
+
+
+def test_srigl_gamma_is_chosen_on_validation_over_the_sweep_seeds_only():
+    """The chosen gamma_sal is the best mean *validation* accuracy over the sweep seeds;
+    test accuracy and the extra seed run for the chosen gamma play no part."""
+    def rec(g, seed, val, test):
+        return {"algorithm": "srigl", "sparsity_target": 0.99, "seed": seed,
+                "config": json.dumps({"algorithm_kwargs": {"gamma_sal": g}}),
+                "val_accuracy": val, "test_accuracy": test}
+
+    recs = [rec(0.3, 0, 0.90, 0.99), rec(0.3, 1, 0.92, 0.99),   # best test, worse val
+            rec(0.9, 0, 0.93, 0.80), rec(0.9, 1, 0.93, 0.80),
+            rec(0.5, 0, 0.93, 0.80), rec(0.5, 1, 0.93, 0.80),   # tie: smaller gamma kept
+            rec(0.3, 2, 0.99, 0.99)]                             # not a sweep seed
+    chosen, by_g = results_report.srigl_val_choice(recs)
+    assert chosen == 0.5
+    assert by_g[0.3] == [0.90, 0.92]
+    assert results_report.srigl_val_choice([]) == (None, {})
