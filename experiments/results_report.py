@@ -512,47 +512,81 @@ def _claim_verdict(c) -> str:
             f"interval allows a difference of up to {max(abs(c.lo), abs(c.hi)):.2f} points.")
 
 
+# Validation-based gamma_sal studies at 99% on LeNet-300-100 (20 epochs, 54k/6k):
+# (records under results/, label, table-name suffix, gamma_sal swept, extra sweep options).
+SRIGL_VAL_STUDIES = (
+    ("mnist_mlp_srigl_val", "MNIST", "", SRIGL_VAL_GAMMAS, "--set data_dir=../shared/data/mnist"),
+    ("fmnist_mlp_srigl_val", "Fashion-MNIST", "-fmnist", (0.3, 0.5, 0.7, 0.9),
+     "--set dataset=fashion_mnist --set data_dir=../shared/data/fashion_mnist"),
+)
+
+
 def section_srigl_val(root: Path) -> str:
-    """Issue 14: SRigL at 99% with gamma_sal chosen on a validation split (MNIST MLP, 20
-    epochs) against RigL and SRigL without ablation; ViT-tiny on MNIST at 90%."""
-    head = ["### SRigL with gamma_sal chosen on a validation split (MNIST LeNet-300-100, "
-            "99%, 20 epochs) and ViT-tiny", ""]
-    recs = load(root, "mnist_mlp_srigl_val")
+    """Issue 14: SRigL at 99% with gamma_sal chosen on a validation split (LeNet-300-100 on
+    MNIST and Fashion-MNIST, 20 epochs) against RigL and SRigL without ablation; ViT-tiny on
+    MNIST at 90% with the gamma_sal chosen on MNIST."""
+    out = ["### SRigL with gamma_sal chosen on a validation split (LeNet-300-100 on MNIST and "
+           "Fashion-MNIST, 99%, 20 epochs) and ViT-tiny", ""]
+    chosen_mnist = None
+    for i, study in enumerate(SRIGL_VAL_STUDIES):
+        text, chosen = _srigl_val_study(root, *study, first=i == 0)
+        out += [text, ""]
+        if i == 0:
+            chosen_mnist = chosen
+    if chosen_mnist is None:
+        return "\n".join(out).rstrip("\n")
+    return "\n".join(out + [_section_srigl_vit(root, chosen_mnist)])
+
+
+def _srigl_val_study(root: Path, name: str, label: str, suffix: str,
+                     gammas: Sequence[float], data: str, first: bool
+                     ) -> tuple[str, float | None]:
+    """One dataset's part of :func:`section_srigl_val`: tables S-val<suffix>,
+    S-val-test<suffix> and N-val<suffix>, and the gamma_sal chosen on validation."""
+    t_val, t_test, t_n = f"S-val{suffix}", f"S-val-test{suffix}", f"N-val{suffix}"
+    recs = load(root, name)
     if not recs:
-        return "\n".join(head + ["No records yet (`results/mnist_mlp_srigl_val/results.jsonl` "
-                                 "absent)."])
+        return (f"**{label}**: no records yet (`results/{name}/results.jsonl` absent).",
+                None)
     chosen, by_g = srigl_val_choice(recs)
-    gs = ",".join(f"{g:g}" for g in SRIGL_VAL_GAMMAS)
+    gs = ",".join(f"{g:g}" for g in gammas)
     common = ("--config experiments/configs/mnist_lenet300.py --sparsities 0.99 --set "
               "epochs=20 --set batch_size=100 --set learning_rate=0.1 --set "
-              "weight_decay=0.0001 --set validation_size=6000 --set "
-              "data_dir=../shared/data/mnist --set checkpoint_every=0")
-    out = head + [
-        f"`python -m experiments.sweep {common} --methods srigl --out "
-        f"runs/mnist_mlp_srigl_val/gG --seeds 0,1 --set 'algorithm_kwargs={{\"gamma_sal\": "
-        f"G}}'` for G in {{{gs}}}, then the chosen G with `--seeds 2`, and `--methods "
-        "rigl,srigl_no_ablation --seeds 0,1,2` (`--out runs/mnist_mlp_srigl_val/base`); the "
-        "records of all these folders are `results/mnist_mlp_srigl_val/results.jsonl`. "
-        "Twice the 10 epochs of tables S-mnist/S-fmnist, with 6,000 training images held "
-        "out as the validation split (54k/6k, `validation_seed` 0): per-epoch evaluations "
-        "use the validation split, the test split is evaluated once at the end. " +
-        wall(recs) + ".", "",
-        "Validation accuracy (%) of SRigL at 99% by gamma_sal, sweep seeds "
-        f"{', '.join(map(str, SRIGL_VAL_SWEEP_SEEDS))} (table S-val; mean ± sample std, n "
-        f"= {len(SRIGL_VAL_SWEEP_SEEDS)} unless marked):", "",
+              f"weight_decay=0.0001 --set validation_size=6000 {data} --set "
+              "checkpoint_every=0")
+    setup = ("Twice the 10 epochs of tables S-mnist/S-fmnist, with 6,000 training images "
+             "held out as the validation split (54k/6k, `validation_seed` 0): per-epoch "
+             "evaluations use the validation split, the test split is evaluated once at the "
+             "end." if first else
+             "Same schedule, split and selection rule as the MNIST part above.")
+    out = [
+        f"**{label}**: `python -m experiments.sweep {common} --methods srigl --out "
+        f"runs/{name}/gG --seeds 0,1 --set 'algorithm_kwargs={{\"gamma_sal\": G}}'` for G "
+        f"in {{{gs}}}, then the chosen G with `--seeds 2`, and `--methods "
+        f"rigl,srigl_no_ablation --seeds 0,1,2` (`--out runs/{name}/base`); the records of "
+        f"all these folders are `results/{name}/results.jsonl`. {setup} " + wall(recs) + ".",
+        "",
+        f"Validation accuracy (%) of SRigL at 99% by gamma_sal on {label}, sweep seeds "
+        f"{', '.join(map(str, SRIGL_VAL_SWEEP_SEEDS))} (table {t_val}; mean ± sample std, "
+        f"n = {len(SRIGL_VAL_SWEEP_SEEDS)} unless marked):", "",
         table([(f"{g:g}", [v]) for g, v in by_g.items()], ["validation accuracy"],
               n_expected=len(SRIGL_VAL_SWEEP_SEEDS), head="gamma_sal"), ""]
     if chosen is None:
-        return "\n".join(out + ["No validation records at 99%."])
-    missing = [g for g in SRIGL_VAL_GAMMAS if g not in by_g]
-    out.append(f"* Chosen gamma_sal: **{chosen:g}**, the best mean validation accuracy in "
-               "table S-val (validation split of the training set; test accuracy was not "
-               "looked at for the choice)."
-               + (f" Not run: gamma_sal {', '.join(f'{g:g}' for g in missing)}."
-                  if missing else ""))
+        return "\n".join(out + ["No validation records at 99%."]), None
     k0 = _k0("lenet300", (300, 100), recs[0].get("image_shape", (28, 28, 1)), 0.99)
     ablated = [k for k in k0 if not k.startswith("Dense_2/")]  # the output layer never is
-    taus = {g: tuple(max(1, math.floor(g * k0[k])) for k in ablated) for g in by_g}
+    tau = {g: tuple(max(1, math.floor(g * k0[k])) for k in ablated)
+           for g in sorted(set(SRIGL_VAL_GAMMAS) | set(by_g))}
+    missing = []
+    for g in (g for g in SRIGL_VAL_GAMMAS if g not in by_g):
+        twin = [h for h in by_g if tau[h] == tau[g]]
+        missing.append(f"{g:g}" + (f" (thresholds {', '.join(map(str, tau[g]))}, the same "
+                                    f"as {twin[0]:g}'s)" if twin else ""))
+    out.append(f"* Chosen gamma_sal on {label}: **{chosen:g}**, the best mean validation "
+               f"accuracy in table {t_val} (validation split of the training set; test "
+               "accuracy was not looked at for the choice)."
+               + (f" Not run: gamma_sal {', '.join(missing)}." if missing else ""))
+    taus = {g: tau[g] for g in by_g}
     same = [(a, b) for a, b in zip(list(taus), list(taus)[1:]) if taus[a] == taus[b]]
     out.append("* Ablation thresholds tau = max(1, floor(gamma_sal k0)) at 99% on the ablated "
                f"layers ({', '.join(k.split('/')[0] for k in ablated)}; k0 = "
@@ -569,26 +603,26 @@ def section_srigl_val(root: Path) -> str:
              [srigl, values(recs, algo("srigl", 0.99, gamma=chosen), "val_accuracy")]),
             ("constant fan-in, no ablation",
              [noab, values(recs, algo("srigl_no_ablation", 0.99), "val_accuracy")])]
-    out += ["", "Test accuracy (%) at 99%, seeds 0-2, same schedule and split (table "
-            "S-val-test; the validation column is the same runs' final validation "
+    out += ["", f"Test accuracy (%) on {label} at 99%, seeds 0-2, same schedule and split "
+            f"(table {t_test}; the validation column is the same runs' final validation "
             "accuracy; the chosen row's seeds 0 and 1 are the sweep runs that chose it, so "
             "its validation cell is biased upward by the choice, its test cell is not):", "",
             table(rows, ["test accuracy", "validation accuracy"]), ""]
     if rigl and srigl and noab:
         c = compare([100 * v for v in srigl], [100 * v for v in rigl])
-        out += [f"* Table S-val-test: SRigL (gamma_sal {chosen:g}) - RigL "
+        out += [f"* Table {t_test}: SRigL (gamma_sal {chosen:g}) - RigL "
                 f"{fmt_compare(srigl, rigl)}; no ablation - RigL {fmt_compare(noab, rigl)}; "
                 f"ablation effect, SRigL - no ablation {fmt_compare(srigl, noab)}.",
-                "* The claim 'SRigL with ablation ~= RigL' at 99% on this MLP (table "
-                "S-val-test, test split, gamma_sal chosen on validation): "
+                f"* The claim 'SRigL with ablation ~= RigL' at 99% on this MLP on {label} "
+                f"(table {t_test}, test split, gamma_sal chosen on validation): "
                 + _claim(c, "SRigL", "RigL") + _claim_verdict(c)]
     neurons = _neurons(recs)
     if neurons:
-        out += ["", "Active neurons at the end of these runs (mean over the runs in the "
-                "records, seeds 0-1 per swept gamma_sal and 0-2 for the chosen one; table "
-                "N-val; Dense_0, Dense_1 and Dense_2 have 300, 100 and 10 neurons):", "",
+        out += ["", f"Active neurons at the end of these {label} runs (mean over the runs in "
+                "the records, seeds 0-1 per swept gamma_sal and 0-2 for the chosen one; table "
+                f"{t_n}; Dense_0, Dense_1 and Dense_2 have 300, 100 and 10 neurons):", "",
                 neurons]
-    return "\n".join(out + ["", _section_srigl_vit(root, chosen)])
+    return "\n".join(out), chosen
 
 
 def _section_srigl_vit(root: Path, chosen: float) -> str:
@@ -611,7 +645,7 @@ def _section_srigl_vit(root: Path, chosen: float) -> str:
            "data_dir=../shared/data/mnist --set checkpoint_every=0 --methods "
            "rigl,srigl_no_ablation` and `--methods srigl --set "
            f"'algorithm_kwargs={{\"gamma_sal\": {chosen:g}}}'` (gamma_sal from table S-val, "
-           f"chosen on the MLP at 99%, not on the ViT), seeds {', '.join(map(str, seeds))}; "
+           f"chosen on the MNIST MLP at 99%, not on the ViT), seeds {', '.join(map(str, seeds))}; "
            "AdamW, 54k/6k split, ERK; achieved sparsity is over all parameters, unmasked "
            "leaves counted as dense. " + wall(recs) + ". Only "
            f"{', '.join(map(str, epochs))} epoch(s) "

@@ -219,3 +219,29 @@ def test_srigl_gamma_is_chosen_on_validation_over_the_sweep_seeds_only():
     assert chosen == 0.5
     assert by_g[0.3] == [0.90, 0.92]
     assert results_report.srigl_val_choice([]) == (None, {})
+
+
+def test_srigl_val_section_has_a_fashion_mnist_part_chosen_on_its_own_validation(tmp_path):
+    """The Fashion-MNIST study gets its own tables (S-val-fmnist, S-val-test-fmnist) and
+    its own gamma_sal, chosen on its validation accuracy, not on test or on MNIST."""
+    def rec(algorithm, seed, val, test, g=None):
+        kw = {} if g is None else {"gamma_sal": g}
+        return {"algorithm": algorithm, "sparsity_target": 0.99, "seed": seed,
+                "config": json.dumps({"algorithm_kwargs": kw}),
+                "val_accuracy": val, "test_accuracy": test}
+
+    recs = [rec("srigl", s, 0.80 + 0.01 * s, 0.90, g=0.3) for s in (0, 1)]      # best test
+    recs += [rec("srigl", s, 0.85 + 0.01 * s, 0.70 + 0.01 * s, g=0.7) for s in (0, 1, 2)]
+    recs += [rec("srigl", s, 0.84, 0.95, g=0.9) for s in (0, 1)]
+    recs += [rec(m, s, 0.8, 0.75 + 0.01 * s) for m in ("rigl", "srigl_no_ablation")
+             for s in (0, 1, 2)]
+    d = tmp_path / "results" / "fmnist_mlp_srigl_val"
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_srigl_val(tmp_path)
+    assert "`results/mnist_mlp_srigl_val/results.jsonl` absent" in text
+    assert "(table S-val-fmnist;" in text and "(table S-val-test-fmnist;" in text
+    assert "Chosen gamma_sal on Fashion-MNIST: **0.7**" in text
+    assert "Not run: gamma_sal 0.5, 0.95 (thresholds 5, 6, the same as 0.9's)." in text
+    assert "* Table S-val-test-fmnist: SRigL (gamma_sal 0.7) - RigL" in text
+    assert "ViT-tiny" in text.splitlines()[0] and "S-vit" not in text  # needs the MNIST choice
