@@ -192,7 +192,15 @@ def test_same_key_same_masks_different_key_different(recorded):
                    zip(_sparse_items(history[-1]["masks"]), _sparse_items(other[-1]["masks"])))
 
 
-@pytest.mark.parametrize("name", DST + ("magnitude",))
+# Variants of a rule already here (a schedule, a distribution) run in the slow tier.
+VARIANTS = ("rigl_uniform_const", "srigl_no_ablation")
+
+
+def _fast_or_slow(names):
+    return [pytest.param(n, marks=pytest.mark.slow) if n in VARIANTS else n for n in names]
+
+
+@pytest.mark.parametrize("name", _fast_or_slow(DST + ("magnitude",)))
 def test_kept_weights_take_the_inner_update_and_dense_leaves_are_untouched(name):
     make = ALGORITHMS[name][0]
     lr = 0.1
@@ -301,7 +309,7 @@ def test_donating_the_state_keeps_the_factory_usable():
     tx.init(tiny_params())
 
 
-@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("name", _fast_or_slow(sorted(ALGORITHMS)))
 def test_state_shares_no_buffer_with_params(name):
     # A train step that donates (params, state) fails if any buffer appears twice.
     tx = ALGORITHMS[name][0](lenient(optax.sgd(0.1, momentum=0.9)), jax.random.key(0))
@@ -326,7 +334,10 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+# Adam-like, momentum-like and accumulating states in the fast tier; the rest in the slow one.
+@pytest.mark.parametrize("opt", [o if o in ("adamw", "sgd_momentum", "multisteps")
+                                 else pytest.param(o, marks=pytest.mark.slow)
+                                 for o in sorted(OPTIMIZERS)])
 def test_every_param_shaped_moment_of_grown_weights_is_zero(opt):
     # Moments are zeroed before the inner step (a grown weight's masked gradient is zero):
     # afterwards every param-shaped leaf of the inner state is zero at grown positions, for

@@ -47,7 +47,8 @@ def _run(factory, steps=5):
     return params, jaxsparse.get_masks(state)
 
 
-@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("name", [
+    "rigl", *(pytest.param(n, marks=pytest.mark.slow) for n in ("snfs", "srigl"))])
 def test_reading_layers_in_place_equals_copying_them(name, monkeypatch):
     # The test layers are below the in-place threshold; with it at 0 the same rules read
     # every layer in place. Masks and params must be equal, bit for bit.
