@@ -20,6 +20,7 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from experiments.results_stats import (
     compare,
@@ -1986,23 +1987,18 @@ def section_condensed(root: Path) -> str:
              "mask agreement (min) | masked ms/step | condensed ms/step |",
              "|" + "---|" * 9]
     separated, agree_all, n_runs, max_gap = [], [], 0, 0.0
-    rules = dict(CONDENSED_RULES)
-    for (ds, _model, rule, sp), g in groups.items():
-        m = [float(r["test_accuracy"]) for r in g["masked"]]
-        c = [float(r["test_accuracy"]) for r in g["condensed"]]
-        agree = [float(r["mask_agreement"]) for r in g["condensed"]]
-        label = f"{CONDENSED_DATASETS.get(ds, ds)} | {rules.get(rule, rule)} | {pct(sp)}"
-        lines.append(f"| {label} | {fmt_cell(m, 100, 3)} | {fmt_cell(c, 100, 3)} | "
-                     f"{fmt_compare(c, m)} | {min(agree):.4f} | "
+    for key, g in groups.items():
+        row = _condensed_row(key, g)
+        m, c = row.masked, row.condensed
+        lines.append(f"| {row.label} | {fmt_cell(m, 100, 3)} | {fmt_cell(c, 100, 3)} | "
+                     f"{fmt_compare(c, m)} | {min(row.agree):.4f} | "
                      f"{statistics.median([r['step_ms'] for r in g['masked']]):.2f} | "
                      f"{statistics.median([r['step_ms'] for r in g['condensed']]):.2f} |")
         if significant(c, m):
-            separated.append(label.replace(" | ", " "))
-        agree_all += agree
+            separated.append(row.label.replace(" | ", " "))
+        agree_all += row.agree
         n_runs += len(c)
-        by_seed = {r["seed"]: float(r["test_accuracy"]) for r in g["masked"]}
-        max_gap = max([max_gap] + [abs(float(r["test_accuracy"]) - by_seed[r["seed"]])
-                                   for r in g["condensed"] if r["seed"] in by_seed])
+        max_gap = max([max_gap] + row.gaps)
     out += lines + [""]
     fans = sorted({(k[1], k[3]) for k in groups})
     out.append("* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
@@ -2085,6 +2081,30 @@ def _paired(g: dict[str, list[dict]]) -> list[tuple[dict, dict]]:
     return [(masked[r["seed"]], r) for r in g["condensed"] if r["seed"] in masked]
 
 
+class CondensedRow(NamedTuple):
+    """One (dataset, rule, sparsity) cell of the condensed lockstep grid, paired by seed."""
+
+    label: str
+    pairs: list[tuple[dict, dict]]
+    masked: list[float]
+    condensed: list[float]
+    agree: list[float]
+    gaps: list[float]
+
+
+def _condensed_row(key, g) -> CondensedRow:
+    """The accuracies, mask agreements and per-seed |condensed - masked| of a group of
+    :func:`_condensed_groups` (``key`` its (dataset, model, rule, sparsity))."""
+    ds, _model, rule, sp = key
+    pairs = _paired(g)
+    m = [float(a["test_accuracy"]) for a, _ in pairs]
+    c = [float(b["test_accuracy"]) for _, b in pairs]
+    label = (f"{CONDENSED_DATASETS.get(ds, ds)} | {dict(CONDENSED_RULES).get(rule, rule)} | "
+             f"{pct(sp)}")
+    return CondensedRow(label, pairs, m, c, [float(b["mask_agreement"]) for _, b in pairs],
+                        [abs(x - y) for x, y in zip(c, m)])
+
+
 def section_condensed_large(root: Path) -> str:
     """Table CT-3000: the lockstep comparison of :func:`section_condensed` on the
     784-3000-3000-10 MLP; records ``results/condensed_training_3000/results.jsonl``."""
@@ -2122,25 +2142,21 @@ def section_condensed_large(root: Path) -> str:
             "| dataset | rule | sparsity | n | masked | condensed | condensed - masked | "
             "mask agreement (mean / min) | masked ms/step | condensed ms/step | "
             "condensed / masked time per step |", "|" + "---|" * 11]
-    rules = dict(CONDENSED_RULES)
     separated, ratios, agree_all, gaps = [], [], [], []
-    for (ds, _model, rule, sp), g in groups.items():
-        pairs = _paired(g)
-        m = [float(a["test_accuracy"]) for a, _ in pairs]
-        c = [float(b["test_accuracy"]) for _, b in pairs]
-        agree = [float(b["mask_agreement"]) for _, b in pairs]
+    for key, g in groups.items():
+        row = _condensed_row(key, g)
+        pairs, m, c, agree = row.pairs, row.masked, row.condensed, row.agree
         ratio = [b["step_ms"] / a["step_ms"] for a, b in pairs]
-        label = f"{CONDENSED_DATASETS.get(ds, ds)} | {rules.get(rule, rule)} | {pct(sp)}"
-        out.append(f"| {label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
+        out.append(f"| {row.label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
                    f"{fmt_compare(c, m)} | {statistics.mean(agree):.6f} / {min(agree):.6f} | "
                    f"{statistics.median(a['step_ms'] for a, _ in pairs):.1f} | "
                    f"{statistics.median(b['step_ms'] for _, b in pairs):.1f} | "
                    f"{statistics.median(ratio):.2f} |")
         if significant(c, m):
-            separated.append(label.replace(" | ", " "))
+            separated.append(row.label.replace(" | ", " "))
         ratios += ratio
         agree_all += agree
-        gaps += [abs(x - y) for x, y in zip(c, m)]
+        gaps += row.gaps
     fans = sorted({k[3] for k in groups})
     out += ["", "* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
         f"{pct(sp)} " + "/".join(map(str, _uniform_fan_ins("mlp-" + CONDENSED_LARGE_MODEL, sp)))
@@ -2267,9 +2283,8 @@ FOOTER = """## Not measured
 
 * The fair State of Sparsity study (table SoS-fair) at 50% and 80%, on MNIST, with more
   than one penalty grid or more than 3 seeds; fine-tuning budgets other than 0.3T.
-* SRigL's validation-chosen gamma_sal on Fashion-MNIST and at other sparsities; schedules
-  beyond 20 epochs; ViT-tiny beyond the epochs and seeds of table S-vit, and on
-  Fashion-MNIST.
+* SRigL's validation-chosen gamma_sal at sparsities other than 99%; schedules beyond 20
+  epochs; ViT-tiny beyond the epochs and seeds of table S-vit, and on Fashion-MNIST.
 * ERK vs uniform beyond LeNet-300-100 (a CNN, where ERK's kernel term matters), and with a
   dense first layer under uniform (the RigL code base's variant).
 * One-shot pruning over several dense training runs (the spread above is over calibration

@@ -227,8 +227,8 @@ def snfs(
             keys = read(lambda layer: topology.candidate_keys(
                 jnp.abs(layer[1]), bitmask.unpack(layer[0])))
             kept = topology.top_k_keys(keys, nnz - n, tie_key=jax.random.fold_in(x.key, 2 * j))
-            total = read(lambda layer: jnp.sum(jnp.where(m, jnp.abs(layer[2]), 0.0),
-                                               dtype=jnp.float32))
+            total = read(lambda layer: jnp.sum(
+                jnp.where(bitmask.unpack(layer[0]), jnp.abs(layer[2]), 0.0), dtype=jnp.float32))
             mean = total / jnp.maximum(nnz, 1).astype(jnp.float32)
             return bitmask.pack(kept), n, mean, m.size - (nnz - n)
 
