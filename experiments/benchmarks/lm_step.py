@@ -6,10 +6,14 @@ optimizer state and in a checkpoint (bit-packed, Orbax).
 
   python -m experiments.benchmarks.lm_step                       # 1m preset, 1 and 2 procs
   python -m experiments.benchmarks.lm_step --preset=10m --algorithms=dense,rigl
+  python -m experiments.benchmarks.lm_step --preset=125m --algorithms=rigl --masks_only
 
 Each process count runs in its own child processes (launched like experiments/lm/launch.py);
 inside one, the algorithms' repetitions alternate (experiments/benchmarks/_timing.py) and
-ratios are of medians and of minima. The parent prints one table.
+ratios are of medians and of minima (wall clock), and of medians of this process's CPU
+time (less disturbed by other jobs on a shared machine). ``--plain`` adds each sparse
+algorithm's plain step alone, so the update's own cost can be told from the plain step's.
+The parent prints one table.
 """
 
 from __future__ import annotations
@@ -20,6 +24,35 @@ import sys
 import tempfile
 from pathlib import Path
 
+PLAIN = "-plain"  # variant suffix: the plain step only (``--plain``)
+NEVER = 10**9  # the update period of a plain-step variant
+
+
+def mask_bytes(opt_state) -> dict:
+    """Prunable weights and the bytes per weight their masks take in ``opt_state``, packed,
+    and in a masks-only Orbax checkpoint on disk."""
+    import jax
+
+    from experiments.benchmarks import _timing
+    from jaxsparse import bitmask
+    from jaxsparse import checkpoint as ckpt_lib
+    from jaxsparse.transform import get_sparse_state
+
+    sparse = get_sparse_state(opt_state)
+    masks = sparse.masks  # PackedMask leaves: count weights, not bytes
+    leaves = [m for m in jax.tree.leaves(masks, is_leaf=bitmask.is_packed) if m is not None]
+    n = sum(m.size for m in leaves)
+    in_state = _timing.tree_nbytes(masks) + _timing.tree_nbytes(sparse.ever_active or {})
+    with tempfile.TemporaryDirectory() as d:
+        ck = ckpt_lib.Checkpointer(Path(d) / "masks")
+        ck.save(0, {"masks": masks})
+        ck.close()
+        on_disk = ckpt_lib.disk_bytes(Path(d) / "masks" / "0" / "state")
+        packed = _timing.tree_nbytes(ckpt_lib.pack_masks(masks))
+    return {"prunable": n, "state_bytes_per_weight": in_state / n,
+            "packed_bits_per_weight": 8 * packed / n, "disk_bits_per_weight": 8 * on_disk / n,
+            "mask_leaves": len(leaves)}
+
 
 def worker(a) -> None:
     import jax
@@ -29,25 +62,32 @@ def worker(a) -> None:
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
     import numpy as np
 
-    import jaxsparse
     from experiments.benchmarks import _timing
     from experiments.configs import lm_base
     from experiments.lm import data as data_lib
     from experiments.lm import model as model_lib
     from experiments.lm import trainer
-    from jaxsparse import bitmask
-    from jaxsparse import checkpoint as ckpt_lib
 
     corpus = data_lib.load_corpus()
     variants, compile_s, extra = {}, {}, {}
-    for algo in a.algorithms.split(","):
+    names = a.algorithms.split(",")
+    if a.plain:  # the same algorithms with a topology update that never comes
+        names += [f"{n}{PLAIN}" for n in names if n not in ("dense", "static")]
+    for algo in names:
         c = lm_base.get_config()
         c.model = model_lib.lm_config(a.preset, seq_len=a.seq_len)
-        c.batch_size, c.algorithm, c.sparsity = a.batch_size, algo, a.sparsity
-        c.update_every, c.num_steps, c.warmup_steps = a.update_every, 1_000_000, 0
+        c.batch_size, c.algorithm, c.sparsity = a.batch_size, algo.removesuffix(PLAIN), a.sparsity
+        c.update_every = NEVER if algo.endswith(PLAIN) else a.update_every
+        c.num_steps, c.warmup_steps = 1_000_000, 0
         setup = trainer.make_setup(c)
         data = trainer.replicated_array(corpus.train, setup)
         holder = {"state": trainer.init_state(setup)}
+        # Mask bytes: measured in the 1-process run (each process would need the same
+        # checkpoint folder, and the numbers do not depend on the process count).
+        if algo != "dense" and not extra and jax.process_count() == 1:
+            extra = mask_bytes(holder["state"].opt_state)
+        if a.masks_only:
+            continue
         compiled = _timing.compile_timed(trainer.make_train_step(setup), holder["state"], data)
         compile_s[algo] = compiled.cpu_s
         step = compiled.executable
@@ -60,24 +100,7 @@ def worker(a) -> None:
         for _ in range(a.update_every - 1):
             call()
         variants[algo] = (call, a.update_every)
-        # Mask bytes: measured in the 1-process run (each process would need the same
-        # checkpoint folder, and the numbers do not depend on the process count).
-        if algo != "dense" and not extra and jax.process_count() == 1:
-            sparse = jaxsparse.transform.get_sparse_state(holder["state"].opt_state)
-            masks = sparse.masks  # PackedMask leaves: count weights, not bytes
-            n = sum(m.size for m in jax.tree.leaves(masks, is_leaf=bitmask.is_packed)
-                    if m is not None)
-            in_state = _timing.tree_nbytes(masks) + _timing.tree_nbytes(sparse.ever_active or {})
-            with tempfile.TemporaryDirectory() as d:
-                ck = ckpt_lib.Checkpointer(Path(d) / "masks")
-                ck.save(0, {"masks": masks})
-                ck.close()
-                on_disk = ckpt_lib.disk_bytes(Path(d) / "masks" / "0" / "state")
-                packed = _timing.tree_nbytes(ckpt_lib.pack_masks(masks))
-            extra = {"prunable": n, "state_bytes_per_weight": in_state / n,
-                     "packed_bits_per_weight": 8 * packed / n,
-                     "disk_bits_per_weight": 8 * on_disk / n}
-    times = _timing.interleaved(variants, a.repeats)
+    times = _timing.interleaved(variants, a.repeats) if variants else {"wall": {}}
     if jax.process_index() == 0:
         tokens = a.batch_size * a.seq_len
         out = {"machine": _timing.machine_line(), "processes": jax.process_count(),
@@ -86,9 +109,9 @@ def worker(a) -> None:
                "step_s_best": {k: float(min(v)) for k, v in times["wall"].items()},
                "tokens_per_step": tokens}
         if "dense" in times["wall"]:
-            out["ratio_vs_dense"] = {
-                k: list(_timing.ratio(v, times["wall"]["dense"]))
-                for k, v in times["wall"].items()}
+            for clock, field in (("wall", "ratio_vs_dense"), ("cpu", "cpu_ratio_vs_dense")):
+                out[field] = {k: list(_timing.ratio(v, times[clock]["dense"]))
+                              for k, v in times[clock].items()}
         Path(a.json_out).write_text(json.dumps(out))
 
 
@@ -106,6 +129,12 @@ def main(argv=None) -> None:
     p.add_argument("--coordinator", default="")
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--process_id", type=int, default=0)
+    p.add_argument("--plain", action="store_true",
+                   help="also time each sparse algorithm's plain step alone (rows "
+                        "'<algo>-plain': an update period longer than the run)")
+    p.add_argument("--masks_only", action="store_true",
+                   help="only the mask bytes (state, packed, on disk): no step is compiled "
+                        "or timed (1 process)")
     a = p.parse_args(argv)
     if a.json_out:
         worker(a)
@@ -114,11 +143,12 @@ def main(argv=None) -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for n in (int(x) for x in a.processes.split(",")):
+        for n in [1] if a.masks_only else (int(x) for x in a.processes.split(",")):
             out = Path(d) / f"{n}.json"
-            args = [f"--{k}={v}" for k, v in vars(a).items()
-                    if k not in ("json_out", "coordinator", "num_processes", "process_id",
-                                 "processes")]
+            args = [f"--{k}" if v is True else f"--{k}={v}" for k, v in vars(a).items()
+                    if v is not False and k not in ("json_out", "coordinator",
+                                                    "num_processes", "process_id",
+                                                    "processes")]
             code = launch([*args, f"--json_out={out}"], n, 8 // n,
                           module="experiments.benchmarks.lm_step", log_dir=str(Path(d) / "log"))
             if code:
@@ -126,30 +156,37 @@ def main(argv=None) -> None:
                 sys.exit(f"{n}-process benchmark failed ({code}):\n{logs}")
             rows.append(json.loads(out.read_text()))
     print(f"# {rows[0]['machine']}")
+    if not a.masks_only:
+        _print_steps(a, rows)
+    r = rows[0]
+    if "prunable" in r:
+        print(f"\nmasks: {r['prunable']:,} prunable weights in {r['mask_leaves']} leaves; in "
+              f"the optimizer state "
+              f"{r['state_bytes_per_weight']:.3f} bytes/weight (packed masks + ever_active); "
+              f"packed {r['packed_bits_per_weight']:.3f} bits/weight; checkpoint on disk "
+              f"{r['disk_bits_per_weight']:.3f} bits/weight (Orbax files, compressed)")
+
+
+def _print_steps(a, rows) -> None:
     print(f"# preset {a.preset}, batch {a.batch_size} x {a.seq_len} bytes, sparsity "
           f"{a.sparsity}, one topology update per {a.update_every} steps, {a.repeats} "
           f"repetitions of {a.update_every} steps per algorithm, alternating")
     print("| processes x devices | algorithm | step ms (median) | tokens/s | sparse/dense "
-          "(median, best) | compile CPU s |")
-    print("|---|---|---|---|---|---|")
+          "(median, best) | sparse/dense CPU time (median) | compile CPU s |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         for algo, s in r["step_s"].items():
             ratio = r.get("ratio_vs_dense", {}).get(algo)
             rt = f"{ratio[0]:.2f}, {ratio[1]:.2f}" if ratio else "-"
+            cpu = r.get("cpu_ratio_vs_dense", {}).get(algo)
             print(f"| {r['processes']} x {r['devices'] // r['processes']} | {algo} | "
                   f"{1e3 * s:.1f} | {r['tokens_per_step'] / s:,.0f} | {rt} | "
-                  f"{r['compile_cpu_s'][algo]:.1f} |")
+                  f"{f'{cpu[0]:.2f}' if cpu else '-'} | {r['compile_cpu_s'][algo]:.1f} |")
     if len(rows) == 2:
         print("\n| algorithm | 2-process / 1-process step time (median) |")
         print("|---|---|")
         for algo in rows[0]["step_s"]:
             print(f"| {algo} | {rows[1]['step_s'][algo] / rows[0]['step_s'][algo]:.2f} |")
-    r = rows[0]
-    if "prunable" in r:
-        print(f"\nmasks: {r['prunable']:,} prunable weights; in the optimizer state "
-              f"{r['state_bytes_per_weight']:.3f} bytes/weight (packed masks + ever_active); "
-              f"packed {r['packed_bits_per_weight']:.3f} bits/weight; checkpoint on disk "
-              f"{r['disk_bits_per_weight']:.3f} bits/weight (Orbax files, compressed)")
 
 
 if __name__ == "__main__":
