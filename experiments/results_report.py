@@ -2255,9 +2255,18 @@ def section_condensed_lm(root: Path) -> str:
         ratios += to_masked
     dense_ppl = {name: sorted({(r["seed"], r["valid_perplexity"]) for r in dense
                                if r["model"] == name}) for name in models}
-    temps = {side: sorted({r["step_temp_bytes"] for r in recs if r.get("step_temp_bytes")
-                           and (r["algorithm"] == side or r["algorithm"].endswith(side))})
-             for side in ("dense", "masked", "condensed")}
+    sides = ("dense", "masked", "condensed")
+
+    def of(name, side):
+        return [r for r in recs if r["model"] == name and r["algorithm"].endswith(side)]
+
+    def memory(name):
+        state = " / ".join(f"{statistics.median(r['state_bytes'] for r in of(name, side)) / 1024:.0f}"
+                           for side in sides)
+        temps = "; ".join(f"{side} {_mib_range([r['step_temp_bytes'] for r in of(name, side)])} MiB"
+                          for side in sides if all(r.get("step_temp_bytes")
+                                                   for r in of(name, side)))
+        return f"{name.removeprefix('lm-')}: state {state} KiB, step temporaries {temps}"
     fans = sorted({(k[1], k[3]) for k in groups})
     out += ["", "* Dense LM, same AdamW and batches: perplexity " + "; ".join(
                 f"{name.removeprefix('lm-')} {fmt_cell([p for _, p in v], 1, digits=3)} "
@@ -2270,20 +2279,18 @@ def section_condensed_lm(root: Path) -> str:
             + (", ".join(separated) if separated else "no sparsity")
             + f" (p < 0.05); the largest per-seed |condensed - masked| is {max(gaps):.4f}. "
             f"The MLP masks are identical at the end in {sum(a == 1.0 for a in agree_all)} of "
-            f"{len(agree_all)} paired runs; the lowest agreement is {min(agree_all):.6f}. The "
-            f"condensed loop's time per step is {min(ratios):.2f} to {max(ratios):.2f} times "
-            f"the masked loop's over the {len(ratios)} paired runs.",
+            f"{len(agree_all)} paired runs; the lowest agreement is {min(agree_all):.6f}: the "
+            "two computations sum in different orders (C++ condensed kernels vs XLA's dense "
+            "matmuls), so a near-tie in a selection can go the other way, after which the runs "
+            "drift apart. The condensed loop's time per step is "
+            f"{min(ratios):.2f} to {max(ratios):.2f} times the masked loop's over the "
+            f"{len(ratios)} paired runs.",
             "* Memory: the MLP state column counts the MLP layers' params (kernel or values, "
-            "bias), masks (bit-packed) or indices, and AdamW's two moments; the whole model's "
-            "params and optimizer state are "
-            + " / ".join(f"{statistics.median(r['state_bytes'] for r in rs) / 1024:.0f}"
-                         for rs in ([r for r in recs if r["algorithm"] == "dense"],
-                                    [r for r in recs if r["algorithm"].endswith("masked")],
-                                    [r for r in recs if r["algorithm"].endswith("condensed")]))
-            + " KiB (dense / masked / condensed, median over runs). XLA's temporary buffers "
-            "of the compiled step (`memory_analysis`), which attention activations and "
-            "logits dominate at this size: "
-            + "; ".join(f"{side} {_mib_range(v)} MiB" for side, v in temps.items() if v) + ".",
+            "bias), masks (bit-packed) or indices, and AdamW's two moments. The whole model's "
+            "params and optimizer state (dense / masked / condensed, median over runs and "
+            "sparsities) and XLA's temporary buffers of the compiled step (`memory_analysis`, "
+            "range over runs; attention activations and logits dominate them at these "
+            "sizes): " + "; ".join(memory(name) for name in models) + ".",
             "* The step times are dominated by the attention, embeddings and per-op overhead "
             "at these sizes: they compare the loops, not the MLP kernels; the MLP "
             "kernels alone are timed in BENCHMARKS.md."]
@@ -2421,7 +2428,8 @@ FOOTER = """## Not measured
 * One-shot pruning over several dense training runs (the spread above is over calibration
   samples only); an LM large enough to have outlier input features.
 * The LM grid with more than 2 seeds or more steps; condensed training of the LM's MLP
-  blocks (table CT-lm) beyond the tiny preset, 300 steps and 3 seeds.
+  blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and
+  with neuron ablation.
 * DQN at the paper's scale (512x512, 100k steps) or on other environments.
 * QuickSelection with the paper's autoencoder schedule (100 epochs of SGD).
 * SpaceNet-style training with other sparsities or step budgets, with other

@@ -277,5 +277,6 @@ def test_condensed_lm_table(tmp_path):
     assert "tiny 90% 6/26" in text  # k of fc / proj at d=64, d_ff=256
     assert "identical at the end in 2 of 3 paired runs" in text
     assert "Welch's test separates the two at no sparsity" in text
-    assert "dense 1.00 MiB; masked 1.00 MiB; condensed 1.00 MiB." in text
+    assert ("tiny: state 32 / 33 / 8 KiB, step temporaries dense 1.00 MiB; masked 1.00 MiB; "
+            "condensed 1.00 MiB.") in text
     assert "`python -m experiments.condensed_training_lm --preset tiny --sparsities 0.9 --seeds 0 1 2`" in text
