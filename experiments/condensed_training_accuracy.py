@@ -10,7 +10,9 @@ layer with ``ceil(capacity_factor * k0)`` slots per neuron (at most ``n_in``; re
 ``srigl_{masked,condensed}``, with the active neurons per layer at the end). Records test
 accuracy of each, the fraction of mask entries on which they agree at the end, and the
 time per step of each loop, one ``final`` record per run in ``results/<out>/results.jsonl``
-(``--out``, default ``condensed_training``), and prints a table.
+(``--out``, default ``condensed_training``), and prints a table. The lockstep loop, mask
+agreement and records are :mod:`experiments.condensed_lockstep`'s (shared with the LM study,
+:mod:`experiments.condensed_training_lm`).
 
     python -m experiments.condensed_training_accuracy --seeds 0 1 2 --sparsities 0.9 0.95
     python -m experiments.condensed_training_accuracy --dataset mnist \\
@@ -24,9 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -35,6 +34,7 @@ import numpy as np
 import optax
 
 import jaxsparse
+from experiments.condensed_lockstep import Lockstep, append_records, machine, mask_agreement, std
 from experiments.data import load_dataset
 from jaxsparse.condensed import training as T
 
@@ -112,24 +112,17 @@ def run(ds, sizes, sparsity, seed, args):
 
     x_all = jnp.asarray(ds.x_train.reshape(n, -1), jnp.float32) / 255.0
     y_all = jnp.asarray(ds.y_train, jnp.int32)
-    times = {"masked": 0.0, "condensed": 0.0}
+    loops = Lockstep({"masked": masked_step, "condensed": condensed_step},
+                     {"masked": (mp, ms), "condensed": (cp, cs)})  # 11 steps of compilation
     rng = np.random.default_rng(seed)
     for epoch in range(args.epochs):
         perm = rng.permutation(n)
-        for b in range(steps_per_epoch):
-            sel = jnp.asarray(perm[b * args.batch_size:(b + 1) * args.batch_size])
-            x, y = x_all[sel], y_all[sel]
-            t0 = time.perf_counter()
-            mp, ms = masked_step(mp, ms, x, y)
-            jax.block_until_ready(mp)
-            t1 = time.perf_counter()
-            cp, cs = condensed_step(cp, cs, x, y)
-            jax.block_until_ready(cp)
-            t2 = time.perf_counter()
-            if epoch or b > 10:  # after compilation
-                times["masked"] += t1 - t0
-                times["condensed"] += t2 - t1
+        loops.run((x_all[sel], y_all[sel]) for sel in (
+            jnp.asarray(perm[b * args.batch_size:(b + 1) * args.batch_size])
+            for b in range(steps_per_epoch)))
         print(f"  seed {seed} s={sparsity} epoch {epoch + 1}/{args.epochs}", flush=True)
+    (mp, ms), (cp, cs) = loops.states["masked"], loops.states["condensed"]
+    times = loops.step_ms()
 
     xt = jnp.asarray(ds.x_test.reshape(len(ds.x_test), -1), jnp.float32) / 255.0
     yt = jnp.asarray(ds.y_test, jnp.int32)
@@ -141,15 +134,13 @@ def run(ds, sizes, sparsity, seed, args):
     masks = jaxsparse.get_masks(ms)
     active = {name: {k: int((np.asarray(m[k]["kernel"]).sum(0) > 0).sum()) for k in n_in}
               for name, m in (("masked", masks), ("condensed", cmasks))}
-    agree = float(np.mean(np.concatenate([
-        (np.asarray(masks[k]["kernel"]) == np.asarray(cmasks[k]["kernel"])).ravel()
-        for k in n_in])))
-    timed_steps = steps - 11
+    agree = mask_agreement({k: masks[k]["kernel"] for k in n_in},
+                           {k: cmasks[k]["kernel"] for k in n_in})
     for name, lg in logits.items():
         out[name] = {
             "test_accuracy": float(jnp.mean(jnp.argmax(lg, -1) == yt)),
             "test_loss": float(xent(lg, yt)),
-            "step_ms": 1e3 * times[name] / timed_steps,
+            "step_ms": times[name],
             "active_neurons": active[name],
         }
     return out, agree, steps
@@ -162,10 +153,6 @@ def capacities(indices, n_in, factor: float) -> dict[str, int]:
     k0 = {n: int(np.shape(indices[n]["indices"])[1]) for n in names}
     return {n: k0[n] if n == names[-1] else min(n_in[n], math.ceil(factor * k0[n]))
             for n in names}
-
-
-def _std(v):
-    return statistics.stdev(v) if len(v) > 1 else 0.0
 
 
 def main(argv=None):
@@ -191,22 +178,19 @@ def main(argv=None):
     sizes = tuple(args.sizes)
     out_dir = ROOT / "results" / args.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.machine()} {platform.system()}, {jax.device_count()} device(s), "
-               f"jax {jax.__version__} {jax.default_backend()}")
     rows = []
-    with open(out_dir / "results.jsonl", "a") as f:
-        for s in args.sparsities:
-            for seed in args.seeds:
-                res, agree, steps = run(ds, sizes, s, seed, args)
-                for name, r in res.items():
-                    rec = {"event": "final", "algorithm": f"srigl_{'' if args.ablation else 'no_ablation_'}{name}",
-                           "sparsity_target": s, "dataset": args.dataset,
-                           "model": "mlp-" + "-".join(map(str, sizes)), "seed": seed,
-                           "steps": steps, **r, "mask_agreement": agree, "machine": machine,
-                           "config": json.dumps({k: v for k, v in vars(args).items()})}
-                    f.write(json.dumps(rec) + "\n")
-                    rows.append(rec)
-                f.flush()
+    for s in args.sparsities:
+        for seed in args.seeds:
+            res, agree, steps = run(ds, sizes, s, seed, args)
+            recs = [{"event": "final",
+                     "algorithm": f"srigl_{'' if args.ablation else 'no_ablation_'}{name}",
+                     "sparsity_target": s, "dataset": args.dataset,
+                     "model": "mlp-" + "-".join(map(str, sizes)), "seed": seed,
+                     "steps": steps, **r, "mask_agreement": agree, "machine": machine(),
+                     "config": json.dumps({k: v for k, v in vars(args).items()})}
+                    for name, r in res.items()]
+            append_records(out_dir / "results.jsonl", recs)
+            rows += recs
     print("| sparsity | masked acc (mean ± std) | condensed acc | mask agreement (min) | "
           "masked ms/step | condensed ms/step |")
     print("|---|---|---|---|---|---|")
@@ -215,8 +199,8 @@ def main(argv=None):
             return [r[key] for r in rows
                     if r["sparsity_target"] == s and r["algorithm"].endswith(name)]
         m, c = pick("masked", "test_accuracy"), pick("condensed", "test_accuracy")
-        print(f"| {s:.0%} | {100 * np.mean(m):.2f} ± {100 * _std(m):.2f} | "
-              f"{100 * np.mean(c):.2f} ± {100 * _std(c):.2f} | "
+        print(f"| {s:.0%} | {100 * np.mean(m):.2f} ± {100 * std(m):.2f} | "
+              f"{100 * np.mean(c):.2f} ± {100 * std(c):.2f} | "
               f"{min(pick('masked', 'mask_agreement')):.4f} | "
               f"{np.median(pick('masked', 'step_ms')):.2f} | "
               f"{np.median(pick('condensed', 'step_ms')):.2f} |")

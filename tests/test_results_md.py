@@ -245,3 +245,38 @@ def test_srigl_val_section_has_a_fashion_mnist_part_chosen_on_its_own_validation
     assert "Not run: gamma_sal 0.5, 0.95 (thresholds 5, 6, the same as 0.9's)." in text
     assert "* Table S-val-test-fmnist: SRigL (gamma_sal 0.7) - RigL" in text
     assert "ViT-tiny" in text.splitlines()[0] and "S-vit" not in text  # needs the MNIST choice
+
+
+def test_condensed_lm_table(tmp_path):
+    """Table CT-lm pairs the masked and condensed LM record of each seed (perplexity mean ±
+    sample std, Welch difference in perplexity) and relates times and MLP state to the dense
+    loop of the same seed; dense records never enter the masked/condensed pairs."""
+    assert "No records yet" in results_report.section_condensed_lm(tmp_path)
+    d = tmp_path / "results" / results_report.CONDENSED_LM
+    d.mkdir(parents=True)
+    cfg = json.dumps({"preset": "tiny", "seq_len": 64, "num_steps": 300, "batch_size": 16,
+                      "learning_rate": 0.003, "warmup_steps": 15, "weight_decay": 0.0,
+                      "update_every": 25, "drop_fraction": 0.3, "eval_windows": 256,
+                      "model": {"num_layers": 2, "d_model": 64, "d_ff": 256}})
+    recs = []
+    for seed, ppl, agree in ((0, 14.0, 1.0), (1, 15.0, 0.999), (2, 16.0, 1.0)):
+        for algorithm, dp, ms, mlp in (("dense", -1.0, 10.0, 4096),
+                                       ("srigl_no_ablation_masked", 0.0, 20.0, 4200),
+                                       ("srigl_no_ablation_condensed", 0.001, 40.0, 1024)):
+            recs.append({"event": "final", "algorithm": algorithm, "sparsity_target": 0.9,
+                         "dataset": "stdlib", "model": "lm-tiny", "seed": seed, "steps": 300,
+                         "valid_loss": math.log(ppl + dp), "valid_perplexity": ppl + dp,
+                         "step_ms": ms * (1 + seed), "state_bytes": 8 * mlp,
+                         "mlp_state_bytes": mlp, "step_temp_bytes": 2**20,
+                         "mask_agreement": agree, "machine": "cpu", "config": cfg})
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_condensed_lm(tmp_path)
+    assert ("| tiny | 90% | 3 | 15.000 ± 1.000 | 15.001 ± 1.000 | +0.0010 perplexity (95% CI") in text
+    assert "| 0.999667 / 0.999000 | 20.0 | 40.0 | 80.0 | 2.00 | 4.00 | 4 / 4 / 1 |" in text
+    assert "Dense LM, same AdamW and batches: perplexity tiny 14.000 ± 1.000 (n=3 seeds)" in text
+    assert "tiny 90% 6/26" in text  # k of fc / proj at d=64, d_ff=256
+    assert "identical at the end in 2 of 3 paired runs" in text
+    assert "Welch's test separates the two at no sparsity" in text
+    assert ("tiny: state 32 / 33 / 8 KiB, step temporaries dense 1.00 MiB; masked 1.00 MiB; "
+            "condensed 1.00 MiB.") in text
+    assert "`python -m experiments.condensed_training_lm --preset tiny --sparsities 0.9 --seeds 0 1 2`" in text

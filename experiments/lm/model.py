@@ -20,6 +20,16 @@ preset      layers  d_model  heads  d_ff    params        prunable
 
 (``125m`` is GPT-2 small's body; with GPT-2's 50,257-token vocabulary it would be 124M.)
 
+Condensed MLP (issue 18): ``mlp="condensed"`` with ``mlp_sparsity=s`` makes each block's
+two MLP layers :class:`jaxsparse.condensed.training.CondensedTrainDense` with constant
+fan-in ``k = max(1, round((1 - s) * n_in))`` (:func:`mlp_fan_in`; the same ``k`` as
+``jaxsparse.srigl(..., distribution="uniform")`` gives those kernels): ``params`` hold
+``values [n_out, k]`` and ``bias`` in place of ``kernel``, the ``sparsity`` collection the
+``indices [n_out, k]`` (:func:`init_variables`). Attention and embeddings are unchanged.
+The values' rows carry the neurons' logical axis (``mlp`` for ``fc``, ``embed`` for
+``proj``), the slot axis none; the condensed layers run the C++ CPU kernels and are tested
+on one device only (the sharded trainer, :mod:`experiments.lm.trainer`, refuses them).
+
 Example:
   >>> cfg = lm_config("1m")
   >>> model = TransformerLM(**cfg)
@@ -35,6 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from jaxsparse.condensed.training import CondensedTrainDense
 
 # Logical axis -> mesh axis. "batch" rows go to the data axis; the wide axes of attention
 # (the concatenated heads, "qkv") and of the MLP ("mlp") to the model axis (Megatron-style
@@ -74,6 +86,24 @@ def _dense(features: int, axes: tuple[str, str], name: str, std: float = 0.02):
     )
 
 
+MLP_KINDS = ("dense", "condensed")
+
+
+def mlp_fan_in(n_in: int, sparsity: float) -> int:
+    """Constant fan-in of a condensed MLP layer: ``max(1, round((1 - sparsity) * n_in))``."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"mlp_sparsity must be in [0, 1), got {sparsity!r}")
+    return max(1, min(n_in, round((1.0 - sparsity) * n_in)))
+
+
+def _mlp_layer(kind: str, features: int, n_in: int, sparsity: float,
+               axes: tuple[str, str], name: str, std: float = 0.02):
+    if kind == "dense":
+        return _dense(features, axes, name, std)
+    return CondensedTrainDense(features, k=mlp_fan_in(n_in, sparsity), name=name,
+                               values_init=nn.initializers.normal(std), out_axis=axes[1])
+
+
 def _layer_norm(name: str):
     return nn.LayerNorm(
         name=name,
@@ -95,6 +125,8 @@ class Block(nn.Module):
     num_heads: int
     d_ff: int
     resid_std: float
+    mlp: str = "dense"
+    mlp_sparsity: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -113,9 +145,11 @@ class Block(nn.Module):
         x = x + _dense(d, ("qkv", "embed"), "attn_out", self.resid_std)(att)
         x = _constrain(x, ("batch", "seq", "embed"))
         h = _layer_norm("ln_mlp")(x)
-        h = nn.gelu(_dense(self.d_ff, ("embed", "mlp"), "fc")(h))
+        h = nn.gelu(_mlp_layer(self.mlp, self.d_ff, d, self.mlp_sparsity, ("embed", "mlp"),
+                               "fc")(h))
         h = _constrain(h, ("batch", "seq", "mlp"))
-        x = x + _dense(d, ("mlp", "embed"), "proj", self.resid_std)(h)
+        x = x + _mlp_layer(self.mlp, d, self.d_ff, self.mlp_sparsity, ("mlp", "embed"), "proj",
+                           self.resid_std)(h)
         return _constrain(x, ("batch", "seq", "embed"))
 
 
@@ -124,7 +158,8 @@ class TransformerLM(nn.Module):
 
     Learned position embeddings, ``num_layers`` pre-LN blocks, a final LayerNorm and logits
     through the (tied) token embedding. Residual projections start with std
-    ``0.02 / sqrt(2 * num_layers)`` (GPT-2).
+    ``0.02 / sqrt(2 * num_layers)`` (GPT-2). ``mlp="condensed"``: condensed MLP layers at
+    ``mlp_sparsity`` (module docstring); apply with ``{"params", "sparsity"}``.
     """
 
     vocab_size: int = 256
@@ -133,9 +168,13 @@ class TransformerLM(nn.Module):
     d_model: int = 128
     num_heads: int = 4
     d_ff: int = 512
+    mlp: str = "dense"
+    mlp_sparsity: float = 0.0
 
     @nn.compact
     def __call__(self, tokens):
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
@@ -152,7 +191,8 @@ class TransformerLM(nn.Module):
         x = _constrain(x, ("batch", "seq", "embed"))
         resid_std = 0.02 / (2.0 * self.num_layers) ** 0.5
         for i in range(self.num_layers):
-            x = Block(self.d_model, self.num_heads, self.d_ff, resid_std, name=f"block_{i}")(x)
+            x = Block(self.d_model, self.num_heads, self.d_ff, resid_std, self.mlp,
+                      self.mlp_sparsity, name=f"block_{i}")(x)
         x = _layer_norm("ln_final")(x)
         logits = embed.attend(x)
         return _constrain(logits, ("batch", "seq", "vocab"))
@@ -162,12 +202,23 @@ def make_model(c: ml_collections.ConfigDict) -> TransformerLM:
     """The model described by a config from :func:`lm_config`."""
     return TransformerLM(
         vocab_size=int(c.vocab_size), seq_len=int(c.seq_len), num_layers=int(c.num_layers),
-        d_model=int(c.d_model), num_heads=int(c.num_heads), d_ff=int(c.d_ff))
+        d_model=int(c.d_model), num_heads=int(c.num_heads), d_ff=int(c.d_ff),
+        mlp=str(c.get("mlp", "dense")), mlp_sparsity=float(c.get("mlp_sparsity", 0.0)))
 
 
 def _init_boxed(model: TransformerLM, key: jax.Array):
+    return _init_all(model, key)["params"]
+
+
+def _init_all(model: TransformerLM, key: jax.Array):
     tokens = jnp.zeros((1, model.seq_len), jnp.int32)
-    return model.init(key, tokens)["params"]
+    return model.init(key, tokens)
+
+
+def init_variables(model: TransformerLM, key: jax.Array) -> dict:
+    """All (unboxed) variables: ``{"params"}``, plus ``"sparsity"`` (the condensed MLP
+    layers' indices) with ``mlp="condensed"``."""
+    return jax.jit(lambda k: dict(nn.unbox(_init_all(model, k))))(key)
 
 
 def logical_axes(model: TransformerLM):
@@ -177,7 +228,7 @@ def logical_axes(model: TransformerLM):
 
 
 def init_params(model: TransformerLM, key: jax.Array, shardings=None):
-    """Plain (unboxed) params; with ``shardings`` (a tree of ``NamedSharding``, e.g. from
+    """Plain (unboxed) params (a condensed MLP's indices: :func:`init_variables`); with ``shardings`` (a tree of ``NamedSharding``, e.g. from
     :func:`jaxsparse.sharding.logical_shardings`) created directly in place on the mesh."""
 
     def init(k):

@@ -77,13 +77,18 @@ def make_setup(c: ml_collections.ConfigDict, devices=None) -> LMSetup:
     """Model, mesh, optimizer and the shardings of the whole state for config ``c``.
 
     Raises:
-      ValueError: from :func:`jaxsparse.sharding.make_mesh` (mesh vs devices) or
+      ValueError: a condensed MLP (``model.mlp``); from
+        :func:`jaxsparse.sharding.make_mesh` (mesh vs devices) or
         :func:`jaxsparse.sharding.check_divisible` (a mesh axis that does not divide a
         param, naming the leaf); or when ``batch_size`` does not divide over ``data``.
     """
     from experiments.train import make_optimizer  # the image harness's optimizer factory
 
     model = model_lib.make_model(c.model)
+    if model.mlp != "dense":
+        raise ValueError(f"model.mlp={model.mlp!r}: this trainer shards dense params only; "
+                         "the condensed MLP trains with experiments.condensed_training_lm "
+                         "(one device)")
     mesh = sharding_lib.make_mesh(c.mesh_shape, c.mesh_axes, devices)
     rules = tuple(tuple(r) for r in c.logical_axis_rules)
     data_axis = dict(rules).get("batch")

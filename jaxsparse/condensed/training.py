@@ -993,6 +993,13 @@ class CondensedTrainDense(nn.Module):
         impl: ``"auto"``, ``"xla"`` or ``"cpu"`` (see :func:`condensed_linear`).
         capacity: slots per neuron for the padded layout, ``k <= capacity <= n_in``;
             ``None``: ``k`` (unpadded).
+        values_init: initializer ``(key, shape, dtype)`` of the ``[features, k]`` live
+            values (e.g. ``nn.initializers.normal(0.02)``); ``None``: truncated normal with
+            the dense layer's variance (``sparse_scaling``).
+        out_axis: logical axis name of the neurons (``values``/``bias`` rows get it, the
+            slot axis none; the params are then ``nn.Partitioned`` boxes at init, as with
+            ``nn.with_logical_partitioning``); ``None``: unannotated. The indices stay
+            unannotated (replicated).
 
     Example:
         >>> layer = CondensedTrainDense(features=300, k=39)
@@ -1008,6 +1015,8 @@ class CondensedTrainDense(nn.Module):
     sparse_scaling: bool = False
     impl: str = "auto"
     capacity: int | None = None
+    values_init: Callable | None = None
+    out_axis: str | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -1030,12 +1039,19 @@ class CondensedTrainDense(nn.Module):
                                            self.k, idt), pad),
         ).value
         scale = 1.0 if self.sparse_scaling else self.k / n_in
-        init = nn.initializers.variance_scaling(scale, "fan_in", "truncated_normal",
-                                                in_axis=-1, out_axis=-2)
-        values = self.param("values", lambda key, shape, dtype: jnp.pad(
-            init(key, shape, dtype), pad), (self.features, self.k), self.param_dtype)
-        bias = (self.param("bias", nn.initializers.zeros_init(), (self.features,),
-                           self.param_dtype) if self.use_bias else None)
+        init = self.values_init or nn.initializers.variance_scaling(
+            scale, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2)
+
+        def values_init(key, shape, dtype):
+            return jnp.pad(init(key, shape, dtype), pad)
+
+        bias_init = nn.initializers.zeros_init()
+        if self.out_axis is not None:
+            values_init = nn.with_logical_partitioning(values_init, (self.out_axis, None))
+            bias_init = nn.with_logical_partitioning(bias_init, (self.out_axis,))
+        values = self.param("values", values_init, (self.features, self.k), self.param_dtype)
+        bias = (self.param("bias", bias_init, (self.features,), self.param_dtype)
+                if self.use_bias else None)
         y = condensed_linear(x, values.astype(x.dtype), indices,
                              None if bias is None else bias.astype(x.dtype), impl=self.impl)
         if not self.is_initializing() and (self.has_variable("probe", "kernel")
