@@ -548,12 +548,14 @@ def section_srigl_val(root: Path) -> str:
 
 
 def _gamma_sweep(recs, label: str, t_val: str, sparsity: float, grid: Sequence[float],
-                 k0: dict[str, int], ablated: Sequence[str], short: Callable[[str], str]
-                 ) -> tuple[list[str], float | None]:
+                 k0: dict[str, int], ablated: Sequence[str], short: Callable[[str], str],
+                 whole_grid: bool = False) -> tuple[list[str], float | None]:
     """The validation table of a gamma_sal sweep at ``sparsity`` (table ``t_val``), the
     choice (:func:`srigl_val_choice`) and each swept gamma_sal's ablation thresholds on the
     ``ablated`` layers (``k0``: ERK fan-in per layer; ``short`` names a layer); a value of
-    ``grid`` not swept is listed as not run. Returns ``(lines, chosen gamma_sal)``."""
+    ``grid`` not swept is listed as not run. No choice while a swept gamma_sal lacks a
+    sweep seed, or (``whole_grid``) a value of ``grid`` is not swept. Returns ``(lines,
+    chosen gamma_sal)``."""
     chosen, by_g = srigl_val_choice(recs, sparsity)
     at = pct(sparsity)
     out = [f"Validation accuracy (%) of SRigL at {at} by gamma_sal on {label}, sweep seeds "
@@ -563,6 +565,13 @@ def _gamma_sweep(recs, label: str, t_val: str, sparsity: float, grid: Sequence[f
                  n_expected=len(SRIGL_VAL_SWEEP_SEEDS), head="gamma_sal"), ""]
     if chosen is None:
         return out + [f"No validation records at {at}."], None
+    short_runs = [f"{g:g} ({len(v)} of {len(SRIGL_VAL_SWEEP_SEEDS)} seeds)"
+                  for g, v in by_g.items() if len(v) < len(SRIGL_VAL_SWEEP_SEEDS)]
+    short_runs += [f"{g:g} (not run)" for g in grid if whole_grid and g not in by_g]
+    if short_runs:
+        return out + [f"* The sweep in table {t_val} is incomplete (gamma_sal "
+                      f"{', '.join(short_runs)}): the rest was not run in the session's CPU "
+                      "time, so no gamma_sal is chosen and no test accuracy is reported."], None
     tau = {g: tuple(max(1, math.floor(g * k0[k])) for k in ablated)
            for g in sorted(set(grid) | set(by_g))}
     missing = []
@@ -717,7 +726,7 @@ def _section_srigl_vit(root: Path, name: str, label: str, suffix: str, data: str
     sparse = [k for k in k0 if k0[k] < fan_in[k]]
     ablated = sparse[:-1]  # SRigL's default output layer: the last sparse leaf (head)
     lines, chosen = _gamma_sweep(recs, label, t_val, 0.9, SRIGL_VIT_GAMMAS, k0, ablated,
-                                 _short)
+                                 _short, whole_grid=True)
     out += lines
     if chosen is None:
         return "\n".join(out)

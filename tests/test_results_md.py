@@ -279,3 +279,18 @@ def test_srigl_vit_section_chooses_gamma_on_the_vits_own_validation(tmp_path):
             "S-vit-fmnist, test split, gamma_sal chosen on validation): SRigL is below RigL"
             in text) and "**does not hold**" in text
     assert "table N-vit-fmnist;" in text and "| B0 q |" in text
+
+
+def test_srigl_vit_section_chooses_nothing_from_an_incomplete_sweep(tmp_path):
+    """A ViT sweep with a gamma_sal short of its sweep seeds, or not run, chooses nothing."""
+    recs = [{"algorithm": "srigl", "sparsity_target": 0.9, "seed": s, "steps": 421,
+             "config": json.dumps({"algorithm_kwargs": {"gamma_sal": g}, "epochs": 1}),
+             "image_shape": [28, 28, 1], "val_accuracy": 0.8, "test_accuracy": 0.8}
+            for g, seeds in ((0.3, (0, 1)), (0.6, (0,))) for s in seeds]
+    d = tmp_path / "results" / "vit_mnist_srigl"
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_srigl_val(tmp_path)
+    assert ("The sweep in table S-vit-val is incomplete (gamma_sal 0.6 (1 of 2 seeds), 0.9 "
+            "(not run))" in text)
+    assert "Chosen gamma_sal on MNIST" not in text and "(table S-vit;" not in text
