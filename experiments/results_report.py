@@ -615,19 +615,22 @@ def _srigl_test(recs, label: str, chosen: float, sparsity: float, t_test: str, m
               if sparsity_col else "") + "):", "",
            table(rows, ["test accuracy", "validation accuracy"]
                  + (["achieved sparsity"] if sparsity_col else [])), ""]
-    if rigl and srigl and noab:
+    if rigl and srigl:
         c = compare([100 * v for v in srigl], [100 * v for v in rigl])
-        out += [f"* Table {t_test}: SRigL (gamma_sal {chosen:g}) - RigL "
-                f"{fmt_compare(srigl, rigl)}; no ablation - RigL {fmt_compare(noab, rigl)}; "
-                f"ablation effect, SRigL - no ablation {fmt_compare(srigl, noab)}.",
+        parts = [f"SRigL (gamma_sal {chosen:g}) - RigL {fmt_compare(srigl, rigl)}"]
+        if noab:
+            parts += [f"no ablation - RigL {fmt_compare(noab, rigl)}",
+                      f"ablation effect, SRigL - no ablation {fmt_compare(srigl, noab)}"]
+        out += [f"* Table {t_test}: " + "; ".join(parts) + ".",
                 f"* The claim 'SRigL with ablation ~= RigL' at {at} on {model} on {label} "
                 f"(table {t_test}, test split, gamma_sal chosen on validation): "
                 + _claim(c, "SRigL", "RigL") + _claim_verdict(c)]
-    else:
+    if min(map(len, (rigl, srigl, noab))) < 3:
         out.append(f"* Table {t_test} is incomplete (runs of 3 seeds: RigL {len(rigl)}, "
                    f"SRigL {len(srigl)}, no ablation {len(noab)}): the rest was not run in "
-                   f"the session's CPU time, so no verdict on 'SRigL with ablation ~= RigL' "
-                   f"on {model} on {label}.")
+                   "the session's CPU time"
+                   + ("." if rigl and srigl else ", so no verdict on 'SRigL with ablation ~= "
+                      f"RigL' on {model} on {label}."))
     return out
 
 
