@@ -7,7 +7,9 @@ default; biases, norms, embeddings and the class token stay dense.
 * ``lenet300``: LeNet-300-100 (784-300-100-10 on MNIST; the input size follows the data).
 * ``lenet5``: two 5x5 convs (6, 16 channels) with average pooling, then 120-84-classes.
 * ``vgg``: a small VGG-style CNN (3x3 convs, max pooling) for 28x28 or 32x32 inputs.
-* ``vit``: a ViT-tiny (patch embedding, pre-norm attention + MLP blocks, mean pooling).
+* ``vit``: a ViT-tiny (patch embedding, pre-norm attention + MLP blocks, mean pooling). Its
+  attention projections are 2-D ``Dense`` kernels (see :class:`SelfAttention`), so that a
+  SRigL neuron (the kernel's last axis) is one (head, feature) output unit, as in the paper.
 """
 
 from __future__ import annotations
@@ -100,6 +102,33 @@ class MlpBlock(nn.Module):
         return nn.Dense(d)(x)
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with 2-D ``Dense`` kernels ``query``, ``key``, ``value``
+    (``[dim, dim]``, heads split by a reshape of the output) and ``out`` (``[dim, dim]``).
+
+    The math is that of ``flax.linen.MultiHeadDotProductAttention`` (biases, softmax of
+    ``q k^T / sqrt(head_dim)``, heads concatenated before ``out``), but Flax's module keeps
+    q/k/v as 3-D ``[dim, heads, head_dim]`` kernels. jaxsparse's structured rules (SRigL)
+    count neurons on a kernel's last axis with every other axis as fan-in, so a 3-D kernel
+    would make a "neuron" one feature index pooled over all heads (fan-in ``dim * heads``).
+    Here every output unit (head, feature) of q, k and v is its own neuron with fan-in
+    ``dim``, as for the 2-D ``in_proj`` of torchvision's ViT used by the SRigL paper
+    (Lasby et al. 2024); ``out`` has fan-in ``heads * head_dim`` either way."""
+
+    num_heads: int
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(f"dim {d} is not divisible by num_heads {self.num_heads}")
+        split = (b, n, self.num_heads, d // self.num_heads)
+        q, k, v = (nn.Dense(d, name=name)(x).reshape(split)
+                   for name in ("query", "key", "value"))
+        y = nn.dot_product_attention(q, k, v)
+        return nn.Dense(d, name="out")(y.reshape(b, n, d))
+
+
 class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
@@ -107,7 +136,7 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = nn.LayerNorm()(x)
-        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads)(y, y)
+        y = SelfAttention(self.num_heads)(y)
         x = x + y
         y = nn.LayerNorm()(x)
         return x + MlpBlock(self.mlp_dim)(y)

@@ -244,7 +244,8 @@ def test_srigl_val_section_has_a_fashion_mnist_part_chosen_on_its_own_validation
     assert "Chosen gamma_sal on Fashion-MNIST: **0.7**" in text
     assert "Not run: gamma_sal 0.5, 0.95 (thresholds 5, 6, the same as 0.9's)." in text
     assert "* Table S-val-test-fmnist: SRigL (gamma_sal 0.7) - RigL" in text
-    assert "ViT-tiny" in text.splitlines()[0] and "S-vit" not in text  # needs the MNIST choice
+    assert "ViT-tiny" in text.splitlines()[0]
+    assert "`results/vit_mnist_srigl/results.jsonl` absent" in text
 
 
 def test_condensed_lm_table(tmp_path):
@@ -280,3 +281,51 @@ def test_condensed_lm_table(tmp_path):
     assert ("tiny: state 32 / 33 / 8 KiB, step temporaries dense 1.00 MiB; masked 1.00 MiB; "
             "condensed 1.00 MiB.") in text
     assert "`python -m experiments.condensed_training_lm --preset tiny --sparsities 0.9 --seeds 0 1 2`" in text
+
+
+def test_srigl_vit_section_chooses_gamma_on_the_vits_own_validation(tmp_path):
+    """The ViT-tiny part (tables S-vit-val-fmnist, S-vit-fmnist, N-vit-fmnist) chooses
+    gamma_sal on the ViT's validation accuracy at 90% (not on test, not on the MLP), and
+    states whether 'SRigL with ablation ~= RigL' holds."""
+    def rec(algorithm, seed, val, test, g=None):
+        kw = {} if g is None else {"gamma_sal": g}
+        return {"algorithm": algorithm, "sparsity_target": 0.9, "seed": seed, "steps": 421,
+                "config": json.dumps({"algorithm_kwargs": kw, "epochs": 1}),
+                "image_shape": [28, 28, 1], "val_accuracy": val, "test_accuracy": test,
+                "sparsity": 0.84, "active_neurons/EncoderBlock_0/SelfAttention_0/query/kernel":
+                60.0 if g else 64.0}
+
+    recs = [rec("srigl", s, 0.80, 0.99, g=0.3) for s in (0, 1)]                  # best test
+    recs += [rec("srigl", s, 0.86 + 0.01 * s, 0.70 + 0.01 * s, g=0.6) for s in (0, 1, 2)]
+    recs += [rec("srigl", s, 0.84, 0.95, g=0.9) for s in (0, 1)]
+    recs += [rec(m, s, 0.8, 0.80 + 0.01 * s) for m in ("rigl", "srigl_no_ablation")
+             for s in (0, 1, 2)]
+    d = tmp_path / "results" / "vit_fmnist_srigl"
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_srigl_val(tmp_path)
+    assert "`results/vit_mnist_srigl/results.jsonl` absent" in text
+    assert "(table S-vit-val-fmnist;" in text and "(table S-vit-fmnist;" in text
+    assert "Validation accuracy (%) of SRigL at 90% by gamma_sal on Fashion-MNIST" in text
+    assert "Chosen gamma_sal on Fashion-MNIST: **0.6**" in text and "Not run" not in text
+    assert "| SRigL, gamma_sal 0.6 (chosen) | 71.00 ± 1.00 |" in text
+    assert "* Table S-vit-fmnist: SRigL (gamma_sal 0.6) - RigL" in text
+    assert ("'SRigL with ablation ~= RigL' at 90% on ViT-tiny on Fashion-MNIST (table "
+            "S-vit-fmnist, test split, gamma_sal chosen on validation): SRigL is below RigL"
+            in text) and "**does not hold**" in text
+    assert "table N-vit-fmnist;" in text and "| B0 q |" in text
+
+
+def test_srigl_vit_section_chooses_nothing_from_an_incomplete_sweep(tmp_path):
+    """A ViT sweep with a gamma_sal short of its sweep seeds, or not run, chooses nothing."""
+    recs = [{"algorithm": "srigl", "sparsity_target": 0.9, "seed": s, "steps": 421,
+             "config": json.dumps({"algorithm_kwargs": {"gamma_sal": g}, "epochs": 1}),
+             "image_shape": [28, 28, 1], "val_accuracy": 0.8, "test_accuracy": 0.8}
+            for g, seeds in ((0.3, (0, 1)), (0.6, (0,))) for s in seeds]
+    d = tmp_path / "results" / "vit_mnist_srigl"
+    d.mkdir(parents=True)
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_srigl_val(tmp_path)
+    assert ("The sweep in table S-vit-val is incomplete (gamma_sal 0.6 (1 of 2 seeds), 0.9 "
+            "(not run))" in text)
+    assert "Chosen gamma_sal on MNIST" not in text and "(table S-vit;" not in text

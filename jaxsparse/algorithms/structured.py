@@ -1,7 +1,11 @@
 """Structured sparse training: SRigL (constant fan-in + neuron ablation) and N:M sparsity.
 
 A *neuron* is an output unit: a column of a Dense kernel (in, out), an output channel of a
-Conv kernel (h, w, in, out), whose fan-in is h*w*in (all axes but the last).
+Conv kernel (h, w, in, out), whose fan-in is h*w*in (all axes but the last). The same rule
+holds for any n-D kernel: Flax's ``MultiHeadDotProductAttention`` keeps q/k/v as
+(in, heads, head_dim), so there a neuron is one feature index pooled over all heads (fan-in
+in*heads); use 2-D (in, heads*head_dim) projections for one neuron per (head, feature), as
+``experiments.models.SelfAttention`` does.
 """
 
 from __future__ import annotations
