@@ -2510,8 +2510,7 @@ FOOTER = """## Not measured
   than one penalty grid or more than 3 seeds; fine-tuning budgets other than 0.3T.
 * SRigL's validation-chosen gamma_sal at sparsities other than 99% on the MLP and other
   than 90% on ViT-tiny; schedules beyond 20 epochs (MLP) and beyond 2 epochs (ViT-tiny);
-  ViT-tiny with more than 3 seeds or gamma_sal outside {0.3, 0.6, 0.9}; on Fashion-MNIST,
-  ViT-tiny with constant fan-in and no ablation (that row of table S-vit-fmnist).
+  ViT-tiny with more than 3 seeds or gamma_sal outside {0.3, 0.6, 0.9}.
 * ERK vs uniform beyond LeNet-300-100 (a CNN, where ERK's kernel term matters), and with a
   dense first layer under uniform (the RigL code base's variant).
 * One-shot pruning over several dense training runs (the spread above is over calibration
