@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import platform
 import re
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.results_stats import fmt_cell
 from jaxsparse.masks import path_to_str
 
 
@@ -107,6 +107,24 @@ def append_records(path, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def std(v) -> float:
-    """Sample standard deviation (0 for fewer than 2 values)."""
-    return statistics.stdev(v) if len(v) > 1 else 0.0
+def summary_table(rows: list[dict], sparsities, metric: str, label: str, *,
+                  scale: float = 1.0, digits: int = 3,
+                  loops: tuple[str, ...] = ("masked", "condensed")) -> str:
+    """Markdown table of the studies' ``final`` records per sparsity: ``metric`` of the masked
+    and condensed runs (mean ± sample std over seeds, times ``scale``), the least mask
+    agreement, and the median ms per step of each of ``loops`` (records whose algorithm
+    ends with the loop's name)."""
+    def pick(s, name, key):
+        return [r[key] for r in rows
+                if r["sparsity_target"] == s and r["algorithm"].endswith(name)]
+
+    out = [f"| sparsity | masked {label} (mean ± std) | condensed {label} | mask agreement "
+           "(min) | " + " | ".join(f"{name} ms/step" for name in loops) + " |",
+           "|---|---|---|---|" + "---|" * len(loops)]
+    for s in sparsities:
+        cells = [fmt_cell(pick(s, name, metric), scale=scale, digits=digits)
+                 for name in ("masked", "condensed")]
+        cells.append(f"{min(pick(s, 'masked', 'mask_agreement')):.6f}")
+        cells += [f"{np.median(pick(s, name, 'step_ms')):.2f}" for name in loops]
+        out.append(f"| {s:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(out)

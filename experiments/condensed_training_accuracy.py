@@ -34,7 +34,13 @@ import numpy as np
 import optax
 
 import jaxsparse
-from experiments.condensed_lockstep import Lockstep, append_records, machine, mask_agreement, std
+from experiments.condensed_lockstep import (
+    Lockstep,
+    append_records,
+    machine,
+    mask_agreement,
+    summary_table,
+)
 from experiments.data import load_dataset
 from jaxsparse.condensed import training as T
 
@@ -191,20 +197,7 @@ def main(argv=None):
                     for name, r in res.items()]
             append_records(out_dir / "results.jsonl", recs)
             rows += recs
-    print("| sparsity | masked acc (mean ± std) | condensed acc | mask agreement (min) | "
-          "masked ms/step | condensed ms/step |")
-    print("|---|---|---|---|---|---|")
-    for s in args.sparsities:
-        def pick(name, key, s=s):
-            return [r[key] for r in rows
-                    if r["sparsity_target"] == s and r["algorithm"].endswith(name)]
-        m, c = pick("masked", "test_accuracy"), pick("condensed", "test_accuracy")
-        print(f"| {s:.0%} | {100 * np.mean(m):.2f} ± {100 * std(m):.2f} | "
-              f"{100 * np.mean(c):.2f} ± {100 * std(c):.2f} | "
-              f"{min(pick('masked', 'mask_agreement')):.4f} | "
-              f"{np.median(pick('masked', 'step_ms')):.2f} | "
-              f"{np.median(pick('condensed', 'step_ms')):.2f} |")
-
+    print(summary_table(rows, args.sparsities, "test_accuracy", "acc", scale=100.0, digits=2))
 
 if __name__ == "__main__":
     main()

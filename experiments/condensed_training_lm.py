@@ -34,7 +34,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import jaxsparse
@@ -43,7 +42,7 @@ from experiments.condensed_lockstep import (
     append_records,
     machine,
     mask_agreement,
-    std,
+    summary_table,
     tree_bytes,
 )
 from experiments.configs import lm_small
@@ -213,20 +212,8 @@ def main(argv=None):
             print(f"  seed {seed} s={s}: " + ", ".join(
                 f"{r['algorithm']} ppl {r['valid_perplexity']:.3f} {r['step_ms']:.2f} ms"
                 for r in recs) + f", mask agreement {agree:.6f}", flush=True)
-    print("| sparsity | masked ppl (mean ± std) | condensed ppl | mask agreement (min) | "
-          "dense ms/step | masked ms/step | condensed ms/step |")
-    print("|---|---|---|---|---|---|---|")
-    for s in args.sparsities:
-        def pick(name, key, s=s):
-            return [r[key] for r in rows
-                    if r["sparsity_target"] == s and r["algorithm"].endswith(name)]
-        m, cc = pick("masked", "valid_perplexity"), pick("condensed", "valid_perplexity")
-        print(f"| {s:.0%} | {np.mean(m):.3f} ± {std(m):.3f} | {np.mean(cc):.3f} ± "
-              f"{std(cc):.3f} | {min(pick('masked', 'mask_agreement')):.6f} | "
-              f"{np.median(pick('dense', 'step_ms')):.2f} | "
-              f"{np.median(pick('masked', 'step_ms')):.2f} | "
-              f"{np.median(pick('condensed', 'step_ms')):.2f} |")
-
+    print(summary_table(rows, args.sparsities, "valid_perplexity", "ppl",
+                        loops=("dense", "masked", "condensed")))
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.condensed_lockstep import Lockstep, mask_agreement, std, tree_bytes
+from experiments.condensed_lockstep import Lockstep, mask_agreement, summary_table, tree_bytes
 
 
 def test_lockstep_steps_every_loop_on_the_same_batch_and_times_after_warmup():
@@ -29,7 +29,7 @@ def test_lockstep_steps_every_loop_on_the_same_batch_and_times_after_warmup():
         Lockstep({"a": make("a")}, {"b": (0,)})
 
 
-def test_mask_agreement_tree_bytes_and_std():
+def test_mask_agreement_and_tree_bytes():
     m = {"x": {"kernel": np.array([[True, False], [True, True]]), "bias": None}}
     o = {"x": {"kernel": np.array([[True, True], [True, True]]), "bias": None}}
     assert mask_agreement(m, o) == 0.75 and mask_agreement(m, m) == 1.0
@@ -39,7 +39,17 @@ def test_mask_agreement_tree_bytes_and_std():
             "attn": {"kernel": jnp.zeros((2, 2))}, "key": jax.random.key(0)}
     assert tree_bytes(tree) == 48 + 4 + 16 + 8
     assert tree_bytes(tree, r"(^|/)fc/") == 52
-    assert std([1.0]) == 0.0 and std([1.0, 3.0]) == pytest.approx(2 ** 0.5)
+
+
+def test_summary_table_reports_each_loops_seeds_per_sparsity():
+    rows = [{"sparsity_target": 0.9, "algorithm": f"srigl_{name}", "valid_perplexity": v,
+             "mask_agreement": agree, "step_ms": ms}
+            for name, vals, agree, ms in (("masked", (1.0, 3.0), 0.99, 2.0),
+                                           ("condensed", (2.0, 2.0), 0.5, 4.0))
+            for v in vals]
+    text = summary_table(rows, [0.9], "valid_perplexity", "ppl")
+    assert text.splitlines()[0].startswith("| sparsity | masked ppl (mean ± std) |")
+    assert text.splitlines()[2] == "| 90% | 2.000 ± 1.414 | 2.000 ± 0.000 | 0.990000 | 2.00 | 4.00 |"
 
 
 @pytest.mark.slow
