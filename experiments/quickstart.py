@@ -136,6 +136,7 @@ def main(argv=None) -> dict:
                                              resume=(workdir / "checkpoints").is_dir())
     dense, rigl = results["dense"], results["rigl"]
     state = rigl["state"]
+    jaxsparse.check_sparse(state.params, state.opt_state)  # exactly sparse, or names the leaf
     masks = jaxsparse.get_masks(state.opt_state)
     rows = jaxsparse.sparsity_table(masks, state.params)
     print()

@@ -112,6 +112,11 @@ def or_packed(a: PackedMask, b: PackedMask) -> PackedMask:
     return PackedMask(a.bits | b.bits, a.shape)
 
 
+def and_packed(a: PackedMask, b: PackedMask) -> PackedMask:
+    """Intersection of two packed masks of one shape (bitwise, no unpacking)."""
+    return PackedMask(a.bits & b.bits, a.shape)
+
+
 def select_packed(pred, a: PackedMask, b: PackedMask) -> PackedMask:
     """``a`` where the scalar ``pred`` holds, else ``b``."""
     return PackedMask(jnp.where(pred, a.bits, b.bits), a.shape)

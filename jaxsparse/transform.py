@@ -10,13 +10,18 @@ counter, a PRNG key and per-algorithm extras. Each ``update``:
    key; when any gradient is non-finite the masks keep their previous value for that step,
    so they are never corrupted (the weight update itself is the inner optimizer's business: wrap the
    whole transform in ``optax.apply_if_finite`` to skip it too);
-3. zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
-   entries of weights that were just grown, then runs the inner optimizer on gradients
-   masked by the current (pre-update) masks: a grown weight's gradient is masked to zero,
-   so its moments are zero after the step too;
-4. emits ``updates`` with ``params + updates == where(kept, params + inner_updates, 0)``
-   where ``kept = old_mask & new_mask``: kept weights take the inner update unchanged,
-   dropped and grown weights become exactly zero.
+3. with ``kept = old_mask & new_mask`` (the weights active before and after the step),
+   zeroes, in every param-shaped leaf of the inner state (``optax.tree.map_params``), the
+   entries of every weight outside ``kept`` (just grown, just dropped or inactive), then
+   runs the inner optimizer on gradients masked by ``kept``: such a weight's gradient is
+   zero, so its moments are zero after the step too (grown weights start from zero
+   moments; inactive weights hold none);
+4. emits ``updates`` with ``params + updates == where(kept, params + inner_updates, 0)``:
+   kept weights take the inner update unchanged, dropped and grown weights become exactly
+   zero.
+
+One mask, ``kept``, computed on the packed bits, is all a step unpacks: on a plain step
+(``new == old``) each param-sized leaf is read once with one mask, as under ``static``.
 
 So after ``optax.apply_updates`` the params are exactly sparse after every step, with no
 second call to remember. The whole step is one traced computation: schedules and traced
@@ -134,7 +139,9 @@ def _is_masked_node(x) -> bool:
 
 
 def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks):
-    """Zeroes the entries of ``grown`` weights in every param-shaped leaf of ``inner_state``.
+    """Zeroes the entries of the weights selected by ``grown`` (a bool mask tree) in every
+    param-shaped leaf of ``inner_state``. The sparse wrapper passes every weight outside
+    ``old & new`` (grown, dropped and inactive ones).
 
     Works for any optax optimizer (chain, inject_hyperparams, MultiSteps, masked and
     multi_transform, whose states hold ``optax.MaskedNode`` for the leaves a group
@@ -160,8 +167,7 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
                                  is_leaf=_is_masked_node if masked else None)
 
 
-def _masked_updates(old, new, u, p):
-    kept = old & new
+def _masked_updates(kept, u, p):
     return jnp.where(kept, u, -p.astype(u.dtype))
 
 
@@ -216,12 +222,12 @@ def check_grads(grads: PyTree, params: PyTree) -> None:
                 f"shape {np.shape(p)}")
 
 
-def _raise_outside(paths):
+def _raise_outside(paths, where=""):
     def check(counts):
         bad = [(p, int(c)) for p, c in zip(paths, np.asarray(counts)) if c]
         if bad:
             raise ValueError(
-                f"params are nonzero outside their masks at a topology update: {bad[:3]} "
+                f"params are nonzero outside their masks{where}: {bad[:3]} "
                 "(leaf, count). A transformation after the sparse one changed its updates "
                 "(e.g. optax.chain(jaxsparse.rigl(optax.scale_by_adam(), ...), "
                 "optax.scale_by_learning_rate(lr))): put every transformation inside it, "
@@ -230,36 +236,69 @@ def _raise_outside(paths):
     return check
 
 
-def _check_inside(masks: Masks, params: PyTree) -> None:
-    """At a topology update (under ``lax.cond``): raises, through a host callback, when a
-    finite param is nonzero outside its mask."""
+def _masked_paths(masks: Masks) -> list[str]:
+    """The paths of the prunable (masked) leaves, in flattening order."""
     m_flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=is_mask_leaf)[0]
-    p_leaves = jax.tree.leaves(params)
-    pairs = [(path_to_str(path), (m, p)) for (path, m), p in zip(m_flat, p_leaves)
-             if m is not None]
-    if not pairs:
-        return
-    paths = [path for path, _ in pairs]
+    return [path_to_str(path) for path, m in m_flat if m is not None]
+
+
+def _outside_counts(masks: Masks, params: PyTree) -> jax.Array:
+    """``int32[n]``: per prunable leaf (in the order of :func:`_masked_paths`), the number of
+    finite params that are nonzero outside the (packed) mask; one compiled count per shape."""
+    m_leaves = jax.tree.leaves(masks, is_leaf=is_mask_leaf)
+    layers = [(m, p) for m, p in zip(m_leaves, jax.tree.leaves(params)) if m is not None]
+    if not layers:
+        return jnp.zeros((0,), jnp.int32)
 
     def outside(layer):
         m, p = layer
         return count_true((p != jnp.zeros((), p.dtype)) & jnp.isfinite(p) & ~bitmask.unpack(m))
 
-    groups = map_groups(lambda read, _: read(outside), [layer for _, layer in pairs], read=True)
-    # The paths in the order of the stacked counts.
-    paths = [paths[i] for members, _ in groups for i in members]
-    counts = jnp.concatenate([c for _, c in groups])
+    groups = map_groups(lambda read, _: read(outside), layers, read=True)
+    # The stacked counts come grouped by shape: back to the leaves' order.
+    order = np.array([i for members, _ in groups for i in members])
+    return jnp.concatenate([c for _, c in groups])[np.argsort(order)]
+
+
+def _check_inside(masks: Masks, params: PyTree) -> None:
+    """At a topology update (under ``lax.cond``): raises, through a host callback, when a
+    finite param is nonzero outside its mask."""
+    paths = _masked_paths(masks)
+    if not paths:
+        return
 
     def check(c):
-        jax.debug.callback(_raise_outside(paths), c)
+        jax.debug.callback(_raise_outside(paths, " at a topology update"), c)
         return c
 
     # The host callback is lowered for this process's own backend only: a program lowered
     # here for another platform (an ahead-of-time TPU lowering on a CPU host) skips it.
     backend = jax.default_backend()
     platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
-    jax.lax.platform_dependent(counts, default=lambda c: c,
+    jax.lax.platform_dependent(_outside_counts(masks, params), default=lambda c: c,
                                **{p: check for p in platforms})
+
+
+_outside_counts_jit = jax.jit(_outside_counts)
+
+
+def check_sparse(params: PyTree, opt_state) -> None:
+    """Raises, naming the leaves, when a finite param is nonzero outside its mask.
+
+    Exact sparsity holds after every step unless a transformation chained *after* the sparse
+    one changes its updates (``optax.chain(jaxsparse.rigl(...),
+    optax.scale_by_learning_rate(lr))``). Call this outside the jitted step, e.g. at
+    evaluation or checkpoint time: one count per layer on the device, a few integers to the
+    host. The in-step check, ``sparse_transform(..., check_params=True)``, does the same at
+    every topology update through a host callback, which costs every call of the step JAX's
+    fast dispatch path.
+
+    Example:
+      >>> jaxsparse.check_sparse(params, opt_state)
+    """
+    params = _unwrap_variables(params)
+    masks = _repack(_unwrap_variables(get_sparse_state(opt_state).masks), params)
+    _raise_outside(_masked_paths(masks))(jax.device_get(_outside_counts_jit(masks, params)))
 
 
 def sparse_transform(
@@ -268,7 +307,7 @@ def sparse_transform(
     *,
     key: jax.Array,
     track_itop: bool = True,
-    check_params: bool = True,
+    check_params: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps ``inner`` so that its params stay exactly sparse under ``rule``.
 
@@ -281,7 +320,10 @@ def sparse_transform(
         for the in-time over-parameterisation rate.
       check_params: at each topology update, raise (naming the leaf) if a param is nonzero
         outside its mask: the sign of a transformation chained *after* this one, which
-        breaks exact sparsity.
+        breaks exact sparsity. Off by default: the check is a host callback, and a compiled
+        step that holds one loses JAX's fast dispatch path on *every* call (about 3 ms per
+        call at 10M params on a 2-core CPU, BENCHMARKS.md). :func:`check_sparse` makes the
+        same check from outside the step.
 
     Returns:
       A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
@@ -361,20 +403,21 @@ def sparse_transform(
         # would copy the bits through its untaken branch on every plain step.
         ever = (None if state.ever_active is None
                 else map_masked(bitmask.or_packed, state.ever_active, new_masks))
-        old = bitmask.unpack_tree(state.masks)
-        new = bitmask.unpack_tree(new_masks)
-        # Gradients of inactive weights never reach the inner optimizer.
-        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), old, grads)
-        # Grown weights were inactive, so their masked gradient is zero: zeroing their
-        # moments *before* the inner step leaves them zero after it (any optimizer whose
-        # state update maps zero state and zero gradient to zero state: momentum, Adam,
-        # RMSProp, Adagrad, Lion, MultiSteps, ...). Done before rather than after, XLA fuses
-        # the reset into the moment update and writes the moments in place.
-        grown = map_masked(lambda o, n: n & ~o, old, new)
-        inner_state = reset_moments(inner, state.inner_state, grown)
+        # The weights active before and after this step, intersected on the packed bits:
+        # the one mask the step unpacks (fused into each leaf's update).
+        kept = bitmask.unpack_tree(map_masked(bitmask.and_packed, state.masks, new_masks))
+        # Gradients of weights outside ``kept`` never reach the inner optimizer, and their
+        # moments are zeroed *before* the inner step, so they stay zero after it (any
+        # optimizer whose state update maps zero state and zero gradient to zero state:
+        # momentum, Adam, RMSProp, Adagrad, Lion, MultiSteps, ...): a grown weight starts
+        # from zero moments, a dropped or inactive one holds none. Done before rather than
+        # after, XLA fuses the reset into the moment update and writes the moments in place.
+        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), kept, grads)
+        inner_state = reset_moments(inner, state.inner_state,
+                                    map_masked(jnp.logical_not, kept))
         inner_updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
-        out = map_masked(_masked_updates, old, new, inner_updates, params,
-                         dense=lambda n, u, p: u)
+        out = map_masked(_masked_updates, kept, inner_updates, params,
+                         dense=lambda u, p: u)
         return out, SparseState(new_masks, inner_state, step + 1, state.key, ever, extra)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

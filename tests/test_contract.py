@@ -340,8 +340,9 @@ OPTIMIZERS = {
                                  for o in sorted(OPTIMIZERS)])
 def test_every_param_shaped_moment_of_grown_weights_is_zero(opt):
     # Moments are zeroed before the inner step (a grown weight's masked gradient is zero):
-    # afterwards every param-shaped leaf of the inner state is zero at grown positions, for
-    # optimizers with non-zero initial state (Adagrad) and accumulators (MultiSteps) too.
+    # afterwards every param-shaped leaf of the inner state is zero at grown and at inactive
+    # positions, for optimizers with non-zero initial state (Adagrad) and accumulators
+    # (MultiSteps) too.
     tx = jaxsparse.rigl(lenient(OPTIMIZERS[opt]()), 0.8, key=jax.random.key(0), end_step=END,
                         update_every=EVERY)
     history, _ = run(tx, STEPS)
@@ -357,6 +358,9 @@ def test_every_param_shaped_moment_of_grown_weights_is_zero(opt):
             assert leaves, opt
             for leaf in leaves:
                 assert np.all(np.asarray(leaf)[grown] == 0), f"{opt} step {t} {path}"
+                # Outside the mask the state is zero too: the step zeroes every weight
+                # outside old & new before the inner update (dropped ones included).
+                assert np.all(np.asarray(leaf)[~new] == 0), f"{opt} step {t} {path} inactive"
     assert grew > 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -108,6 +109,32 @@ def mean_seconds(call: Callable[[], Any], n: int) -> Timing:
     return Timing((time.perf_counter() - t0) / n, (time.process_time() - c0) / n)
 
 
+def fault_mb_per_call(call: Callable[[], Any], n: int) -> float:
+    """Megabytes of fresh pages (minor page faults x page size) per call over ``n`` calls.
+
+    XLA:CPU allocates a compiled program's temporary buffers on every call; with glibc's
+    malloc, blocks over its mmap threshold (at most 32 MB) are new mappings each time, so
+    every page the call writes is faulted in and zeroed by the kernel again. That cost
+    grows with the temporaries a program *touches*, not with its arithmetic.
+    """
+    jax.block_until_ready(call())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = None
+    for _ in range(n):
+        out = call()
+    jax.block_until_ready(out)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults * resource.getpagesize() / 1e6 / n
+
+
+def allocator() -> str:
+    """The host allocator the process runs with: ``LD_PRELOAD`` and ``MALLOC_CONF`` (jemalloc)
+    when set, else ``glibc malloc``."""
+    preload = os.path.basename(os.environ.get("LD_PRELOAD", "")) or "glibc malloc"
+    conf = os.environ.get("MALLOC_CONF")
+    return preload + (f" (MALLOC_CONF={conf})" if conf else "")
+
+
 def calls_for(seconds_per_call: float, target_seconds: float, most: int = 200) -> int:
     """How many calls make one timed repetition last about ``target_seconds``."""
     return max(1, min(most, math.ceil(target_seconds / max(seconds_per_call, 1e-9))))
@@ -147,4 +174,5 @@ def machine_line() -> str:
     """One line naming the machine and software the numbers were measured on."""
     device = jax.devices()[0]
     return (f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-            f"{platform.machine()} with {os.cpu_count()} CPUs, load {load_average()}")
+            f"{platform.machine()} with {os.cpu_count()} CPUs, {allocator()}, "
+            f"load {load_average()}")

@@ -28,7 +28,15 @@ repetitions alternating:
   inner optimizer's state, over the number of prunable weights;
 * XLA temp memory of the optimizer step (``compiled.memory_analysis()``), dense -> sparse,
   and the sparse step's extra temp memory in bytes per parameter of the largest layer and
-  of the whole model.
+  of the whole model;
+* fresh pages per call (minor page faults x page size), dense and plain: XLA:CPU allocates
+  a program's temporaries on every call, and under glibc's malloc the blocks above its mmap
+  threshold are new mappings whose pages the kernel faults in and zeroes each time. A full
+  sparse step keeps every gradient alive until the topology ``lax.cond`` (its update branch
+  reads them all), so it touches more fresh temporaries than the dense step, whose gradients
+  die one by one. Run under an allocator that keeps freed pages (``LD_PRELOAD=...
+  libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1``) to measure the steps
+  without that cost; the header names the allocator.
 
 Ratios are given as ratio of medians and ratio of minima over ``--repeats`` repetitions.
 
@@ -83,11 +91,13 @@ OPT_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "dense ms",
                "update/dense med", "update/dense min", "update/dense CPU",
                "update ms/M params", "compile s dense->sparse",
                "compile CPU s dense->sparse", "state B/weight",
-               "temp MB dense->sparse", "extra temp B/param largest", "extra temp B/param model")
+               "temp MB dense->sparse", "extra temp B/param largest", "extra temp B/param model",
+               "page faults MB/call dense / plain")
 FULL_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "batch", "dense ms",
                 "plain/dense med", "plain/dense min", "plain/dense CPU",
                 "update/dense med", "update/dense min", "update/dense CPU",
-                "compile s dense->sparse", "compile CPU s dense->sparse")
+                "compile s dense->sparse", "compile CPU s dense->sparse",
+                "page faults MB/call dense / plain")
 
 
 # ----------------------------------------------------------------------------- models
@@ -350,6 +360,7 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
              for k, f in variants.items()}
         n["plain"] = n["dense"]
         times = _timing.interleaved({k: (f, n[k]) for k, f in variants.items()}, repeats)
+        faults = {k: _timing.fault_mb_per_call(variants[k], 3) for k in ("dense", "plain")}
         wall, cpu = times["wall"], times["cpu"]
         plain = _timing.ratio(wall["plain"], wall["dense"])
         update = _timing.ratio(wall["update"], wall["dense"]) if has_update else None
@@ -365,7 +376,8 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
                    compile_dense_s=setup.dense_compile[part], compile_sparse_s=compiled.wall_s,
                    compile_dense_cpu_s=setup.dense_compile_cpu[part],
                    compile_sparse_cpu_s=compiled.cpu_s,
-                   repeats=repeats, calls=n, load=_timing.load_average(), times=times)
+                   repeats=repeats, calls=n, load=_timing.load_average(), times=times,
+                   fault_mb_per_call=faults)
         if part == "opt":
             temp = _timing.memory_stats(s_compiled)["temp"]
             extra = temp - setup.dense_temp
@@ -422,6 +434,9 @@ def table(rows: Sequence[dict], part: str) -> str:
                       f"{r['temp_dense_bytes'] / 1e6:.1f} -> {r['temp_sparse_bytes'] / 1e6:.1f}",
                       f"{r['extra_temp_per_param_largest']:.1f}",
                       f"{r['extra_temp_per_param_model']:.2f}"]
+        faults = r.get("fault_mb_per_call") or {}
+        cells.append("-" if not faults else
+                     f"{faults['dense']:.1f} / {faults['plain']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
