@@ -2595,7 +2595,8 @@ FOOTER = """## Not measured
   samples only); an LM large enough to have outlier input features.
 * The LM grid with more than 2 seeds or more steps; condensed training of the LM's MLP
   blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and
-  with neuron ablation.
+  with neuron ablation; of ViT-tiny's MLP blocks (table CT-vit) beyond MNIST, 90% and one
+  epoch, and with neuron ablation.
 * DQN at the paper's scale (512x512, 100k steps) or on other environments.
 * QuickSelection with the paper's autoencoder schedule (100 epochs of SGD).
 * SpaceNet-style training with other sparsities or step budgets, with other
