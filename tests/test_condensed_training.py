@@ -863,6 +863,14 @@ def test_benchmark_script_prints_a_well_formed_row(capsys):
     # params + Adam state of the condensed model: about the density of the dense one's.
     mem, density = float(cells[8]), float(cells[9])
     assert density == pytest.approx(0.25, abs=0.01) and density < mem < 1.5 * density
+    # The update table: whole-layer growth and each growth block, one row each.
+    with jax.numpy_dtype_promotion("standard"):
+        bench.main(["--sizes", "40", "32", "8", "--batches", "4", "--sparsities", "0.75",
+                    "--repeats", "1", "--seconds", "0.01", "--update-table", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 ")]
+    assert [r.split("|")[3].strip() for r in rows] == ["whole (dense grads)",
+                                                       "blocked, 5 neurons"]
+    assert rows[0].rstrip().endswith("| 1.00 |")
 
 
 @pytest.mark.slow
