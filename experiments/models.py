@@ -10,6 +10,14 @@ default; biases, norms, embeddings and the class token stay dense.
 * ``vit``: a ViT-tiny (patch embedding, pre-norm attention + MLP blocks, mean pooling). Its
   attention projections are 2-D ``Dense`` kernels (see :class:`SelfAttention`), so that a
   SRigL neuron (the kernel's last axis) is one (head, feature) output unit, as in the paper.
+  ``mlp="condensed"`` with ``mlp_sparsity=s`` (``model_config("vit", mlp="condensed",
+  mlp_sparsity=0.9)``) trains each block's two MLP layers in condensed form
+  (:class:`jaxsparse.condensed.training.CondensedTrainDense`, constant fan-in ``k = max(1,
+  round((1 - s) * n_in))`` as for the byte LM, :func:`experiments.lm.model.mlp_fan_in`):
+  ``params`` hold ``values [n_out, k]`` and ``bias`` under the dense layers' names
+  (``Dense_0``, ``Dense_1``), the ``sparsity`` collection their ``indices``
+  (:func:`init_variables`); ``jaxsparse.condensed.expand_params`` gives the masked dense
+  ViT's params.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+
+from experiments.lm.model import MLP_KINDS, mlp_fan_in
+from jaxsparse.condensed.training import CondensedTrainDense
 
 MODELS = ("lenet300", "lenet5", "vgg", "vit")
 
@@ -93,13 +104,27 @@ class VGGSmall(nn.Module):
 
 
 class MlpBlock(nn.Module):
+    """GELU MLP ``d -> mlp_dim -> d``; ``mlp="condensed"``: both layers condensed at
+    ``mlp_sparsity`` (module docstring), named as the dense ones."""
+
     mlp_dim: int
+    mlp: str = "dense"
+    mlp_sparsity: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        x = nn.gelu(nn.Dense(self.mlp_dim)(x))
-        return nn.Dense(d)(x)
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+
+        def layer(features, n_in, name):
+            if self.mlp == "dense":
+                return nn.Dense(features, name=name)
+            return CondensedTrainDense(features, k=mlp_fan_in(n_in, self.mlp_sparsity),
+                                       name=name)
+
+        x = nn.gelu(layer(self.mlp_dim, d, "Dense_0")(x))
+        return layer(d, self.mlp_dim, "Dense_1")(x)
 
 
 class SelfAttention(nn.Module):
@@ -132,6 +157,8 @@ class SelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
+    mlp: str = "dense"
+    mlp_sparsity: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -139,12 +166,13 @@ class EncoderBlock(nn.Module):
         y = SelfAttention(self.num_heads)(y)
         x = x + y
         y = nn.LayerNorm()(x)
-        return x + MlpBlock(self.mlp_dim)(y)
+        return x + MlpBlock(self.mlp_dim, self.mlp, self.mlp_sparsity)(y)
 
 
 class ViT(nn.Module):
     """ViT-tiny (Dosovitskiy et al. 2021): non-overlapping patches, learned position
-    embeddings, pre-norm transformer blocks, mean-pooled head."""
+    embeddings, pre-norm transformer blocks, mean-pooled head. ``mlp="condensed"``: the MLP
+    blocks in condensed form at ``mlp_sparsity`` (module docstring)."""
 
     patch: int = 4
     dim: int = 64
@@ -152,6 +180,8 @@ class ViT(nn.Module):
     num_heads: int = 4
     mlp_dim: int = 128
     num_classes: int = 10
+    mlp: str = "dense"
+    mlp_sparsity: float = 0.0
 
     @nn.compact
     def __call__(self, x):
@@ -164,13 +194,23 @@ class ViT(nn.Module):
         pos = self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w, d))
         x = x + pos
         for _ in range(self.depth):
-            x = EncoderBlock(self.num_heads, self.mlp_dim)(x)
+            x = EncoderBlock(self.num_heads, self.mlp_dim, self.mlp, self.mlp_sparsity)(x)
         x = nn.LayerNorm()(x)
         return nn.Dense(self.num_classes, name="head")(jnp.mean(x, axis=1))
 
 
-def model_config(name: str = "lenet300") -> ml_collections.ConfigDict:
-    """Default hyper-parameters of ``name`` (a ConfigDict to put in ``config.model``)."""
+def model_config(name: str = "lenet300", **overrides) -> ml_collections.ConfigDict:
+    """Default hyper-parameters of ``name`` (a ConfigDict to put in ``config.model``), with
+    ``overrides`` set on top (e.g. ``model_config("vit", mlp="condensed",
+    mlp_sparsity=0.9)``; an option the model does not have is refused by
+    :func:`create_model`)."""
+    cfg = _default_config(name)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def _default_config(name: str) -> ml_collections.ConfigDict:
     if name == "lenet300":
         return ml_collections.ConfigDict({"name": name, "hidden": (300, 100)})
     if name == "lenet5":
@@ -205,6 +245,22 @@ def create_model(config, num_classes: int = 10) -> nn.Module:
 def init_params(model: nn.Module, image_shape: Sequence[int], key: jax.Array):
     """Initial params for inputs of ``image_shape`` (H, W, C)."""
     return model.init(key, jnp.zeros((1, *image_shape), jnp.float32))["params"]
+
+
+def init_variables(model: nn.Module, image_shape: Sequence[int], key: jax.Array) -> dict:
+    """All initial variables: ``{"params"}``, plus ``"sparsity"`` (the condensed MLP layers'
+    indices) for a ViT with ``mlp="condensed"``."""
+    return dict(model.init(key, jnp.zeros((1, *image_shape), jnp.float32)))
+
+
+def condensed_n_in(model: nn.Module) -> dict[str, int]:
+    """Input width of each condensed MLP layer of a :class:`ViT`, by layer path (what
+    ``jaxsparse.condensed.expand_params`` needs)."""
+    out = {}
+    for i in range(model.depth):
+        out[f"EncoderBlock_{i}/MlpBlock_0/Dense_0"] = model.dim
+        out[f"EncoderBlock_{i}/MlpBlock_0/Dense_1"] = model.mlp_dim
+    return out
 
 
 def count_params(params) -> int:

@@ -316,6 +316,69 @@ def test_slot_selection_equals_srigl_layer_on_the_dense_view(n_in, n_out, k, fra
         np.asarray(i_slots)[kept])
 
 
+
+def _integer_growth_layer(n_in, n_out, k, batch, seed):
+    """A layer with small-integer growth inputs: ``x^T @ dy`` is exact in float32 in any
+    summation order (so blocked and whole-layer scores are the same numbers) and full of
+    ties (so the keyed tie-breaks decide many growths)."""
+    rng = np.random.default_rng(seed)
+    indices = jnp.asarray(np.stack([np.sort(rng.permutation(n_in)[:k]) for _ in range(n_out)]),
+                          jnp.int16)
+    values = rng.standard_normal((n_out, k)).astype(np.float32)
+    values[rng.random(values.shape) < 0.3] = 0.0
+    x = rng.integers(-2, 3, (batch, n_in)).astype(np.float32)
+    dy = rng.integers(-2, 3, (batch, n_out)).astype(np.float32)
+    return jnp.asarray(values), indices, jnp.asarray(x), jnp.asarray(dy)
+
+
+@pytest.mark.parametrize("n_in, n_out, k, fraction, blocks", [
+    (50, 20, 5, 0.3, (7,)),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [
+        (50, 20, 5, 0.3, (1, 4, 20, 64)), (300, 40, 3, 1.0, (16,)), (64, 7, 64, 0.5, (2,)),
+        (40, 30, 9, 0.0, (4,))])])
+def test_blocked_growth_equals_the_whole_layer_update(n_in, n_out, k, fraction, blocks):
+    values, indices, x, dy = _integer_growth_layer(n_in, n_out, k, 6, n_in + k)
+    grad = x.T @ dy  # exact: small integers
+    key = jax.random.key(k)
+
+    @jax.jit
+    def whole(v, i, g, key):
+        return [T.srigl_condensed_layer(v, i, g, key, fraction=fraction, selection=s)
+                for s in T.SELECTIONS]
+
+    want = whole(values, indices, grad, key)
+    np.testing.assert_array_equal(want[0][0], want[1][0])
+    growth = T.GrowthInputs(x, dy)
+    for block in blocks:  # blocks that divide n_out, that do not, of one neuron, above n_out
+        got = jax.jit(functools.partial(T.srigl_condensed_layer_blocked, fraction=fraction,
+                                        block=block))(values, indices, growth, key)
+        np.testing.assert_array_equal(got[0], want[0][0], err_msg=f"block={block}")
+        np.testing.assert_array_equal(got[1], want[0][1], err_msg=f"block={block}")
+
+
+@pytest.mark.parametrize("tie_key, blocks", [
+    (jax.random.key(7), (5,)),
+    pytest.param(None, (1, 5, 23), marks=pytest.mark.slow),
+    pytest.param(jax.random.key(8), (1, 23, 40), marks=pytest.mark.slow)])
+def test_grow_blocked_is_top_k_per_neuron(tie_key, blocks):
+    values, indices, x, dy = _integer_growth_layer(37, 23, 6, 5, 1)
+    kept = jnp.asarray(np.random.default_rng(2).random(indices.shape) < 0.5)
+    cols = jnp.broadcast_to(jnp.arange(23)[:, None], indices.shape)
+    keep = jnp.zeros((37, 23), bool).at[indices.astype(jnp.int32), cols].max(kept)
+    grow = jaxsparse.topology.top_k_per_neuron(jnp.abs(x.T @ dy), 6 - kept.sum(1),
+                                               where=~keep, tie_key=tie_key)
+    want = T.mask_to_indices(keep | grow, 6, indices.dtype)
+    for block in blocks:
+        np.testing.assert_array_equal(
+            T.grow_blocked(indices, kept, x, dy, tie_key, block=block), want)
+    # Leading axes of x and dy are flattened (a sequence model's [batch, time, features]).
+    got = T.grow_blocked(indices, kept, x.reshape(5, 1, 37), dy.reshape(5, 1, 23), tie_key,
+                         block=blocks[0])
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="growth block must be an int >= 1, got 0"):
+        T.grow_blocked(indices, kept, x, dy, tie_key, block=0)
+
+
 def _runs(steps, poison_step=None, hidden=1, capacity=None, gamma_sal=0.9, trace=None):
     """The masked dense SRigL run and the condensed one, side by side; with ``capacity``
     (an int or ``{layer: int}``), both with neuron ablation, the condensed one padded.
@@ -587,6 +650,13 @@ def test_step_bad_input():
         tx.init({k: v for k, v in cp.items() if k != "out"}, ci)
     with pytest.raises(ValueError, match="srigl_condensed needs key"):
         T.srigl_condensed(optax.sgd(0.1), key=None, end_step=10)
+    with pytest.raises(ValueError, match="growth_block must be an int >= 1, got 0"):
+        T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, growth_block=0)
+    growth = {n: T.GrowthInputs(jnp.zeros((4, params[n]["kernel"].shape[0])),
+                                jnp.zeros((4, 3))) for n in params}
+    with pytest.raises(ValueError, match=r"\w+/indices: growth inputs x \(4, 20\) and dy "
+                                         r"\(4, 3\) are not \[..., n_in\] and \[..., n_out=16\]"):
+        tx.step(grads, state._replace(count=jnp.int32(1)), cp, dense_grads=growth)
 
 
 # ----------------------------------------------------------------------------- Flax
@@ -662,6 +732,55 @@ def test_flax_layer_trains_with_condensed_srigl():
     assert float(loss(final)) < 0.7 * first
     new_idx = np.asarray(T.get_indices(state)["fc0"]["indices"])
     assert (new_idx != idx).any() and (np.diff(new_idx, axis=1) > 0).all()
+
+
+def _growth_and_dense_grads(net, variables, x, y):
+    return jax.jit(lambda v: (T.growth_inputs(net.apply, v, _xent, x, y),
+                              T.dense_weight_grads(net.apply, v, _xent, x, y)))(variables)
+
+
+def test_growth_inputs_factor_the_dense_weight_gradients():
+    net = _Net()
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    growth, dense = _growth_and_dense_grads(net, variables, x, y)
+    assert list(growth) == ["fc0", "fc1"]  # the layers' order, as the sparsity tree's
+    for name, n_in in (("fc0", D_IN), ("fc1", 32)):
+        assert growth[name].x.shape == (32, n_in) and growth[name].dy.shape[0] == 32
+        np.testing.assert_allclose(T.weight_grad(growth[name].x, growth[name].dy),
+                                   dense[name]["kernel"], rtol=1e-5, atol=1e-6)
+    # The collections are only there when asked for: a plain apply is unchanged.
+    plain, asked = jax.jit(lambda v: (net.apply(v, x),
+                                      net.apply(v, x, mutable=["growth_x"])[0]))(variables)
+    np.testing.assert_array_equal(plain, asked)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", [False, True])
+def test_growth_inputs_update_equals_the_dense_gradient_update(ablation):
+    net = _PaddedNet(12) if ablation else _Net()
+    x, y = _batch(0)
+    variables = jax.jit(net.init)(jax.random.key(0), x)
+    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
+                           update_every=1, growth_block=5, ablation=ablation, gamma_sal=0.9)
+    fan = T.constant_fan(variables["sparsity"], {"fc0": 6, "fc1": 4}) if ablation else None
+    state = tx.init(variables["params"], variables["sparsity"], fan)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def update(params, state, fn):
+        v = {"params": params, "sparsity": T.get_indices(state)}
+        g = jax.grad(lambda p: _xent(net.apply({**v, "params": p}, x), y))(params)
+        return tx.step(g, state, params, dense_grads=lambda: fn(net.apply, v, _xent, x, y),
+                       topology="update")
+
+    (p_b, s_b), (p_d, s_d) = [update(variables["params"], state, fn)
+                              for fn in (T.growth_inputs, T.dense_weight_grads)]
+    jax.tree.map(np.testing.assert_array_equal, s_b.indices, s_d.indices)
+    jax.tree.map(np.testing.assert_array_equal, p_b, p_d)
+    assert (np.asarray(s_b.indices["fc0"]["indices"])
+            != np.asarray(variables["sparsity"]["fc0"]["indices"])).any()
+    if ablation:
+        jax.tree.map(np.testing.assert_array_equal, s_b.fan, s_d.fan)
 
 
 class _PaddedNet(nn.Module):
@@ -744,6 +863,14 @@ def test_benchmark_script_prints_a_well_formed_row(capsys):
     # params + Adam state of the condensed model: about the density of the dense one's.
     mem, density = float(cells[8]), float(cells[9])
     assert density == pytest.approx(0.25, abs=0.01) and density < mem < 1.5 * density
+    # The update table: whole-layer growth and each growth block, one row each.
+    with jax.numpy_dtype_promotion("standard"):
+        bench.main(["--sizes", "40", "32", "8", "--batches", "4", "--sparsities", "0.75",
+                    "--repeats", "1", "--seconds", "0.01", "--update-table", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 ")]
+    assert [r.split("|")[3].strip() for r in rows] == ["whole (dense grads)",
+                                                       "blocked, 5 neurons"]
+    assert rows[0].rstrip().endswith("| 1.00 |")
 
 
 @pytest.mark.slow

@@ -283,6 +283,32 @@ def test_condensed_lm_table(tmp_path):
     assert "`python -m experiments.condensed_training_lm --preset tiny --sparsities 0.9 --seeds 0 1 2`" in text
 
 
+def test_condensed_vit_table(tmp_path):
+    """Table CT-vit pairs the masked and condensed ViT record of each seed (test accuracy
+    mean ± sample std, Welch difference) with mask agreement and step-time ratios."""
+    assert "No records yet" in results_report.section_condensed_vit(tmp_path)
+    d = tmp_path / "results" / results_report.CONDENSED_VIT
+    d.mkdir(parents=True)
+    cfg = json.dumps({"epochs": 1, "batch_size": 128, "learning_rate": 0.001,
+                      "update_every": 50, "drop_fraction": 0.3, "validation_size": 6000,
+                      "growth_block": 256})
+    recs = []
+    for seed, acc, agree in ((0, 0.95, 1.0), (1, 0.96, 0.999), (2, 0.97, 0.998)):
+        for side, da, ms in (("masked", 0.0, 100.0), ("condensed", 0.001, 150.0)):
+            recs.append({"event": "final", "algorithm": f"srigl_no_ablation_{side}",
+                         "sparsity_target": 0.9, "dataset": "mnist", "model": "vit",
+                         "seed": seed, "steps": 421, "test_accuracy": acc + da,
+                         "test_loss": 0.1, "step_ms": ms * (1 + seed), "timed_steps": 410,
+                         "mask_agreement": agree, "machine": "cpu", "config": cfg})
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_condensed_vit(tmp_path)
+    assert "| MNIST | no ablation | 90% | 3 | 96.00 ± 1.00 | 96.10 ± 1.00 |" in text
+    assert "| 0.999000 / 0.998000 | 200.0 | 300.0 | 1.50 |" in text
+    assert "identical at the end in 1 of 3 paired runs" in text
+    assert ("`python -m experiments.condensed_training_vit --dataset mnist --data_dir "
+            "../shared/data/mnist --sparsities 0.9 --seeds 0 1 2`") in text
+    assert "in blocks of 256 neurons. 1 epoch(s) of 421 steps, batch 128" in text
+
 def test_srigl_vit_section_chooses_gamma_on_the_vits_own_validation(tmp_path):
     """The ViT-tiny part (tables S-vit-val-fmnist, S-vit-fmnist, N-vit-fmnist) chooses
     gamma_sal on the ViT's validation accuracy at 90% (not on test, not on the MLP), and

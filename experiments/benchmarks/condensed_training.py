@@ -10,17 +10,24 @@ minima):
   dense arrays: dense cost plus the wrapper; its amortized update is not timed);
 * ``condensed``: ``srigl_condensed`` on values/indices with :func:`condensed_linear`
   (``--impl``: the C++ kernels on CPU by default), a plain step and a topology-update step
-  (dense weight gradients, SRigL selection per layer, slot moves of values and Adam
-  moments) timed separately; ``amortized = plain + (update - plain) / update_every``.
+  (growth scores, SRigL selection per layer, slot moves of values and Adam moments) timed
+  separately; ``amortized = plain + (update - plain) / update_every``. The growth scores
+  come from each layer's ``GrowthInputs(x, dy)`` in blocks of ``--growth-block`` neurons
+  (``0``: the whole dense gradients, one dense forward + backward).
+
+``--update-table B1 B2 ...`` prints, instead, the topology-update program alone
+(``topology="update"``) with whole-layer growth and with each growth block: its XLA
+temporaries, those of the one-program step built the same way, and the update's time.
 
 Memory: bytes of params + optimizer state (the condensed side includes its indices), next to
 the weights' density ``nnz / total``; and XLA's temporary buffers of each compiled step:
 dense, the condensed one-program step (``lax.cond`` over the update: XLA reserves the update
-branch's dense temporaries) and the condensed ``topology="skip"`` program a host loop runs
+branch's temporaries for every step) and the condensed ``topology="skip"`` program a host loop runs
 between updates.
 
     python -m experiments.benchmarks.condensed_training
     python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 0.99
+    python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 --repeats 3 --update-table 64 256 1024
 """
 
 from __future__ import annotations
@@ -70,6 +77,27 @@ def condensed_apply(params, indices, x, impl):
     return x
 
 
+def condensed_growth_inputs(params, indices, x, labels, impl):
+    """Per layer ``GrowthInputs(x, dy)`` from one forward + backward of the condensed model
+    (a zero added to each layer's output; its gradient is ``dy``)."""
+    names = sorted(params)
+
+    def loss(deltas):
+        h, xs = x, {}
+        for name in names:
+            p = params[name]
+            xs[name] = h
+            h = T.condensed_linear(h, p["values"], indices[name]["indices"], p["bias"],
+                                   impl=impl) + deltas[name]
+            if name != names[-1]:
+                h = jax.nn.relu(h)
+        return xent(h, labels), xs
+
+    zeros = {name: jnp.zeros((x.shape[0], params[name]["bias"].shape[0])) for name in names}
+    dys, xs = jax.grad(loss, has_aux=True)(zeros)
+    return {name: T.GrowthInputs(xs[name], dys[name]) for name in names}
+
+
 def xent(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
@@ -109,9 +137,11 @@ def build(sizes, sparsity, batch_size, args):
         u, st = adam.update(g, st, p)
         return optax.apply_updates(p, u), st
 
-    tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every)
-
-    def condensed_step(p, st, x, y, topology="scheduled"):
+    def condensed_step(p, st, x, y, topology="scheduled", growth_block=None):
+        """``growth_block=None``: growth by the whole dense gradients (one dense forward +
+        backward); an int: by ``GrowthInputs`` in blocks of that many neurons."""
+        tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every,
+                               growth_block=growth_block or 256)
         idx = T.get_indices(st)
         g = jax.grad(lambda p: xent(condensed_apply(p, idx, x, args.impl), y))(p)
 
@@ -120,11 +150,25 @@ def build(sizes, sparsity, batch_size, args):
             full = jax.grad(lambda d: xent(dense_apply(d, x), y))(dense)
             return {name: full[name]["kernel"] for name in sorted(full)}
 
-        return tx.step(g, st, p, dense_grads=dense_grads, topology=topology)
+        def blocked():
+            return condensed_growth_inputs(p, idx, x, y, args.impl)
+
+        return tx.step(g, st, p, dense_grads=dense_grads if growth_block is None else blocked,
+                       topology=topology)
 
     out = {"ks": ks, "n_in": n_in}
+    tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every)
     cstate = tx.init(cparams, indices)
-    out["condensed"] = _timing.compile_timed(condensed_step, cparams, cstate, x, y)
+    block = args.growth_block or None
+    out["condensed"] = _timing.compile_timed(
+        lambda p, st, x, y: condensed_step(p, st, x, y, growth_block=block), cparams, cstate,
+        x, y)
+    if args.update_table:  # the host loop's update program, whole-layer vs blocked growth
+        out["update_programs"] = {
+            b: [_timing.compile_timed(
+                lambda p, st, x, y, b=b, mode=mode: condensed_step(p, st, x, y, mode, b or None),
+                cparams, cstate, x, y) for mode in ("update", "scheduled")]
+            for b in [0, *args.update_table]}
     # A host loop's program for the steps without a topology update (no dense temporaries).
     out["condensed_skip"] = _timing.compile_timed(
         lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate, x, y)
@@ -175,8 +219,17 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.5, help="per timed repetition")
     ap.add_argument("--no-masked", dest="masked", action="store_false")
+    ap.add_argument("--growth-block", type=int, default=256,
+                    help="neurons per growth block at topology updates (GrowthInputs); 0: "
+                         "growth by the whole dense gradients (one dense forward + backward)")
+    ap.add_argument("--update-table", type=int, nargs="+", metavar="BLOCK",
+                    help="instead of the step table: the topology-update program alone "
+                         "(topology='update'), whole-layer growth vs these growth blocks: "
+                         "XLA temporaries and time")
     args = ap.parse_args(argv)
     sizes = tuple(args.sizes)
+    if args.update_table:
+        return update_table(sizes, args)
     print(f"# condensed training step vs dense: MLP {'-'.join(map(str, sizes))}, Adam, fp32, "
           f"impl={T.choose_train_impl(args.impl, jnp.float32)}, update_every="
           f"{args.update_every}")
@@ -214,6 +267,32 @@ def main(argv=None):
                   f"{mem:.4f} | {cfg['density']:.4f} | {mem / cfg['density']:.2f} | "
                   f"{temps[0] / 2**20:.1f} / {temps[1] / 2**20:.1f} / "
                   f"{temps[2] / 2**20:.1f} |", flush=True)
+
+
+def update_table(sizes, args):
+    """The update program (``topology="update"``) per growth mode: XLA temporaries of the
+    compiled program and its time, the modes timed interleaved."""
+    args.masked = False
+    print(f"# topology-update program: MLP {'-'.join(map(str, sizes))}, Adam, fp32, impl="
+          f"{T.choose_train_impl(args.impl, jnp.float32)}")
+    print(f"# {_timing.machine_line()}")
+    head = ("| batch | sparsity | growth | XLA temp MB (update program) | "
+            "XLA temp MB (one-program step) | update ms (median) | vs whole |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for b in args.batches:
+        for s in args.sparsities:
+            cfg = build(sizes, s, b, args)
+            progs = cfg["update_programs"]
+            a = cfg["condensed_args"]["update"]
+            t = timed({blk: (c[0].executable, a) for blk, c in progs.items()}, args)
+            med = {blk: statistics.median(v) for blk, v in t.items()}
+            for blk, (upd, sched) in progs.items():
+                temps = [_timing.memory_stats(c.executable)["temp"] / 2**20
+                         for c in (upd, sched)]
+                name = "whole (dense grads)" if blk == 0 else f"blocked, {blk} neurons"
+                print(f"| {b} | {s:.0%} | {name} | {temps[0]:.1f} | {temps[1]:.1f} | "
+                      f"{med[blk] * 1e3:.1f} | {med[blk] / med[0]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ CPU, Pallas on Mosaic GPU / Triton / TPU, XLA elsewhere; :func:`choose_impl`),
 Training on the condensed form (:mod:`jaxsparse.condensed.training`): :func:`condense_params`
 / :func:`expand_params`, :func:`condensed_linear` (custom VJP; C++ CPU kernels),
 :class:`CondensedTrainDense`, :func:`srigl_condensed` (SRigL on values and indices; neuron
-ablation on the padded layout of :func:`pad_condensed`).
+ablation on the padded layout of :func:`pad_condensed`; growth from each layer's
+:class:`GrowthInputs`, :func:`growth_inputs`, in blocks of neurons).
 """
 
 from jaxsparse.condensed.dispatch import (
@@ -45,20 +46,24 @@ from jaxsparse.condensed.reference import (
 )
 from jaxsparse.condensed.training import (
     CondensedTrainDense,
+    GrowthInputs,
     condense_params,
     condensed_linear,
     constant_fan,
     expand_params,
+    growth_inputs,
     pad_condensed,
     srigl_condensed,
 )
 
 __all__ = [
     "CondensedTrainDense",
+    "GrowthInputs",
     "condense_params",
     "condensed_linear",
     "constant_fan",
     "expand_params",
+    "growth_inputs",
     "pad_condensed",
     "srigl_condensed",
     "CondensedFileError",

@@ -27,15 +27,21 @@ Pieces, each a pure function:
   with ``ablation=True`` on the padded layout) on the condensed form. The optimizer state
   exists for ``values`` only; at a topology update the rule is
   :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same counts, keys and tie-breaks as
-  ``jaxsparse.srigl(..., ablation=...)``). Without ablation the drop is selected on the slots, the growth on the dense gradient of one layer at a time, built
-  for that update only (``selection="dense"`` runs ``srigl_layer`` itself, the reference);
+  ``jaxsparse.srigl(..., ablation=...)``). Without ablation the drop is selected on the
+  slots and the growth, per neuron, on the dense gradient: given whole (``[n_in, n_out]``
+  per layer, :func:`dense_weight_grads`; the reference, with ``selection="dense"`` running
+  ``srigl_layer`` itself) or as each layer's :class:`GrowthInputs` ``(x, dy)``
+  (:func:`growth_inputs`), from which :func:`grow_blocked` builds ``x^T @ dy`` one block of
+  neurons at a time (temporaries ``n_in * growth_block``, not ``n_in * n_out``; tested
+  equal bit for bit);
   the result is applied to values, indices and every param-shaped leaf of the optimizer
   state by slot moves. One compiled step (``lax.cond``), or a host loop over a ``"skip"``
   and an ``"update"`` program (``step(..., topology=...)``) that keeps the update's dense
   temporaries out of the plain steps.
-* :class:`CondensedTrainDense`: a linen layer that trains this way, and
-  :func:`dense_weight_grads`, the dense gradient the topology update grows by (computed
-  only when called: in a train step, inside the update branch).
+* :class:`CondensedTrainDense`: a linen layer that trains this way;
+  :func:`dense_weight_grads`, the dense gradient the topology update grows by, and
+  :func:`growth_inputs`, its two factors per layer (computed only when called: in a train
+  step, inside the update branch).
 
 Example:
     >>> cparams, indices = condense_params(params, masks)        # from a masked dense model
@@ -44,8 +50,8 @@ Example:
     >>> def step(cparams, state, x, y):
     ...     idx = get_indices(state)
     ...     grads = jax.grad(loss)(cparams, idx, x, y)
-    ...     return tx.step(grads, state, cparams,   # dense_loss_grads: the user's dense
-    ...                    dense_grads=lambda: dense_loss_grads(cparams, idx, x, y))  # grads
+    ...     return tx.step(grads, state, cparams,   # per layer GrowthInputs(x, dy)
+    ...                    dense_grads=lambda: layer_inputs_and_output_grads(cparams, idx, x, y))
 
 Limits: Dense layers only (2-D kernels); with ablation the update selects on each layer's
 dense view (``srigl_layer`` itself) and a neuron holds at most ``capacity`` weights (a smaller
@@ -606,6 +612,153 @@ def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax
     return new_indices, slot_sources(indices, new_indices)
 
 
+class GrowthInputs(NamedTuple):
+    """What growth needs of one condensed layer to build its dense gradient block by block.
+
+    The dense weight gradient of a Dense layer is ``x^T @ dy``; keeping the two factors
+    costs ``batch * (n_in + n_out)`` numbers instead of ``n_in * n_out``.
+
+    Attributes:
+        x: ``[..., n_in]`` the layer's input.
+        dy: ``[..., n_out]`` the loss gradient w.r.t. the layer's output (same leading axes).
+    """
+
+    x: jax.Array
+    dy: jax.Array
+
+
+def _is_growth_inputs(v) -> bool:
+    return isinstance(v, GrowthInputs)
+
+
+def weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``x^T @ dy``, ``float32 [n_in, n_out]``: the dense weight gradient of a Dense layer
+    from its input ``x [..., n_in]`` and output gradient ``dy [..., n_out]`` (float32
+    accumulation at ``HIGHEST`` precision on every backend)."""
+    x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    dy = dy.reshape(-1, dy.shape[-1]).astype(jnp.float32)
+    return jnp.einsum("bi,bo->io", x, dy, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.float32)
+
+
+def growth_scores(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """``|x^T @ dy|`` (:func:`weight_grad`): the growth scores of the neurons of ``dy``."""
+    return jnp.abs(weight_grad(x, dy))
+
+
+def _select_per_neuron(keys: jax.Array, ranks: Callable[[], jax.Array], k) -> jax.Array:
+    """Per column, the ``k`` largest nonzero ``keys`` with ties to the higher ``ranks()``:
+    ``topology``'s rule, by counting on its counting platforms and by sorting elsewhere."""
+
+    def counting(keys, k):
+        return topology.select_by_counting(keys, ranks(), k, whole=False)
+
+    def sorting(keys, k):
+        return topology.select_by_sorting(keys, ranks(), k, whole=False)
+
+    return jax.lax.platform_dependent(keys, jnp.asarray(k, jnp.int32), default=sorting,
+                                      **{p: counting for p in topology.COUNTING_PLATFORMS})
+
+
+def grow_blocked(indices: jax.Array, kept: jax.Array, x: jax.Array, dy: jax.Array,
+                 tie_key: jax.Array, *, block: int = 256) -> jax.Array:
+    """Regrows every neuron to ``k`` by ``|x^T @ dy|``, one block of neurons at a time.
+
+    The rule is ``topology.top_k_per_neuron(growth_scores(x, dy), k - kept.sum(1),
+    where=~keep, tie_key=tie_key)`` on the dense ``[n_in, n_out]`` view (``keep``: the kept
+    slots' inputs), with the same scores, keys and tie ranks (the keyed hash of each
+    position of the whole ``[n_in, n_out]`` view), so the result is the same bit for bit.
+    Growth is per neuron, so blocks of ``block`` neurons are independent: a ``lax.map``
+    over them needs temporaries of ``n_in * block`` entries, never ``n_in * n_out``.
+
+    Args:
+        indices: ``[n_out, k]`` current input positions (ascending).
+        kept: ``bool[n_out, k]`` the slots that survive the drop.
+        x: ``[..., n_in]`` layer input; dy: ``[..., n_out]`` gradient at its output.
+        tie_key: the growth's PRNG key (tie-breaks; ``None``: earlier inputs win ties).
+        block: neurons per block (``>= 1``; at most ``n_out`` is used).
+
+    Returns:
+        ``[n_out, k]`` the new ascending input positions (dtype of ``indices``).
+    """
+    n_out, k = indices.shape
+    n_in = x.shape[-1]
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"growth block must be an int >= 1, got {block!r}")
+    if dy.shape[-1] != n_out or x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(f"growth inputs x {x.shape} and dy {dy.shape} are not [..., n_in] "
+                         f"and [..., n_out={n_out}] with the same leading axes")
+    x, dy = x.reshape(-1, n_in), dy.reshape(-1, n_out)
+    block = min(int(block), n_out)
+    n_blocks = -(-n_out // block)
+    # The last block is shifted left to end at n_out (it repeats a few neurons of the one
+    # before, with the same result): every block is a full slice of the real neurons.
+    starts = jnp.minimum(jnp.arange(n_blocks, dtype=jnp.int32) * block, n_out - block)
+    need = k - jnp.sum(kept, axis=1, dtype=jnp.int32)
+    rows = jnp.arange(block, dtype=jnp.int32)
+
+    def one(start):
+        cols = start + rows
+        idx = jax.lax.dynamic_slice_in_dim(indices, start, block).astype(jnp.int32)
+        keep = jnp.zeros((n_in, block), bool).at[idx.T, rows[None, :]].max(
+            jax.lax.dynamic_slice_in_dim(kept, start, block).T, mode="drop")
+        scores = growth_scores(x, jax.lax.dynamic_slice_in_dim(dy, start, block, axis=1))
+        keys = topology.candidate_keys(scores, where=~keep)
+
+        def ranks():
+            # The hash of each position of the whole [n_in, n_out] view, computed for this
+            # block's columns only: tie_ranks' position is offset + row * s + col, here with
+            # a 1x1 shape and the block's global positions as the offset. (The whole view's
+            # ranks sliced would be loop-invariant: XLA hoists and materializes them.)
+            if tie_key is None:  # earliness down each column, as tie_ranks without a key
+                return jnp.broadcast_to(
+                    jnp.arange(n_in - 1, -1, -1, dtype=jnp.uint32)[:, None], (n_in, block))
+            pos = (jnp.arange(n_in, dtype=jnp.uint32)[:, None] * jnp.uint32(n_out)
+                   + cols.astype(jnp.uint32)[None, :])
+            return topology.tie_ranks((1, 1), tie_key, whole=False, offset=pos)
+
+        grow = _select_per_neuron(keys, ranks, need[cols])
+        return mask_to_indices(keep | grow, k, indices.dtype)
+
+    new = jax.lax.map(one, starts)  # [n_blocks, block, k]
+    at = (starts[:, None] + rows[None, :]).reshape(-1)
+    return jnp.zeros_like(indices).at[at].set(new.reshape(-1, k))
+
+
+def srigl_condensed_layer_blocked(values: jax.Array, indices: jax.Array,
+                                  growth: GrowthInputs, key: jax.Array, *, fraction,
+                                  block: int = 256, name: str = "layer"
+                                  ) -> tuple[jax.Array, jax.Array]:
+    """:func:`srigl_condensed_layer` (``selection="slots"``) with ``dense_grad = x^T @ dy``
+    never built: the drop on the slots, the growth by :func:`grow_blocked`. Same result
+    bit for bit (tested); the temporaries scale with ``n_in * block + nnz``.
+
+    Args:
+        values, indices: ``[n_out, k]`` as for :func:`srigl_condensed_layer`.
+        growth: the layer's :class:`GrowthInputs` (``x [..., n_in]``, ``dy [..., n_out]``).
+        key: this layer's PRNG key.
+        fraction: drop fraction (traced ok).
+        block: neurons per growth block.
+        name: the layer named in error messages.
+
+    Returns:
+        ``(new_indices, src)`` as :func:`srigl_condensed_layer`.
+    """
+    n_out, k = values.shape
+    x, dy = growth
+    n_in = x.shape[-1]
+    if dy.shape[-1] != n_out or x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(f"{name}: growth inputs x {x.shape} and dy {dy.shape} are not "
+                         f"[..., n_in] and [..., n_out={n_out}] with the same leading axes")
+    k_keep, _, _, k_fill = jax.random.split(key, 4)  # srigl_layer's split
+    budget = jnp.asarray(k * n_out, jnp.int32)
+    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
+                       ).astype(jnp.int32)
+    kept = _drop_on_slots(values, indices, n_in, budget - n_drop, k_keep)
+    new_indices = grow_blocked(indices, kept, x, dy, k_fill, block=block)
+    return new_indices, slot_sources(indices, new_indices)
+
+
 def slot_sources(old: jax.Array, new: jax.Array, old_fan=None, new_fan=None) -> jax.Array:
     """``int32[n_out, k]``: for each live slot of ``new`` the slot of ``old`` holding the same
     input, ``-1`` where none does (a grown weight) and at padded slots.
@@ -771,6 +924,7 @@ def srigl_condensed(
     ablation: bool = False,
     gamma_sal: float = 0.3,
     output_layer: str | None = None,
+    growth_block: int = 256,
 ) -> CondensedSparsity:
     """SRigL (Lasby et al. 2024) trained on the condensed form.
 
@@ -811,6 +965,11 @@ def srigl_condensed(
             :func:`srigl_condensed_layer`); with ablation only ``"dense"`` (the default):
             the update runs ``srigl_layer`` on each layer's dense view.
         ablation: SRigL's neuron ablation (default False: constant fan-in, every slot live).
+        growth_block: neurons per block when ``dense_grads`` gives a layer's
+            :class:`GrowthInputs` (``selection="slots"``, no ablation): its growth runs
+            :func:`srigl_condensed_layer_blocked`, whose temporaries scale with
+            ``n_in * growth_block``. With ablation or ``selection="dense"`` the dense
+            gradient is built from them whole (:func:`weight_grad`).
 
     Example:
         >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
@@ -832,6 +991,9 @@ def srigl_condensed(
                          f"selection must be 'dense' or None, got {selection!r}")
     if not 0.0 <= gamma_sal <= 1.0:
         raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
+    if (isinstance(growth_block, bool) or not isinstance(growth_block, (int, np.integer))
+            or growth_block < 1):
+        raise ValueError(f"growth_block must be an int >= 1, got {growth_block!r}")
     fraction = schedules.drop_fraction_schedule(drop_fraction, end_step, drop_fraction_decay)
     is_update_step = schedules.periodic(update_every, end_step, begin_step)
 
@@ -862,9 +1024,10 @@ def srigl_condensed(
         if topology not in TOPOLOGY_MODES:
             raise ValueError(f"topology must be one of {TOPOLOGY_MODES}, got {topology!r}")
         if dense_grads is None and topology != "skip":
-            raise ValueError("srigl_condensed.step needs dense_grads: the dense weight "
-                             "gradients of the condensed layers (a tree or a zero-argument "
-                             "function giving one, called at update steps only)")
+            raise ValueError("srigl_condensed.step needs dense_grads: per condensed layer "
+                             "its dense weight gradient or its GrowthInputs(x, dy) (a tree "
+                             "or a zero-argument function giving one, called at update steps "
+                             "only)")
         if ablation and (state.fan is None or state.consts is None):
             raise ValueError("srigl_condensed(ablation=True).step needs a state from its own "
                              "init (with fan and per-layer constants)")
@@ -877,7 +1040,7 @@ def srigl_condensed(
 
         def new_topology(_):
             dg = dense_grads() if callable(dense_grads) else dense_grads
-            dg_leaves = jax.tree.leaves(dg)
+            dg_leaves = jax.tree.leaves(dg, is_leaf=_is_growth_inputs)
             if len(dg_leaves) != len(pairs):
                 raise ValueError(f"dense_grads has {len(dg_leaves)} leaves for "
                                  f"{len(pairs)} condensed layers")
@@ -886,10 +1049,22 @@ def srigl_condensed(
             news, srcs, new_fans = [], [], []
             for j, ((vpath, ipath), g) in enumerate(zip(pairs, dg_leaves)):
                 values, idx = p_flat[vpath], i_flat[ipath]
+                key_j = jax.random.fold_in(key_t, j)
+                if isinstance(g, GrowthInputs):
+                    if not ablation and selection == "slots":
+                        new, src = srigl_condensed_layer_blocked(
+                            values, idx, g, key_j, fraction=fraction(count),
+                            block=growth_block, name=ipath)
+                        news.append(jnp.where(finite, new, idx))
+                        srcs.append(jnp.where(finite, src, _identity(idx)))
+                        continue
+                    if g.x.shape[:-1] != g.dy.shape[:-1]:
+                        raise ValueError(f"{ipath}: growth inputs x {g.x.shape} and dy "
+                                         f"{g.dy.shape} differ in their leading axes")
+                    g = weight_grad(g.x, g.dy)
                 if g.ndim != 2 or g.shape[1] != values.shape[0]:
                     raise ValueError(f"{ipath}: dense gradient shape {g.shape} is not "
                                      f"[n_in, n_out={values.shape[0]}]")
-                key_j = jax.random.fold_in(key_t, j)
                 if ablation:
                     c = state.consts[j]
                     n_in, n_out = g.shape
@@ -1059,6 +1234,11 @@ class CondensedTrainDense(nn.Module):
             probe = self.variable("probe", "kernel", jnp.zeros, (n_in, self.features),
                                   x.dtype).value
             y = y + jnp.matmul(x, probe)
+        if not self.is_initializing():  # growth_inputs: this layer's x and dL/dy
+            if self.has_variable("growth_dy", "y") or self.is_mutable_collection("growth_dy"):
+                y = y + self.variable("growth_dy", "y", jnp.zeros, y.shape, y.dtype).value
+            if self.is_mutable_collection("growth_x"):
+                self.variable("growth_x", "x", jnp.zeros, x.shape, x.dtype).value = x
         return y
 
 
@@ -1085,3 +1265,39 @@ def dense_weight_grads(apply_fn: Callable, variables: dict, loss_fn: Callable, *
         return loss_fn(apply_fn({**variables, "probe": probe}, x), *rest)
 
     return jax.grad(loss)(zeros)
+
+
+def growth_inputs(apply_fn: Callable, variables: dict, loss_fn: Callable, *args):
+    """The :class:`GrowthInputs` of every :class:`CondensedTrainDense` layer: its input ``x``
+    and the loss gradient ``dy`` at its output, from one forward and backward of the
+    condensed model (no dense kernel, no dense gradient).
+
+    ``srigl_condensed(...).step(..., dense_grads=lambda: growth_inputs(...))`` then builds
+    each layer's dense gradient ``x^T @ dy`` block by block of neurons at the update
+    (:func:`srigl_condensed_layer_blocked`); :func:`dense_weight_grads` is the whole-layer
+    reference. Each layer must be applied once per forward (a shared layer's input would
+    be overwritten).
+
+    Args:
+        apply_fn, variables, loss_fn, args: as for :func:`dense_weight_grads`.
+
+    Returns:
+        ``{layer path: GrowthInputs(x [..., n_in], dy [..., n_out])}`` nested like the
+        ``sparsity`` tree's layers (same flattening order).
+    """
+    x, rest = args[0], args[1:]
+    shapes = jax.eval_shape(
+        lambda: apply_fn(variables, x, mutable=["growth_dy"])[1]["growth_dy"])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def loss(deltas):
+        out, state = apply_fn({**variables, "growth_dy": deltas}, x, mutable=["growth_x"])
+        return loss_fn(out, *rest), state["growth_x"]
+
+    dys, xs = jax.grad(loss, has_aux=True)(zeros)
+    dy_flat, x_flat = _flat_paths(dys), _flat_paths(xs)
+    out = {}
+    for path, dy in dy_flat.items():
+        head, _ = _split_path(path)
+        out[head] = GrowthInputs(x_flat[f"{head}/x" if head else "x"], dy)
+    return _nest(out)
