@@ -63,15 +63,19 @@ def sortable_key(scores: jax.Array) -> jax.Array:
     return jnp.where(nan, jnp.uint32(1), keys)
 
 
-def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool, offset: int = 0,
-              total: int | None = None) -> jax.Array:
+def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool,
+              offset: int | jax.Array = 0, total: int | None = None) -> jax.Array:
     """Distinct uint32 tie ranks below 2**31 for the positions of a 2-D ``shape`` (m, s).
 
     With ``tie_key``: a keyed bijective hash of the position ``offset + row * s + col``
     (xor with a key word, multiplication by an odd constant and xorshifts, each a bijection
     of [0, 2**31)), so ties break at random. Without: earliness, larger for earlier
     positions (row-major over ``total`` positions when ``whole``, else down each column).
-    ``offset``/``total`` place the array inside a selection over several arrays.
+    ``offset``/``total`` place the array inside a selection over several arrays; ``offset``
+    may also be a ``uint32`` array broadcastable to ``shape`` (the keyed ranks of arbitrary
+    global positions, e.g. one block of a layer selected block by block: with
+    ``shape=(1, 1)`` and ``offset`` the positions themselves, the ranks equal those of the
+    whole layer at those positions).
     """
     m, s = shape
     row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
