@@ -1576,15 +1576,46 @@ def section_oneshot(root: Path) -> str:
 LM_METHODS = ("static", "rigl", "srigl", "magnitude")
 
 
+class LMStudy(NamedTuple):
+    """One LM grid of ``experiments.lm.sweep``: records ``results/<name>``, its table's
+    label, the config and sweep flags that produced it, and what sets it apart."""
+    name: str
+    label: str
+    config: str
+    flags: str
+    note: str
+
+
+LM_STUDIES = (
+    LMStudy("lm_small", "LM", "lm_small", "--sparsities=0.9,0.5,0.75 --seeds=0,1",
+            "A short, small run sized for this CPU."),
+    LMStudy("lm_small_long", "LM-long", "lm_small_long",
+            "--sparsities=0.9,0.75,0.5 --seeds=0,1,2",
+            "Table LM's grid trained 8x longer, warmup kept at 5% of the run, topology / "
+            "pruning interval 25 -> 100 steps (`experiments/configs/lm_small_long.py` lists "
+            "the changes); learning rate and batch as in table LM, not tuned."),
+)
+
+
 def section_lm(root: Path) -> str:
-    recs = load(root, "lm_small")
-    out = ["## Byte-level LM: dense vs static, RigL, SRigL, gradual magnitude pruning", "",
-           "`python -m experiments.lm.sweep --config=experiments/configs/lm_small.py "
-           "--out=results/lm_small --runs=runs/lm_small "
-           "--methods=dense,static,rigl,srigl,magnitude --sparsities=0.9,0.5,0.75 "
-           "--seeds=0,1`", ""]
+    out = ["## Byte-level LM: dense vs static, RigL, SRigL, gradual magnitude pruning", ""]
+    for i, study in enumerate(LM_STUDIES):
+        if i:
+            out += ["", f"### Longer runs: table {study.label}", ""]
+        out += _lm_study(root, study)
+    return "\n".join(out)
+
+
+def _lm_study(root: Path, study: LMStudy) -> list[str]:
+    """Table ``study.label`` (validation perplexity per method and sparsity), its mean
+    orderings and Welch tests, and its curves plot."""
+    recs = load(root, study.name)
+    label = study.label
+    out = [f"`python -m experiments.lm.sweep --config=experiments/configs/{study.config}.py "
+           f"--out=results/{study.name} --runs=runs/{study.name} "
+           f"--methods=dense,static,rigl,srigl,magnitude {study.flags}`", ""]
     if not recs:
-        return "\n".join(out + ["No records yet."])
+        return out + ["No records yet."]
     sp = sorted({target(r) for r in recs if r["algorithm"] != "dense"})
     cfg = config_of(recs[0])
     model = cfg.get("model", {})
@@ -1596,8 +1627,8 @@ def section_lm(root: Path) -> str:
             f"({cfg.get('warmup_steps')} warmup steps), {cfg.get('num_steps')} steps of "
             f"{cfg.get('batch_size')} sequences, ERK, topology / pruning updates every "
             f"{cfg.get('update_every')} steps; validation perplexity (bytes, lower is better) "
-            f"on {cfg.get('eval_windows')} validation windows, {n} seeds. A short, small "
-            "run sized for this CPU. Table LM:", "",
+            f"on {cfg.get('eval_windows')} validation windows, {n} seeds. {study.note} "
+            f"Table {label}:", "",
             f"Dense: {fmt_cell(dense, 1, 3, 3)}.", "",
             table([(NAMES.get(m, m), [field(recs, 'valid_perplexity', algorithm=m,
                                             sparsity_target=s) for s in sp])
@@ -1611,8 +1642,8 @@ def section_lm(root: Path) -> str:
         g = {NAMES.get(m, m): field(recs, "valid_perplexity", algorithm=m, sparsity_target=s)
              for m in LM_METHODS}
         orders.append(f"{pct(s)} {mean_order(g, lower=True, sep=' < ')}")
-    out.append("* Mean ordering (best first), table LM: " + "; ".join(orders) + ".")
-    out.append("* RigL - static, table LM: " + "; ".join(
+    out.append(f"* Mean ordering (best first), table {label}: " + "; ".join(orders) + ".")
+    out.append(f"* RigL - static, table {label}: " + "; ".join(
         f"{pct(s)} " + fmt_compare(
             field(recs, "valid_perplexity", algorithm="rigl", sparsity_target=s),
             field(recs, "valid_perplexity", algorithm="static", sparsity_target=s),
@@ -1629,22 +1660,29 @@ def section_lm(root: Path) -> str:
                 pairs += 1
                 if significant(g[a], g[b]):
                     sep.append(f"{a} vs {b} at {pct(s)}")
-        means = [summarize(v).mean for k, v in g.items() if k != "dense"]
+        means = [summarize(v).mean for k, v in g.items() if k != "dense" and v]
         ranges.append(f"{pct(s)} {max(means) - min(means):.3f}")
-    out.append(f"* All {pairs} pairs of table LM (dense included) at each sparsity: Welch tests "
-               "at 5% separate " + (", ".join(sep) if sep else "none")
-               + f" (n = {n} per cell). Spread of the sparse means per sparsity (max - min): "
-               + ", ".join(ranges) + f"; dense alone spans {max(dense) - min(dense):.3f} "
-               "between its two seeds."
-               + (" **Table LM supports no ranking of the methods.**" if not sep else ""))
+    cells = sorted({len(v) for s in sp for m in LM_METHODS
+                    if (v := field(recs, "valid_perplexity", algorithm=m, sparsity_target=s))}
+                   | {n})
+    seeds = "between its two seeds" if n == 2 else f"across its {n} seeds"
+    out.append(f"* All {pairs} pairs of table {label} (dense included) at each sparsity: Welch "
+               "tests at 5%, each uncorrected for the others, separate "
+               + (", ".join(sep) if sep else "none")
+               + f" (n = {'/'.join(map(str, cells))} per cell). Spread of the sparse means per "
+               "sparsity (max - min): " + ", ".join(ranges)
+               + f"; dense alone spans {max(dense) - min(dense):.3f} {seeds}."
+               + (f" **Table {label} supports no ranking of the methods.**" if not sep else ""))
     if ach:
         by_s = collections.defaultdict(list)
         for _, s, a in ach:
             by_s[s].append(f"{a:.4f}")
         out.append("* SRigL's achieved sparsity differs slightly from the target (records): "
                    + ", ".join(f"{pct(s)} -> {'/'.join(v)}" for s, v in by_s.items()) + ".")
-    out += ["", "![LM train-loss curves](results/lm_small/curves.png)"]
-    return "\n".join(out)
+    curves = ("train-loss and validation-perplexity curves" if cfg.get("eval_every")
+              else "train-loss curves")
+    out += ["", f"![LM {curves}, table {label}](results/{study.name}/curves.png)"]
+    return out
 
 
 RL_METHODS = ("rigl", "set", "static")
@@ -2595,7 +2633,8 @@ FOOTER = """## Not measured
   dense first layer under uniform (the RigL code base's variant).
 * One-shot pruning over several dense training runs (the spread above is over calibration
   samples only); an LM large enough to have outlier input features.
-* The LM grid with more than 2 seeds or more steps; condensed training of the LM's MLP
+* The LM grid beyond 2400 steps or 3 seeds (table LM-long), on a preset larger than `tiny`,
+  or with a learning rate chosen on validation; condensed training of the LM's MLP
   blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and
   with neuron ablation; of ViT-tiny's MLP blocks (table CT-vit) beyond MNIST, 90% and one
   epoch, and with neuron ablation.

@@ -355,3 +355,26 @@ def test_srigl_vit_section_chooses_nothing_from_an_incomplete_sweep(tmp_path):
     assert ("The sweep in table S-vit-val is incomplete (gamma_sal 0.6 (1 of 2 seeds), 0.9 "
             "(not run))" in text)
     assert "Chosen gamma_sal on MNIST" not in text and "(table S-vit;" not in text
+
+
+def test_lm_section_renders_each_study_with_its_own_label(tmp_path):
+    """Every LM grid of LM_STUDIES is one table of the same shape: validation perplexity
+    mean ± sample std per method and sparsity, its Welch tests named after its label."""
+    for study, seeds in (("lm_small", (0, 1)), ("lm_small_long", (0, 1, 2))):
+        d = tmp_path / "results" / study
+        d.mkdir(parents=True)
+        cfg = json.dumps({"model": {"num_layers": 2, "d_model": 64, "d_ff": 256,
+                                    "seq_len": 64}, "num_steps": 300 * len(seeds)})
+        recs = [{"event": "final", "algorithm": m, "sparsity_target": 0.0 if m == "dense"
+                 else 0.9, "sparsity": 0.0 if m == "dense" else 0.9, "seed": seed,
+                 "valid_perplexity": 10.0 + k + seed, "wall_time": 1.0, "config": cfg}
+                for k, m in enumerate(("dense", *results_report.LM_METHODS))
+                for seed in seeds]
+        (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = results_report.section_lm(tmp_path)
+    assert text.count("## Byte-level LM") == 1 and "### Longer runs: table LM-long" in text
+    assert "| RigL | 12.500 ± 0.707 (n=2) |" in text  # table LM: 2 seeds, marked
+    assert "| RigL | 13.000 ± 1.000 |" in text  # table LM-long: 3 seeds, the convention
+    assert "dense alone spans 1.000 between its two seeds" in text
+    assert "dense alone spans 2.000 across its 3 seeds" in text
+    assert "(results/lm_small_long/curves.png)" in text

@@ -1,5 +1,6 @@
 """Learning curves of an LM sweep: train loss (nats/byte) against step, one panel per
-sparsity, one line per method (mean over seeds), dense in every panel.
+sparsity, one line per method (mean over seeds), dense in every panel; a second row of
+validation perplexity when the runs evaluated more than once (``eval_every`` > 0).
 
   python -m experiments.lm.plot --results=results/lm_small/results.jsonl \
       --out=results/lm_small/curves.png
@@ -15,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 
-def curves(results: Path) -> dict:
-    """``{(algorithm, sparsity_target): (steps, mean train loss over seeds)}``."""
+def curves(results: Path, event: str = "train", key: str = "train_loss") -> dict:
+    """``{(algorithm, sparsity_target): (steps, mean over seeds of key)}`` from the
+    ``event`` records of each run's ``metrics.jsonl``."""
     by = collections.defaultdict(list)
     for line in results.read_text().splitlines():
         r = json.loads(line)
@@ -27,8 +29,8 @@ def curves(results: Path) -> dict:
         for x in map(json.loads, path.read_text().splitlines()):
             if x.get("event") == "final":  # a rerun into the same folder appends: keep the first
                 break
-            if x.get("event") == "train":
-                pts.append((x["step"], x["train_loss"]))
+            if x.get("event") == event:
+                pts.append((x["step"], x[key]))
         by[(r["algorithm"], r["sparsity_target"])].append(pts)
     out = {}
     for k, runs in by.items():
@@ -47,18 +49,23 @@ def main(argv=None) -> None:
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    data = curves(Path(a.results))
-    sparsities = sorted({s for (m, s) in data if m != "dense"})
-    fig, axes = plt.subplots(1, max(1, len(sparsities)), figsize=(4.5 * max(1, len(sparsities)), 3.5),
-                             sharey=True, squeeze=False)
-    for ax, sp in zip(axes[0], sparsities):
-        for (m, s), (steps, loss) in sorted(data.items()):
-            if s == sp or m == "dense":
-                ax.plot(steps, loss, label=m, linestyle="--" if m == "dense" else "-")
-        ax.set_title(f"sparsity {sp:g}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("train loss (nats/byte)")
+    rows = [(curves(Path(a.results)), "train loss (nats/byte)")]
+    valid = curves(Path(a.results), "eval", "valid_perplexity")
+    if any(len(steps) > 1 for steps, _ in valid.values()):
+        rows.append((valid, "validation perplexity"))
+    sparsities = sorted({s for (m, s) in rows[0][0] if m != "dense"})
+    cols = max(1, len(sparsities))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(4.5 * cols, 3.5 * len(rows)),
+                             sharey="row", squeeze=False)
+    for r, (data, ylabel) in enumerate(rows):
+        for ax, sp in zip(axes[r], sparsities):
+            for (m, s), (steps, value) in sorted(data.items()):
+                if s == sp or m == "dense":
+                    ax.plot(steps, value, label=m, linestyle="--" if m == "dense" else "-")
+            ax.set_title(f"sparsity {sp:g}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[r][0].set_ylabel(ylabel)
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(a.out, dpi=120)
