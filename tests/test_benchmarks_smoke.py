@@ -78,7 +78,8 @@ def test_table_formats_update_columns():
                update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
                compile_dense_cpu_s=0.2, compile_sparse_cpu_s=3.0,
                state_bytes_per_weight=2.0, temp_dense_bytes=0, temp_sparse_bytes=8_000_000,
-               extra_temp_per_param_largest=16.0, extra_temp_per_param_model=4.0)
+               extra_temp_per_param_largest=16.0, extra_temp_per_param_model=4.0,
+               fault_mb_per_call={"dense": 0.04, "plain": 12.44})
     (header, _, cells), = _tables(scaling.table([row, dict(row, part="full", batch=8)], "opt"))
     assert dict(zip(header, cells)) == {
         "model": "m", "params": "2.00M", "kernels": "4", "algorithm": "rigl", "inner": "adam",
@@ -88,7 +89,7 @@ def test_table_formats_update_columns():
         "compile s dense->sparse": "0.10 -> 2.50",
         "compile CPU s dense->sparse": "0.20 -> 3.00", "state B/weight": "2.00",
         "temp MB dense->sparse": "0.0 -> 8.0", "extra temp B/param largest": "16.0",
-        "extra temp B/param model": "4.00"}
+        "extra temp B/param model": "4.00", "page faults MB/call dense / plain": "0.0 / 12.4"}
 
 
 @pytest.mark.slow
