@@ -169,18 +169,21 @@ def build(sizes, sparsity, batch_size, args):
                            ablation=args.ablation)
     cstate = tx.init(cparams, indices, fan)
     block = args.growth_block or None
-    out["condensed"] = _timing.compile_timed(
-        lambda p, st, x, y: condensed_step(p, st, x, y, growth_block=block), cparams, cstate,
-        x, y)
     if args.update_table:  # the host loop's update program, whole-layer vs blocked growth
         out["update_programs"] = {
             b: [_timing.compile_timed(
                 lambda p, st, x, y, b=b, mode=mode: condensed_step(p, st, x, y, mode, b or None),
                 cparams, cstate, x, y) for mode in ("update", "scheduled")]
             for b in [0, *args.update_table]}
-    # A host loop's program for the steps without a topology update (no dense temporaries).
-    out["condensed_skip"] = _timing.compile_timed(
-        lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate, x, y)
+    else:  # the step table's programs (the update table needs none of them)
+        out["condensed"] = _timing.compile_timed(
+            lambda p, st, x, y: condensed_step(p, st, x, y, growth_block=block), cparams,
+            cstate, x, y)
+        # A host loop's program for the steps without a topology update (no dense
+        # temporaries).
+        out["condensed_skip"] = _timing.compile_timed(
+            lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate,
+            x, y)
     out["condensed_args"] = {
         "plain": (cparams, cstate._replace(count=jnp.int32(1)), x, y),
         "update": (cparams, cstate._replace(count=jnp.int32(args.update_every)), x, y),
