@@ -28,6 +28,8 @@ a matrix product (whose default precision is bf16 on TPU and TF32 on recent GPUs
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -269,16 +271,27 @@ _SAMPLE_MIN_SIZE = 1 << 14
 _SAMPLE_SIZE = 2048
 
 
+def sample_strides(shape: tuple[int, int]) -> tuple[int, int]:
+    """The row and column strides of the fixed sample of a (m, s) array that brackets a
+    whole-array selection's k-th key (about :data:`_SAMPLE_SIZE` entries)."""
+    m, s = shape
+    row_step = max(1, m // 64)
+    col_step = max(1, s // max(1, _SAMPLE_SIZE // -(-m // row_step)))
+    return row_step, col_step
+
+
 def _sample_pivots(keys, k):
     """Two pivots that bracket the k-th largest key with high probability: order statistics
     of a fixed strided sample (a strided slice of a sharded layer stays on its shards;
-    gathering positions of the flattened layer would all-gather its keys), 3 standard
-    deviations of the sample rank to either side."""
-    n = keys.size
-    m, s = keys.shape
-    row_step = max(1, m // 64)
-    col_step = max(1, s // max(1, _SAMPLE_SIZE // -(-m // row_step)))
-    sample = jnp.sort(keys[::row_step, ::col_step].reshape(-1))[::-1]  # descending
+    gathering positions of the flattened layer would all-gather its keys)."""
+    row_step, col_step = sample_strides(keys.shape)
+    return _pivots_from_sample(keys[::row_step, ::col_step], k, keys.size)
+
+
+def _pivots_from_sample(sample, k, n: int):
+    """The pivots of :func:`_sample_pivots` from ``sample``, keys drawn from ``n`` positions:
+    3 standard deviations of the k-th key's sample rank to either side."""
+    sample = jnp.sort(sample.reshape(-1))[::-1]  # descending
     size = sample.size
     # The k-th key's rank among the sample's candidates (keys >= 1) has a binomial spread.
     r = k[0].astype(jnp.float32) * (size / n)
@@ -292,6 +305,17 @@ def _sample_pivots(keys, k):
     return s_lo[None], s_hi[None]
 
 
+def _narrow(at_pivots, k, lo, hi, c_lo, c_hi):
+    """The bracket narrowed by the counts at the two sample pivots (:func:`_sample_pivots`):
+    a sample end is kept only where it narrows the bracket (snapped onto keys)."""
+    (c_slo, a_slo, _), (c_shi, _, b_shi) = at_pivots
+    take_lo = (c_slo >= k) & (c_slo < c_lo)
+    take_hi = (c_shi < k) & (c_shi > c_hi)
+    lo, c_lo = jnp.where(take_lo, a_slo, lo), jnp.where(take_lo, c_slo, c_lo)
+    hi, c_hi = jnp.where(take_hi, b_shi + jnp.uint32(1), hi), jnp.where(take_hi, c_shi, c_hi)
+    return lo, hi, c_lo, c_hi
+
+
 def _select_counting(keys_list, ranks_list, k, whole: bool):
     """Counting selection over one or several arrays (several only when ``whole``): the
     top ``k`` of each column of a (m, s) array unless ``whole``."""
@@ -303,12 +327,7 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
     k = jnp.minimum(k, n_valid)
     lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
     if sampled:
-        (c_slo, a_slo, _), (c_shi, _, b_shi) = at_pivots
-        # Keep a sample end only where it narrows the bracket (snapped onto keys).
-        take_lo = (c_slo >= k) & (c_slo < c_lo)
-        take_hi = (c_shi < k) & (c_shi > c_hi)
-        lo, c_lo = jnp.where(take_lo, a_slo, lo), jnp.where(take_lo, c_slo, c_lo)
-        hi, c_hi = jnp.where(take_hi, b_shi + jnp.uint32(1), hi), jnp.where(take_hi, c_shi, c_hi)
+        lo, hi, c_lo, c_hi = _narrow(at_pivots, k, lo, hi, c_lo, c_hi)
     lo, hi, c_lo, c_hi = _search(count, k, lo, hi, c_lo, c_hi)
 
     def no_ties(lo, hi, c_lo, c_hi):
@@ -339,6 +358,100 @@ def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> 
     """The counting selection; equal to :func:`select_by_sorting` on every input."""
     k = _clip_k(k, keys.size if whole else keys.shape[0], 1 if whole else keys.shape[1])
     return _select_counting([keys], [ranks], k, whole)[0]
+
+
+class Threshold(NamedTuple):
+    """Where a whole-array top-k selection cuts (:func:`top_k_threshold`): a candidate is
+    selected when its key is ``>= hi``, or ``>= lo`` with a tie rank ``>= rank``.
+
+    Attributes:
+        lo, hi: ``uint32[]`` key bounds (``hi == lo`` when no key ties at the threshold).
+        rank: ``uint32[]`` the lowest selected tie rank among the keys in ``[lo, hi)``.
+    """
+
+    lo: jax.Array
+    hi: jax.Array
+    rank: jax.Array
+
+
+def in_top_k(keys: jax.Array, ranks: jax.Array, threshold: Threshold) -> jax.Array:
+    """Bool mask of the ``keys`` (with their tie ``ranks``, same shape) that a selection cut
+    at ``threshold`` takes; keys of 0 (no candidate) never are."""
+    at_least = keys >= threshold.lo
+    return (keys >= threshold.hi) | (at_least & (ranks >= threshold.rank))
+
+
+def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
+    """The threshold of the top ``k`` keys of an array seen only one block at a time.
+
+    The whole-array rule of :func:`top_k_keys` (ties at the threshold go to the higher
+    tie rank), found by the counting search of :func:`select_by_counting` with every count
+    a pass over the blocks: an array too large to keep (the keys of a layer's dense
+    gradient, recomputed per block from two factors) is never built. Apply the result to
+    each block with :func:`in_top_k`; the selected set is the one :func:`top_k_keys` would
+    select on the whole array.
+
+    Args:
+        scan: ``scan(part)`` calls ``part(keys, ranks)`` on every block and returns its
+            outputs stacked along a new leading axis (e.g. ``lax.map`` over the blocks):
+            ``keys`` a block's :func:`candidate_keys` (uint32, any shape, 0 where not a
+            candidate, every position of the array in exactly one block), ``ranks()`` their
+            tie ranks (distinct over the whole array, as :func:`tie_ranks` gives them).
+        k: how many to select (int, traced ok); clipped to ``[0, size]``.
+        size: the number of positions of the array (``< 2**31``).
+        sample: optional keys of a few positions (e.g. a strided sub-array, see
+            :func:`sample_strides`): their order statistics bracket the k-th key, counted in
+            the first pass. They only save passes; the result never depends on them.
+
+    Returns:
+        The :class:`Threshold`.
+    """
+    if size >= _RANK_LIMIT:
+        raise ValueError(f"selections over >= 2**31 entries are not supported ({size})")
+
+    def fold(part):
+        # The blocks' (count, smallest, largest) triples combined as _combine does.
+        stacked = scan(part)
+        return tuple(jnp.sum(p, axis=0) if i % 3 == 0 else
+                     jnp.min(p, axis=0) if i % 3 == 1 else jnp.max(p, axis=0)
+                     for i, p in enumerate(stacked))
+
+    k = _clip_k(k, size, 1)
+    pivots = () if sample is None else _pivots_from_sample(sample, k, size)
+
+    def first(keys, ranks):
+        (n, lo, hi), triples = _range([keys.reshape(-1, 1)], True, pivots)
+        return (n, lo, hi, *(v for t in triples for v in t))
+
+    n_valid, lo, hi, *at = fold(first)
+    k = jnp.minimum(k, n_valid)
+    lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
+    if sample is not None:
+        lo, hi, c_lo, c_hi = _narrow([tuple(at[0:3]), tuple(at[3:6])], k, lo, hi, c_lo, c_hi)
+    lo, hi, c_lo, c_hi = _search(
+        lambda pivot: fold(lambda keys, ranks: _reduce([keys.reshape(-1, 1)], None, pivot,
+                                                       True)),
+        k, lo, hi, c_lo, c_hi)
+
+    def no_ties(lo, hi, c_lo, c_hi):
+        # c_lo == k: the keys >= lo are exactly the top k.
+        return Threshold(lo[0], lo[0], jnp.uint32(0))
+
+    def ties(lo, hi, c_lo, c_hi):
+        # The keys in [lo, hi) tie at the threshold; the search goes on over their ranks.
+        def part(p):
+            def count(keys, ranks):
+                keys = keys.reshape(-1, 1)
+                tie = (keys >= lo[0]) & (keys < hi[0])
+                return _reduce([ranks().reshape(-1, 1)], [tie], p, True)
+            return count
+
+        r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
+                                          jnp.full_like(hi, _RANK_LIMIT))
+        r_lo = _search(lambda p: fold(part(p)), k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
+        return Threshold(lo[0], hi[0], r_lo[0])
+
+    return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
 
 
 def _select(keys, ranks, k, whole: bool) -> jax.Array:

@@ -13,13 +13,15 @@ import numpy as np
 import optax
 import pytest
 from flax import linen as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxsparse
 from jaxsparse.condensed import training as T
 from jaxsparse.condensed.kernels import train_cpu
 from jaxsparse.transform import find_sparse_states
-from tests.helpers import lenient
+from tests.helpers import examples, lenient
 
 needs_kernel = pytest.mark.skipif(not train_cpu.available(), reason="no C++ compiler")
 IMPLS = ["xla", pytest.param("cpu", marks=needs_kernel)]
@@ -379,6 +381,97 @@ def test_grow_blocked_is_top_k_per_neuron(tie_key, blocks):
         T.grow_blocked(indices, kept, x, dy, tie_key, block=0)
 
 
+def _padded_layer(n_in, n_out, cap, k0, seed, growth, dtype=np.float32):
+    """A padded layer (a third of its neurons ablated, the others at ``k0`` inputs; some
+    zero weights) and its growth inputs: ``growth="ints"`` small integers (``x^T @ dy``
+    exact in any summation order, full of ties), ``"normal"`` continuous."""
+    rng = np.random.default_rng(seed)
+    fan = np.where(rng.random(n_out) < 1 / 3, 0, k0).astype(np.int32)
+    indices = np.zeros((n_out, cap), np.int16)
+    values = np.zeros((n_out, cap), np.float32)
+    for i in range(n_out):
+        indices[i, :fan[i]] = np.sort(rng.permutation(n_in)[:fan[i]])
+        values[i, :fan[i]] = rng.standard_normal(fan[i]) * (rng.random(fan[i]) > 0.2)
+    if growth == "ints":
+        x, dy = (rng.integers(-2, 3, (6, n)).astype(np.float32) for n in (n_in, n_out))
+    else:
+        x, dy = (rng.standard_normal((6, n)).astype(np.float32) for n in (n_in, n_out))
+    return (jnp.asarray(values, dtype), jnp.asarray(indices), jnp.asarray(fan),
+            T.GrowthInputs(jnp.asarray(x), jnp.asarray(dy)))
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def _ablation_updates(values, indices, fan, growth, key, fraction, k0, tau, min_neurons,
+                      block):
+    """The whole-layer ablation update (``srigl_layer`` on the dense view of ``x^T @ dy``)
+    and the blocked one; one compilation per shape and block."""
+    kw = dict(fraction=fraction, k0=k0, tau=tau, min_neurons=min_neurons)
+    return (T.srigl_ablation_condensed_layer(values, indices, fan,
+                                             T.weight_grad(growth.x, growth.dy), key, **kw),
+            T.srigl_ablation_condensed_layer_blocked(values, indices, fan, growth, key,
+                                                     block=block, **kw))
+
+
+@settings(deadline=None, max_examples=examples(10, nightly=300))
+@given(seed=st.integers(0, 2**31 - 1), growth=st.sampled_from(["ints", "normal"]),
+       output=st.booleans(), fraction=st.floats(0.0, 1.0), tau=st.integers(1, 5))
+def test_blocked_ablation_update_equals_the_whole_layer_update(seed, growth, output,
+                                                                fraction, tau):
+    # 23 neurons in blocks of 7 (the last block shifted), capacity 12 of 50 inputs.
+    n_in, n_out, cap, k0 = 50, 23, 12, 5
+    values, indices, fan, growth = _padded_layer(n_in, n_out, cap, k0, seed, growth)
+    min_neurons = jaxsparse.algorithms.structured.min_neurons(k0, n_out, n_in, output)
+    want, got = _ablation_updates(values, indices, fan, growth, jax.random.key(seed),
+                                  fraction, k0, tau, min_neurons, block=7)
+    for name, w, g in zip(("indices", "src", "fan"), want, got):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    if output:
+        assert (np.asarray(got[2]) > 0).all()
+
+
+@pytest.mark.parametrize("n_in, n_out, cap, k0, dtype, blocks", [
+    (50, 23, 12, 5, np.float32, (7,)),
+    *(pytest.param(*c, marks=pytest.mark.slow) for c in [
+        (50, 23, 12, 5, np.float32, (1, 23, 64)), (40, 30, 40, 6, np.float32, (4,)),
+        (40, 30, 40, 6, jnp.bfloat16, (4,))])])
+def test_blocked_ablation_update_ablates_revives_and_keeps_the_output_layer(
+        n_in, n_out, cap, k0, dtype, blocks):
+    values, indices, fan, growth = _padded_layer(n_in, n_out, cap, k0, 1, "ints", dtype)
+    scores = np.abs(np.asarray(T.weight_grad(growth.x, growth.dy)))
+    n_drop = int(np.floor(np.float32(0.5) * np.float32(k0 * n_out)))
+    assert (scores == np.sort(scores, axis=None)[::-1][n_drop - 1]).sum() > 1  # saliency ties
+    for output in (False, True):
+        min_neurons = jaxsparse.algorithms.structured.min_neurons(k0, n_out, n_in, output)
+        for block in blocks:
+            want, got = _ablation_updates(values, indices, fan, growth, jax.random.key(0), 0.5,
+                                          k0, 4, min_neurons, block=block)
+            for name, w, g in zip(("indices", "src", "fan"), want, got):
+                np.testing.assert_array_equal(g, w, err_msg=f"{name}, block={block}")
+        new_fan, old_fan = np.asarray(got[2]), np.asarray(fan)
+        if output:
+            assert (new_fan > 0).all()
+        else:  # some neurons ablated, some ablated ones back
+            assert (new_fan == 0).any() and ((old_fan == 0) & (new_fan > 0)).any()
+        T.validate_indices(got[0], n_in, fan=new_fan)
+
+
+def test_blocked_ablation_update_bad_input():
+    values, indices, fan, growth = _padded_layer(10, 6, 4, 2, 0, "ints")
+    kw = dict(fraction=0.5, k0=2, tau=1, min_neurons=1)
+    with pytest.raises(ValueError, match=r"fc: growth inputs x \(6, 10\) and dy \(6, 5\) are "
+                                         r"not \[..., n_in\] and \[..., n_out=6\]"):
+        T.srigl_ablation_condensed_layer_blocked(
+            values, indices, fan, T.GrowthInputs(growth.x, growth.dy[:, :5]),
+            jax.random.key(0), name="fc", **kw)
+    with pytest.raises(ValueError, match="growth block must be an int >= 1, got 0"):
+        T.srigl_ablation_condensed_layer_blocked(values, indices, fan, growth,
+                                                 jax.random.key(0), block=0, **kw)
+    with pytest.raises(ValueError, match="capacity 4 exceeds n_in=3"):
+        T.srigl_ablation_condensed_layer_blocked(
+            values, indices, fan, T.GrowthInputs(growth.x[:, :3], growth.dy),
+            jax.random.key(0), **kw)
+
+
 def _runs(steps, poison_step=None, hidden=1, capacity=None, gamma_sal=0.9, trace=None):
     """The masked dense SRigL run and the condensed one, side by side; with ``capacity``
     (an int or ``{layer: int}``), both with neuron ablation, the condensed one padded.
@@ -573,9 +666,9 @@ def test_padded_layout_conversion_and_bad_input():
                           output_layer="head").init(pp, pi, fan)
     with pytest.raises(ValueError, match="fan \\(a padded layout\\) is for ablation=True"):
         T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10).init(pp, pi, fan)
-    with pytest.raises(ValueError, match="selection must be 'dense' or None"):
+    with pytest.raises(ValueError, match="selection must be one of"):
         T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10, ablation=True,
-                          selection="slots")
+                          selection="blocked")
     with pytest.raises(ValueError, match="needs a state from its own init"):
         tx.step(cp, T.srigl_condensed(optax.sgd(0.1), key=jax.random.key(0), end_step=10
                                       ).init(pp, pi), pp, dense_grads={})
@@ -761,26 +854,37 @@ def test_growth_inputs_update_equals_the_dense_gradient_update(ablation):
     net = _PaddedNet(12) if ablation else _Net()
     x, y = _batch(0)
     variables = jax.jit(net.init)(jax.random.key(0), x)
-    tx = T.srigl_condensed(lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40,
-                           update_every=1, growth_block=5, ablation=ablation, gamma_sal=0.9)
+    # Blocked growth (GrowthInputs, growth_block=5: with ablation the blocked saliency
+    # passes too) vs the whole-layer reference (dense gradients; with ablation also
+    # GrowthInputs multiplied out whole under selection="dense").
+    txs = {selection: T.srigl_condensed(
+        lenient(optax.adam(3e-2)), key=jax.random.key(1), end_step=40, update_every=1,
+        growth_block=5, ablation=ablation, gamma_sal=0.9, selection=selection)
+        for selection in ("slots", "dense")}
     fan = T.constant_fan(variables["sparsity"], {"fc0": 6, "fc1": 4}) if ablation else None
-    state = tx.init(variables["params"], variables["sparsity"], fan)
+    state = txs["slots"].init(variables["params"], variables["sparsity"], fan)
 
-    @functools.partial(jax.jit, static_argnums=2)
-    def update(params, state, fn):
+    @functools.partial(jax.jit, static_argnums=(2, 3))
+    def update(params, state, fn, selection):
         v = {"params": params, "sparsity": T.get_indices(state)}
         g = jax.grad(lambda p: _xent(net.apply({**v, "params": p}, x), y))(params)
-        return tx.step(g, state, params, dense_grads=lambda: fn(net.apply, v, _xent, x, y),
-                       topology="update")
+        return txs[selection].step(g, state, params,
+                                   dense_grads=lambda: fn(net.apply, v, _xent, x, y),
+                                   topology="update")
 
-    (p_b, s_b), (p_d, s_d) = [update(variables["params"], state, fn)
-                              for fn in (T.growth_inputs, T.dense_weight_grads)]
-    jax.tree.map(np.testing.assert_array_equal, s_b.indices, s_d.indices)
-    jax.tree.map(np.testing.assert_array_equal, p_b, p_d)
+    runs = [(T.growth_inputs, "slots"), (T.dense_weight_grads, "slots")]
+    if ablation:
+        runs.append((T.growth_inputs, "dense"))
+    (p_b, s_b), *refs = [update(variables["params"], state, *run) for run in runs]
+    for p_d, s_d in refs:
+        jax.tree.map(np.testing.assert_array_equal, s_b.indices, s_d.indices)
+        jax.tree.map(np.testing.assert_array_equal, p_b, p_d)
+        if ablation:
+            jax.tree.map(np.testing.assert_array_equal, s_b.fan, s_d.fan)
     assert (np.asarray(s_b.indices["fc0"]["indices"])
             != np.asarray(variables["sparsity"]["fc0"]["indices"])).any()
-    if ablation:
-        jax.tree.map(np.testing.assert_array_equal, s_b.fan, s_d.fan)
+    if ablation:  # gamma_sal=0.9: the rule ablated neurons
+        assert (np.asarray(s_b.fan["fc0"]["indices"]) == 0).any()
 
 
 class _PaddedNet(nn.Module):
@@ -871,6 +975,15 @@ def test_benchmark_script_prints_a_well_formed_row(capsys):
     assert [r.split("|")[3].strip() for r in rows] == ["whole (dense grads)",
                                                        "blocked, 5 neurons"]
     assert rows[0].rstrip().endswith("| 1.00 |")
+    # The same table for SRigL with neuron ablation.
+    with jax.numpy_dtype_promotion("standard"):
+        bench.main(["--sizes", "40", "32", "8", "--batches", "4", "--sparsities", "0.75",
+                    "--repeats", "1", "--seconds", "0.01", "--update-table", "5", "--ablation"])
+    out = capsys.readouterr().out
+    assert "SRigL with neuron ablation" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 4 ")]
+    assert [r.split("|")[3].strip() for r in rows] == ["whole (dense grads)",
+                                                       "blocked, 5 neurons"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Pure topology functions: hand-checked tiny cases and property tests."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -364,3 +366,49 @@ def test_the_rule_is_chosen_per_platform():
     traced = f.trace(jnp.ones((20, 10)), 5)
     assert "sort" in traced.lower(lowering_platforms=("tpu",)).as_text()
     assert "sort" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+# top_k_threshold: the whole-array selection with the keys seen one block of columns at a
+# time (ragged blocks), with and without a bracketing sample; same fixed shape as above.
+_COLUMN_BLOCKS = ((0, 4), (4, 9), (9, _S))
+
+
+@functools.partial(jax.jit, static_argnames="sampled")
+def _threshold_selection(keys, ranks, k, sampled):
+    def scan(part):
+        outs = [part(keys[:, a:b], lambda a=a, b=b: ranks[:, a:b]) for a, b in _COLUMN_BLOCKS]
+        return tuple(jnp.stack(o) for o in zip(*outs))
+
+    sample = keys[::5, ::2] if sampled else None
+    threshold = topology.top_k_threshold(scan, k, keys.size, sample=sample)
+    return topology.in_top_k(keys, ranks, threshold)
+
+
+@settings(deadline=None, max_examples=examples(30, nightly=1000))
+@given(seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
+       keyed=st.booleans(), sampled=st.booleans(), frac=st.floats(-0.1, 1.1))
+def test_top_k_threshold_over_blocks_selects_as_top_k_keys(seed, kind, keyed, sampled, frac):
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((_M, _S)).astype(np.float32)
+    if kind == "ties":
+        scores = np.round(scores)
+    elif kind == "few_values":
+        scores = rng.integers(0, 3, (_M, _S)).astype(np.float32)
+    elif kind == "specials":
+        scores.flat[rng.integers(0, scores.size, 40)] = rng.choice(
+            [np.nan, np.inf, -np.inf, 0.0, -0.0], 40)
+    where = rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
+    keys = topology.candidate_keys(scores, jnp.asarray(where))
+    tie_key = jax.random.key(seed) if keyed else None
+    ranks = topology.tie_ranks((_M, _S), tie_key, whole=True)
+    k = int(frac * _M * _S)
+    got = _threshold_selection(keys, ranks, k, sampled)
+    np.testing.assert_array_equal(got, topology.top_k_keys(keys, k, tie_key=tie_key))
+    ref = _numpy_top_k(np.asarray(keys).ravel(), np.asarray(ranks).ravel(), k)
+    np.testing.assert_array_equal(np.asarray(got).ravel(), ref)
+
+
+def test_top_k_threshold_refuses_too_large_arrays():
+    with pytest.raises(ValueError, match="selections over >= 2\\*\\*31 entries"):
+        topology.top_k_threshold(lambda part: None, 1, 2**31)

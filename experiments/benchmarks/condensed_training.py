@@ -18,6 +18,9 @@ minima):
 ``--update-table B1 B2 ...`` prints, instead, the topology-update program alone
 (``topology="update"``) with whole-layer growth and with each growth block: its XLA
 temporaries, those of the one-program step built the same way, and the update's time.
+``--ablation`` makes every variant SRigL with neuron ablation on the padded layout
+(``capacity = 2 k`` slots per neuron): the whole-layer update then runs ``srigl_layer`` on
+each layer's dense view, the blocked one ``srigl_ablation_condensed_layer_blocked``.
 
 Memory: bytes of params + optimizer state (the condensed side includes its indices), next to
 the weights' density ``nnz / total``; and XLA's temporary buffers of each compiled step:
@@ -28,6 +31,7 @@ between updates.
     python -m experiments.benchmarks.condensed_training
     python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 0.99
     python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 --repeats 3 --update-table 64 256 1024
+    python -m experiments.benchmarks.condensed_training --batches 128 --sparsities 0.95 --repeats 3 --update-table 64 256 1024 --ablation
 """
 
 from __future__ import annotations
@@ -131,6 +135,10 @@ def build(sizes, sparsity, batch_size, args):
                           is_leaf=lambda v: v is None)
     cparams, indices = T.condense_params(masked, masks)
     n_in = {name: n for name, n in zip(layer_names(sizes), sizes[:-1])}
+    fan = None
+    if args.ablation:  # the padded layout: room for k' up to 2 k
+        cparams, indices, fan = T.pad_condensed(
+            cparams, indices, {name: min(2 * k, n_in[name]) for name, k in ks.items()}, n_in)
 
     def dense_step(p, st, x, y):
         g = jax.grad(lambda p: xent(dense_apply(p, x), y))(p)
@@ -141,12 +149,12 @@ def build(sizes, sparsity, batch_size, args):
         """``growth_block=None``: growth by the whole dense gradients (one dense forward +
         backward); an int: by ``GrowthInputs`` in blocks of that many neurons."""
         tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every,
-                               growth_block=growth_block or 256)
+                               growth_block=growth_block or 256, ablation=args.ablation)
         idx = T.get_indices(st)
         g = jax.grad(lambda p: xent(condensed_apply(p, idx, x, args.impl), y))(p)
 
         def dense_grads():  # the dense weight gradients, only inside the update branch
-            dense, _ = T.expand_params(p, idx, n_in)
+            dense, _ = T.expand_params(p, idx, n_in, st.fan)
             full = jax.grad(lambda d: xent(dense_apply(d, x), y))(dense)
             return {name: full[name]["kernel"] for name in sorted(full)}
 
@@ -157,21 +165,25 @@ def build(sizes, sparsity, batch_size, args):
                        topology=topology)
 
     out = {"ks": ks, "n_in": n_in}
-    tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every)
-    cstate = tx.init(cparams, indices)
+    tx = T.srigl_condensed(adam, key=key, end_step=10**9, update_every=args.update_every,
+                           ablation=args.ablation)
+    cstate = tx.init(cparams, indices, fan)
     block = args.growth_block or None
-    out["condensed"] = _timing.compile_timed(
-        lambda p, st, x, y: condensed_step(p, st, x, y, growth_block=block), cparams, cstate,
-        x, y)
     if args.update_table:  # the host loop's update program, whole-layer vs blocked growth
         out["update_programs"] = {
             b: [_timing.compile_timed(
                 lambda p, st, x, y, b=b, mode=mode: condensed_step(p, st, x, y, mode, b or None),
                 cparams, cstate, x, y) for mode in ("update", "scheduled")]
             for b in [0, *args.update_table]}
-    # A host loop's program for the steps without a topology update (no dense temporaries).
-    out["condensed_skip"] = _timing.compile_timed(
-        lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate, x, y)
+    else:  # the step table's programs (the update table needs none of them)
+        out["condensed"] = _timing.compile_timed(
+            lambda p, st, x, y: condensed_step(p, st, x, y, growth_block=block), cparams,
+            cstate, x, y)
+        # A host loop's program for the steps without a topology update (no dense
+        # temporaries).
+        out["condensed_skip"] = _timing.compile_timed(
+            lambda p, st, x, y: condensed_step(p, st, x, y, topology="skip"), cparams, cstate,
+            x, y)
     out["condensed_args"] = {
         "plain": (cparams, cstate._replace(count=jnp.int32(1)), x, y),
         "update": (cparams, cstate._replace(count=jnp.int32(args.update_every)), x, y),
@@ -226,6 +238,8 @@ def main(argv=None):
                     help="instead of the step table: the topology-update program alone "
                          "(topology='update'), whole-layer growth vs these growth blocks: "
                          "XLA temporaries and time")
+    ap.add_argument("--ablation", action="store_true",
+                    help="SRigL with neuron ablation on the padded layout (capacity 2k)")
     args = ap.parse_args(argv)
     sizes = tuple(args.sizes)
     if args.update_table:
@@ -273,8 +287,9 @@ def update_table(sizes, args):
     """The update program (``topology="update"``) per growth mode: XLA temporaries of the
     compiled program and its time, the modes timed interleaved."""
     args.masked = False
-    print(f"# topology-update program: MLP {'-'.join(map(str, sizes))}, Adam, fp32, impl="
-          f"{T.choose_train_impl(args.impl, jnp.float32)}")
+    rule = "with neuron ablation (capacity 2k)" if args.ablation else "constant fan-in"
+    print(f"# topology-update program, SRigL {rule}: MLP {'-'.join(map(str, sizes))}, Adam, "
+          f"fp32, impl={T.choose_train_impl(args.impl, jnp.float32)}")
     print(f"# {_timing.machine_line()}")
     head = ("| batch | sparsity | growth | XLA temp MB (update program) | "
             "XLA temp MB (one-program step) | update ms (median) | vs whole |")

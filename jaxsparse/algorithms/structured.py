@@ -69,6 +69,36 @@ def min_neurons(k0, n_out: int, fan_in: int, output) -> jax.Array:
     return jnp.where(output, jnp.int32(n_out), jnp.maximum(1, k0 * n_out // fan_in))
 
 
+def srigl_drop_count(budget, fraction) -> jax.Array:
+    """``floor(fraction * budget)`` in float32, as an int32: how many weights an SRigL
+    update drops by |W| (and ranks by |grad| for saliency)."""
+    budget = jnp.asarray(budget, jnp.int32)
+    return jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
+                     ).astype(jnp.int32)
+
+
+def fan_ins_after_ablation(salient_counts, *, n_out: int, budget, fan_in: int, tau,
+                           min_neurons, key) -> jax.Array:
+    """SRigL's new fan-in per neuron, ``int32[n_out]``: ``k' = floor(budget / n_active)``
+    (at most ``fan_in``) for the active neurons, 0 for the ablated ones.
+
+    A neuron is active when it has at least ``tau`` salient weights (``salient_counts``,
+    ``int32[n_out]``; ``None``: no ablation, every neuron active); when fewer than
+    ``min_neurons`` are, the ``min_neurons`` with the most salient weights are (ties at
+    random by ``key``).
+    """
+    if salient_counts is None:
+        active = jnp.ones((n_out,), bool)
+    else:
+        active = salient_counts >= tau
+        guard = topology.top_k_mask(salient_counts.astype(jnp.float32), min_neurons,
+                                    tie_key=key)
+        active = jnp.where(topology.count_true(active) < min_neurons, guard, active)
+    n_active = jnp.maximum(topology.count_true(active), 1)
+    k_new = jnp.minimum(budget // n_active, fan_in)
+    return jnp.where(active, k_new, 0)
+
+
 def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
                 ablation: bool, min_neurons, tau=None):
     """One SRigL update of one layer (Lasby et al. 2024), as a pure function.
@@ -109,21 +139,16 @@ def _srigl(mask, w_keys, g_keys, key, *, k0, fraction, gamma_sal, ablation, min_
     k0 = jnp.asarray(k0, jnp.int32)
     budget = k0 * n_out
     k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)
-    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
-                       ).astype(jnp.int32)
+    n_drop = srigl_drop_count(budget, fraction)
     n_keep = budget - n_drop
     kept = topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep)
     if ablation:
         salient = kept | topology.top_k_keys(g_keys(None), n_drop, tie_key=k_grow)
         counts = topology.count_per_neuron(salient)
-        active = counts >= tau
-        guard = topology.top_k_mask(counts.astype(jnp.float32), min_neurons, tie_key=k_abl)
-        active = jnp.where(topology.count_true(active) < min_neurons, guard, active)
     else:
-        active = jnp.ones((n_out,), bool)
-    n_active = jnp.maximum(topology.count_true(active), 1)
-    k_new = jnp.minimum(budget // n_active, _fan_in(shape))
-    k_vec = jnp.where(active, k_new, 0)
+        counts = None
+    k_vec = fan_ins_after_ablation(counts, n_out=n_out, budget=budget, fan_in=_fan_in(shape),
+                                   tau=tau, min_neurons=min_neurons, key=k_abl)
     # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
     # k' fell since the last update (neurons came back), so this search usually ends at
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).

@@ -27,13 +27,17 @@ Pieces, each a pure function:
   with ``ablation=True`` on the padded layout) on the condensed form. The optimizer state
   exists for ``values`` only; at a topology update the rule is
   :func:`jaxsparse.algorithms.structured.srigl_layer`'s (same counts, keys and tie-breaks as
-  ``jaxsparse.srigl(..., ablation=...)``). Without ablation the drop is selected on the
-  slots and the growth, per neuron, on the dense gradient: given whole (``[n_in, n_out]``
-  per layer, :func:`dense_weight_grads`; the reference, with ``selection="dense"`` running
-  ``srigl_layer`` itself) or as each layer's :class:`GrowthInputs` ``(x, dy)``
-  (:func:`growth_inputs`), from which :func:`grow_blocked` builds ``x^T @ dy`` one block of
-  neurons at a time (temporaries ``n_in * growth_block``, not ``n_in * n_out``; tested
-  equal bit for bit);
+  ``jaxsparse.srigl(..., ablation=...)``). The drop is selected on the slots and the
+  growth, per neuron, on the dense gradient: given whole (``[n_in, n_out]`` per layer,
+  :func:`dense_weight_grads`; the reference, with ``selection="dense"`` running
+  ``srigl_layer`` itself, always so with ablation) or as each layer's :class:`GrowthInputs`
+  ``(x, dy)`` (:func:`growth_inputs`), from which :func:`grow_blocked` builds ``x^T @ dy``
+  one block of neurons at a time (temporaries ``n_in * growth_block``, not ``n_in *
+  n_out``; tested equal bit for bit). With ablation the saliency ranks the gradient over
+  the whole layer: :func:`srigl_ablation_condensed_layer_blocked` finds its threshold by
+  counting passes over the blocks (each pass recomputes the blocks' ``x^T @ dy``), then
+  counts, ablates and grows per block, with the same bounded temporaries (tested equal
+  bit for bit to the dense-view rule);
   the result is applied to values, indices and every param-shaped leaf of the optimizer
   state by slot moves. One compiled step (``lax.cond``), or a host loop over a ``"skip"``
   and an ``"update"`` program (``step(..., topology=...)``) that keeps the update's dense
@@ -53,11 +57,12 @@ Example:
     ...     return tx.step(grads, state, cparams,   # per layer GrowthInputs(x, dy)
     ...                    dense_grads=lambda: layer_inputs_and_output_grads(cparams, idx, x, y))
 
-Limits: Dense layers only (2-D kernels); with ablation the update selects on each layer's
-dense view (``srigl_layer`` itself) and a neuron holds at most ``capacity`` weights (a smaller
-capacity than the masked rule's ``k'`` keeps more neurons active instead); float32 for the
-C++ kernels (other dtypes run the jnp reference); one index list per neuron (no group-shared
-layout).
+Limits: Dense layers only (2-D kernels); with ablation a neuron holds at most ``capacity``
+weights (a smaller capacity than the masked rule's ``k'`` keeps more neurons active
+instead), and the memory-bounded update (:class:`GrowthInputs`) multiplies each layer out
+several times (a few counting passes for the saliency threshold, one for the salient counts,
+one for the growth) where the whole-layer one does it once; float32 for the C++ kernels
+(other dtypes run the jnp reference); one index list per neuron (no group-shared layout).
 """
 
 from __future__ import annotations
@@ -74,7 +79,14 @@ import optax
 from flax import linen as nn
 
 from jaxsparse import schedules, topology
-from jaxsparse.algorithms.structured import _tau, min_neurons, output_layer_path, srigl_layer
+from jaxsparse.algorithms.structured import (
+    _tau,
+    fan_ins_after_ablation,
+    min_neurons,
+    output_layer_path,
+    srigl_drop_count,
+    srigl_layer,
+)
 from jaxsparse.condensed.checks import (
     INDEX_DTYPES,
     bad_rows,
@@ -540,20 +552,29 @@ def move_slots(a: jax.Array, src: jax.Array) -> jax.Array:
 SELECTIONS = ("slots", "dense")
 
 
-def _drop_on_slots(values, indices, n_in, n_keep, key):
+def _view_ranks(tie_key: jax.Array, rows: jax.Array, cols: jax.Array, n_out: int
+                ) -> jax.Array:
+    """The keyed tie ranks (``topology.tie_ranks``) of the positions ``(rows, cols)`` (int
+    arrays, broadcast together) of a whole ``[n_in, n_out]`` view, computed for those
+    positions only: ``tie_ranks``' position is ``offset + row * s + col``, here with a 1x1
+    shape and the global positions as the offset."""
+    pos = rows.astype(jnp.uint32) * jnp.uint32(n_out) + cols.astype(jnp.uint32)
+    return topology.tie_ranks((1, 1), tie_key, whole=False, offset=pos)
+
+
+def _drop_on_slots(values, indices, n_keep, key, live=None):
     """``bool[n_out, k]``: the slots that survive the drop, as ``topology.top_k_mask(|W|,
     n_keep, where=mask, tie_key=key)`` on the dense view would choose them.
 
     The same keys (``sortable_key(|w|)``) and tie ranks (the dense positions' keyed hash,
     ``tie_ranks`` of the ``[n_in, n_out]`` view) with the candidates being exactly the
-    slots, so the top ``n_keep`` (key, rank) pairs are the same set; the scores are ``nnz``
-    long instead of ``n_in * n_out``.
+    slots (the ``live`` ones of a padded layout), so the top ``n_keep`` (key, rank) pairs
+    are the same set; the scores are ``nnz`` long instead of ``n_in * n_out``.
     """
     n_out, k = values.shape
-    keys = topology.sortable_key(jnp.abs(values).astype(jnp.float32))
-    dense_ranks = topology.tie_ranks((n_in, n_out), key, whole=True)
-    cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
-    ranks = dense_ranks[indices.astype(jnp.int32), cols]
+    keys = topology.candidate_keys(jnp.abs(values).astype(jnp.float32), live)
+    cols = jnp.arange(n_out, dtype=jnp.int32)[:, None]
+    ranks = _view_ranks(key, indices.astype(jnp.int32), cols, n_out)
     return topology.select_by_counting(keys, ranks, n_keep, whole=True)
 
 
@@ -600,7 +621,7 @@ def srigl_condensed_layer(values: jax.Array, indices: jax.Array, dense_grad: jax
         budget = jnp.asarray(k * n_out, jnp.int32)
         n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
                            ).astype(jnp.int32)
-        kept = _drop_on_slots(values, indices, n_in, budget - n_drop, k_keep)
+        kept = _drop_on_slots(values, indices, budget - n_drop, k_keep)
         cols = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
         keep = jnp.zeros((n_in, n_out), bool).at[indices.astype(jnp.int32), cols].max(
             kept, mode="drop")
@@ -660,6 +681,85 @@ def _select_per_neuron(keys: jax.Array, ranks: Callable[[], jax.Array], k) -> ja
                                       **{p: counting for p in topology.COUNTING_PLATFORMS})
 
 
+def _neuron_blocks(n_out: int, block) -> tuple[int, jax.Array, jax.Array]:
+    """``(size, starts, rows)``: ``n_out`` neurons in blocks of ``size = min(block, n_out)``,
+    block ``b`` covering neurons ``starts[b] + rows``. The last block is shifted left to end
+    at ``n_out`` (it repeats a few neurons of the one before): every block is a full slice
+    of the real neurons."""
+    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise ValueError(f"growth block must be an int >= 1, got {block!r}")
+    size = min(int(block), n_out)
+    n_blocks = -(-n_out // size)
+    starts = jnp.minimum(jnp.arange(n_blocks, dtype=jnp.int32) * size, n_out - size)
+    return size, starts, jnp.arange(size, dtype=jnp.int32)
+
+
+def _scatter_blocks(per_block: jax.Array, starts: jax.Array, rows: jax.Array, n_out: int
+                    ) -> jax.Array:
+    """``[n_blocks, size, ...]`` per-neuron results -> ``[n_out, ...]`` (a neuron repeated
+    by the shifted last block gets the same result from both)."""
+    at = (starts[:, None] + rows[None, :]).reshape(-1)
+    flat = per_block.reshape(-1, *per_block.shape[2:])
+    return jnp.zeros((n_out, *per_block.shape[2:]), per_block.dtype).at[at].set(flat)
+
+
+def _block_keep(indices: jax.Array, kept: jax.Array, start, size: int, n_in: int
+                ) -> jax.Array:
+    """``bool[n_in, size]``: the inputs of the ``kept`` slots of neurons ``start + rows``
+    (the dense view's columns of one block)."""
+    rows = jnp.arange(size, dtype=jnp.int32)
+    idx = jax.lax.dynamic_slice_in_dim(indices, start, size).astype(jnp.int32)
+    return jnp.zeros((n_in, size), bool).at[idx.T, rows[None, :]].max(
+        jax.lax.dynamic_slice_in_dim(kept, start, size).T, mode="drop")
+
+
+def _block_scores(x: jax.Array, dy: jax.Array, start, size: int, dtype) -> jax.Array:
+    """``|x^T @ dy|`` of neurons ``start .. start + size`` (``x [b, n_in]``, ``dy [b,
+    n_out]``), the gradient rounded to ``dtype`` first as the dense view's would be."""
+    g = weight_grad(x, jax.lax.dynamic_slice_in_dim(dy, start, size, axis=1))
+    return jnp.abs(g.astype(dtype))
+
+
+def _flat_growth_inputs(x: jax.Array, dy: jax.Array, n_out: int, what: str):
+    """``(x [b, n_in], dy [b, n_out])`` from ``[..., n_in]`` / ``[..., n_out]``."""
+    if dy.shape[-1] != n_out or x.shape[:-1] != dy.shape[:-1]:
+        raise ValueError(f"{what}growth inputs x {x.shape} and dy {dy.shape} are not "
+                         f"[..., n_in] and [..., n_out={n_out}] with the same leading axes")
+    return x.reshape(-1, x.shape[-1]), dy.reshape(-1, n_out)
+
+
+def _grow_blocks(indices, kept, need, x, dy, tie_key, block, *, dtype, pad: bool):
+    """Per neuron, the ``kept`` slots' inputs plus the ``need`` best other inputs by
+    ``|x^T @ dy|`` (rounded to ``dtype``), one block of neurons at a time: ``(new indices
+    [n_out, k], their counts int32[n_out] or None without pad)``. See
+    :func:`grow_blocked`."""
+    n_out, k = indices.shape
+    n_in = x.shape[-1]
+    size, starts, rows = _neuron_blocks(n_out, block)
+
+    def one(start):
+        cols = start + rows
+        keep = _block_keep(indices, kept, start, size, n_in)
+        keys = topology.candidate_keys(_block_scores(x, dy, start, size, dtype), where=~keep)
+
+        def ranks():
+            # Computed for this block's positions only (the whole view's ranks sliced
+            # would be loop-invariant: XLA hoists and materializes them).
+            if tie_key is None:  # earliness down each column, as tie_ranks without a key
+                return jnp.broadcast_to(
+                    jnp.arange(n_in - 1, -1, -1, dtype=jnp.uint32)[:, None], (n_in, size))
+            return _view_ranks(tie_key, jnp.arange(n_in, dtype=jnp.int32)[:, None],
+                               cols[None, :], n_out)
+
+        new = keep | _select_per_neuron(keys, ranks, need[cols])
+        fan = topology.count_per_neuron(new) if pad else None
+        return mask_to_indices(new, k, indices.dtype, pad=pad), fan
+
+    new, fan = jax.lax.map(one, starts)  # [n_blocks, size, k], [n_blocks, size]
+    return (_scatter_blocks(new, starts, rows, n_out),
+            None if fan is None else _scatter_blocks(fan, starts, rows, n_out))
+
+
 def grow_blocked(indices: jax.Array, kept: jax.Array, x: jax.Array, dy: jax.Array,
                  tie_key: jax.Array, *, block: int = 256) -> jax.Array:
     """Regrows every neuron to ``k`` by ``|x^T @ dy|``, one block of neurons at a time.
@@ -682,47 +782,11 @@ def grow_blocked(indices: jax.Array, kept: jax.Array, x: jax.Array, dy: jax.Arra
         ``[n_out, k]`` the new ascending input positions (dtype of ``indices``).
     """
     n_out, k = indices.shape
-    n_in = x.shape[-1]
-    if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-        raise ValueError(f"growth block must be an int >= 1, got {block!r}")
-    if dy.shape[-1] != n_out or x.shape[:-1] != dy.shape[:-1]:
-        raise ValueError(f"growth inputs x {x.shape} and dy {dy.shape} are not [..., n_in] "
-                         f"and [..., n_out={n_out}] with the same leading axes")
-    x, dy = x.reshape(-1, n_in), dy.reshape(-1, n_out)
-    block = min(int(block), n_out)
-    n_blocks = -(-n_out // block)
-    # The last block is shifted left to end at n_out (it repeats a few neurons of the one
-    # before, with the same result): every block is a full slice of the real neurons.
-    starts = jnp.minimum(jnp.arange(n_blocks, dtype=jnp.int32) * block, n_out - block)
+    _neuron_blocks(n_out, block)  # checks block
+    x, dy = _flat_growth_inputs(x, dy, n_out, "")
     need = k - jnp.sum(kept, axis=1, dtype=jnp.int32)
-    rows = jnp.arange(block, dtype=jnp.int32)
-
-    def one(start):
-        cols = start + rows
-        idx = jax.lax.dynamic_slice_in_dim(indices, start, block).astype(jnp.int32)
-        keep = jnp.zeros((n_in, block), bool).at[idx.T, rows[None, :]].max(
-            jax.lax.dynamic_slice_in_dim(kept, start, block).T, mode="drop")
-        scores = growth_scores(x, jax.lax.dynamic_slice_in_dim(dy, start, block, axis=1))
-        keys = topology.candidate_keys(scores, where=~keep)
-
-        def ranks():
-            # The hash of each position of the whole [n_in, n_out] view, computed for this
-            # block's columns only: tie_ranks' position is offset + row * s + col, here with
-            # a 1x1 shape and the block's global positions as the offset. (The whole view's
-            # ranks sliced would be loop-invariant: XLA hoists and materializes them.)
-            if tie_key is None:  # earliness down each column, as tie_ranks without a key
-                return jnp.broadcast_to(
-                    jnp.arange(n_in - 1, -1, -1, dtype=jnp.uint32)[:, None], (n_in, block))
-            pos = (jnp.arange(n_in, dtype=jnp.uint32)[:, None] * jnp.uint32(n_out)
-                   + cols.astype(jnp.uint32)[None, :])
-            return topology.tie_ranks((1, 1), tie_key, whole=False, offset=pos)
-
-        grow = _select_per_neuron(keys, ranks, need[cols])
-        return mask_to_indices(keep | grow, k, indices.dtype)
-
-    new = jax.lax.map(one, starts)  # [n_blocks, block, k]
-    at = (starts[:, None] + rows[None, :]).reshape(-1)
-    return jnp.zeros_like(indices).at[at].set(new.reshape(-1, k))
+    return _grow_blocks(indices, kept, need, x, dy, tie_key, block, dtype=jnp.float32,
+                        pad=False)[0]
 
 
 def srigl_condensed_layer_blocked(values: jax.Array, indices: jax.Array,
@@ -746,15 +810,11 @@ def srigl_condensed_layer_blocked(values: jax.Array, indices: jax.Array,
     """
     n_out, k = values.shape
     x, dy = growth
-    n_in = x.shape[-1]
-    if dy.shape[-1] != n_out or x.shape[:-1] != dy.shape[:-1]:
-        raise ValueError(f"{name}: growth inputs x {x.shape} and dy {dy.shape} are not "
-                         f"[..., n_in] and [..., n_out={n_out}] with the same leading axes")
+    _flat_growth_inputs(x, dy, n_out, f"{name}: ")
     k_keep, _, _, k_fill = jax.random.split(key, 4)  # srigl_layer's split
     budget = jnp.asarray(k * n_out, jnp.int32)
-    n_drop = jnp.floor(jnp.asarray(fraction, jnp.float32) * budget.astype(jnp.float32)
-                       ).astype(jnp.int32)
-    kept = _drop_on_slots(values, indices, n_in, budget - n_drop, k_keep)
+    n_drop = srigl_drop_count(budget, fraction)
+    kept = _drop_on_slots(values, indices, budget - n_drop, k_keep)
     new_indices = grow_blocked(indices, kept, x, dy, k_fill, block=block)
     return new_indices, slot_sources(indices, new_indices)
 
@@ -779,6 +839,17 @@ def slot_sources(old: jax.Array, new: jax.Array, old_fan=None, new_fan=None) -> 
     return jnp.where(found, pos, -1)
 
 
+def _capacity_guard(min_neurons, k0, n_out: int, cap: int, n_in: int, what: str = ""
+                    ) -> jax.Array:
+    """``min_neurons``, raised so that ``floor(k0 * n_out / n_active)`` fits in ``cap``
+    slots (when ``cap < n_in``): at least ``floor(k0 * n_out / (cap + 1)) + 1`` active."""
+    if cap > n_in:
+        raise ValueError(f"{what}capacity {cap} exceeds n_in={n_in}")
+    if cap < n_in:
+        return jnp.maximum(min_neurons, k0 * n_out // (cap + 1) + 1)
+    return jnp.asarray(min_neurons, jnp.int32)
+
+
 def srigl_ablation_condensed_layer(values: jax.Array, indices: jax.Array, fan: jax.Array,
                                    dense_grad: jax.Array, key: jax.Array, *, fraction, k0,
                                    tau, min_neurons) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -791,7 +862,10 @@ def srigl_ablation_condensed_layer(values: jax.Array, indices: jax.Array, fan: j
     floor(k0 * n_out / n_active)`` slots, ablated ones none. A neuron cannot hold more than
     ``capacity`` weights, so at least ``floor(k0 * n_out / (capacity + 1)) + 1`` neurons
     stay active (when ``capacity < n_in``): with a capacity that never binds the result is
-    exactly the masked rule's.
+    exactly the masked rule's. This is the readable reference: it builds the dense view
+    (weights, mask, gradient: several ``[n_in, n_out]`` arrays);
+    :func:`srigl_ablation_condensed_layer_blocked` gives the same result from the gradient's
+    factors with temporaries of ``n_in * block`` entries.
 
     Args:
         values, indices: ``[n_out, capacity]`` (the first ``fan[i]`` slots of neuron ``i``
@@ -806,18 +880,100 @@ def srigl_ablation_condensed_layer(values: jax.Array, indices: jax.Array, fan: j
         ``(new_indices, src, new_fan)``: ``src`` as :func:`slot_sources`.
     """
     n_in, n_out = dense_grad.shape
-    cap = values.shape[1]
-    if cap > n_in:
-        raise ValueError(f"capacity {cap} exceeds n_in={n_in}")
-    weight, mask = expand_from_training(values, indices, n_in, fan)
     k0 = jnp.asarray(k0, jnp.int32)
-    if cap < n_in:
-        min_neurons = jnp.maximum(min_neurons, k0 * n_out // (cap + 1) + 1)
+    min_neurons = _capacity_guard(min_neurons, k0, n_out, values.shape[1], n_in)
+    cap = values.shape[1]
+    weight, mask = expand_from_training(values, indices, n_in, fan)
     new_mask = srigl_layer(mask, weight, dense_grad.astype(weight.dtype), key, k0=k0,
                            fraction=fraction, gamma_sal=0.0, ablation=True,
                            min_neurons=min_neurons, tau=tau)
     new_indices = mask_to_indices(new_mask, cap, indices.dtype, pad=True)
     new_fan = topology.count_per_neuron(new_mask)
+    return new_indices, slot_sources(indices, new_indices, fan, new_fan), new_fan
+
+
+def srigl_ablation_condensed_layer_blocked(
+        values: jax.Array, indices: jax.Array, fan: jax.Array, growth: GrowthInputs,
+        key: jax.Array, *, fraction, k0, tau, min_neurons, block: int = 256,
+        name: str = "layer") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`srigl_ablation_condensed_layer` with ``dense_grad = x^T @ dy`` never built.
+
+    Same rule, same result bit for bit (tested), with temporaries of ``n_in * block +
+    nnz + n_out`` entries instead of several ``[n_in, n_out]`` arrays:
+
+    * the drop (top ``B - n_drop`` live slots by ``|W|``, layer-wide) on the slots;
+    * saliency: the layer-wide top ``n_drop`` of ``|x^T @ dy|`` over every position, as a
+      threshold (:func:`jaxsparse.topology.top_k_threshold`) found by counting passes over
+      blocks of ``block`` neurons that recompute their scores (one matmul of the layer per
+      pass: a few passes after a first one bracketed by a strided sample); then one more
+      pass counts each neuron's salient grown positions that are not kept;
+    * ablation and the new fan-in ``k'`` from the salient counts
+      (:func:`jaxsparse.algorithms.structured.fan_ins_after_ablation`), the per-neuron trim
+      of the kept slots to ``k'`` on the slots (slot order is input order: the same
+      earliness tie-break);
+    * the growth to ``k'`` per neuron, one block at a time as in :func:`grow_blocked`.
+
+    Args:
+        values, indices, fan, key, fraction, k0, tau, min_neurons: as for
+            :func:`srigl_ablation_condensed_layer`.
+        growth: the layer's :class:`GrowthInputs` (``x [..., n_in]``, ``dy [..., n_out]``).
+        block: neurons per block (``>= 1``; at most ``n_out`` is used).
+        name: the layer named in error messages.
+
+    Returns:
+        ``(new_indices, src, new_fan)`` as :func:`srigl_ablation_condensed_layer`.
+    """
+    n_out, cap = values.shape
+    x, dy = _flat_growth_inputs(*growth, n_out, f"{name}: ")
+    n_in = x.shape[-1]
+    size, starts, rows = _neuron_blocks(n_out, block)
+    if n_in * n_out >= 2**31:
+        raise ValueError(f"{name}: layer [{n_in}, {n_out}] has >= 2**31 positions")
+    k0 = jnp.asarray(k0, jnp.int32)
+    min_neurons = _capacity_guard(min_neurons, k0, n_out, cap, n_in, f"{name}: ")
+    k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)  # srigl_layer's split
+    budget = k0 * n_out
+    n_drop = srigl_drop_count(budget, fraction)
+    kept = _drop_on_slots(values, indices, budget - n_drop, k_keep,
+                          live=live_slots(fan, cap))
+    positions = jnp.arange(n_in, dtype=jnp.int32)[:, None]
+
+    def block_keys(b):
+        """Block ``b``'s growth keys (every position a candidate) and tie ranks."""
+        cols = starts[b] + rows
+        keys = topology.candidate_keys(_block_scores(x, dy, starts[b], size, values.dtype))
+        return keys, (lambda: _view_ranks(k_grow, positions, cols[None, :], n_out))
+
+    def scan(part):
+        def one(b):
+            keys, ranks = block_keys(b)
+            owned = starts[b] + rows >= b * size  # the shifted last block repeats neurons
+            return part(jnp.where(owned[None, :], keys, jnp.uint32(0)), ranks)
+        return jax.lax.map(one, jnp.arange(starts.shape[0], dtype=jnp.int32))
+
+    row_step, col_step = topology.sample_strides((n_in, n_out))
+    sample = topology.candidate_keys(jnp.abs(weight_grad(x[:, ::row_step], dy[:, ::col_step])
+                                             .astype(values.dtype)))
+    threshold = topology.top_k_threshold(scan, n_drop, n_in * n_out, sample=sample)
+
+    def salient_grown(b):
+        """Per neuron of block ``b``: salient grown positions that are not kept."""
+        keys, ranks = block_keys(b)
+        grown = topology.in_top_k(keys, ranks(), threshold)
+        return topology.count_per_neuron(grown & ~_block_keep(indices, kept, starts[b],
+                                                                size, n_in))
+
+    grown = _scatter_blocks(jax.lax.map(salient_grown, jnp.arange(starts.shape[0])),
+                            starts, rows, n_out)
+    counts = jnp.sum(kept, axis=1, dtype=jnp.int32) + grown
+    k_vec = fan_ins_after_ablation(counts, n_out=n_out, budget=budget, fan_in=n_in, tau=tau,
+                                   min_neurons=min_neurons, key=k_abl)
+    # Survivors keep their top k' kept weights by |W|, ties to the earlier slot (= input).
+    w_keys = topology.candidate_keys(jnp.abs(values), kept)
+    keep = topology.top_k_keys(w_keys.T, k_vec, per_neuron=True).T
+    need = k_vec - jnp.sum(keep, axis=1, dtype=jnp.int32)
+    new_indices, new_fan = _grow_blocks(indices, keep, need, x, dy, k_fill, block,
+                                        dtype=values.dtype, pad=True)
     return new_indices, slot_sources(indices, new_indices, fan, new_fan), new_fan
 
 
@@ -936,8 +1092,9 @@ def srigl_condensed(
     1. at an update step (``periodic(update_every, end_step, begin_step)``, under
        ``lax.cond`` with ``topology="scheduled"``; always with ``"update"``, never with
        ``"skip"``): new indices per layer (:func:`srigl_condensed_layer`, or
-       :func:`srigl_ablation_condensed_layer` with ablation), on the pre-step values and
-       the dense gradients (``dense_grads()`` is called inside that branch only);
+       :func:`srigl_ablation_condensed_layer` with ablation; their ``_blocked`` versions
+       for :class:`GrowthInputs`), on the pre-step values and the dense gradients or their
+       factors (``dense_grads()`` is called inside that branch only);
        non-finite gradients keep the topology for that step;
     2. the inner optimizer's update of every param (values, biases, dense leaves); with
        ablation the gradients of padded slots are zero and padded values stay zero;
@@ -961,15 +1118,18 @@ def srigl_condensed(
             of the dense run have the same norm).
         key, end_step, update_every, begin_step, drop_fraction, drop_fraction_decay,
         gamma_sal, output_layer: as for ``jaxsparse.srigl``.
-        selection: without ablation ``"slots"`` (default) or ``"dense"`` (see
-            :func:`srigl_condensed_layer`); with ablation only ``"dense"`` (the default):
-            the update runs ``srigl_layer`` on each layer's dense view.
+        selection: ``"slots"`` (default) or ``"dense"``: the reference, ``srigl_layer`` on
+            each layer's dense view (see :func:`srigl_condensed_layer`). With ablation a
+            dense gradient always takes the reference
+            (:func:`srigl_ablation_condensed_layer`); ``"slots"`` matters for
+            :class:`GrowthInputs`.
         ablation: SRigL's neuron ablation (default False: constant fan-in, every slot live).
         growth_block: neurons per block when ``dense_grads`` gives a layer's
-            :class:`GrowthInputs` (``selection="slots"``, no ablation): its growth runs
-            :func:`srigl_condensed_layer_blocked`, whose temporaries scale with
-            ``n_in * growth_block``. With ablation or ``selection="dense"`` the dense
-            gradient is built from them whole (:func:`weight_grad`).
+            :class:`GrowthInputs` and ``selection="slots"``: the update runs
+            :func:`srigl_condensed_layer_blocked` (with ablation
+            :func:`srigl_ablation_condensed_layer_blocked`), whose temporaries scale with
+            ``n_in * growth_block``. With ``selection="dense"`` the dense gradient is built
+            from them whole (:func:`weight_grad`).
 
     Example:
         >>> tx = srigl_condensed(optax.adam(1e-3), key=jax.random.key(0), end_step=5000)
@@ -983,12 +1143,9 @@ def srigl_condensed(
     if key is None:
         raise ValueError("srigl_condensed needs key=jax.random.key(seed)")
     if selection is None:
-        selection = "dense" if ablation else "slots"
+        selection = "slots"
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    if ablation and selection != "dense":
-        raise ValueError("srigl_condensed(ablation=True) selects on the dense view only: "
-                         f"selection must be 'dense' or None, got {selection!r}")
     if not 0.0 <= gamma_sal <= 1.0:
         raise ValueError(f"gamma_sal must be in [0, 1], got {gamma_sal!r}")
     if (isinstance(growth_block, bool) or not isinstance(growth_block, (int, np.integer))
@@ -1051,7 +1208,20 @@ def srigl_condensed(
                 values, idx = p_flat[vpath], i_flat[ipath]
                 key_j = jax.random.fold_in(key_t, j)
                 if isinstance(g, GrowthInputs):
-                    if not ablation and selection == "slots":
+                    if selection == "slots" and ablation:
+                        c = state.consts[j]
+                        n_out = values.shape[0]
+                        new, src, nf = srigl_ablation_condensed_layer_blocked(
+                            values, idx, fans[j], g, key_j, fraction=fraction(count),
+                            k0=c["k0"], tau=c["tau"],
+                            min_neurons=min_neurons(c["k0"], n_out, g.x.shape[-1],
+                                                    c["output"]),
+                            block=growth_block, name=ipath)
+                        new_fans.append(jnp.where(finite, nf, fans[j]))
+                        news.append(jnp.where(finite, new, idx))
+                        srcs.append(jnp.where(finite, src, _identity(idx)))
+                        continue
+                    if selection == "slots":
                         new, src = srigl_condensed_layer_blocked(
                             values, idx, g, key_j, fraction=fraction(count),
                             block=growth_block, name=ipath)
