@@ -84,3 +84,39 @@ def test_reading_in_place_copies_no_layer(monkeypatch):
     layer_bytes = 256 * 256 * 4
     assert _temp_bytes(read=False, monkeypatch=monkeypatch) >= layer_bytes  # a copy
     assert _temp_bytes(read=True, monkeypatch=monkeypatch) < layer_bytes // 16
+
+
+def test_map_layers_equals_a_loop_over_layers():
+    # Two groups of same-shaped layers (one of them interleaved) and a group of one.
+    layers = ([jnp.arange(12.0).reshape(3, 4) * i for i in range(3)] + [jnp.ones((2, 5))]
+              + [jnp.full((3, 4), -1.0)])
+    consts = [jnp.float32(i) for i in range(len(layers))]
+
+    def fn(x, c):
+        return {"scaled": x * c, "total": jnp.sum(x), "packed": jnp.packbits(x > c, axis=-1)}
+
+    want = [fn(x, c) for x, c in zip(layers, consts)]
+    for got in (layermap.map_layers(fn, layers, consts),
+                jax.jit(lambda ls: layermap.map_layers(fn, ls, consts))(layers)):
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(w), strict=True):
+                assert a.dtype == b.dtype
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _packed_outputs_temp(n: int) -> int:
+    layers = [jnp.full((128, 128), float(i)) for i in range(n)]
+
+    def packed(layers):
+        return layermap.map_layers(lambda x, c: jnp.packbits(x > c, axis=-1), layers,
+                                   [jnp.float32(1.0)] * n)
+
+    return jax.jit(packed).lower(layers).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_map_layers_temporaries_do_not_grow_with_depth():
+    # Each layer's output is its own buffer: no stack of all the outputs, which would add
+    # one output (128 x 16 bytes) per layer to the temporaries (8 more layers: 16 KiB).
+    output_bytes = 128 * 16
+    assert _packed_outputs_temp(12) - _packed_outputs_temp(4) < output_bytes

@@ -245,14 +245,17 @@ def snfs(
 
         # Pass 2, per layer: grow its share by largest |momentum| among the free positions.
         def grow(read, c):
-            keep = bitmask.unpack(read(lambda layer: layer[0]))
-            keys = read(lambda layer: topology.candidate_keys(jnp.abs(layer[1]), ~keep))
+            keep = bitmask.unpack(c["kept"])
+            keys = read(lambda mom: topology.candidate_keys(jnp.abs(mom), ~keep))
             grown = topology.top_k_keys(keys, c["n"],
                                         tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
             return bitmask.pack(keep | grown)
 
-        new = map_layers(grow, list(zip(kept, moms)),
-                         [{"n": regrow[j], "j": j} for j in range(len(idx))], read=True)
+        # The kept masks go in as consts: map_groups stacks a group's consts, which XLA folds
+        # back into pass 1's stack, read at the loop index (as layers they were sliced out of
+        # it and copied, a distinct kernel per layer).
+        new = map_layers(grow, moms, [{"n": regrow[j], "j": j, "kept": kept[j]}
+                                      for j in range(len(idx))], read=True)
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     rule = SparsityRule(
