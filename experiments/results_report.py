@@ -2234,6 +2234,29 @@ def _condensed_row(key, g, metric: str = "test_accuracy") -> CondensedRow:
                         [abs(x - y) for x, y in zip(c, m)])
 
 
+def _lockstep_rows(groups: dict):
+    """The accuracy rows of a masked-vs-condensed lockstep table (tables CT-3000, CT-vit),
+    one per group of :func:`_condensed_row`, with what their bullets summarise: the rows
+    Welch's test separates, the per-seed condensed / masked time ratios, the mask
+    agreements and the accuracy gaps."""
+    rows, separated, ratios, agree_all, gaps = [], [], [], [], []
+    for key, g in groups.items():
+        row = _condensed_row(key, g)
+        pairs, m, c, agree = row.pairs, row.masked, row.condensed, row.agree
+        ratio = [b["step_ms"] / a["step_ms"] for a, b in pairs]
+        rows.append(f"| {row.label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
+                    f"{fmt_compare(c, m)} | {statistics.mean(agree):.6f} / {min(agree):.6f} | "
+                    f"{statistics.median(a['step_ms'] for a, _ in pairs):.1f} | "
+                    f"{statistics.median(b['step_ms'] for _, b in pairs):.1f} | "
+                    f"{statistics.median(ratio):.2f} |")
+        if significant(c, m):
+            separated.append(row.label.replace(" | ", " "))
+        ratios += ratio
+        agree_all += agree
+        gaps += row.gaps
+    return rows, separated, ratios, agree_all, gaps
+
+
 def section_condensed_large(root: Path) -> str:
     """Table CT-3000: the lockstep comparison of :func:`section_condensed` on the
     784-3000-3000-10 MLP; records ``results/condensed_training_3000/results.jsonl``."""
@@ -2271,21 +2294,8 @@ def section_condensed_large(root: Path) -> str:
             "| dataset | rule | sparsity | n | masked | condensed | condensed - masked | "
             "mask agreement (mean / min) | masked ms/step | condensed ms/step | "
             "condensed / masked time per step |", "|" + "---|" * 11]
-    separated, ratios, agree_all, gaps = [], [], [], []
-    for key, g in groups.items():
-        row = _condensed_row(key, g)
-        pairs, m, c, agree = row.pairs, row.masked, row.condensed, row.agree
-        ratio = [b["step_ms"] / a["step_ms"] for a, b in pairs]
-        out.append(f"| {row.label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
-                   f"{fmt_compare(c, m)} | {statistics.mean(agree):.6f} / {min(agree):.6f} | "
-                   f"{statistics.median(a['step_ms'] for a, _ in pairs):.1f} | "
-                   f"{statistics.median(b['step_ms'] for _, b in pairs):.1f} | "
-                   f"{statistics.median(ratio):.2f} |")
-        if significant(c, m):
-            separated.append(row.label.replace(" | ", " "))
-        ratios += ratio
-        agree_all += agree
-        gaps += row.gaps
+    rows, separated, ratios, agree_all, gaps = _lockstep_rows(groups)
+    out += rows
     fans = sorted({k[3] for k in groups})
     out += ["", "* Constant fan-in k0 per layer (`fan_in_budgets`, uniform): " + "; ".join(
         f"{pct(sp)} " + "/".join(map(str, _uniform_fan_ins("mlp-" + CONDENSED_LARGE_MODEL, sp)))
@@ -2474,20 +2484,8 @@ def section_condensed_vit(root: Path) -> str:
             "| dataset | rule | sparsity | n | masked | condensed | condensed - masked | "
             "mask agreement (mean / min) | masked ms/step | condensed ms/step | "
             "condensed / masked |", "|" + "---|" * 11]
-    separated, agree_all, gaps = [], [], []
-    for key, g in groups.items():
-        row = _condensed_row(key, g)
-        pairs, m, c, agree = row.pairs, row.masked, row.condensed, row.agree
-        ratio = [b["step_ms"] / a["step_ms"] for a, b in pairs]
-        out.append(f"| {row.label} | {len(pairs)} | {fmt_cell(m, 100)} | {fmt_cell(c, 100)} | "
-                   f"{fmt_compare(c, m)} | {statistics.mean(agree):.6f} / {min(agree):.6f} | "
-                   f"{statistics.median(a['step_ms'] for a, _ in pairs):.1f} | "
-                   f"{statistics.median(b['step_ms'] for _, b in pairs):.1f} | "
-                   f"{statistics.median(ratio):.2f} |")
-        if significant(c, m):
-            separated.append(row.label.replace(" | ", " "))
-        agree_all += agree
-        gaps += row.gaps
+    rows, separated, _, agree_all, gaps = _lockstep_rows(groups)
+    out += rows
     out += ["", "* Table CT-vit, condensed - masked accuracy: Welch's test separates the two "
             "at " + (", ".join(separated) if separated else "no row")
             + f" (p < 0.05); the largest per-seed |condensed - masked| is {100 * max(gaps):.2f} "

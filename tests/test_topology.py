@@ -307,11 +307,9 @@ def _numpy_top_k(keys, ranks, k):
 
 
 @settings(deadline=None, max_examples=examples(60, nightly=2500))
-@given(seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
-       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
-def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
-    rng = np.random.default_rng(seed)
+def _scores_of_kind(rng, kind):
+    """``[_M, _S]`` float32 scores and a candidate mask for one of the property tests' kinds:
+    normal, ties, few distinct values, NaN/inf/signed zeros, few candidates."""
     scores = rng.standard_normal((_M, _S)).astype(np.float32)
     if kind == "ties":
         scores = np.round(scores)
@@ -320,7 +318,15 @@ def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
     elif kind == "specials":
         scores.flat[rng.integers(0, scores.size, 40)] = rng.choice(
             [np.nan, np.inf, -np.inf, 0.0, -0.0], 40)
-    where = rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
+    return scores, rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
+
+
+@given(seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
+       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
+def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
+    rng = np.random.default_rng(seed)
+    scores, where = _scores_of_kind(rng, kind)
     keys = jnp.where(where, topology.sortable_key(scores), jnp.uint32(0))
     tie_key = jax.random.key(seed) if keyed else None
     ranks_whole = topology.tie_ranks((_M, _S), tie_key, whole=True)
@@ -390,15 +396,7 @@ def _threshold_selection(keys, ranks, k, sampled):
        keyed=st.booleans(), sampled=st.booleans(), frac=st.floats(-0.1, 1.1))
 def test_top_k_threshold_over_blocks_selects_as_top_k_keys(seed, kind, keyed, sampled, frac):
     rng = np.random.default_rng(seed)
-    scores = rng.standard_normal((_M, _S)).astype(np.float32)
-    if kind == "ties":
-        scores = np.round(scores)
-    elif kind == "few_values":
-        scores = rng.integers(0, 3, (_M, _S)).astype(np.float32)
-    elif kind == "specials":
-        scores.flat[rng.integers(0, scores.size, 40)] = rng.choice(
-            [np.nan, np.inf, -np.inf, 0.0, -0.0], 40)
-    where = rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
+    scores, where = _scores_of_kind(rng, kind)
     keys = topology.candidate_keys(scores, jnp.asarray(where))
     tie_key = jax.random.key(seed) if keyed else None
     ranks = topology.tie_ranks((_M, _S), tie_key, whole=True)
