@@ -217,9 +217,15 @@ def _fold(parts, inits, whole: bool):
     r = _block_rows(m)
     blocks = jax.lax.reduce(tuple(p.reshape(m // r, r, s) for p in parts), inits, _combine,
                             (1,))
+    return _combine_leading(blocks)
+
+
+def _combine_leading(stacked):
+    """:func:`_combine` over the leading axis of each array of a tuple of stacked
+    ``(count, smallest, largest)`` triples."""
     return tuple(jnp.sum(b, axis=0) if i % 3 == 0 else
                  jnp.min(b, axis=0) if i % 3 == 1 else jnp.max(b, axis=0)
-                 for i, b in enumerate(blocks))
+                 for i, b in enumerate(stacked))
 
 
 def _at(x, pivot, among, whole: bool):
@@ -410,11 +416,8 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
         raise ValueError(f"selections over >= 2**31 entries are not supported ({size})")
 
     def fold(part):
-        # The blocks' (count, smallest, largest) triples combined as _combine does.
-        stacked = scan(part)
-        return tuple(jnp.sum(p, axis=0) if i % 3 == 0 else
-                     jnp.min(p, axis=0) if i % 3 == 1 else jnp.max(p, axis=0)
-                     for i, p in enumerate(stacked))
+        # The blocks' (count, smallest, largest) triples, combined.
+        return _combine_leading(scan(part))
 
     k = _clip_k(k, size, 1)
     pivots = () if sample is None else _pivots_from_sample(sample, k, size)
