@@ -85,8 +85,10 @@ def test_vit_srigl_neuron_is_one_attention_output_unit(ablation):
     kernels a neuron pooled the 4 heads and the per-unit fan-in over ``dim`` was random."""
     model = models.create_model(models.model_config("vit"))
     params = models.init_params(model, (8, 8, 1), jax.random.key(0))  # patch 4: 4 tokens
+    # Only the attention kernels are sparse: one shape (64x64), so one compiled selection.
     tx = jaxsparse.srigl(lenient(optax.adam(1e-2)), 0.9, key=jax.random.key(0), end_step=4,
-                         update_every=2, gamma_sal=0.9, ablation=ablation)
+                         update_every=2, gamma_sal=0.9, ablation=ablation,
+                         prunable=r"SelfAttention_0/\w+/kernel$")
     x = jax.random.uniform(jax.random.key(2), (16, 8, 8, 1))
     y = jnp.arange(16) % 10
 
