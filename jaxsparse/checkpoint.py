@@ -219,6 +219,11 @@ class Checkpointer:
                 f"checkpoint step {step} already exists in {str(self.directory)!r}; "
                 f"refusing to overwrite it (restore it, or save under another step)")
         on_disk, leaves = _to_disk(tree)
+        # Every queued device program (train steps, the packing above) finishes before
+        # Orbax's threads copy the arrays out. Independent programs with collectives may run
+        # at once, and on simulated CPU devices with few cores they can block each other
+        # (an LM benchmark aborted with "Gloo AllGather failed: Application timeout").
+        on_disk = jax.block_until_ready(on_disk)
         manifest = {"format": FORMAT, "leaves": leaves, "process_count": jax.process_count(),
                     "mesh": _mesh_of(tree)}
         self._mgr.save(step, args=ocp.args.Composite(
