@@ -7,8 +7,9 @@
   (``tests.helpers.examples``), freshly random; a fraction (``0.1``) runs that share of it.
 * Strict numpy semantics, as in equinox's test suite: implicit dtype promotion
   (bool mask * float) and implicit rank promotion (silent broadcasting) raise.
-* Fast XLA:CPU compilation (no LLVM optimisation; see below), unless
-  ``JAXSPARSE_TEST_XLA_DEFAULTS=1``.
+* The fast tier (the default ``-m 'not slow'``) compiles fast rather than well (see
+  :func:`_use_fast_compile`); every other selection, the slow tier included, runs with
+  XLA's defaults, the configuration users run.
 * One JAX compilation cache per test session, shared by the xdist workers: many tests build
   a fresh optimizer (a new jit) around the same program, which then compiles only once.
   The folder is new for every session (no state carried between runs) and removed at the end.
@@ -19,23 +20,6 @@ import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# Tests check results, not speed: XLA:CPU compiles without LLVM optimisation and with its
-# elemental emitters, which compiles the suite's thousands of small programs 2-3x faster
-# (the fast tier: 460-480 s -> ~210 s on 2 cores). JAXSPARSE_TEST_XLA_DEFAULTS=1 keeps
-# XLA's defaults. The flags are tried in a child process first (set in the controller,
-# inherited by the xdist workers): a JAX that no longer knows one runs with the defaults.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
-if not os.environ.get("JAXSPARSE_TEST_XLA_DEFAULTS") and _FAST_COMPILE not in os.environ[
-        "XLA_FLAGS"]:
-    import subprocess
-    import sys
-
-    _flags = f"{os.environ['XLA_FLAGS']} {_FAST_COMPILE}"
-    _probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(abs)(1.0)"],
-                            env=dict(os.environ, XLA_FLAGS=_flags, JAX_PLATFORMS="cpu"),
-                            capture_output=True, timeout=120, check=False)
-    if _probe.returncode == 0:
-        os.environ["XLA_FLAGS"] = _flags
 # Set in the controller before xdist starts its workers, which inherit it.
 _OWN_CACHE = "JAXSPARSE_TEST_JAX_CACHE" not in os.environ
 if _OWN_CACHE:
@@ -62,7 +46,35 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+# XLA:CPU without LLVM optimisation and with its elemental emitters: the suite's time is
+# compiling thousands of small programs, 2-3x faster this way (the fast tier on 2 cores:
+# 460-480 s -> ~195 s). Not for the slow tier: its cross-program and cross-process
+# bit-equality checks and its compiled-HLO shape checks hold for XLA's default pipeline
+# (and the multi-process workers run with the defaults).
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+
+
+def _use_fast_compile() -> None:
+    """Adds :data:`_FAST_COMPILE` to ``XLA_FLAGS`` (read when JAX first creates its CPU
+    backend, after this hook; set in the xdist controller, inherited by its workers),
+    after a child process showed this JAX knows the flags (an unknown one is fatal)."""
+    if os.environ.get("JAXSPARSE_TEST_XLA_DEFAULTS") or _FAST_COMPILE in os.environ[
+            "XLA_FLAGS"]:
+        return
+    import subprocess
+    import sys
+
+    flags = f"{os.environ['XLA_FLAGS']} {_FAST_COMPILE}"
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(abs)(1.0)"],
+                           env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+                           capture_output=True, timeout=120, check=False)
+    if probe.returncode == 0:
+        os.environ["XLA_FLAGS"] = flags
+
+
 def pytest_configure(config):
+    if config.option.markexpr == "not slow":  # the fast tier (pyproject's addopts)
+        _use_fast_compile()
     config.addinivalue_line(
         "markers", "property: a hypothesis property test (added by conftest to every @given "
         "test); `JAXSPARSE_NIGHTLY=1 pytest -m property` is the nightly property run")
