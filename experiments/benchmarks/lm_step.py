@@ -96,13 +96,16 @@ def worker(a) -> None:
         step = compiled.executable
 
         def call(step=step, holder=holder, data=data):
+            # One step in flight at a time: with a queue of steps, 8 simulated devices on 2
+            # cores deadlocked in their collectives (every pool thread blocked in a
+            # rendezvous; a 10m warm-up of 99 steps hung until gloo's 30-minute timeout).
             holder["state"], loss = step(holder["state"], data)
-            return loss
+            return jax.block_until_ready(loss)
 
         jax.block_until_ready(call())  # step 1: not a topology step
         for _ in range(a.update_every - 1):
             call()
-        jax.block_until_ready(holder["state"])  # nothing in flight when the next one starts
+        jax.block_until_ready(holder["state"])
         variants[algo] = (call, a.update_every)
     times = _timing.interleaved(variants, a.repeats) if variants else {"wall": {}}
     if jax.process_index() == 0:
