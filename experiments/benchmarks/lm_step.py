@@ -102,10 +102,8 @@ def worker(a) -> None:
             holder["state"], loss = step(holder["state"], data)
             return jax.block_until_ready(loss)
 
-        jax.block_until_ready(call())  # step 1: not a topology step
-        for _ in range(a.update_every - 1):
+        for _ in range(a.update_every):  # warm-up: one whole update period
             call()
-        jax.block_until_ready(holder["state"])
         variants[algo] = (call, a.update_every)
     times = _timing.interleaved(variants, a.repeats) if variants else {"wall": {}}
     if jax.process_index() == 0:
