@@ -176,3 +176,14 @@ def test_dense_optimizer_cannot_be_pinned():
 def test_unknown_algorithm_names_the_option():
     with pytest.raises(ValueError, match="--algorithms: unknown algorithm 'nope'"):
         scaling.make_sparse("nope", optax.sgd(0.1), 0.9, 10, jax.random.key(0))
+
+
+def test_layermap_benchmark_compares_the_two_loop_shapes(capsys):
+    from experiments.benchmarks import layermap as layermap_bench
+
+    (row,) = layermap_bench.main(["--groups", "6x16x8", "--repeats", "1"])
+    assert row["loop_shape"] == (2, 3)
+    assert set(row["ms"]) == {"one loop", "nested"} and min(row["ms"].values()) > 0
+    assert "| 6 x 16x8 | 0 | (2, 3) |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--groups"):
+        layermap_bench.parse_group("6x16")

@@ -105,6 +105,32 @@ def test_map_layers_equals_a_loop_over_layers():
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("n", [6, 23])
+def test_nested_rotating_loops_keep_the_layer_order(n):
+    # 6 layers: two loops of 3; 23 layers: 4 x 6 turns, the last one padding.
+    assert layermap.loop_shape(n) == {6: (2, 3), 23: (4, 6)}[n]
+    layers = [jnp.arange(12.0).reshape(3, 4) - i for i in range(n)]
+    consts = [jnp.float32(i % 5) for i in range(n)]
+
+    def fn(x, c):
+        return {"packed": jnp.packbits(x > c, axis=-1), "total": jnp.sum(x) * c}
+
+    got = jax.jit(lambda ls: layermap.map_layers(fn, ls, consts))(layers)
+    assert len(got) == n
+    for g, x, c in zip(got, layers, consts):
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(fn(x, c)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_loop_shape_bounds_the_moves():
+    for n in range(1, 300):
+        outer, inner = layermap.loop_shape(n)
+        assert outer * inner >= n and outer * inner - n < inner
+        moves = outer * inner * inner + (outer * outer * inner if outer > 1 else 0)
+        assert moves <= n * n
+        assert moves <= 2.5 * n ** 1.5 + 2 * n  # about 2 n**1.5 (padding adds a little)
+
+
 def _packed_outputs_temp(n: int) -> int:
     layers = [jnp.full((128, 128), float(i)) for i in range(n)]
 
@@ -117,6 +143,9 @@ def _packed_outputs_temp(n: int) -> int:
 
 def test_map_layers_temporaries_do_not_grow_with_depth():
     # Each layer's output is its own buffer: no stack of all the outputs, which would add
-    # one output (128 x 16 bytes) per layer to the temporaries (8 more layers: 16 KiB).
+    # one output (128 x 16 bytes) per layer to the temporaries (20 more layers: 40 KiB). The
+    # nested loops hold at most their inner loop's buffers besides (24 layers: 4 x 6).
     output_bytes = 128 * 16
-    assert _packed_outputs_temp(12) - _packed_outputs_temp(4) < output_bytes
+    outer, inner = layermap.loop_shape(24)
+    assert (outer, inner) == (4, 6) and layermap.loop_shape(4) == (1, 4)
+    assert _packed_outputs_temp(24) - _packed_outputs_temp(4) < inner * output_bytes
