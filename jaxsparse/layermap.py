@@ -156,12 +156,10 @@ def _rotating_loop(turn: Callable, n: int, shapes) -> list:
 
         return jax.lax.fori_loop(0, inner, body, stale)
 
-    empty = [zeros() for _ in range(inner)]
+    init = [[zeros() for _ in range(inner)] for _ in range(outer)]
     if outer == 1:
-        return chunk(0, empty)
-    chunks = jax.lax.fori_loop(0, outer, lambda c, acc: [*acc[1:], chunk(c, acc[0])],
-                               [empty, *[[zeros() for _ in range(inner)]
-                                         for _ in range(outer - 1)]])
+        return chunk(0, init[0])
+    chunks = jax.lax.fori_loop(0, outer, lambda c, acc: [*acc[1:], chunk(c, acc[0])], init)
     return [out for ch in chunks for out in ch][:n]
 
 
