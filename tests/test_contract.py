@@ -5,6 +5,8 @@ masked after every step; grown weights zero; inner moments of grown weights zero
 same masks; dense leaves untouched; works inside chain and inject_hyperparams.
 """
 
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.extend
@@ -54,8 +56,20 @@ DST = ("set", "rigl", "rigl_uniform_const", "snfs", "srigl", "srigl_no_ablation"
        "granet")
 
 
+class Recorded(NamedTuple):
+    """One algorithm's recorded run (see :func:`recorded`)."""
+
+    name: str
+    kind: str
+    random: bool
+    tx: optax.GradientTransformation
+    history: list
+    step: Any
+    pointers: list[int]  # the buffers of a fresh (masked params, state) pair
+
+
 @pytest.fixture(scope="module", params=sorted(ALGORITHMS))
-def recorded(request):
+def recorded(request) -> Recorded:
     name = request.param
     make, kind, random = ALGORITHMS[name]
     tx = make(lenient(optax.adam(1e-2)), jax.random.key(0))
@@ -68,7 +82,7 @@ def recorded(request):
     # (test_state_shares_no_buffer_with_params checks the same before any step).
     step = jax.jit(chex.assert_max_traces(make_step(tx), n=1), donate_argnums=(0, 1))
     history, step = run(tx, STEPS, step=step)
-    return name, kind, random, tx, history, step, _buffer_pointers(tx)
+    return Recorded(name, kind, random, tx, history, step, _buffer_pointers(tx))
 
 
 def _buffer_pointers(tx) -> list[int]:
@@ -94,7 +108,7 @@ def _leaf(tree, path):
 def test_step_is_traced_once(recorded):
     # The recorded run crossed many topology updates and schedule changes through one step
     # wrapped in chex.assert_max_traces(n=1); run it further, from a fresh state.
-    _, _, _, tx, history, step, _ = recorded
+    tx, history, step = recorded.tx, recorded.history, recorded.step
     assert int(jaxsparse.get_sparse_state(history[-1]["state"]).count) == STEPS
     params = tiny_params()
     state = tx.init(params)
@@ -104,7 +118,7 @@ def test_step_is_traced_once(recorded):
 
 
 def test_params_exactly_masked_after_every_step(recorded):
-    _, _, _, _, history, _, _ = recorded
+    history = recorded.history
     for t, snap in enumerate(history):
         for path, m in _sparse_items(snap["masks"]):
             w = _leaf(snap["params"], path)
@@ -112,7 +126,7 @@ def test_params_exactly_masked_after_every_step(recorded):
 
 
 def test_exact_counts_after_every_update(recorded):
-    name, kind, _, _, history, _, _ = recorded
+    name, kind, history = recorded.name, recorded.kind, recorded.history
     first = {p: int(m.sum()) for p, m in _sparse_items(history[0]["masks"])}
     specs = jaxsparse.layer_specs(history[0]["params"])
     for t, snap in enumerate(history):
@@ -153,7 +167,7 @@ def test_pruning_follows_schedule_exactly():
 
 
 def test_topology_changes_only_on_update_steps(recorded):
-    name, kind, _, _, history, _, _ = recorded
+    name, kind, history = recorded.name, recorded.kind, recorded.history
     changed_at = []
     for t in range(1, len(history)):
         prev, cur = history[t - 1]["masks"], history[t]["masks"]
@@ -172,7 +186,7 @@ def test_topology_changes_only_on_update_steps(recorded):
 
 
 def test_grown_weights_are_zero_and_moments_reset(recorded):
-    name, _, _, _, history, _, _ = recorded
+    name, history = recorded.name, recorded.history
     grew = 0
     for t in range(1, len(history)):
         old = dict(_sparse_items(history[t - 1]["masks"]))
@@ -190,7 +204,8 @@ def test_grown_weights_are_zero_and_moments_reset(recorded):
 
 
 def test_same_key_same_masks_different_key_different(recorded):
-    name, _, random, _, history, step, _ = recorded
+    name, random, history, step = (recorded.name, recorded.random, recorded.history,
+                                   recorded.step)
     make = ALGORITHMS[name][0]
     # A fresh optimizer with the same key, run through the recorded compiled step (the key
     # lives in the state), then one with another key.
@@ -324,8 +339,8 @@ def test_donating_the_state_keeps_the_factory_usable():
 def test_state_shares_no_buffer_with_params(recorded):
     # A train step that donates (params, state) fails if any buffer appears twice: the
     # recorded run donated both through all its topology updates; here the fresh pair.
-    pointers = recorded[-1]
-    assert len(pointers) == len(set(pointers)), recorded[0]
+    pointers = recorded.pointers
+    assert len(pointers) == len(set(pointers)), recorded.name
 
 
 OPTIMIZERS = {
