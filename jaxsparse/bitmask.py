@@ -27,7 +27,6 @@ import jax.numpy as jnp
 _BITS = 8
 
 
-@jax.tree_util.register_pytree_node_class
 class PackedMask:
     """A bool mask of static ``shape`` stored as ``uint8`` ``bits`` (last axis packed).
 
@@ -41,13 +40,6 @@ class PackedMask:
         self.bits = bits
         self.shape = tuple(int(d) for d in shape)
 
-    def tree_flatten(self):
-        return (self.bits,), self.shape
-
-    @classmethod
-    def tree_unflatten(cls, shape, children):
-        return cls(children[0], shape)
-
     @property
     def size(self) -> int:
         n = 1
@@ -57,6 +49,23 @@ class PackedMask:
 
     def __repr__(self) -> str:
         return f"PackedMask(shape={self.shape}, bits={getattr(self.bits, 'shape', self.bits)})"
+
+
+def _flatten(m: PackedMask):
+    return (m.bits,), m.shape
+
+
+def _unflatten(shape, children) -> PackedMask:
+    # The shape was normalized when the node was first built: no ``__init__`` here. A
+    # compiled step rebuilds every mask of its output state on every call (a few
+    # microseconds of Python each, a few hundred per step at 100 layers).
+    m = object.__new__(PackedMask)
+    (m.bits,) = children
+    m.shape = shape
+    return m
+
+
+jax.tree_util.register_pytree_node(PackedMask, _flatten, _unflatten)
 
 
 def is_packed(x) -> bool:
