@@ -187,3 +187,31 @@ def test_layermap_benchmark_compares_the_two_loop_shapes(capsys):
     assert "| 6 x 16x8 | 0 | (2, 3) |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--groups"):
         layermap_bench.parse_group("6x16")
+
+
+def test_interleaved_prepares_each_repetition_untimed_and_rotates():
+    from experiments.benchmarks import _timing
+
+    log = []
+    variants = {name: (functools.partial(log.append, name), 2) for name in ("a", "b")}
+    prepare = {"b": functools.partial(log.append, "prep b")}
+    times = _timing.interleaved(variants, 2, prepare)
+    # Repetition 0 runs a then b, repetition 1 b then a; b is prepared before each of its
+    # repetitions and a never is.
+    assert log == ["a", "a", "prep b", "b", "b", "prep b", "b", "b", "a", "a"]
+    assert {k: len(v) for k, v in times["wall"].items()} == {"a": 2, "b": 2}
+
+
+def test_untaken_branch_benchmark_times_each_count(capsys):
+    from experiments.benchmarks import untaken_branch
+
+    rows = untaken_branch.main(["--counts", "0,3", "--calls", "2", "--repeats", "1"])
+    assert [r["reductions"] for r in rows] == [0, 3]
+    assert all(r["us_min"] > 0 for r in rows)
+    assert "| 3 |" in capsys.readouterr().out
+    # The branch is not taken: the donated input comes back unchanged.
+    x = jnp.arange(6.0).reshape(2, 3)
+    assert jnp.array_equal(untaken_branch.program(3)(jnp.copy(x), jnp.asarray(False)), x)
+    assert not jnp.array_equal(untaken_branch.program(3)(jnp.copy(x), jnp.asarray(True)), x)
+    with pytest.raises(SystemExit):
+        untaken_branch.main(["--counts", "a,b"])

@@ -140,13 +140,17 @@ def calls_for(seconds_per_call: float, target_seconds: float, most: int = 200) -
     return max(1, min(most, math.ceil(target_seconds / max(seconds_per_call, 1e-9))))
 
 
-def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int
+def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int,
+                prepare: dict[str, Callable[[], Any]] | None = None,
                 ) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each variant, ``repeats`` times, variants alternating.
 
     Args:
       variants: ``name -> (call, n)``: one timed repetition of ``name`` is ``n`` calls.
       repeats: repetitions per variant; the variants' order rotates every repetition.
+      prepare: optional ``name -> fn``, called untimed before each repetition of ``name``
+        (e.g. to build its state afresh when the variants' states do not fit in memory
+        together).
 
     Returns:
       ``{"wall": {name: [seconds per call of each repetition]}, "cpu": {...}}``.
@@ -156,6 +160,8 @@ def interleaved(variants: dict[str, tuple[Callable[[], Any], int]], repeats: int
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             call, n = variants[name]
+            if prepare and name in prepare:
+                prepare[name]()
             t = mean_seconds(call, n)
             times["wall"][name].append(t.wall)
             times["cpu"][name].append(t.cpu)

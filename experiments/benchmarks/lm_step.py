@@ -7,6 +7,7 @@ optimizer state and in a checkpoint (bit-packed, Orbax).
   python -m experiments.benchmarks.lm_step                       # 1m preset, 1 and 2 procs
   python -m experiments.benchmarks.lm_step --preset=10m --algorithms=dense,rigl
   python -m experiments.benchmarks.lm_step --preset=125m --algorithms=rigl --masks_only
+  python -m experiments.benchmarks.lm_step --preset=125m --algorithms=dense,srigl --one_state
 
 Each process count runs in its own child processes (launched like experiments/lm/launch.py);
 inside one, the algorithms' repetitions alternate (experiments/benchmarks/_timing.py) and
@@ -72,7 +73,8 @@ def worker(a) -> None:
     from experiments.lm import trainer
 
     corpus = data_lib.load_corpus()
-    variants, compile_s, extra = {}, {}, {}
+    variants, compile_s, extra, prepare = {}, {}, {}, {}
+    holders = []
     names = a.algorithms.split(",")
     if a.plain:  # the same algorithms with a topology update that never comes
         names += [f"{n}{PLAIN}" for n in names if n not in ("dense", "static")]
@@ -85,6 +87,7 @@ def worker(a) -> None:
         setup = trainer.make_setup(c)
         data = trainer.replicated_array(corpus.train, setup)
         holder = {"state": trainer.init_state(setup)}
+        holders.append(holder)
         # Mask bytes: measured in the 1-process run (each process would need the same
         # checkpoint folder, and the numbers do not depend on the process count).
         if algo != "dense" and not extra and jax.process_count() == 1:
@@ -105,7 +108,11 @@ def worker(a) -> None:
         for _ in range(a.update_every):  # warm-up: one whole update period
             call()
         variants[algo] = (call, a.update_every)
-    times = _timing.interleaved(variants, a.repeats) if variants else {"wall": {}}
+        if a.one_state:
+            prepare[algo] = _fresh_state(setup, holder, holders, a.update_every)
+            holder["state"] = None
+    times = (_timing.interleaved(variants, a.repeats, prepare) if variants
+             else {"wall": {}})
     if jax.process_index() == 0:
         tokens = a.batch_size * a.seq_len
         out = {"machine": _timing.machine_line(), "processes": jax.process_count(),
@@ -118,6 +125,30 @@ def worker(a) -> None:
                 out[field] = {k: list(_timing.ratio(v, times[clock]["dense"]))
                               for k, v in times[clock].items()}
         Path(a.json_out).write_text(json.dumps(out))
+
+
+def _fresh_state(setup, holder: dict, holders: list[dict], period: int):
+    """``--one_state``: a function that drops every variant's state and gives ``holder`` a
+    freshly initialized one at the start of an update period (step and sparse step counter
+    ``period``), so that the timed ``period`` steps hold exactly one topology update."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.benchmarks.scaling import pin_count
+
+    def advance(state):
+        start = jnp.asarray(period, state.step.dtype)
+        return pin_count(state._replace(step=start), start)
+
+    advance = jax.jit(advance, out_shardings=setup.state_shardings, donate_argnums=0)
+
+    def prepare():
+        for h in holders:
+            h["state"] = None
+        from experiments.lm import trainer
+        holder["state"] = jax.block_until_ready(advance(trainer.init_state(setup)))
+
+    return prepare
 
 
 def main(argv=None) -> None:
@@ -137,6 +168,10 @@ def main(argv=None) -> None:
     p.add_argument("--plain", action="store_true",
                    help="also time each sparse algorithm's plain step alone (rows "
                         "'<algo>-plain': an update period longer than the run)")
+    p.add_argument("--one_state", action="store_true",
+                   help="hold one algorithm's state at a time (for models whose states do "
+                        "not fit in memory together): each repetition starts from a freshly "
+                        "initialized state at the start of an update period")
     p.add_argument("--masks_only", action="store_true",
                    help="only the mask bytes (state, packed, on disk): no step is compiled "
                         "or timed (1 process)")
@@ -175,7 +210,8 @@ def main(argv=None) -> None:
 def _print_steps(a, rows) -> None:
     print(f"# preset {a.preset}, batch {a.batch_size} x {a.seq_len} bytes, sparsity "
           f"{a.sparsity}, one topology update per {a.update_every} steps, {a.repeats} "
-          f"repetitions of {a.update_every} steps per algorithm, alternating")
+          f"repetitions of {a.update_every} steps per algorithm, alternating"
+          + (", each from a fresh state (--one_state)" if a.one_state else ""))
     print("| processes x devices | algorithm | step ms (median) | tokens/s | sparse/dense "
           "(median, best) | sparse/dense CPU time (median) | compile CPU s |")
     print("|---|---|---|---|---|---|---|")
