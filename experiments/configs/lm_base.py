@@ -57,4 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 0  # steps between checkpoints (0: only at the end; < 0: never)
     c.max_to_keep = 2
     c.progress = True  # tqdm progress bar (process 0)
+    # Steps dispatched ahead of the host before it waits for one (-1: 0 on CPU, 2 on GPU/TPU;
+    # experiments.lm.trainer.steps_ahead).
+    c.steps_ahead = -1
     return c

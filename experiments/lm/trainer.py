@@ -24,6 +24,7 @@ perplexity), ``checkpoints/<step>/`` (:mod:`jaxsparse.checkpoint`, masks bit-pac
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import time
@@ -208,6 +209,18 @@ def restore_state(setup: LMSetup, directory, step: int | None = None,
         ck.close()
 
 
+def steps_ahead(c: ml_collections.ConfigDict) -> int:
+    """How many dispatched steps the training loop lets run ahead of the host before it
+    waits: ``c.steps_ahead``, or by platform when negative: 0 on CPU (simulated CPU devices
+    with a queue of steps deadlocked in their collectives on 2 cores: every pool thread
+    blocked in a rendezvous), 2 on GPU and TPU (the host prepares the next step while the
+    devices run; it still waits at logging, evaluation and checkpoint steps)."""
+    n = c.get("steps_ahead", -1)
+    if n >= 0:
+        return int(n)
+    return 0 if jax.default_backend() == "cpu" else 2
+
+
 def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None,
           state: LMState | None = None, num_steps: int | None = None,
           resume: bool = False) -> tuple[LMState, dict]:
@@ -254,13 +267,19 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     if out is not None and c.checkpoint_every >= 0:
         from jaxsparse.checkpoint import Checkpointer
         ckpt = Checkpointer(out / "checkpoints", max_to_keep=c.max_to_keep)
-    t_log, s_log, first = time.perf_counter(), int(state.step), None
+    t = int(state.step)
+    t_log, s_log, first = time.perf_counter(), t, None
     t0 = time.perf_counter()
     record: dict = {}
     loss = None
-    while int(state.step) < end:
+    ahead = steps_ahead(c)
+    pending: collections.deque = collections.deque()
+    while t < end:
         state, loss = step_fn(state, data)
-        t = int(state.step)
+        t += 1  # the host's count: reading state.step would wait for the step
+        pending.append(loss)
+        while len(pending) > ahead:
+            jax.block_until_ready(pending.popleft())
         if first is None:
             jax.block_until_ready(loss)
             first = time.perf_counter() - t0
