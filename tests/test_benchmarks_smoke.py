@@ -215,3 +215,17 @@ def test_untaken_branch_benchmark_times_each_count(capsys):
     assert not jnp.array_equal(untaken_branch.program(3)(jnp.copy(x), jnp.asarray(True)), x)
     with pytest.raises(SystemExit):
         untaken_branch.main(["--counts", "a,b"])
+
+
+@pytest.mark.slow
+def test_lm_step_one_state_prints_one_row_per_algorithm(capsys):
+    from experiments.benchmarks import lm_step
+
+    lm_step.main(["--preset=tiny", "--seq_len=16", "--batch_size=8", "--algorithms=dense,rigl",
+                  "--update_every=2", "--repeats=1", "--processes=1", "--one_state"])
+    out = capsys.readouterr().out
+    rows = {r[1]: r for t in _tables(out) for r in t[2:] if len(r) == 7}
+    assert set(rows) == {"dense", "rigl"}
+    assert rows["dense"][4] == "1.00, 1.00" and float(rows["rigl"][2]) > 0
+    assert "each from a fresh state (--one_state)" in out
+    assert "1.000 bits/weight" in out  # packed masks: one bit per prunable weight
