@@ -61,12 +61,17 @@ def test_forward_is_causal(tiny):
 
 
 def test_stdlib_corpus_split_by_file():
-    train, valid = data_lib.stdlib_files()
+    train, valid, test = data_lib.stdlib_files()
     assert len(train) == len(data_lib.STDLIB_TRAIN) and len(valid) == len(data_lib.STDLIB_VALID)
-    assert not {f.name for f in train} & {f.name for f in valid}
+    assert len(test) == len(data_lib.STDLIB_TEST)
+    names = [{f.name for f in split} for split in (train, valid, test)]
+    assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
     corpus = data_lib.load_corpus("stdlib")
     assert corpus.train.dtype == np.uint8 and corpus.train.size > 10 * corpus.valid.size > 0
+    assert corpus.train.size > 10 * corpus.test.size > 0
     assert bytes(corpus.valid[:200]).decode("utf-8", "replace").strip()
+    assert bytes(corpus.test).startswith(test[0].read_bytes())
+    assert [f.rsplit("/", 1)[-1] for f in corpus.test_files] == [f.name for f in test]
 
 
 def test_text_dir_loader_and_errors(tmp_path):
@@ -77,6 +82,16 @@ def test_text_dir_loader_and_errors(tmp_path):
     assert [f.rsplit("/", 1)[-1] for f in c.train_files] == ["f0.txt", "f1.txt"]
     assert [f.rsplit("/", 1)[-1] for f in c.valid_files] == ["f2.txt"]
     assert bytes(c.valid).startswith(b"gamma")
+    assert c.test.size == 0 and c.test_files == ()  # no test split unless asked for
+    c = data_lib.load_corpus("text_dir", tmp_path, valid_fraction=0.3, test_fraction=0.3)
+    assert [[f.rsplit("/", 1)[-1] for f in files]
+            for files in (c.train_files, c.valid_files, c.test_files)] == [
+                ["f0.txt"], ["f1.txt"], ["f2.txt"]]
+    assert bytes(c.valid).startswith(b"beta") and bytes(c.test).startswith(b"gamma")
+    with pytest.raises(data_lib.CorpusError, match="need at least 4"):
+        data_lib.load_text_dir(tmp_path, valid_fraction=0.5, test_fraction=0.3)
+    with pytest.raises(data_lib.CorpusError, match="test_fraction must be in"):
+        data_lib.load_text_dir(tmp_path, test_fraction=1.0)
     with pytest.raises(data_lib.CorpusError, match="missing_dir"):
         data_lib.load_text_dir(tmp_path / "missing_dir")
     (tmp_path / "one").mkdir()

@@ -1,12 +1,17 @@
 """The LM training loop (experiments.lm.trainer.train): how far the host lets steps run
 ahead changes when it waits, never what is computed."""
 
+import math
+
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxsparse
 from experiments.configs import lm_tiny
+from experiments.lm import data as data_lib
 from experiments.lm import trainer
 
 
@@ -40,3 +45,13 @@ def test_running_ahead_trains_the_same_run():
     for a, b in zip(jax.tree.leaves(jaxsparse.get_masks(waited.opt_state)),
                     jax.tree.leaves(jaxsparse.get_masks(ahead.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The test split, evaluated once after training: a direct pass over its first windows.
+    c = _config(0)
+    win = data_lib.eval_windows(data_lib.load_corpus().test, c.model.seq_len, c.test_windows)
+    assert rec0["test_windows"] == len(win) == c.test_windows
+    setup = trainer.make_setup(c, devices)
+    with nn.logical_axis_rules(setup.rules):
+        direct = float(trainer.lm_loss(setup.model, waited.params, jnp.asarray(win)))
+    np.testing.assert_allclose(rec0["test_loss"], direct, rtol=1e-5)
+    assert rec0["test_perplexity"] == pytest.approx(math.exp(rec0["test_loss"]))
+    assert rec0["test_loss"] != rec0["valid_loss"]

@@ -378,3 +378,40 @@ def test_lm_section_renders_each_study_with_its_own_label(tmp_path):
     assert "dense alone spans 1.000 between its two seeds" in text
     assert "dense alone spans 2.000 across its 3 seeds" in text
     assert "(results/lm_small_long/curves.png)" in text
+
+
+def test_lm_val_section_chooses_on_validation_and_reports_test(tmp_path):
+    """Table LM-lr bolds each cell's lowest seed-0 validation perplexity; table LM-test
+    reports only the test perplexity of the chosen rate (a better test number at another
+    rate never enters), with the grid-edge choices named."""
+    assert "No records yet" in "\n".join(results_report._lm_val_study(tmp_path))
+    d = tmp_path / "results" / results_report.LM_VAL
+    d.mkdir(parents=True)
+    cfg = json.dumps({"model": {"seq_len": 64}, "num_steps": 2400, "batch_size": 16,
+                      "eval_windows": 256, "test_windows": 2048, "lr_schedule": "cosine",
+                      "update_every": 100})
+    lrs = (0.001, 0.003, 0.01)
+    recs = []
+    for k, m in enumerate(("dense", *results_report.LM_METHODS)):
+        s = 0.0 if m == "dense" else 0.9
+        best = 0.01 if m == "rigl" else 0.003
+        for lr in lrs:  # seed 0: validation best at `best`; test best elsewhere
+            recs.append({"algorithm": m, "sparsity_target": s, "seed": 0, "learning_rate": lr,
+                         "valid_perplexity": 8.0 + k - (lr == best),
+                         "test_perplexity": 5.0 + k if lr == best else 1.0,
+                         "wall_time": 1.0, "config": cfg})
+        for seed in (1, 2):
+            recs.append({"algorithm": m, "sparsity_target": s, "seed": seed,
+                         "learning_rate": best, "valid_perplexity": 8.0 + k,
+                         "test_perplexity": 5.0 + k + seed, "wall_time": 1.0, "config": cfg})
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = "\n".join(results_report._lm_val_study(tmp_path))
+    assert "| method | lr 0.001 | lr 0.003 | lr 0.01 |" in text
+    assert "| dense | 8.000 | **7.000** | 8.000 |" in text
+    assert "| RigL 90% | 10.000 | 10.000 | **9.000** |" in text
+    assert "Chosen at an end of the grid (the best rate may lie beyond it): RigL 90%." in text
+    assert "Dense (lr 0.003): 6.000 ± 1.000." in text
+    assert "| RigL | 8.000 ± 1.000 |" in text and "| static | 7.000 ± 1.000 |" in text
+    assert "90% static 0.003, RigL 0.01, SRigL 0.003, magnitude 0.003" in text
+    assert "Mean ordering (best first), table LM-test: 90% static < RigL < SRigL < magnitude" in text
+    assert "1.000 ±" not in text

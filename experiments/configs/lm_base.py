@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     # "text_dir" (every .txt/.md/.py/.rst file under data_dir).
     c.corpus = "stdlib"
     c.data_dir = ""
+    # text_dir only: the last files (by path) held out as the test split (stdlib has its own).
+    c.test_fraction = 0.0
     # Mesh: shape over all devices of all processes; logical axis -> mesh axis rules.
     c.mesh_shape = (4, 2)
     c.mesh_axes = ("data", "model")
@@ -53,6 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.epochs = 0
     c.eval_every = 200  # steps between validation passes (0: only at the end)
     c.eval_windows = 256  # validation windows of seq_len bytes (the first ones of the split)
+    # Test windows (the first ones of the test split), evaluated once, after the last step
+    # (0: no test pass; also none when the corpus has no test split).
+    c.test_windows = 256
     c.log_every = 25
     c.checkpoint_every = 0  # steps between checkpoints (0: only at the end; < 0: never)
     c.max_to_keep = 2

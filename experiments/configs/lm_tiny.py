@@ -20,6 +20,7 @@ def get_config():
     c.log_every = 4
     c.eval_every = 0
     c.eval_windows = 16
+    c.test_windows = 16
     c.checkpoint_every = 4
     c.progress = False
     return c

@@ -1,8 +1,12 @@
 """LM results grid: methods x sparsities x seeds of :func:`experiments.lm.trainer.train`,
 in one process. Each finished run appends a record to ``<out>/results.jsonl`` (the record
 format of ``experiments/sweep.py``: ``event="final"``, ``algorithm``, ``sparsity_target``,
-``seed``, ... with ``valid_loss`` / ``valid_perplexity`` in place of test accuracy); runs
-already in the file are skipped. Each run's learning curve is ``<runs>/<name>/metrics.jsonl``.
+``seed``, ... with ``valid_loss`` / ``valid_perplexity`` and, once after training, ``test_loss`` /
+``test_perplexity`` in place of accuracies); runs already in the file are skipped. With
+``--learning_rates`` the grid also spans learning rates (run names end in ``_lr<value>``)
+for choosing one on the validation split; with ``--select_seed`` as well, only that seed
+spans them and every other seed runs each (method, sparsity) at the one chosen
+(:func:`chosen_lr`: lowest validation perplexity of the selection seed's records). Each run's learning curve is ``<runs>/<name>/metrics.jsonl``.
 
   python -m experiments.lm.sweep --config=experiments/configs/lm_small.py \
       --out=results/lm_small --runs=runs/lm_small \
@@ -18,12 +22,55 @@ import os
 import platform
 from pathlib import Path
 
-import jax
-
 
 def _machine() -> str:
+    import jax
     return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} cores, "
             f"jax {jax.__version__} {jax.devices()[0].platform}")
+
+
+def chosen_lr(records, method: str, sparsity: float, seed: int) -> float:
+    """The learning rate of ``method`` at ``sparsity`` with the lowest validation perplexity
+    among the ``records`` of seed ``seed`` (ties: the smaller rate).
+
+    Raises:
+      ValueError: naming the cell when the records hold no run of it for that seed.
+    """
+    tried = sorted((r["valid_perplexity"], r["learning_rate"]) for r in records
+                   if r["algorithm"] == method and r["seed"] == seed
+                   and r["sparsity_target"] == sparsity and "learning_rate" in r)
+    if not tried:
+        raise ValueError(f"no selection run of {method} at sparsity {sparsity:g} with seed "
+                         f"{seed}: run the learning-rate grid for that seed first")
+    return tried[0][1]
+
+
+def grid(methods: list[str], sparsities: list[float], seeds: list[int],
+         lrs: list[float | None], select_seed: int | None = None) -> list[tuple]:
+    """The runs of a sweep, in order: ``(sparsity, seed, method, learning rate)``, dense
+    first (once per seed, sparsity 0), then sparsity outermost (an interrupted sweep leaves
+    whole methods x seeds tables). With ``select_seed`` only that seed spans ``lrs``; every
+    other seed has one run per cell with rate ``None`` (chosen with :func:`chosen_lr` when
+    it is reached, after the selection seed's runs of the cell, which come first).
+
+    Raises:
+      ValueError: ``select_seed`` without a grid of rates, or not among ``seeds``.
+    """
+    if select_seed is not None:
+        if lrs == [None]:
+            raise ValueError("--select_seed needs --learning_rates")
+        if select_seed not in seeds:
+            raise ValueError(f"--select_seed {select_seed} is not among --seeds "
+                             f"{','.join(map(str, seeds))}")
+        seeds = [select_seed] + [s for s in seeds if s != select_seed]
+
+    def rates(seed):
+        return lrs if select_seed is None or seed == select_seed else [None]
+
+    out = [(0.0, seed, "dense", lr) for seed in seeds if "dense" in methods
+           for lr in rates(seed)]
+    return out + [(float(sp), seed, m, lr) for sp in sparsities for seed in seeds
+                  for m in methods if m != "dense" for lr in rates(seed)]
 
 
 def table(results: Path) -> str:
@@ -67,6 +114,11 @@ def main(argv=None) -> None:
     p.add_argument("--methods", default="dense,static,rigl,srigl,magnitude")
     p.add_argument("--sparsities", default="0.5,0.75,0.9")
     p.add_argument("--seeds", default="0,1")
+    p.add_argument("--learning_rates", default="",
+                   help="comma-separated learning rates to span (default: the config's)")
+    p.add_argument("--select_seed", type=int, default=None,
+                   help="with --learning_rates: only this seed spans them; the other seeds "
+                        "run at the rate it chose on validation")
     a = p.parse_args(argv)
     if a.table:
         print(table(Path(a.out) / "results.jsonl"))
@@ -80,25 +132,32 @@ def main(argv=None) -> None:
     if results.exists():
         done = {json.loads(line)["run"] for line in results.read_text().splitlines() if line}
     seeds = [int(s) for s in a.seeds.split(",")]
-    methods = a.methods.split(",")
-    # Sparsity outermost: an interrupted sweep leaves whole (methods x seeds) tables.
-    grid = [(0.0, seed, "dense") for seed in seeds if "dense" in methods]
-    grid += [(float(sp), seed, m) for sp in a.sparsities.split(",") for seed in seeds
-             for m in methods if m != "dense"]
-    for sparsity, seed, method in grid:
-        name = f"{method}_s{sparsity:g}_seed{seed}"
+    lrs = [float(x) for x in a.learning_rates.split(",")] if a.learning_rates else [None]
+    try:
+        runs = grid(a.methods.split(","), [float(x) for x in a.sparsities.split(",")], seeds,
+                    lrs, a.select_seed)
+    except ValueError as e:
+        p.error(str(e))
+    for sparsity, seed, method, lr in runs:
+        if lr is None and a.select_seed is not None:
+            recs = ([json.loads(line) for line in results.read_text().splitlines() if line]
+                    if results.exists() else [])
+            lr = chosen_lr(recs, method, sparsity, a.select_seed)
+        name = f"{method}_s{sparsity:g}_seed{seed}" + ("" if lr is None else f"_lr{lr:g}")
         if name in done:
             continue
         c = load_config(a.config)
         c.algorithm, c.seed = method, seed
+        if lr is not None:
+            c.learning_rate = lr
         if method != "dense":
             c.sparsity = sparsity
         workdir = Path(a.runs) / name
         _, final = trainer.train(c, str(workdir))
         record = {"event": "final", "algorithm": method, "sparsity_target": sparsity,
                   "distribution": c.distribution, "dataset": c.corpus,
-                  "model": "lm", "seed": seed, **{k: v for k, v in final.items()
-                                                 if k != "event"},
+                  "model": "lm", "seed": seed, "learning_rate": c.learning_rate,
+                  **{k: v for k, v in final.items() if k != "event"},
                   "machine": _machine(), "run": name,
                   "metrics_path": str(workdir / "metrics.jsonl"),
                   "model_config": json.dumps(c.model.to_dict(), sort_keys=True),
@@ -107,7 +166,7 @@ def main(argv=None) -> None:
         with open(results, "a") as f:
             f.write(json.dumps(record) + "\n")
         print(name, f"valid ppl {final.get('valid_perplexity', float('nan')):.3f}",
-              flush=True)
+              f"test ppl {final.get('test_perplexity', float('nan')):.3f}", flush=True)
 
 
 if __name__ == "__main__":

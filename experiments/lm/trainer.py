@@ -19,7 +19,7 @@ backward, sparse update) with fixed in/out shardings and donated state. The same
 written by all (Orbax, sharded).
 
 Outputs in the workdir: ``metrics.jsonl`` (train loss, tokens/s, validation loss and
-perplexity), ``checkpoints/<step>/`` (:mod:`jaxsparse.checkpoint`, masks bit-packed).
+perplexity; the final record adds the test split's, evaluated once), ``checkpoints/<step>/`` (:mod:`jaxsparse.checkpoint`, masks bit-packed).
 """
 
 from __future__ import annotations
@@ -245,11 +245,13 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
         ck.close()
         if has:
             state = restore_state(setup, epath.Path(workdir) / "checkpoints")
-    corpus = data_lib.load_corpus(c.corpus, c.data_dir or None)
+    corpus = data_lib.load_corpus(c.corpus, c.data_dir or None,
+                                  test_fraction=c.get("test_fraction", 0.0))
     data = replicated_array(corpus.train, setup)
     n_data = setup.mesh.shape[dict(setup.rules).get("batch")]
     windows = data_lib.eval_windows(corpus.valid, c.model.seq_len, c.eval_windows)
     evaluate = make_eval(setup, windows, max(n_data, min(len(windows), 4 * n_data)))
+    n_test = int(c.get("test_windows", 0)) if corpus.test.size else 0
     step_fn = make_train_step(setup)
     state = init_state(setup) if state is None else state
     end = int(c.num_steps if num_steps is None else num_steps)
@@ -310,6 +312,11 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     final = {"event": "final", "steps": int(state.step), "first_step_time": first,
              "wall_time": time.perf_counter() - t0, **{k: v for k, v in record.items()
                                                        if k not in ("event", "step")}}
+    if n_test:  # once, after training: the number to report for a setting chosen on valid
+        test = data_lib.eval_windows(corpus.test, c.model.seq_len, n_test)
+        b = max(n_data, min(len(test), 4 * n_data))
+        v = float(make_eval(setup, test, b)(state.params))
+        final.update(test_loss=v, test_perplexity=math.exp(v), test_windows=len(test) // b * b)
     if c.algorithm != "dense":
         masks = jaxsparse.get_masks(state.opt_state)
         active = sum(int(np.asarray(jax.device_get(_count(m)))) for m in jax.tree.leaves(masks))

@@ -1,0 +1,46 @@
+"""The LM sweep's grid and its learning-rate choice (experiments/lm/sweep.py): the
+selection seed spans the rates, the other seeds run the rate chosen on validation."""
+
+import pytest
+
+from experiments.lm import sweep
+
+
+def test_grid_without_selection_spans_every_rate_for_every_seed():
+    runs = sweep.grid(["dense", "rigl"], [0.9, 0.5], [0, 1], [0.1, 0.2])
+    assert runs[:4] == [(0.0, 0, "dense", 0.1), (0.0, 0, "dense", 0.2),
+                        (0.0, 1, "dense", 0.1), (0.0, 1, "dense", 0.2)]
+    assert runs[4:8] == [(0.9, 0, "rigl", 0.1), (0.9, 0, "rigl", 0.2),
+                         (0.9, 1, "rigl", 0.1), (0.9, 1, "rigl", 0.2)]
+    assert len(runs) == 12 and sweep.grid(["rigl"], [0.9], [3], [None]) == [
+        (0.9, 3, "rigl", None)]
+
+
+def test_grid_with_selection_seed_puts_its_runs_of_each_cell_first():
+    runs = sweep.grid(["dense", "static"], [0.9], [1, 0, 2], [0.1, 0.2], select_seed=0)
+    assert runs == [(0.0, 0, "dense", 0.1), (0.0, 0, "dense", 0.2), (0.0, 1, "dense", None),
+                    (0.0, 2, "dense", None), (0.9, 0, "static", 0.1), (0.9, 0, "static", 0.2),
+                    (0.9, 1, "static", None), (0.9, 2, "static", None)]
+    with pytest.raises(ValueError, match="needs --learning_rates"):
+        sweep.grid(["rigl"], [0.9], [0, 1], [None], select_seed=0)
+    with pytest.raises(ValueError, match="--select_seed 5 is not among --seeds 0,1"):
+        sweep.grid(["rigl"], [0.9], [0, 1], [0.1], select_seed=5)
+
+
+def test_chosen_lr_is_the_lowest_validation_perplexity_of_the_selection_seed():
+    def rec(m, s, seed, lr, ppl):
+        return {"algorithm": m, "sparsity_target": s, "seed": seed, "learning_rate": lr,
+                "valid_perplexity": ppl, "test_perplexity": 1.0}
+
+    recs = [rec("rigl", 0.9, 0, 0.1, 9.0), rec("rigl", 0.9, 0, 0.2, 8.0),
+            rec("rigl", 0.9, 0, 0.3, 8.5),
+            rec("rigl", 0.9, 1, 0.1, 1.0),  # another seed: not looked at
+            rec("rigl", 0.5, 0, 0.1, 1.0),  # another sparsity
+            rec("static", 0.9, 0, 0.3, 1.0),  # another method
+            rec("dense", 0.0, 0, 0.3, 7.0), rec("dense", 0.0, 0, 0.1, 7.0)]
+    assert sweep.chosen_lr(recs, "rigl", 0.9, 0) == 0.2
+    assert sweep.chosen_lr(recs, "rigl", 0.9, 1) == 0.1
+    assert sweep.chosen_lr(recs, "dense", 0.0, 0) == 0.1  # a tie: the smaller rate
+    with pytest.raises(ValueError, match="no selection run of srigl at sparsity 0.9 with "
+                                         "seed 0"):
+        sweep.chosen_lr(recs, "srigl", 0.9, 0)
