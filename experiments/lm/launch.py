@@ -8,7 +8,10 @@ local processes, each owning ``devices_per_process`` CPU devices, joined by
 Everything after ``--`` goes to ``python -m experiments.lm.trainer`` (or to ``--module``)
 in every process, with ``--coordinator``, ``--num_processes`` and ``--process_id`` added.
 Process 0's output is shown; the others' goes to ``<log_dir>/process_<i>.log`` (default:
-discarded). If any process fails, the others are terminated and its exit code returned.
+discarded). If any process fails, the others are terminated and its exit code returned;
+if the launcher itself is stopped (SIGTERM, Ctrl-C), it kills its processes first (a
+process of a jax.distributed job catches SIGTERM for preemption handling and would go on
+running, holding its memory, after its launcher is gone).
 
 On a TPU pod slice no launcher is needed: start the same trainer on every host and let
 ``jax.distributed.initialize()`` find the coordinator (see BUILD.md).
@@ -17,10 +20,13 @@ On a TPU pod slice no launcher is needed: start the same trainer on every host a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 
@@ -28,6 +34,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM raises ``SystemExit`` here (so ``finally`` blocks run), in the main thread;
+    elsewhere signals cannot be handled and nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def launch(args: list[str], num_processes: int, devices_per_process: int,
@@ -45,23 +69,28 @@ def launch(args: list[str], num_processes: int, devices_per_process: int,
     coordinator = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    with _sigterm_exits():
+        return _run(args, num_processes, module, log_dir, timeout, quiet, coordinator, env)
+
+
+def _run(args, num_processes, module, log_dir, timeout, quiet, coordinator, env) -> int:
     procs, logs = [], []
-    for i in range(num_processes):
-        out = None
-        if i > 0 or quiet:
-            if log_dir:
-                os.makedirs(log_dir, exist_ok=True)
-                out = open(os.path.join(log_dir, f"process_{i}.log"), "w")  # noqa: SIM115
-                logs.append(out)
-            else:
-                out = subprocess.DEVNULL
-        cmd = [sys.executable, "-m", module, *args, f"--coordinator={coordinator}",
-               f"--num_processes={num_processes}", f"--process_id={i}"]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT if out is not None else None))
-    deadline = None if timeout is None else time.monotonic() + timeout
     code = 0
-    try:
+    try:  # every started process is killed on the way out, whatever the way
+        for i in range(num_processes):
+            out = None
+            if i > 0 or quiet:
+                if log_dir:
+                    os.makedirs(log_dir, exist_ok=True)
+                    out = open(os.path.join(log_dir, f"process_{i}.log"), "w")  # noqa: SIM115
+                    logs.append(out)
+                else:
+                    out = subprocess.DEVNULL
+            cmd = [sys.executable, "-m", module, *args, f"--coordinator={coordinator}",
+                   f"--num_processes={num_processes}", f"--process_id={i}"]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT if out is not None else None))
+        deadline = None if timeout is None else time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
             if failed:
