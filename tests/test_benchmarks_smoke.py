@@ -218,11 +218,14 @@ def test_untaken_branch_benchmark_times_each_count(capsys):
 
 
 @pytest.mark.slow
-def test_lm_step_one_state_prints_one_row_per_algorithm(capsys):
+def test_lm_step_one_state_prints_one_row_per_algorithm(capsys, tmp_path):
     from experiments.benchmarks import lm_step
 
     lm_step.main(["--preset=tiny", "--seq_len=16", "--batch_size=8", "--algorithms=dense,rigl",
-                  "--update_every=2", "--repeats=1", "--processes=1", "--one_state"])
+                  "--update_every=2", "--repeats=1", "--processes=1", "--one_state",
+                  f"--json_out={tmp_path / 'rows.json'}"])
+    saved = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["processes"] for r in saved] == [1] and set(saved[0]["step_s"]) == {"dense", "rigl"}
     out = capsys.readouterr().out
     rows = {r[1]: r for t in _tables(out) for r in t[2:] if len(r) == 7}
     assert set(rows) == {"dense", "rigl"}

@@ -168,7 +168,10 @@ def main(argv=None) -> None:
     p.add_argument("--update_every", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--processes", default="1,2")
-    p.add_argument("--json_out", default="")
+    p.add_argument("--json_out", default="",
+                   help="also write the measured rows (one per process count) to this JSON "
+                        "file")
+    # Set by the launcher for the processes it starts (not for users).
     p.add_argument("--coordinator", default="")
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--process_id", type=int, default=0)
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
                    help="only the mask bytes (state, packed, on disk): no step is compiled "
                         "or timed (1 process)")
     a = p.parse_args(argv)
-    if a.json_out:
+    if a.coordinator:  # a process started by the launcher below (its --json_out: the row)
         worker(a)
         return
     from experiments.lm.launch import launch
@@ -202,6 +205,8 @@ def main(argv=None) -> None:
                 logs = "".join(f.read_text()[-2000:] for f in (Path(d) / "log").glob("*"))
                 sys.exit(f"{n}-process benchmark failed ({code}):\n{logs}")
             rows.append(json.loads(out.read_text()))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"# {rows[0]['machine']}")
     if not a.masks_only:
         _print_steps(a, rows)
