@@ -44,3 +44,15 @@ def test_chosen_lr_is_the_lowest_validation_perplexity_of_the_selection_seed():
     with pytest.raises(ValueError, match="no selection run of srigl at sparsity 0.9 with "
                                          "seed 0"):
         sweep.chosen_lr(recs, "srigl", 0.9, 0)
+
+
+def test_validation_protocol_configs_differ_only_where_they_say():
+    from experiments.configs import lm_1m_val, lm_small_long, lm_small_val
+
+    small, one_m = lm_small_val.get_config(), lm_1m_val.get_config()
+    long = lm_small_long.get_config()
+    assert small.test_windows == 2048 and small.num_steps == 2400
+    diff = {k for k in small.keys() if small[k] != long[k]}
+    assert diff == {"test_windows"}  # table LM-long's setting plus the test pass
+    assert {k for k in small.keys() if small[k] != one_m[k]} == {"model"}
+    assert (one_m.model.num_layers, one_m.model.d_model, one_m.model.seq_len) == (4, 128, 64)
