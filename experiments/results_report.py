@@ -1640,10 +1640,8 @@ def _lm_val_study(root: Path) -> list[str]:
     def name(m, s):
         return NAMES.get(m, m) + ("" if m == "dense" else f" {pct(s)}")
 
-    def at(m, s, lr, key, seed=None):
-        return [float(r[key]) for r in recs if r["algorithm"] == m and target(r) == s
-                and r["learning_rate"] == lr and (seed is None or r["seed"] == seed)
-                and r.get(key) is not None]
+    def at(m, s, lr, key, **seed):
+        return field(recs, key, algorithm=m, sparsity_target=s, learning_rate=lr, **seed)
 
     out += [f"Table LM-long's setting ({cfg.get('num_steps')} steps of "
             f"{cfg.get('batch_size')} sequences of {cfg.get('model', {}).get('seq_len')} "
@@ -1664,7 +1662,7 @@ def _lm_val_study(root: Path) -> list[str]:
     for m, s in cells:
         vals = []
         for lr in lrs:
-            v = at(m, s, lr, "valid_perplexity", sel)
+            v = at(m, s, lr, "valid_perplexity", seed=sel)
             text = f"{v[0]:.3f}" if v else "-"
             vals.append(f"**{text}**" if lr == chosen[(m, s)] else text)
         rows.append(f"| {name(m, s)} | " + " | ".join(vals) + " |")
@@ -1701,6 +1699,7 @@ def _lm_val_study(root: Path) -> list[str]:
     if dense:
         out += _lm_claims("LM-test", sp, test, dense)
     long_recs = load(root, "lm_small_long")
+    base = config_of(long_recs[0]).get("learning_rate") if long_recs else None  # one for all
     if dense and long_recs:
         def mean_gap(get_r, get_s):
             return {s: summarize(get_r(s)).mean - summarize(get_s(s)).mean
@@ -1709,8 +1708,7 @@ def _lm_val_study(root: Path) -> list[str]:
                                                  sparsity_target=s) for m in ("rigl", "static")))
         after = mean_gap(lambda s: test("rigl", s), lambda s: test("static", s))
         flips = [pct(s) for s in after if s in before and (before[s] < 0) != (after[s] < 0)]
-        one = config_of(long_recs[0]).get("learning_rate")
-        out.append(f"* RigL - static in mean perplexity, every method at lr {one:g} (table "
+        out.append(f"* RigL - static in mean perplexity, every method at lr {base:g} (table "
                    "LM-long, validation): " + ", ".join(f"{pct(s)} {v:+.3f}"
                                                         for s, v in before.items())
                    + "; each at its own chosen rate (table LM-test, test): "
@@ -1721,9 +1719,8 @@ def _lm_val_study(root: Path) -> list[str]:
     # The seed-0 runs at table LM-long's rate repeat LM-long's seed-0 runs (later code).
     long = {(r["algorithm"], target(r)): r["valid_perplexity"]
             for r in long_recs if r["seed"] == sel}
-    base = config_of(long_recs[0]).get("learning_rate") if long else None
     diff = {(m, s): abs(v[0] / long[(m, s)] - 1) for m, s in cells
-            if (m, s) in long and (v := at(m, s, base, "valid_perplexity", sel))}
+            if (m, s) in long and (v := at(m, s, base, "valid_perplexity", seed=sel))}
     if diff:
         fixed = [d for (m, _), d in diff.items() if m in ("dense", "static")]
         moving = [d for (m, _), d in diff.items() if m not in ("dense", "static")]
@@ -2768,7 +2765,7 @@ FOOTER = """## Not measured
   samples only); an LM large enough to have outlier input features.
 * The LM grid beyond 2400 steps or 3 seeds (tables LM-long, LM-test), on a preset larger
   than `tiny`, or with anything but the learning rate chosen on validation (table LM-test:
-  4 rates, one selection seed); condensed training of the LM's MLP
+  5 rates, one selection seed); condensed training of the LM's MLP
   blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and
   with neuron ablation; of ViT-tiny's MLP blocks (table CT-vit) beyond MNIST, 90% and one
   epoch, and with neuron ablation.
