@@ -117,17 +117,16 @@ def load_text_dir(folder: str | os.PathLike, valid_fraction: float = 0.1,
                    key=lambda f: f.relative_to(folder).as_posix())
     n_test = int(np.ceil(test_fraction * len(files)))
     n_valid = max(1, int(np.ceil(valid_fraction * len(files))))
-    need = 3 if n_test else 2
-    if len(files) < need or len(files) <= n_valid + n_test:
+    if len(files) <= n_valid + n_test:  # at least one training file
         splits = "train, validation and test" if n_test else "train and validation"
         raise CorpusError(f"corpus folder {str(folder)!r} holds {len(files)} file(s) ending in "
-                          f"{suffixes}; need at least {max(need, n_valid + n_test + 1)} "
+                          f"{suffixes}; need at least {n_valid + n_test + 1} "
                           f"({splits} split by file)")
     train = files[:len(files) - n_valid - n_test]
     valid = files[len(train):len(train) + n_valid]
     test = files[len(train) + n_valid:]
     return Corpus(_read(train), _read(valid), tuple(map(str, train)), tuple(map(str, valid)),
-                  _read(test) if test else np.zeros(0, np.uint8), tuple(map(str, test)))
+                  _read(test), tuple(map(str, test)))
 
 
 def load_corpus(name: str = "stdlib", data_dir: str | os.PathLike | None = None,

@@ -20,7 +20,6 @@ On a TPU pod slice no launcher is needed: start the same trainer on every host a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import socket
@@ -40,18 +39,12 @@ def _stop(signum, frame):
     raise SystemExit(128 + signum)
 
 
-@contextlib.contextmanager
 def _sigterm_exits():
-    """SIGTERM raises ``SystemExit`` here (so ``finally`` blocks run), in the main thread;
-    elsewhere signals cannot be handled and nothing changes."""
+    """Makes SIGTERM raise ``SystemExit`` (so ``finally`` blocks run); returns the handler
+    to restore, or ``None`` off the main thread (where signals cannot be handled)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGTERM, _stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+        return None
+    return signal.signal(signal.SIGTERM, _stop)
 
 
 def launch(args: list[str], num_processes: int, devices_per_process: int,
@@ -69,13 +62,9 @@ def launch(args: list[str], num_processes: int, devices_per_process: int,
     coordinator = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-    with _sigterm_exits():
-        return _run(args, num_processes, module, log_dir, timeout, quiet, coordinator, env)
-
-
-def _run(args, num_processes, module, log_dir, timeout, quiet, coordinator, env) -> int:
     procs, logs = [], []
     code = 0
+    old_handler = _sigterm_exits()
     try:  # every started process is killed on the way out, whatever the way
         for i in range(num_processes):
             out = None
@@ -108,6 +97,8 @@ def _run(args, num_processes, module, log_dir, timeout, quiet, coordinator, env)
                 p.wait()
         for f in logs:
             f.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
     return code
 
 

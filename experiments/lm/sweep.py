@@ -1,12 +1,13 @@
 """LM results grid: methods x sparsities x seeds of :func:`experiments.lm.trainer.train`,
 in one process. Each finished run appends a record to ``<out>/results.jsonl`` (the record
 format of ``experiments/sweep.py``: ``event="final"``, ``algorithm``, ``sparsity_target``,
-``seed``, ... with ``valid_loss`` / ``valid_perplexity`` and, once after training, ``test_loss`` /
-``test_perplexity`` in place of accuracies); runs already in the file are skipped. With
-``--learning_rates`` the grid also spans learning rates (run names end in ``_lr<value>``)
-for choosing one on the validation split; with ``--select_seed`` as well, only that seed
-spans them and every other seed runs each (method, sparsity) at the one chosen
-(:func:`chosen_lr`: lowest validation perplexity of the selection seed's records). Each run's learning curve is ``<runs>/<name>/metrics.jsonl``.
+``seed``, ... with ``valid_loss`` / ``valid_perplexity`` and, once after training,
+``test_loss`` / ``test_perplexity`` in place of accuracies); runs already in the file are
+skipped. With ``--learning_rates`` the grid also spans learning rates (run names end in
+``_lr<value>``) for choosing one on the validation split; with ``--select_seed`` as well,
+only that seed spans them and every other seed runs each (method, sparsity) at the one
+chosen (:func:`chosen_lr`: lowest validation perplexity of the selection seed's records).
+Each run's learning curve is ``<runs>/<name>/metrics.jsonl``.
 
   python -m experiments.lm.sweep --config=experiments/configs/lm_small.py \
       --out=results/lm_small --runs=runs/lm_small \

@@ -19,7 +19,8 @@ backward, sparse update) with fixed in/out shardings and donated state. The same
 written by all (Orbax, sharded).
 
 Outputs in the workdir: ``metrics.jsonl`` (train loss, tokens/s, validation loss and
-perplexity; the final record adds the test split's, evaluated once), ``checkpoints/<step>/`` (:mod:`jaxsparse.checkpoint`, masks bit-packed).
+perplexity; the final record adds the test split's, evaluated once),
+``checkpoints/<step>/`` (:mod:`jaxsparse.checkpoint`, masks bit-packed).
 """
 
 from __future__ import annotations
@@ -249,8 +250,10 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
                                   test_fraction=c.get("test_fraction", 0.0))
     data = replicated_array(corpus.train, setup)
     n_data = setup.mesh.shape[dict(setup.rules).get("batch")]
+    # Evaluation batches: a multiple of the data-parallel devices, up to 4 windows each.
+    eval_batch = lambda n: max(n_data, min(n, 4 * n_data))  # noqa: E731
     windows = data_lib.eval_windows(corpus.valid, c.model.seq_len, c.eval_windows)
-    evaluate = make_eval(setup, windows, max(n_data, min(len(windows), 4 * n_data)))
+    evaluate = make_eval(setup, windows, eval_batch(len(windows)))
     n_test = int(c.get("test_windows", 0)) if corpus.test.size else 0
     step_fn = make_train_step(setup)
     state = init_state(setup) if state is None else state
@@ -314,7 +317,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
                                                        if k not in ("event", "step")}}
     if n_test:  # once, after training: the number to report for a setting chosen on valid
         test = data_lib.eval_windows(corpus.test, c.model.seq_len, n_test)
-        b = max(n_data, min(len(test), 4 * n_data))
+        b = eval_batch(len(test))
         v = float(make_eval(setup, test, b)(state.params))
         final.update(test_loss=v, test_perplexity=math.exp(v), test_windows=len(test) // b * b)
     if c.algorithm != "dense":
