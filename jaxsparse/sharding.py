@@ -162,20 +162,42 @@ def packed_sharding(s: NamedSharding, shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(s.mesh, PartitionSpec(*spec))
 
 
+def explicit_sharding(x) -> NamedSharding | None:
+    """The sharding in ``x``'s type when its mesh has explicit axes (JAX's
+    sharding-in-types mode, ``make_mesh(..., explicit=True)``), else ``None``."""
+    try:
+        s = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 - no sharding in the type (a Python scalar, ...)
+        return None
+    types = getattr(getattr(s, "mesh", None), "axis_types", ())
+    if isinstance(s, NamedSharding) and any(t == jax.sharding.AxisType.Explicit
+                                            for t in types):
+        return s
+    return None
+
+
+def auto_axes_like(f, like, *args):
+    """``f(*args)``, run with the mesh's explicit axes made automatic
+    (``jax.sharding.auto_axes``) when an argument's type carries an explicit sharding, its
+    outputs then placed in the shardings of ``like`` (a pytree with the structure of
+    ``f``'s outputs). Code inside ``f`` that reshapes sharded arrays or picks among arrays
+    of different shardings needs no sharding annotations: XLA's propagation places it, as
+    on an ``Auto`` mesh. Without explicit shardings: plain ``f(*args)``."""
+    out = jax.tree.map(explicit_sharding, like)
+    if not any(explicit_sharding(x) is not None for x in jax.tree.leaves(args)):
+        return f(*args)
+    missing = [jax.typeof(x) for x in jax.tree.leaves(like) if explicit_sharding(x) is None]
+    if missing:
+        raise ValueError(f"auto_axes_like: outputs of types {missing[:3]} have no explicit "
+                         "sharding to be placed in")
+    return jax.sharding.auto_axes(f, out_sharding=out)(*args)
+
+
 def _known_sharding(p):
     """The param's sharding when known: a concrete array's ``NamedSharding``, or under
     ``jit`` the type's sharding when its mesh has explicit axes; else ``None``."""
     if isinstance(p, jax.core.Tracer):
-        try:
-            s = jax.typeof(p).sharding
-        except Exception:  # noqa: BLE001 - no sharding in the type: nothing to follow
-            return None
-        mesh = getattr(s, "mesh", None)
-        types = getattr(mesh, "axis_types", ())
-        if isinstance(s, NamedSharding) and any(
-                t == jax.sharding.AxisType.Explicit for t in types):
-            return s
-        return None
+        return explicit_sharding(p)
     s = getattr(p, "sharding", None)
     return s if isinstance(s, NamedSharding) else None
 

@@ -49,7 +49,7 @@ from jaxsparse.masks import (
     path_to_str,
     validate_prunable_masks,
 )
-from jaxsparse.sharding import like_params
+from jaxsparse.sharding import auto_axes_like, like_params
 from jaxsparse.topology import count_true
 
 
@@ -372,15 +372,14 @@ def sparse_transform(
         # keeps the topology passes 1/8 byte per weight through, and the algorithm state
         # enters the cond only when the rule updates it (XLA would copy SNFS's momentum on
         # every step otherwise).
-        def topology(masks, cond_extra):
+        def topology(masks, cond_extra, params, grads, step, key, extra):
             if check_params:
                 _check_inside(masks, params)
 
             def update(masks, cond_extra):
                 # Without update_extra the branch only reads the algorithm state (closed
                 # over); with it, the state is an operand and an output of the cond.
-                inputs = UpdateInputs(masks, params, grads, step,
-                                      jax.random.fold_in(state.key, step),
+                inputs = UpdateInputs(masks, params, grads, step, jax.random.fold_in(key, step),
                                       cond_extra if with_extra else extra)
                 new = bitmask.pack_tree(rule.update_masks(inputs))
                 return new, rule.update_extra(inputs, new) if with_extra else ()
@@ -394,8 +393,15 @@ def sparse_transform(
         def keep(masks, extra):
             return masks, extra
 
+        # On a mesh with explicit axes the update runs with them automatic (its
+        # selections reshape and switch over layers of different shardings; the new masks
+        # come back in the old ones' shardings).
+        def update_branch(masks, cond_extra):
+            return auto_axes_like(topology, (masks, cond_extra), masks, cond_extra, params,
+                                  grads, step, state.key, extra)
+
         new_masks, cond_extra = jax.lax.cond(
-            rule.is_update_step(step), topology, keep, state.masks,
+            rule.is_update_step(step), update_branch, keep, state.masks,
             extra if with_extra else ())
         if with_extra:
             extra = cond_extra

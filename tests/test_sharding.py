@@ -3,6 +3,8 @@ the same masks and params as on one device; masks and per-weight state are place
 their params (jaxsparse.sharding.like_params / state_shardings); bad meshes are refused
 naming the leaf."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,3 +213,98 @@ def test_packed_masks_follow_their_params():
     assert st["masks"]["dense0"]["kernel"].bits.spec == P(None, "model")
     odd = sh.packed_sharding(NamedSharding(mesh, P(None, "model")), (4, 12))
     assert odd.spec == P(None, None)  # 6 columns per shard: not whole bytes
+
+
+def _explicit_case():
+    """Two kernels of one shape sharded differently (rows vs columns), a third shape and a
+    dense bias; synthetic gradients, one per step."""
+    k = jax.random.split(jax.random.key(3), 3)
+    params = {"q": {"kernel": jax.random.normal(k[0], (16, 32))},
+              "o": {"kernel": jax.random.normal(k[1], (16, 32))},
+              "mlp": {"kernel": jax.random.normal(k[2], (32, 16)), "bias": jnp.zeros(16)}}
+    spec = {"q": {"kernel": P(None, "model")}, "o": {"kernel": P("model", None)},
+            "mlp": {"kernel": P("data", "model"), "bias": P("model")}}
+    grads = [jax.tree.map(lambda p, t=t: jax.random.normal(jax.random.fold_in(
+        jax.random.key(t), p.size), p.shape), params) for t in range(7)]
+    return params, spec, grads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["rigl", "srigl", "snfs", "magnitude"])
+def test_explicit_mesh_step_matches_single_device(algo):
+    # On a mesh with explicit axes (shardings in the types) the topology update runs with
+    # automatic axes (jax.sharding.auto_axes): same masks as one device, params and state
+    # keep their shardings, layers of one shape but different shardings included.
+    key = jax.random.key(0)
+    inner = optax.sgd(0.1, momentum=0.9)
+    tx = {"rigl": lambda: jaxsparse.rigl(inner, 0.8, key=key, end_step=6, update_every=2),
+          "srigl": lambda: jaxsparse.srigl(inner, 0.8, key=key, end_step=6, update_every=2),
+          "snfs": lambda: jaxsparse.snfs(inner, 0.8, key=key, end_step=6, update_every=2),
+          "magnitude": lambda: jaxsparse.magnitude_pruning(
+              inner, 0.8, end_step=6, update_every=2, ranking="global")}[algo]()
+    params, spec, grads = _explicit_case()
+
+    def step(params, state, g):
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    def train(mesh):
+        p = params
+        if mesh is not None:
+            shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec,
+                                     is_leaf=lambda s: isinstance(s, P))
+            p = jax.device_put(p, shardings)
+        p, state = jaxsparse.init_masked(tx, p)
+        gs = [g if mesh is None else jax.device_put(g, shardings) for g in grads]
+        run = jax.jit(step).lower(p, state, gs[0]).compile()
+        for g in gs:
+            p, state = run(p, state, g)
+        return p, state, run.as_text()
+
+    p1, s1, _ = train(None)
+    emesh = sh.make_mesh((4, 2), ("data", "model"), explicit=True)
+    with jax.set_mesh(emesh):
+        p8, s8, hlo = train(emesh)
+    # The plain step (the ENTRY computation) communicates nothing; the update gathers no
+    # whole layer (a layer has 512 entries; per-column counts are gathered).
+    start = hlo.index("\nENTRY ")
+    assert not re.search(r" (all-gather|all-to-all|collective-permute|all-reduce|"
+                         r"reduce-scatter)", hlo[start:hlo.index("\n}\n", start)])
+    sizes = [int(np.prod([int(d) for d in m.split(",") if d])) for m in re.findall(
+        r"= \w+\[([\d,]*)\]\S* (?:all-gather|all-to-all|collective-permute)", hlo)]
+    assert sizes and max(sizes) < 512, sorted(sizes)
+    for path, s in jax.tree_util.tree_leaves_with_path(spec, is_leaf=lambda s: isinstance(s, P)):
+        leaf = dict(jax.tree_util.tree_leaves_with_path(p8))[path]
+        assert leaf.sharding.spec == s, (path, leaf.sharding)
+        moment = dict(jax.tree_util.tree_leaves_with_path(
+            jaxsparse.transform.get_sparse_state(s8).inner_state[0].trace))[path]
+        assert moment.sharding.spec == s, (path, moment.sharding)
+    m1, m8 = jaxsparse.get_masks(s1), jaxsparse.get_masks(s8)
+    n_changed = 0
+    for a, b, m0 in zip(jax.tree.leaves(m1), jax.tree.leaves(m8),
+                        jax.tree.leaves(jaxsparse.get_masks(tx.init(params)))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        n_changed += int(np.sum(np.asarray(a) != np.asarray(m0)))
+    assert n_changed > 0  # the topology did change
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_axes_like_runs_unannotated_code_on_an_explicit_mesh():
+    emesh = sh.make_mesh((4, 2), ("data", "model"), explicit=True)
+    x = jax.device_put(jnp.arange(64.0).reshape(8, 8), NamedSharding(emesh, P(None, "model")))
+
+    def flat_sum(a, b):  # flattening column shards: explicit mode wants an out_sharding
+        return (a.reshape(-1, 1) + b.reshape(-1, 1)).reshape(8, 8)
+
+    with jax.set_mesh(emesh):
+        with pytest.raises(Exception, match="reshape"):
+            jax.jit(flat_sum)(x, x)
+        out = jax.jit(lambda a: sh.auto_axes_like(flat_sum, a, a, a))(x)
+        assert out.sharding.spec == P(None, "model")
+        np.testing.assert_array_equal(np.asarray(out), 2 * np.arange(64.0).reshape(8, 8))
+        with pytest.raises(ValueError, match=r"float32\[3\].*no explicit sharding"):
+            jax.jit(lambda a: sh.auto_axes_like(lambda a: a[0, :3], np.zeros(3, np.float32),
+                                                a))(x)
+    # No explicit sharding among the arguments: a plain call.
+    assert sh.auto_axes_like(lambda a: a + 1, None, 1.0) == 2.0
