@@ -1599,10 +1599,33 @@ LM_STUDIES = (
 )
 
 
-# The LM grid with its learning rate chosen on validation and test perplexity reported.
-LM_VAL = "lm_small_val"
 LM_VAL_FLAGS = ("--methods=dense,static,rigl,srigl,magnitude --sparsities=0.9,0.75,0.5 "
                 "--seeds=0,1,2 --select_seed=0 --learning_rates=0.001,0.003,0.01,0.03,0.1")
+
+
+class LMValStudy(NamedTuple):
+    """One LM grid with its learning rate chosen on validation and test perplexity
+    reported (``LM_VAL_FLAGS``): records ``results/<name>`` (config of the same name),
+    tables ``<label>-lr`` and ``<label>-test``, a note on the study, and the study run
+    at one fixed rate that it is compared with (``None``: no comparison)."""
+    name: str
+    label: str
+    title: str
+    setting: str
+    note: str
+    fixed_rate: str | None
+
+
+LM_VAL_STUDIES = (
+    LMValStudy("lm_small_val", "LM", "Learning rate chosen on validation, test perplexity",
+               "Table LM-long's setting", "The grid first ended at 0.03; it was extended to "
+               "0.1 because static and SRigL at 90% chose 0.03, its upper end, on "
+               "validation.", "lm_small_long"),
+    LMValStudy("lm_1m_val", "LM-1m", "The same protocol on the 1m preset",
+               "Tables LM-lr and LM-test's protocol on the `1m` preset, 6.5x the parameters "
+               "of `tiny`", "", None),
+)
+LM_VAL = LM_VAL_STUDIES[0].name
 
 
 def section_lm(root: Path) -> str:
@@ -1611,22 +1634,25 @@ def section_lm(root: Path) -> str:
         if i:
             out += ["", f"### Longer runs: table {study.label}", ""]
         out += _lm_study(root, study)
-    out += ["", "### Learning rate chosen on validation, test perplexity: tables LM-lr and "
-            "LM-test", ""] + _lm_val_study(root)
+    for study in LM_VAL_STUDIES:
+        out += ["", f"### {study.title}: tables {study.label}-lr and {study.label}-test", ""]
+        out += _lm_val_study(root, study)
     return "\n".join(out)
 
 
-def _lm_val_study(root: Path) -> list[str]:
-    """Table LM-lr (seed 0's validation perplexity per learning rate, the chosen one in
-    bold) and table LM-test (test perplexity over the seeds at the chosen rate), with the
-    claims of :func:`_lm_claims` on the test numbers."""
+def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str]:
+    """Table ``<label>-lr`` (seed 0's validation perplexity per learning rate, the chosen
+    one in bold) and table ``<label>-test`` (test perplexity over the seeds at the chosen
+    rate), with the claims of :func:`_lm_claims` on the test numbers and, when the study
+    names one, the comparison with the same grid at one fixed rate."""
     from experiments.lm.sweep import chosen_lr
 
-    out = [f"`python -m experiments.lm.sweep --config=experiments/configs/{LM_VAL}.py "
-           f"--out=results/{LM_VAL} --runs=runs/{LM_VAL} {LM_VAL_FLAGS}`", ""]
-    recs = load(root, LM_VAL)
+    out = [f"`python -m experiments.lm.sweep --config=experiments/configs/{study.name}.py "
+           f"--out=results/{study.name} --runs=runs/{study.name} {LM_VAL_FLAGS}`", ""]
+    recs = load(root, study.name)
     if not recs:
         return out + ["No records yet."]
+    t_lr, t_test = f"{study.label}-lr", f"{study.label}-test"
     cfg = config_of(recs[0])
     sel = min(r["seed"] for r in recs)
     lrs = sorted({r["learning_rate"] for r in recs if r["seed"] == sel})
@@ -1634,7 +1660,6 @@ def _lm_val_study(root: Path) -> list[str]:
     cells = [("dense", 0.0)] + [(m, s) for s in sp for m in LM_METHODS]
     cells = [(m, s) for m, s in cells if any(r["algorithm"] == m and target(r) == s
                                              for r in recs)]
-    chosen = {(m, s): chosen_lr(recs, m, s, sel) for m, s in cells}
     seeds = sorted({r["seed"] for r in recs})
 
     def name(m, s):
@@ -1643,19 +1668,25 @@ def _lm_val_study(root: Path) -> list[str]:
     def at(m, s, lr, key, **seed):
         return field(recs, key, algorithm=m, sparsity_target=s, learning_rate=lr, **seed)
 
-    out += [f"Table LM-long's setting ({cfg.get('num_steps')} steps of "
-            f"{cfg.get('batch_size')} sequences of {cfg.get('model', {}).get('seq_len')} "
-            f"bytes, `tiny` preset, AdamW {cfg.get('lr_schedule')}, ERK, updates every "
+    # A rate is chosen once the selection seed has run the whole grid (a sweep in progress
+    # leaves cells short of it).
+    pending = [(m, s) for m, s in cells
+               if not all(at(m, s, lr, "valid_perplexity", seed=sel) for lr in lrs)]
+    chosen = {(m, s): chosen_lr(recs, m, s, sel) for m, s in cells if (m, s) not in pending}
+
+    model = cfg.get("model", {})
+    out += [f"{study.setting} ({cfg.get('num_steps')} steps of "
+            f"{cfg.get('batch_size')} sequences of {model.get('seq_len')} bytes, "
+            f"{model.get('num_layers')} blocks of d={model.get('d_model')}, "
+            f"d_ff={model.get('d_ff')}, AdamW {cfg.get('lr_schedule')}, ERK, updates every "
             f"{cfg.get('update_every')} steps) with the learning rate chosen per method and "
             f"sparsity: the rate of {{{', '.join(f'{x:g}' for x in lrs)}}} with the lowest "
             f"validation perplexity ({cfg.get('eval_windows')} windows of the validation "
-            f"files) on seed {sel} (table LM-lr); the other seeds ran at the chosen rate only. "
-            "The grid first ended at 0.03; it was extended to 0.1 because static and SRigL "
-            "at 90% chose 0.03, its upper end, on validation. "
-            "The test split is 7 standard-library modules in neither train nor validation "
+            f"files) on seed {sel} (table {t_lr}); the other seeds ran at the chosen rate "
+            f"only. {study.note + ' ' if study.note else ''}The test split is 7 standard-library modules in neither train nor validation "
             f"(`STDLIB_TEST`), {cfg.get('test_windows')} windows, evaluated once after "
-            "training; table LM-test reports it for the chosen rate over seeds "
-            f"{', '.join(map(str, seeds))}. Table LM-lr (validation perplexity, seed {sel}; "
+            f"training; table {t_test} reports it for the chosen rate over seeds "
+            f"{', '.join(map(str, seeds))}. Table {t_lr} (validation perplexity, seed {sel}; "
             "chosen in bold):", ""]
     head = "| method | " + " | ".join(f"lr {x:g}" for x in lrs) + " |"
     rows = [head, "|---|" + "---|" * len(lrs)]
@@ -1664,7 +1695,7 @@ def _lm_val_study(root: Path) -> list[str]:
         for lr in lrs:
             v = at(m, s, lr, "valid_perplexity", seed=sel)
             text = f"{v[0]:.3f}" if v else "-"
-            vals.append(f"**{text}**" if lr == chosen[(m, s)] else text)
+            vals.append(f"**{text}**" if lr == chosen.get((m, s)) else text)
         rows.append(f"| {name(m, s)} | " + " | ".join(vals) + " |")
     out += ["\n".join(rows), ""]
     edge = [name(m, s) for (m, s), lr in chosen.items() if lr in (lrs[0], lrs[-1])]
@@ -1672,17 +1703,17 @@ def _lm_val_study(root: Path) -> list[str]:
                + (", ".join(edge) if edge else "none") + ".")
 
     def test(m, s):
-        return at(m, s, chosen[(m, s)], "test_perplexity")
+        return at(m, s, chosen[(m, s)], "test_perplexity") if (m, s) in chosen else []
 
     dense = test("dense", 0.0) if ("dense", 0.0) in chosen else []
     n_exp = len(seeds)
-    out += ["", "Table LM-test (test perplexity, bytes, lower is better; mean ± sample std over "
+    out += ["", f"Table {t_test} (test perplexity, bytes, lower is better; mean ± sample std over "
             "seeds at the chosen rate):", "",
             f"Dense (lr {chosen.get(('dense', 0.0), float('nan')):g}): "
             + (fmt_cell(dense, 1, n_exp, 3) if dense else "no records") + ".", "",
             table([(NAMES.get(m, m), [test(m, s) for s in sp]) for m in LM_METHODS],
                   [pct(s) for s in sp], n_expected=n_exp, scale=1, digits=3), "",
-            "Chosen learning rates (table LM-lr): " + "; ".join(
+            f"Chosen learning rates (table {t_lr}): " + "; ".join(
                 f"{pct(s)} " + ", ".join(f"{NAMES.get(m, m)} {chosen[(m, s)]:g}"
                                          for m in LM_METHODS if (m, s) in chosen)
                 for s in sp) + ".", "", wall(recs) + ".", ""]
@@ -1692,13 +1723,22 @@ def _lm_val_study(root: Path) -> list[str]:
         out.append(f"* {len(stale)} runs of other seeds at a rate no longer chosen (the choice "
                    "moved when the grid grew) are in the records and in no table: "
                    + ", ".join(r.get("run", "?") for r in stale) + ".")
-    short = [f"{name(m, s)} ({len(test(m, s))})" for m, s in cells if len(test(m, s)) < n_exp]
+    if pending:
+        out.append(f"* Seed {sel}'s rate grid not complete yet (no rate chosen, no entry in "
+                   f"table {t_test}): " + ", ".join(name(m, s) for m, s in pending) + ".")
+    short = [f"{name(m, s)} ({len(test(m, s))})" for m, s in chosen if len(test(m, s)) < n_exp]
     if short:
         out.append(f"* Cells with fewer than {n_exp} seeds at the chosen rate: "
                    + ", ".join(short) + ".")
-    if dense:
-        out += _lm_claims("LM-test", sp, test, dense)
-    long_recs = load(root, "lm_small_long")
+    if pending or short:
+        out.append(f"* No orderings or tests on table {t_test} until every cell has its "
+                   f"{n_exp} seeds at a chosen rate (a partial grid: {len(recs)} runs so far).")
+    elif dense:
+        out += _lm_claims(t_test, sp, test, dense)
+    if study.fixed_rate is None:
+        return out
+    long_recs = load(root, study.fixed_rate)
+    t_fixed = next(x.label for x in LM_STUDIES if x.name == study.fixed_rate)
     base = config_of(long_recs[0]).get("learning_rate") if long_recs else None  # one for all
     if dense and long_recs:
         def mean_gap(get_r, get_s):
@@ -1709,14 +1749,14 @@ def _lm_val_study(root: Path) -> list[str]:
         after = mean_gap(lambda s: test("rigl", s), lambda s: test("static", s))
         flips = [pct(s) for s in after if s in before and (before[s] < 0) != (after[s] < 0)]
         out.append(f"* RigL - static in mean perplexity, every method at lr {base:g} (table "
-                   "LM-long, validation): " + ", ".join(f"{pct(s)} {v:+.3f}"
+                   f"{t_fixed}, validation): " + ", ".join(f"{pct(s)} {v:+.3f}"
                                                         for s, v in before.items())
-                   + "; each at its own chosen rate (table LM-test, test): "
+                   + f"; each at its own chosen rate (table {t_test}, test): "
                    + ", ".join(f"{pct(s)} {v:+.3f}" for s, v in after.items())
                    + ". The sign flips at " + (", ".join(flips) if flips else "no sparsity")
                    + ": a ranking made with one rate for every method says little about "
                    "the methods at their own rates.")
-    # The seed-0 runs at table LM-long's rate repeat LM-long's seed-0 runs (later code).
+    # The seed-0 runs at the fixed study's rate repeat its seed-0 runs (later code).
     long = {(r["algorithm"], target(r)): r["valid_perplexity"]
             for r in long_recs if r["seed"] == sel}
     diff = {(m, s): abs(v[0] / long[(m, s)] - 1) for m, s in cells
@@ -1724,7 +1764,7 @@ def _lm_val_study(root: Path) -> list[str]:
     if diff:
         fixed = [d for (m, _), d in diff.items() if m in ("dense", "static")]
         moving = [d for (m, _), d in diff.items() if m not in ("dense", "static")]
-        out.append(f"* Repeat of table LM-long's seed {sel} (lr {base:g}, same config, data "
+        out.append(f"* Repeat of table {t_fixed}'s seed {sel} (lr {base:g}, same config, data "
                    f"and key; the code of a later commit, and a test pass added): validation "
                    f"perplexity within {max(fixed):.1e} relative for dense and static (fixed "
                    f"masks), within {max(moving):.1e} for RigL, SRigL and magnitude ({len(diff)}"

@@ -415,3 +415,35 @@ def test_lm_val_section_chooses_on_validation_and_reports_test(tmp_path):
     assert "90% static 0.003, RigL 0.01, SRigL 0.003, magnitude 0.003" in text
     assert "Mean ordering (best first), table LM-test: 90% static < RigL < SRigL < magnitude" in text
     assert "1.000 ±" not in text
+
+
+def test_lm_val_section_on_a_partial_grid_chooses_nothing_early(tmp_path):
+    """A sweep in progress: a cell whose seed-0 rate grid is not complete gets no chosen
+    rate (its best rate so far is not bolded, it has no test entry), and no ordering or test
+    is claimed until every cell has all its seeds; tables carry the study's label."""
+    study = results_report.LM_VAL_STUDIES[1]
+    d = tmp_path / "results" / study.name
+    d.mkdir(parents=True)
+    cfg = json.dumps({"model": {"seq_len": 64, "num_layers": 4, "d_model": 128,
+                                "d_ff": 512}, "num_steps": 2400})
+    recs = []
+    for k, m in enumerate(("dense", *results_report.LM_METHODS)):
+        s = 0.0 if m == "dense" else 0.9
+        for lr in (0.001, 0.003) if m != "rigl" else (0.001,):  # RigL: 1 rate of 2 so far
+            recs.append({"algorithm": m, "sparsity_target": s, "seed": 0, "learning_rate": lr,
+                         "valid_perplexity": 8.0 + k - (lr == 0.003), "test_perplexity": 5.0,
+                         "wall_time": 1.0, "config": cfg})
+        if m != "rigl":
+            recs.append({"algorithm": m, "sparsity_target": s, "seed": 1, "learning_rate": 0.003,
+                         "valid_perplexity": 8.0, "test_perplexity": 6.0, "wall_time": 1.0,
+                         "config": cfg})
+    (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    text = "\n".join(results_report._lm_val_study(tmp_path, study))
+    assert "table LM-1m-lr" in text and "Table LM-1m-test" in text
+    assert "4 blocks of d=128, d_ff=512" in text
+    assert "| RigL 90% | 10.000 | - |" in text  # nothing bolded
+    assert "| static 90% | 9.000 | **8.000** |" in text
+    assert "rate grid not complete yet (no rate chosen, no entry in table LM-1m-test): RigL 90%." in text
+    assert "| static | 5.500 ± 0.707 |" in text
+    assert "No orderings or tests on table LM-1m-test until every cell" in text
+    assert "Mean ordering" not in text and "Welch" not in text
