@@ -66,7 +66,8 @@ def sortable_key(scores: jax.Array) -> jax.Array:
 
 
 def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool,
-              offset: int | jax.Array = 0, total: int | None = None) -> jax.Array:
+              offset: int | jax.Array = 0, total: int | None = None,
+              anchor: jax.Array | None = None) -> jax.Array:
     """Distinct uint32 tie ranks below 2**31 for the positions of a 2-D ``shape`` (m, s).
 
     With ``tie_key``: a keyed bijective hash of the position ``offset + row * s + col``
@@ -77,11 +78,14 @@ def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool,
     may also be a ``uint32`` array broadcastable to ``shape`` (the keyed ranks of arbitrary
     global positions, e.g. one block of a layer selected block by block: with
     ``shape=(1, 1)`` and ``offset`` the positions themselves, the ranks equal those of the
-    whole layer at those positions).
+    whole layer at those positions). ``anchor``, a ``uint32`` zero computed inside a loop's
+    body, makes the ranks a value of that iteration (see :func:`_select_counting`).
     """
     m, s = shape
     row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
     col = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    if anchor is not None:
+        row, col = row + anchor, col + anchor
     pos = jnp.uint32(offset) + row * jnp.uint32(s) + col
     if tie_key is None:
         if whole:
@@ -341,19 +345,26 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
         return [x >= _bcast(lo, whole) for x in keys_list]
 
     def ties(lo, hi, c_lo, c_hi):
-        # The keys in [lo, hi) tie at the threshold; they are ranked by tie rank. Ranks
-        # given as functions are computed here only, inside the passes that read them.
-        top = [x >= _bcast(hi, whole) for x in keys_list]
-        tie = [(x >= _bcast(lo, whole)) & ~t for x, t in zip(keys_list, top)]
+        # The keys in [lo, hi) tie at the threshold; they are ranked by tie rank.
+        def tied(x):
+            return (x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
 
-        def ranks():
-            return [r() if callable(r) else r for r in ranks_list]
+        def ranks(anchor=None):
+            return [r(anchor=anchor) if callable(r) else r for r in ranks_list]
+
+        def count(p):
+            # Each pass computes the tie masks and the ranks (given as functions) inside
+            # its own reduction. Anchored to the pass's pivot by an optimization barrier:
+            # loop invariants, XLA would compute them once before the search loop and keep
+            # them through it (5 bytes per key).
+            anchor = jax.lax.optimization_barrier((jnp.uint32(0), p))[0]
+            return _reduce(ranks(anchor), [tied(x + anchor) for x in keys_list], p, whole)
 
         r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
                                           jnp.full_like(hi, _RANK_LIMIT))
-        r_lo = _search(lambda p: _reduce(ranks(), tie, p, whole), k - c_hi, r_lo, r_hi,
-                       r_clo, r_chi)[0]
-        return [t | (ti & (r >= _bcast(r_lo, whole))) for t, ti, r in zip(top, tie, ranks())]
+        r_lo = _search(count, k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
+        return [(x >= _bcast(hi, whole)) | (tied(x) & (r >= _bcast(r_lo, whole)))
+                for x, r in zip(keys_list, ranks())]
 
     # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
     # are computed only when some column needs them.
@@ -501,8 +512,9 @@ def top_k_keys(keys, k, *, tie_key=None, per_neuron: bool = False) -> jax.Array:
     shape = jnp.shape(keys)
     view = layer_view(shape)
     whole = not per_neuron
-    return _select(jnp.reshape(keys, view), lambda: tie_ranks(view, tie_key, whole=whole), k,
-                   whole).reshape(shape)
+    return _select(jnp.reshape(keys, view),
+                   lambda anchor=None: tie_ranks(view, tie_key, whole=whole, anchor=anchor),
+                   k, whole).reshape(shape)
 
 
 def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:

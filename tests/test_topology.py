@@ -410,3 +410,19 @@ def test_top_k_threshold_over_blocks_selects_as_top_k_keys(seed, kind, keyed, sa
 def test_top_k_threshold_refuses_too_large_arrays():
     with pytest.raises(ValueError, match="selections over >= 2\\*\\*31 entries"):
         topology.top_k_threshold(lambda part: None, 1, 2**31)
+
+
+@pytest.mark.parametrize("per_neuron", [False, True])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_selection_keeps_no_array_of_ranks_or_ties(per_neuron, keyed):
+    # The tie-break search recomputes the tie masks and ranks inside each of its passes:
+    # hoisted out of the loop (as XLA does with loop invariants) they were kept through it,
+    # 5 bytes per key. Now the temporaries stay below one byte per key.
+    shape = (512, 1024)
+    k = 100 if per_neuron else 1000
+    tie_key = jax.random.key(0) if keyed else None
+    compiled = jax.jit(lambda keys: topology.top_k_keys(
+        keys, k, tie_key=tie_key, per_neuron=per_neuron)).lower(
+        jax.ShapeDtypeStruct(shape, jnp.uint32)).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 1.0 * np.prod(shape), temp / np.prod(shape)

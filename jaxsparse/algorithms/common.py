@@ -107,8 +107,18 @@ class LayerInputs(NamedTuple):
 
         Under :func:`layerwise` the score is computed where the layer's arrays live, so a
         selection by |grad| costs the 4-byte keys, not a copy of the weight and gradient
-        of the layer (``jnp.abs(x.grad)`` would copy the gradient first)."""
+        of the layer (``jnp.abs(x.grad)`` would copy the gradient first).
+
+        With ``where``, the score is computed from the layer's arrays tied to ``where`` by
+        an optimization barrier: two selections by one score (SRigL ranks |W| among the
+        active weights, then among the kept ones) would otherwise share one computation of
+        the score's keys, which XLA keeps alive from the first selection to the second
+        (4 bytes per weight)."""
         def f(x, where):
+            if where is not None:
+                (mask, weight, grad), where = jax.lax.optimization_barrier(
+                    ((x.mask, x.weight, x.grad), where))
+                x = x._replace(mask=mask, weight=weight, grad=grad)
             return topology.candidate_keys(score(x), where)
 
         return f(self, where) if self.read is None else self.read(f, where)

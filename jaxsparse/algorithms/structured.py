@@ -121,17 +121,23 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
       The new mask: every active neuron has exactly ``k' = floor(B / n_active)`` inputs,
       ablated neurons have none.
     """
-    return _srigl(mask, lambda where: topology.candidate_keys(jnp.abs(weight), where),
-                  lambda where: topology.candidate_keys(jnp.abs(grad), where), key, k0=k0,
+    return _srigl(LayerInputs(mask, weight, grad, key, step=None, extra=None), k0=k0,
                   fraction=fraction, gamma_sal=gamma_sal, ablation=ablation,
                   min_neurons=min_neurons, tau=tau)
 
 
-def _srigl(mask, w_keys, g_keys, key, *, k0, fraction, gamma_sal, ablation, min_neurons,
-           tau):
-    """:func:`srigl_layer` with the weights and gradient given as the keys of |W| and
-    |grad| among a set of candidates: ``w_keys(where)`` / ``g_keys(where)``
-    (:func:`jaxsparse.topology.candidate_keys`)."""
+def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, tau):
+    """:func:`srigl_layer` on a layer's inputs, the keys of |W| and |grad| among a set of
+    candidates computed by :meth:`LayerInputs.keys` (under :func:`~jaxsparse.layerwise`,
+    where the layer's arrays live)."""
+    mask, key = x.mask, x.key
+
+    def w_keys(where):
+        return x.keys(lambda y: jnp.abs(y.weight), where)
+
+    def g_keys(where):
+        return x.keys(lambda y: jnp.abs(y.grad), where)
+
     shape = mask.shape
     n_out = shape[-1]
     if tau is None:
@@ -232,10 +238,7 @@ def srigl(
         return consts
 
     def layer(x: LayerInputs):
-        # srigl_layer, with the keys computed where the layer's arrays live (LayerInputs.keys).
-        return _srigl(x.mask, lambda where: x.keys(lambda y: jnp.abs(y.weight), where),
-                      lambda where: x.keys(lambda y: jnp.abs(y.grad), where), x.key,
-                      k0=x.consts["k0"], fraction=fraction(x.step), gamma_sal=gamma_sal,
+        return _srigl(x, k0=x.consts["k0"], fraction=fraction(x.step), gamma_sal=gamma_sal,
                       ablation=ablation, min_neurons=x.consts["min_neurons"],
                       tau=x.consts["tau"])
 
