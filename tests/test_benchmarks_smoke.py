@@ -232,3 +232,17 @@ def test_lm_step_one_state_prints_one_row_per_algorithm(capsys, tmp_path):
     assert rows["dense"][4] == "1.00, 1.00" and float(rows["rigl"][2]) > 0
     assert "each from a fresh state (--one_state)" in out
     assert "1.000 bits/weight" in out  # packed masks: one bit per prunable weight
+
+
+def test_no_timing_reports_memory_and_leaves_time_columns_empty():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), jax.numpy_dtype_promotion("standard"):
+        rows = scaling.main(["--quick", "--algorithms", "rigl", "--depths", "2", "--sizes", "",
+                             "--parts", "opt", "--no-timing"])
+    (opt,) = _tables(out.getvalue())
+    (r,) = [dict(zip(scaling.OPT_COLUMNS, cells)) for cells in opt[2:]]
+    for column in ("dense ms", "plain/dense med", "update/dense CPU", "update ms/M params",
+                   "page faults MB/call dense / plain"):
+        assert r[column] == "-", (column, r[column])
+    assert float(r["extra temp B/param largest"]) > 0 and float(r["state B/weight"]) > 0
+    assert rows[0]["repeats"] == 0 and rows[0]["times"] is None

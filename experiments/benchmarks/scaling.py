@@ -39,11 +39,14 @@ repetitions alternating:
   without that cost; the header names the allocator.
 
 Ratios are given as ratio of medians and ratio of minima over ``--repeats`` repetitions.
+``--no-timing`` compiles and reports only what does not depend on the machine's load
+(compile seconds aside): state bytes and XLA temp memory, with every time column ``-``.
 
 Usage:
   python -m experiments.benchmarks.scaling [--sizes 1M,10M] [--depths 2,8,32,96] \
       [--algorithms rigl,srigl] [--inner sgdm,adam] [--repeats 7] [--json out.json] \
       [--plot out.png]
+  python -m experiments.benchmarks.scaling --sizes 100M --depths '' --no-timing  # memory
   python -m experiments.benchmarks.scaling --quick      # smoke run at a tiny size
 """
 
@@ -323,8 +326,10 @@ def make_setup(spec: StackSpec, inner: str, batch: int, parts: Sequence[str]) ->
 
 
 def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
-            repeats: int, target_s: float, parts: Sequence[str]) -> list[dict]:
-    """The optimizer-only row (and the full-step row) of one algorithm."""
+            repeats: int, target_s: float, parts: Sequence[str],
+            timing: bool = True) -> list[dict]:
+    """The optimizer-only row (and the full-step row) of one algorithm; without
+    ``timing``, the compiled steps are not timed (time columns ``None``)."""
     spec, dense = setup.spec, setup.dense
     tx = make_sparse(algorithm, INNER[setup.inner](), sparsity, update_every,
                      jax.random.key(1))
@@ -355,35 +360,19 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
         }
         if has_update:
             variants["update"] = lambda c=s_compiled, a=args: sparse(c, *a, at_update)
-        # One warm call each, then enough calls per repetition to last ~target_s.
-        n = {k: _timing.calls_for(_timing.mean_seconds(f, 1).wall, target_s)
-             for k, f in variants.items()}
-        n["plain"] = n["dense"]
-        times = _timing.interleaved({k: (f, n[k]) for k, f in variants.items()}, repeats)
-        faults = {k: _timing.fault_mb_per_call(variants[k], 3) for k in ("dense", "plain")}
-        wall, cpu = times["wall"], times["cpu"]
-        plain = _timing.ratio(wall["plain"], wall["dense"])
-        update = _timing.ratio(wall["update"], wall["dense"]) if has_update else None
-        row = dict(common, part=part, dense_ms=1e3 * float(np.median(wall["dense"])),
-                   plain_ms=1e3 * float(np.median(wall["plain"])),
-                   update_ms=(1e3 * float(np.median(wall["update"])) if has_update else None),
-                   plain_ratio_median=plain.median, plain_ratio_best=plain.best,
-                   update_ratio_median=update.median if update else None,
-                   update_ratio_best=update.best if update else None,
-                   plain_cpu_ratio=_timing.ratio(cpu["plain"], cpu["dense"]).median,
-                   update_cpu_ratio=(_timing.ratio(cpu["update"], cpu["dense"]).median
-                                     if has_update else None),
+        timed = (_timed(variants, repeats, target_s) if timing
+                 else dict.fromkeys(_TIME_FIELDS))
+        row = dict(common, part=part, **timed,
                    compile_dense_s=setup.dense_compile[part], compile_sparse_s=compiled.wall_s,
                    compile_dense_cpu_s=setup.dense_compile_cpu[part],
                    compile_sparse_cpu_s=compiled.cpu_s,
-                   repeats=repeats, calls=n, load=_timing.load_average(), times=times,
-                   fault_mb_per_call=faults)
+                   repeats=repeats if timing else 0, load=_timing.load_average())
         if part == "opt":
             temp = _timing.memory_stats(s_compiled)["temp"]
             extra = temp - setup.dense_temp
             row.update(
                 update_ms_per_mparam=(row["update_ms"] / (spec.n_params / 1e6)
-                                      if has_update else None),
+                                      if row["update_ms"] is not None else None),
                 prunable=int(prunable), state_bytes_per_weight=state_bytes / prunable,
                 temp_dense_bytes=setup.dense_temp, temp_sparse_bytes=temp,
                 extra_temp_per_param_largest=extra / spec.largest_layer,
@@ -393,6 +382,37 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
         rows.append(row)
         del s_compiled
     return rows
+
+
+_TIME_FIELDS = ("dense_ms", "plain_ms", "update_ms", "plain_ratio_median", "plain_ratio_best",
+                "update_ratio_median", "update_ratio_best", "plain_cpu_ratio",
+                "update_cpu_ratio", "calls", "times", "fault_mb_per_call")
+
+
+def _timed(variants: dict, repeats: int, target_s: float) -> dict:
+    """The time fields of a row: ``variants`` ("dense", "plain", maybe "update") timed
+    interleaved, ``repeats`` repetitions of ~``target_s`` each; ``None`` for an absent
+    variant (no topology update in this algorithm)."""
+    # One warm call each, then enough calls per repetition to last ~target_s.
+    n = {k: _timing.calls_for(_timing.mean_seconds(f, 1).wall, target_s)
+         for k, f in variants.items()}
+    n["plain"] = n["dense"]
+    times = _timing.interleaved({k: (f, n[k]) for k, f in variants.items()}, repeats)
+    faults = {k: _timing.fault_mb_per_call(variants[k], 3) for k in ("dense", "plain")}
+    wall, cpu = times["wall"], times["cpu"]
+    plain = _timing.ratio(wall["plain"], wall["dense"])
+    has_update = "update" in variants
+    update = _timing.ratio(wall["update"], wall["dense"]) if has_update else None
+    return dict(dense_ms=1e3 * float(np.median(wall["dense"])),
+                plain_ms=1e3 * float(np.median(wall["plain"])),
+                update_ms=1e3 * float(np.median(wall["update"])) if has_update else None,
+                plain_ratio_median=plain.median, plain_ratio_best=plain.best,
+                update_ratio_median=update.median if update else None,
+                update_ratio_best=update.best if update else None,
+                plain_cpu_ratio=_timing.ratio(cpu["plain"], cpu["dense"]).median,
+                update_cpu_ratio=(_timing.ratio(cpu["update"], cpu["dense"]).median
+                                  if has_update else None),
+                calls=n, times=times, fault_mb_per_call=faults)
 
 
 # ---------------------------------------------------------------------------- output
@@ -515,6 +535,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="opt (optimizer only), full (forward+backward+optimizer)")
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--update-every", type=int, default=1000)
+    parser.add_argument("--no-timing", action="store_true",
+                        help="compile and measure memory only: no timed calls")
     parser.add_argument("--json", help="write rows and run details to this file")
     parser.add_argument("--plot", help="write ratio and compile-time plots to this PNG")
     parser.add_argument("--load", help="comma-separated JSON records of earlier runs: print "
@@ -604,11 +626,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             for algorithm in args.algorithms:
                 new = measure(setup, algorithm, sparsity=args.sparsity,
                               update_every=args.update_every, repeats=args.repeats,
-                              target_s=args.target_ms / 1e3, parts=args.parts)
+                              target_s=args.target_ms / 1e3, parts=args.parts,
+                              timing=not args.no_timing)
                 rows += new
                 for r in new:
                     print(f"  {r['model']} {algorithm}/{inner} {r['part']}: plain "
-                          f"{r['plain_ratio_median']:.2f}x, update "
+                          f"{_fmt(r['plain_ratio_median'], '.2f', 'x')}, update "
                           f"{_fmt(r['update_ratio_median'], '.1f', 'x')}, compile "
                           f"{r['compile_dense_s']:.2f} -> {r['compile_sparse_s']:.2f} s, "
                           f"load {r['load']}", file=sys.stderr, flush=True)
