@@ -617,7 +617,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return rows
     header = (f"{_timing.machine_line()}; jaxsparse {jaxsparse_revision()}; "
               f"sparsity {args.sparsity} ERK, update every {args.update_every} steps, "
-              f"{args.repeats} repeats")
+              + ("no timing (compile and memory only)" if args.no_timing
+                 else f"{args.repeats} repeats"))
     print(header, flush=True)
     rows = []
     for spec in args.specs:
