@@ -2804,8 +2804,9 @@ FOOTER = """## Not measured
 * One-shot pruning over several dense training runs (the spread above is over calibration
   samples only); an LM large enough to have outlier input features.
 * The LM grid beyond 2400 steps or 3 seeds (tables LM-long, LM-test), on a preset larger
-  than `tiny`, or with anything but the learning rate chosen on validation (table LM-test:
-  5 rates, one selection seed); condensed training of the LM's MLP
+  than `1m` (tables LM-1m-lr / LM-1m-test: the grid as far as its records go), or with
+  anything but the learning rate chosen on validation (5 rates, one selection seed);
+  condensed training of the LM's MLP
   blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and
   with neuron ablation; of ViT-tiny's MLP blocks (table CT-vit) beyond MNIST, 90% and one
   epoch, and with neuron ablation.
