@@ -183,9 +183,9 @@ def auto_axes_like(f, like, *args):
     ``f``'s outputs). Code inside ``f`` that reshapes sharded arrays or picks among arrays
     of different shardings needs no sharding annotations: XLA's propagation places it, as
     on an ``Auto`` mesh. Without explicit shardings: plain ``f(*args)``."""
-    out = jax.tree.map(explicit_sharding, like)
     if not any(explicit_sharding(x) is not None for x in jax.tree.leaves(args)):
         return f(*args)
+    out = jax.tree.map(explicit_sharding, like)
     missing = [jax.typeof(x) for x in jax.tree.leaves(like) if explicit_sharding(x) is None]
     if missing:
         raise ValueError(f"auto_axes_like: outputs of types {missing[:3]} have no explicit "

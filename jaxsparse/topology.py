@@ -84,8 +84,8 @@ def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool,
     m, s = shape
     row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
     col = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    if anchor is not None:
-        row, col = row + anchor, col + anchor
+    if anchor is not None:  # every rank below reads ``row``
+        row = row + anchor
     pos = jnp.uint32(offset) + row * jnp.uint32(s) + col
     if tie_key is None:
         if whole:
