@@ -1606,14 +1606,16 @@ LM_VAL_FLAGS = ("--methods=dense,static,rigl,srigl,magnitude --sparsities=0.9,0.
 class LMValStudy(NamedTuple):
     """One LM grid with its learning rate chosen on validation and test perplexity
     reported (``LM_VAL_FLAGS``): records ``results/<name>`` (config of the same name),
-    tables ``<label>-lr`` and ``<label>-test``, a note on the study, and the study run
-    at one fixed rate that it is compared with (``None``: no comparison)."""
+    tables ``<label>-lr`` and ``<label>-test``, a note on the study, the study run at one
+    fixed rate that it is compared with, and the study of another model size whose test
+    table it is compared with (``None``: no comparison)."""
     name: str
     label: str
     title: str
     setting: str
     note: str
     fixed_rate: str | None
+    other_size: str | None = None
 
 
 LM_VAL_STUDIES = (
@@ -1623,7 +1625,7 @@ LM_VAL_STUDIES = (
                "validation.", "lm_small_long"),
     LMValStudy("lm_1m_val", "LM-1m", "The same protocol on the 1m preset",
                "Tables LM-lr and LM-test's protocol on the `1m` preset, 6.5x the parameters "
-               "of `tiny`", "", None),
+               "of `tiny`", "", None, other_size="lm_small_val"),
 )
 LM_VAL = LM_VAL_STUDIES[0].name
 
@@ -1645,8 +1647,6 @@ def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str
     one in bold) and table ``<label>-test`` (test perplexity over the seeds at the chosen
     rate), with the claims of :func:`_lm_claims` on the test numbers and, when the study
     names one, the comparison with the same grid at one fixed rate."""
-    from experiments.lm.sweep import chosen_lr
-
     out = [f"`python -m experiments.lm.sweep --config=experiments/configs/{study.name}.py "
            f"--out=results/{study.name} --runs=runs/{study.name} {LM_VAL_FLAGS}`", ""]
     recs = load(root, study.name)
@@ -1668,11 +1668,7 @@ def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str
     def at(m, s, lr, key, **seed):
         return field(recs, key, algorithm=m, sparsity_target=s, learning_rate=lr, **seed)
 
-    # A rate is chosen once the selection seed has run the whole grid (a sweep in progress
-    # leaves cells short of it).
-    pending = [(m, s) for m, s in cells
-               if not all(at(m, s, lr, "valid_perplexity", seed=sel) for lr in lrs)]
-    chosen = {(m, s): chosen_lr(recs, m, s, sel) for m, s in cells if (m, s) not in pending}
+    pending, chosen = _choose_rates(recs)
 
     model = cfg.get("model", {})
     out += [f"{study.setting} ({cfg.get('num_steps')} steps of "
@@ -1735,6 +1731,8 @@ def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str
                    f"{n_exp} seeds at a chosen rate (a partial grid: {len(recs)} runs so far).")
     elif dense:
         out += _lm_claims(t_test, sp, test, dense)
+        if study.other_size is not None:
+            out += _lm_other_size(root, study, sp, test, dense)
     if study.fixed_rate is None:
         return out
     long_recs = load(root, study.fixed_rate)
@@ -1772,6 +1770,62 @@ def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str
                    "topology or pruning step picks, and the runs part from there; which change "
                    "of the code moved the last bits was not traced.")
     return out
+
+
+def _choose_rates(recs: list[dict]) -> tuple[list, dict]:
+    """``(pending, chosen)`` of an LM grid's records: the (method, sparsity) cells whose
+    selection seed has not yet run every rate, and the rate chosen for every other cell
+    (:func:`experiments.lm.sweep.chosen_lr`). A rate is chosen only once the selection seed
+    has run the whole grid (a sweep in progress leaves cells short of it)."""
+    from experiments.lm.sweep import chosen_lr
+
+    sel = min(r["seed"] for r in recs)
+    lrs = {r["learning_rate"] for r in recs if r["seed"] == sel}
+    cells = sorted({(r["algorithm"], target(r)) for r in recs})
+    pending = [(m, s) for m, s in cells
+               if not all(field(recs, "valid_perplexity", algorithm=m, sparsity_target=s,
+                                learning_rate=lr, seed=sel) for lr in lrs)]
+    return pending, {(m, s): chosen_lr(recs, m, s, sel) for m, s in cells
+                     if (m, s) not in pending}
+
+
+def _lm_other_size(root: Path, study: LMValStudy, sp: Sequence[float],
+                   test: Callable[[str, float], list[float]], dense: list[float]) -> list[str]:
+    """The bullet comparing a complete LM test table with the one of ``study.other_size``
+    (another model size, same protocol): each sparse cell's mean test perplexity over
+    dense's, and RigL - static, at both sizes. Nothing while that grid is incomplete."""
+    other = next(x for x in LM_VAL_STUDIES if x.name == study.other_size)
+    recs = load(root, other.name)
+    if not recs:
+        return []
+    pending, chosen = _choose_rates(recs)
+
+    def test_o(m, s):
+        return field(recs, "test_perplexity", algorithm=m, sparsity_target=s,
+                     learning_rate=chosen[(m, s)]) if (m, s) in chosen else []
+
+    n_exp = len({r["seed"] for r in recs})
+    cells = [("dense", 0.0)] + [(m, s) for s in sp for m in LM_METHODS]
+    if pending or any(len(test_o(m, s)) < n_exp for m, s in cells):
+        return [f"* Table {other.label}-test (the other size) is not complete: no "
+                "comparison yet."]
+    mean = lambda xs: summarize(xs).mean  # noqa: E731
+    d_here, d_other = mean(dense), mean(test_o("dense", 0.0))
+    ratios = "; ".join(
+        f"{pct(s)} " + ", ".join(
+            f"{NAMES.get(m, m)} {mean(test_o(m, s)) / d_other:.3f} -> "
+            f"{mean(test(m, s)) / d_here:.3f}" for m in LM_METHODS if m != "dense")
+        for s in sp)
+    gap_o = [mean(test_o("rigl", s)) - mean(test_o("static", s)) for s in sp]
+    gap = [mean(test("rigl", s)) - mean(test("static", s)) for s in sp]
+    same = [pct(s) for s, a, b in zip(sp, gap_o, gap) if (a < 0) == (b < 0)]
+    return [f"* Against table {other.label}-test (the same protocol on the other model "
+            f"size): mean test perplexity over dense's, table {other.label}-test -> this "
+            f"table: {ratios}. RigL - static: " + ", ".join(
+                f"{pct(s)} {a:+.3f} -> {b:+.3f}" for s, a, b in zip(sp, gap_o, gap))
+            + "; the same sign at " + (", ".join(same) if same else "no sparsity")
+            + f" (ratios of means, no test across sizes; n = {n_exp} per cell in table "
+            f"{other.label}-test, {len(dense)} in this one)."]
 
 
 def _lm_claims(label: str, sp: Sequence[float], get: Callable[[str, float], list[float]],
@@ -2804,7 +2858,7 @@ FOOTER = """## Not measured
 * One-shot pruning over several dense training runs (the spread above is over calibration
   samples only); an LM large enough to have outlier input features.
 * The LM grid beyond 2400 steps or 3 seeds (tables LM-long, LM-test), on a preset larger
-  than `1m` (tables LM-1m-lr / LM-1m-test: the grid as far as its records go), or with
+  than `1m`, or with
   anything but the learning rate chosen on validation (5 rates, one selection seed);
   condensed training of the LM's MLP
   blocks (table CT-lm) beyond 300 steps, the tiny (3 seeds) and 1m (2 seeds) presets, and

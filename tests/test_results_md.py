@@ -447,3 +447,42 @@ def test_lm_val_section_on_a_partial_grid_chooses_nothing_early(tmp_path):
     assert "| static | 5.500 ± 0.707 |" in text
     assert "No orderings or tests on table LM-1m-test until every cell" in text
     assert "Mean ordering" not in text and "Welch" not in text
+
+
+def test_lm_val_section_compares_with_the_other_model_size(tmp_path):
+    """A complete 1m grid is compared with the tiny one: each sparse cell's mean test
+    perplexity over dense's at both sizes (each at its own chosen rate; a test number at
+    a rate not chosen never enters) and RigL - static's sign; nothing while the other
+    grid is incomplete."""
+    study = results_report.LM_VAL_STUDIES[1]
+    cfg = json.dumps({"model": {"seq_len": 64}, "num_steps": 2400})
+
+    def write(name, dense, rigl, static, short=()):
+        recs = []
+        for m in ("dense", *results_report.LM_METHODS):
+            s = 0.0 if m == "dense" else 0.9
+            base = {"dense": dense, "rigl": rigl, "static": static}.get(m, 2 * dense)
+            for lr in (0.001, 0.003):  # seed 0 chooses 0.003; 0.001's test number is bait
+                recs.append({"algorithm": m, "sparsity_target": s, "seed": 0,
+                             "learning_rate": lr, "valid_perplexity": 9.0 - (lr == 0.003),
+                             "test_perplexity": base if lr == 0.003 else 0.5,
+                             "wall_time": 1.0, "config": cfg})
+            for seed in (1,) if m in short else (1, 2):
+                recs.append({"algorithm": m, "sparsity_target": s, "seed": seed,
+                             "learning_rate": 0.003, "valid_perplexity": 8.0,
+                             "test_perplexity": base + 0.01 * seed, "wall_time": 1.0,
+                             "config": cfg})
+        d = tmp_path / "results" / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+
+    write(study.name, dense=4.0, rigl=4.4, static=4.2)
+    write(study.other_size, dense=5.0, rigl=5.5, static=6.0, short=("rigl",))
+    text = "\n".join(results_report._lm_val_study(tmp_path, study))
+    assert "Table LM-test (the other size) is not complete: no comparison yet." in text
+    write(study.other_size, dense=5.0, rigl=5.5, static=6.0)
+    text = "\n".join(results_report._lm_val_study(tmp_path, study))
+    # means: tiny dense 5.01, RigL 5.51, static 6.01; 1m dense 4.01, RigL 4.41, static 4.21
+    assert ("table LM-test -> this table: 90% static 1.200 -> 1.050, RigL 1.100 -> 1.100, "
+            "SRigL 1.998 -> 1.998, magnitude 1.998 -> 1.998.") in text
+    assert "RigL - static: 90% -0.500 -> +0.200; the same sign at no sparsity" in text
