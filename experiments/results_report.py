@@ -1713,6 +1713,12 @@ def _lm_val_study(root: Path, study: LMValStudy = LM_VAL_STUDIES[0]) -> list[str
                 f"{pct(s)} " + ", ".join(f"{NAMES.get(m, m)} {chosen[(m, s)]:g}"
                                          for m in LM_METHODS if (m, s) in chosen)
                 for s in sp) + ".", "", wall(recs) + ".", ""]
+    if (root / "results" / study.name / "curves.png").exists():
+        out += [f"![LM train-loss and validation-perplexity curves at the chosen rates, table "
+                f"{t_test}](results/{study.name}/curves.png)", "",
+                f"(`python -m experiments.lm.plot --results=results/{study.name}/results.jsonl "
+                f"--out=results/{study.name}/curves.png --chosen`: mean over seeds at each "
+                "cell's chosen rate.)", ""]
     stale = [r for r in recs if r["seed"] != sel
              and r["learning_rate"] != chosen.get((r["algorithm"], target(r)))]
     if stale:

@@ -56,3 +56,30 @@ def test_validation_protocol_configs_differ_only_where_they_say():
     assert diff == {"test_windows"}  # table LM-long's setting plus the test pass
     assert {k for k in small.keys() if small[k] != one_m[k]} == {"model"}
     assert (one_m.model.num_layers, one_m.model.d_model, one_m.model.seq_len) == (4, 128, 64)
+
+
+def test_curves_at_chosen_rates_average_only_the_chosen_runs(tmp_path):
+    """``experiments.lm.plot.curves(..., chosen=True)`` draws each cell from its runs at the
+    rate chosen on seed 0's validation (other seeds' runs at that rate included), never
+    from the rates it lost to."""
+    import json
+
+    from experiments.lm import plot
+
+    recs = []
+    for seed, lr, valid, loss in [(0, 0.1, 9.0, 5.0), (0, 0.2, 8.0, 3.0), (1, 0.2, 8.5, 1.0)]:
+        path = tmp_path / f"s{seed}_lr{lr}.jsonl"
+        path.write_text("\n".join(json.dumps({"event": "train", "step": t, "train_loss": loss + t})
+                                  for t in (10, 20)) + "\n")
+        recs.append({"algorithm": "rigl", "sparsity_target": 0.9, "seed": seed,
+                     "learning_rate": lr, "valid_perplexity": valid,
+                     "metrics_path": str(path)})
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    steps, mean = plot.curves(results, chosen=True)[("rigl", 0.9)]
+    assert steps.tolist() == [10, 20] and mean.tolist() == [12.0, 22.0]  # (3 + 1) / 2 + t
+    _, every = plot.curves(results)[("rigl", 0.9)]
+    assert every.tolist() == [13.0, 23.0]  # all three runs
+    out = tmp_path / "curves.png"
+    plot.main(["--results", str(results), "--out", str(out), "--chosen"])
+    assert out.stat().st_size > 1000

@@ -4,6 +4,9 @@ validation perplexity when the runs evaluated more than once (``eval_every`` > 0
 
   python -m experiments.lm.plot --results=results/lm_small/results.jsonl \
       --out=results/lm_small/curves.png
+
+With ``--chosen`` (a sweep over learning rates, ``experiments.lm.sweep --learning_rates``),
+each method and sparsity is drawn from its runs at the rate chosen on validation only.
 """
 
 from __future__ import annotations
@@ -16,12 +19,29 @@ from pathlib import Path
 import numpy as np
 
 
-def curves(results: Path, event: str = "train", key: str = "train_loss") -> dict:
+def at_chosen_rates(records: list[dict]) -> list[dict]:
+    """The records at the learning rate chosen for their method and sparsity on the
+    selection seed (the lowest seed) by :func:`experiments.lm.sweep.chosen_lr`."""
+    from experiments.lm.sweep import chosen_lr
+
+    sel = min(r["seed"] for r in records)
+    rate = {}
+    for r in records:
+        cell = (r["algorithm"], r["sparsity_target"])
+        if cell not in rate:
+            rate[cell] = chosen_lr(records, *cell, sel)
+    return [r for r in records if r["learning_rate"] == rate[(r["algorithm"],
+                                                                 r["sparsity_target"])]]
+
+
+def curves(results: Path, event: str = "train", key: str = "train_loss",
+           chosen: bool = False) -> dict:
     """``{(algorithm, sparsity_target): (steps, mean over seeds of key)}`` from the
-    ``event`` records of each run's ``metrics.jsonl``."""
+    ``event`` records of each run's ``metrics.jsonl`` (with ``chosen``, only the runs of
+    :func:`at_chosen_rates`)."""
     by = collections.defaultdict(list)
-    for line in results.read_text().splitlines():
-        r = json.loads(line)
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    for r in at_chosen_rates(records) if chosen else records:
         path = Path(r["metrics_path"])
         if not path.exists():
             continue
@@ -48,9 +68,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--chosen", action="store_true",
+                   help="only the runs at each cell's learning rate chosen on validation")
     a = p.parse_args(argv)
-    rows = [(curves(Path(a.results)), "train loss (nats/byte)")]
-    valid = curves(Path(a.results), "eval", "valid_perplexity")
+    rows = [(curves(Path(a.results), chosen=a.chosen), "train loss (nats/byte)")]
+    valid = curves(Path(a.results), "eval", "valid_perplexity", chosen=a.chosen)
     if any(len(steps) > 1 for steps, _ in valid.values()):
         rows.append((valid, "validation perplexity"))
     sparsities = sorted({s for (m, s) in rows[0][0] if m != "dense"})
