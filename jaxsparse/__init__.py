@@ -88,6 +88,7 @@ from jaxsparse.transform import (
     init_masked,
     reset_moments,
     sparse_transform,
+    topology_due,
 )
 
 __version__ = "0.1.0"
@@ -178,6 +179,7 @@ __all__ = [
     "sparsity_table",
     "static",
     "topology",
+    "topology_due",
     "validate_masks",
     "__version__",
 ]

@@ -26,10 +26,22 @@ One mask, ``kept``, computed on the packed bits, is all a step unpacks: on a pla
 So after ``optax.apply_updates`` the params are exactly sparse after every step, with no
 second call to remember. The whole step is one traced computation: schedules and traced
 counts never retrace it.
+
+Host-scheduled updates: ``tx.update(grads, state, params, topology_update=False)`` (a
+Python bool, static under ``jit``) compiles the plain step without the ``lax.cond``, and
+``True`` the update step without it; :func:`topology_due` gives the flag for a step count
+from the rule's own schedule. Same results, bit for bit. A ``lax.cond`` that reads every
+gradient is a scheduling barrier: no leaf's update can start before the last gradient is
+computed, which on a CPU costs a full train step of a memory-bound model 1.3-1.5x (no
+leaf's update runs while its gradient is still in cache; BENCHMARKS.md), and an
+accelerator runtime may read the predicate on the host. Two compiled programs, chosen on
+the host each step, have neither.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -323,10 +335,15 @@ def sparse_transform(
         breaks exact sparsity. Off by default: the check is a host callback, and a compiled
         step that holds one loses JAX's fast dispatch path on *every* call (about 3 ms per
         call at 10M params on a 2-core CPU, BENCHMARKS.md). :func:`check_sparse` makes the
-        same check from outside the step.
+        same check from outside the step. Also checks a host-given ``topology_update``
+        flag against the rule's schedule at every step.
 
     Returns:
-      A ``GradientTransformationExtraArgs``; ``update`` requires ``params``.
+      A ``GradientTransformationExtraArgs``; ``update`` requires ``params`` and takes
+      ``topology_update``: ``None`` (default) decides in the step, under ``lax.cond``,
+      whether the topology changes; a Python bool (static under ``jit``, from
+      :func:`topology_due`) says so from the host, and the step compiles without the
+      ``lax.cond`` (see the module docstring).
 
     Example:
       >>> tx = jaxsparse.sparse_transform(optax.adam(1e-3), my_rule, key=jax.random.key(0))
@@ -353,11 +370,18 @@ def sparse_transform(
             extra=_place_like(rule.init_extra(params, bool_masks), params),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def update_fn(updates, state, params=None, *, topology_update: bool | None = None,
+                  **extra_args):
         if params is None:
             raise ValueError(
                 "jaxsparse optimizers need the params: call tx.update(grads, state, params)"
             )
+        if topology_update is not None and not isinstance(topology_update, (bool, np.bool_)):
+            raise TypeError(
+                "topology_update must be None (decided in the step) or a Python bool (static "
+                f"under jit: jaxsparse.topology_due(tx, step)); got {type(topology_update)}")
+        if topology_update is not None:
+            topology_update = bool(topology_update)
         grads = updates
         check_grads(grads, params)
         state = state._replace(masks=_repack(state.masks, params),
@@ -400,18 +424,28 @@ def sparse_transform(
             return auto_axes_like(topology, (masks, cond_extra), masks, cond_extra, params,
                                   grads, step, state.key, extra)
 
-        new_masks, cond_extra = jax.lax.cond(
-            rule.is_update_step(step), update_branch, keep, state.masks,
-            extra if with_extra else ())
+        cond_in = (state.masks, extra if with_extra else ())
+        if topology_update is None:  # decided in the step
+            new_masks, cond_extra = jax.lax.cond(rule.is_update_step(step), update_branch,
+                                                 keep, *cond_in)
+        else:
+            if check_params:
+                _check_schedule(rule.is_update_step(step), topology_update, step)
+            new_masks, cond_extra = (update_branch if topology_update else keep)(*cond_in)
         if with_extra:
             extra = cond_extra
-        # The ITOP union outside the cond: one pass over 1 bit per weight, where the cond
-        # would copy the bits through its untaken branch on every plain step.
-        ever = (None if state.ever_active is None
-                else map_masked(bitmask.or_packed, state.ever_active, new_masks))
-        # The weights active before and after this step, intersected on the packed bits:
-        # the one mask the step unpacks (fused into each leaf's update).
-        kept = bitmask.unpack_tree(map_masked(bitmask.and_packed, state.masks, new_masks))
+        if topology_update is False:
+            # Known on the host: the masks (and their union) stay as they are.
+            ever, kept = state.ever_active, bitmask.unpack_tree(state.masks)
+        else:
+            # The ITOP union outside the cond: one pass over 1 bit per weight, where the
+            # cond would copy the bits through its untaken branch on every plain step.
+            ever = (None if state.ever_active is None
+                    else map_masked(bitmask.or_packed, state.ever_active, new_masks))
+            # The weights active before and after this step, intersected on the packed
+            # bits: the one mask the step unpacks (fused into each leaf's update).
+            kept = bitmask.unpack_tree(map_masked(bitmask.and_packed, state.masks,
+                                                  new_masks))
         # Gradients of weights outside ``kept`` never reach the inner optimizer, and their
         # moments are zeroed *before* the inner step, so they stay zero after it (any
         # optimizer whose state update maps zero state and zero gradient to zero state:
@@ -426,7 +460,68 @@ def sparse_transform(
                          dense=lambda u, p: u)
         return out, SparseState(new_masks, inner_state, step + 1, state.key, ever, extra)
 
+    _RULES[update_fn] = rule
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# The rule of each sparse transform's update function, for topology_due.
+_RULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _host_schedule(is_update_step: Callable) -> Callable:
+    # Compiled once per rule; run on the host's CPU (its input is placed there), so an
+    # accelerator's stream is never waited on for a flag.
+    jitted = jax.jit(is_update_step)
+    cpu = jax.local_devices(backend="cpu")[0]
+    return lambda count: jitted(jax.device_put(np.int32(count), cpu))
+
+
+def topology_due(tx: optax.GradientTransformation | SparsityRule, count: int) -> bool:
+    """Whether the update at step counter ``count`` (the number of earlier ``update``
+    calls: ``SparseState.count``) changes the topology, by the rule's own schedule: the
+    ``topology_update`` flag of a host-scheduled step.
+
+    Example:
+      >>> step = jax.jit(train_step, static_argnames="topology_update")
+      >>> for t in range(num_steps):
+      ...     state = step(state, batch, topology_update=jaxsparse.topology_due(tx, t))
+
+    Args:
+      tx: the transform :func:`sparse_transform` (or a public factory such as
+        ``jaxsparse.rigl``) returned, or its :class:`SparsityRule`.
+      count: the step counter, a Python int.
+
+    Raises:
+      TypeError: ``tx`` is neither (e.g. an ``optax.chain`` around it: pass the sparse
+        transform itself, before chaining).
+    """
+    rule = tx if isinstance(tx, SparsityRule) else _RULES.get(getattr(tx, "update", None))
+    if rule is None:
+        raise TypeError("topology_due needs the transform that jaxsparse returned (or its "
+                        f"SparsityRule), not a {type(tx).__name__} around it: keep a "
+                        "reference to the sparse transform before chaining it")
+    if isinstance(count, jax.Array) or not isinstance(count, (int, np.integer)):
+        raise TypeError(f"count must be a Python int (the step on the host), got "
+                        f"{type(count).__name__}")
+    return bool(_host_schedule(rule.is_update_step)(count))
+
+
+def _check_schedule(due: jax.Array, flag: bool, step: jax.Array) -> None:
+    """With ``check_params``: raises, through a host callback, when a host-given
+    ``topology_update`` flag disagrees with the rule's schedule at this step."""
+
+    def check(due, step):
+        if bool(due) != flag:
+            raise ValueError(
+                f"topology_update={flag} at step counter {int(step)}, where the rule's "
+                f"schedule says {bool(due)}: pass jaxsparse.topology_due(tx, count)")
+
+    backend = jax.default_backend()
+    platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
+    jax.lax.platform_dependent(
+        due, step, default=lambda *a: None,
+        **{p: lambda d, t: jax.debug.callback(check, d, t) for p in platforms})
 
 
 def init_masked(tx: optax.GradientTransformation, params: PyTree) -> tuple[PyTree, Any]:

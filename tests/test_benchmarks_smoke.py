@@ -10,6 +10,7 @@ import io
 import json
 from typing import NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,6 +41,20 @@ def quick(tmp_path_factory):
         rows = scaling.main(["--quick", "--algorithms", "static", "--depths", "2",
                              "--sizes", "", "--json", str(path), "--plot", str(tmp / "q.png")])
     return out.getvalue(), rows, json.loads(path.read_text()), path
+
+
+def test_measure_times_the_host_scheduled_plain_step_of_an_updating_algorithm():
+    """RigL's row has the host-scheduled plain step's ratios; static (no update) has none."""
+    spec = scaling.depth_spec("2")
+    with jax.numpy_dtype_promotion("standard"):
+        setup = scaling.make_setup(spec, "sgdm", 4, ["opt"])
+        rigl, = scaling.measure(setup, "rigl", sparsity=0.9, update_every=10, repeats=1,
+                                target_s=1e-3, parts=["opt"])
+        static, = scaling.measure(setup, "static", sparsity=0.9, update_every=10, repeats=1,
+                                  target_s=1e-3, parts=["opt"])
+    assert rigl["host_ratio_median"] > 0 and rigl["host_cpu_ratio"] > 0
+    assert set(rigl["times"]["wall"]) == {"dense", "plain", "update", "host"}
+    assert static["host_ratio_median"] is None and "host" not in static["times"]["wall"]
 
 
 @pytest.mark.slow
@@ -74,8 +89,8 @@ def test_table_formats_update_columns():
     row = dict(model="m", series="size", params=2_000_000, kernels=4, algorithm="rigl",
                inner="adam", part="opt", dense_ms=1.5, plain_ratio_median=1.04,
                plain_ratio_best=1.01, update_ratio_median=12.34, update_ratio_best=10.0,
-               plain_cpu_ratio=1.1, update_cpu_ratio=11.0,
-               update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
+               plain_cpu_ratio=1.1, update_cpu_ratio=11.0, host_ratio_median=1.02,
+               host_cpu_ratio=1.03, update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
                compile_dense_cpu_s=0.2, compile_sparse_cpu_s=3.0,
                state_bytes_per_weight=2.0, temp_dense_bytes=0, temp_sparse_bytes=8_000_000,
                extra_temp_per_param_largest=16.0, extra_temp_per_param_model=4.0,
@@ -84,7 +99,8 @@ def test_table_formats_update_columns():
     assert dict(zip(header, cells)) == {
         "model": "m", "params": "2.00M", "kernels": "4", "algorithm": "rigl", "inner": "adam",
         "dense ms": "1.500", "plain/dense med": "1.04x", "plain/dense min": "1.01x",
-        "plain/dense CPU": "1.10x", "update/dense med": "12.3x", "update/dense min": "10.0x",
+        "plain/dense CPU": "1.10x", "host plain/dense med": "1.02x",
+        "host plain/dense CPU": "1.03x", "update/dense med": "12.3x", "update/dense min": "10.0x",
         "update/dense CPU": "11.0x", "update ms/M params": "9.25",
         "compile s dense->sparse": "0.10 -> 2.50",
         "compile CPU s dense->sparse": "0.20 -> 3.00", "state B/weight": "2.00",
@@ -215,6 +231,27 @@ def test_untaken_branch_benchmark_times_each_count(capsys):
     assert not jnp.array_equal(untaken_branch.program(3)(jnp.copy(x), jnp.asarray(True)), x)
     with pytest.raises(SystemExit):
         untaken_branch.main(["--counts", "a,b"])
+
+
+def test_cond_barrier_benchmark_compares_equal_steps(capsys):
+    """The barrier step computes what the dense step computes (its cond is never taken and
+    adds zero): same params after a step from the same start; one row per size."""
+    from experiments.benchmarks import cond_barrier, scaling
+
+    rows = cond_barrier.main(["--sizes", "20K", "--repeats", "1", "--calls", "1",
+                              "--batch", "4"])
+    assert [r["batch"] for r in rows] == [4] and rows[0]["dense_ms"] > 0
+    assert "| cond / dense med |" in capsys.readouterr().out
+    spec = scaling.size_spec("20K")
+    params = scaling.init_params(spec, jax.random.key(0))
+    x, y = (jax.random.normal(k, (4, spec.d_model)) for k in jax.random.split(
+        jax.random.key(1)))
+    tx = scaling.INNER["sgdm"]()
+    out = {k: jax.jit(f)(params, tx.init(params), x, y)[0]
+           for k, f in cond_barrier.steps(tx).items()}
+    chex.assert_trees_all_equal(out["dense"], out["barrier"])
+    assert not jnp.array_equal(out["dense"]["block_00"]["up"]["kernel"],
+                               params["block_00"]["up"]["kernel"])
 
 
 @pytest.mark.slow

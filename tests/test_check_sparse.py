@@ -81,3 +81,17 @@ def test_the_in_step_check_raises_at_a_topology_update():
     assert "callback" in hlo
     with pytest.raises(Exception, match=r"nonzero outside their masks.*dense\d/kernel"):
         _train(tx, 3 * EVERY + 1)
+
+
+def test_a_host_given_flag_that_disagrees_with_the_schedule_is_named():
+    """With ``check_params`` a host-scheduled step (``topology_update=``) checks its flag
+    against the rule's schedule: a wrong one raises, naming the step counter."""
+    tx = _rigl_checked(optax.sgd(0.1))
+    params = tiny_params()
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    assert not jaxsparse.topology_due(tx, 0)
+    _, state = tx.update(grads, state, params, topology_update=False)
+    with pytest.raises(Exception, match="topology_update=True at step counter 1, where the "
+                                        "rule's schedule says False"):
+        jax.block_until_ready(tx.update(grads, state, params, topology_update=True))

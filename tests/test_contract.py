@@ -17,7 +17,7 @@ import pytest
 
 import jaxsparse
 from jaxsparse.masks import is_none, path_to_str
-from tests.helpers import lenient, make_step, run, tiny_batch, tiny_params
+from tests.helpers import lenient, loss_fn, make_step, run, tiny_batch, tiny_params
 
 EVERY, END, STEPS = 3, 24, 28
 
@@ -313,6 +313,25 @@ def test_update_without_params_is_a_clear_error():
         tx.update(params, state)
 
 
+def test_host_scheduling_refuses_what_it_cannot_check():
+    """``topology_due`` needs the sparse transform itself (or its rule) and a host int;
+    ``topology_update`` must be static (a flag that disagrees with the schedule:
+    test_check_sparse)."""
+    tx = jaxsparse.rigl(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END,
+                        update_every=EVERY)
+    assert [jaxsparse.topology_due(tx, t) for t in range(7)] == [
+        False, False, False, True, False, False, True]
+    with pytest.raises(TypeError, match="before chaining"):
+        jaxsparse.topology_due(optax.chain(tx, optax.scale(1.0)), 3)
+    with pytest.raises(TypeError, match="count must be a Python int"):
+        jaxsparse.topology_due(tx, jnp.asarray(3))
+    params = tiny_params()
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(TypeError, match="topology_update must be None .* or a Python bool"):
+        tx.update(grads, state, params, topology_update=jnp.asarray(True))
+
+
 def test_itop_rate_grows_for_dst_and_is_tracked_in_state():
     tx = jaxsparse.set(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END,
                        update_every=EVERY)
@@ -334,6 +353,41 @@ def test_donating_the_state_keeps_the_factory_usable():
     # The key given to the factory is still alive, and a fresh init still works.
     assert jax.random.key_data(key).shape == (2,)
     tx.init(tiny_params())
+
+
+def test_host_scheduled_steps_equal_the_cond_step(recorded):
+    """The same run with each step's ``topology_update`` given from the host
+    (``jaxsparse.topology_due``): two compiled steps, neither holding the update's
+    ``lax.cond``, and every param, mask and state leaf equal to the recorded run's, bit for
+    bit, after every step."""
+    tx, history = recorded.tx, recorded.history
+    if recorded.name in VARIANTS:
+        pytest.skip("a variant of an algorithm checked here already")
+
+    def step(params, state, x, y, topology_update):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, state = tx.update(grads, state, params, topology_update=topology_update)
+        return optax.apply_updates(params, updates), state
+
+    jitted = jax.jit(step, static_argnames="topology_update")
+    params = tiny_params()
+    state = tx.init(params)
+    params = jaxsparse.apply_masks(params, jaxsparse.get_masks(state))
+    due = [jaxsparse.topology_due(tx, t) for t in range(STEPS)]
+    assert not all(due) and any(due) == (recorded.name != "static")
+    for t in range(STEPS):
+        params, state = jitted(params, state, *tiny_batch(t), topology_update=due[t])
+        want = history[t + 1]
+        chex.assert_trees_all_equal(jax.device_get(params), want["params"])
+        chex.assert_trees_all_equal(jax.device_get(jaxsparse.get_masks(state)), want["masks"])
+        got_state = jax.device_get(state)
+        for a, b in zip(jax.tree.leaves(got_state), jax.tree.leaves(want["state"])):
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jitted._cache_size() == len(set(due))
+    hlo = jitted.lower(params, state, *tiny_batch(0), topology_update=False).as_text()
+    assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo
 
 
 def test_state_shares_no_buffer_with_params(recorded):

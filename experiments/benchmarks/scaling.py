@@ -22,6 +22,9 @@ repetitions alternating:
   "update" counter changes the masks and the "plain" one does not);
 * full step (forward + backward of the stack on a ``--batch`` of random rows, then the
   optimizer): the same two ratios;
+* "host plain": the plain step scheduled on the host (``tx.update(...,
+  topology_update=False)``, see ``jaxsparse.topology_due``), compiled without the update's
+  ``lax.cond``, against the same dense step (algorithms with topology updates);
 * update step ms per million parameters (of the whole model);
 * compile seconds, dense -> sparse (``jax.jit(f).lower(...).compile()``, timed);
 * state bytes per prunable weight: bytes of the sparse optimizer state minus those of the
@@ -91,6 +94,7 @@ DEFAULTS = dict(sizes="1M,10M,50M,100M", depths="2,8,32,96",
 
 OPT_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "dense ms",
                "plain/dense med", "plain/dense min", "plain/dense CPU",
+               "host plain/dense med", "host plain/dense CPU",
                "update/dense med", "update/dense min", "update/dense CPU",
                "update ms/M params", "compile s dense->sparse",
                "compile CPU s dense->sparse", "state B/weight",
@@ -98,6 +102,7 @@ OPT_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "dense ms",
                "page faults MB/call dense / plain")
 FULL_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "batch", "dense ms",
                 "plain/dense med", "plain/dense min", "plain/dense CPU",
+                "host plain/dense med", "host plain/dense CPU",
                 "update/dense med", "update/dense min", "update/dense CPU",
                 "compile s dense->sparse", "compile CPU s dense->sparse",
                 "page faults MB/call dense / plain")
@@ -232,22 +237,32 @@ def pin_count(state: Any, count: jax.Array) -> Any:
         state, is_leaf=_is_sparse_state)
 
 
-def opt_step(tx: optax.GradientTransformation) -> Callable:
-    """``(params, state, grads, count) -> (params, state)``: the optimizer alone."""
+def _update_kwargs(topology_update: bool | None) -> dict:
+    # Host-scheduled steps pass the flag; the dense optimizer takes no such argument.
+    return {} if topology_update is None else {"topology_update": topology_update}
+
+
+def opt_step(tx: optax.GradientTransformation, topology_update: bool | None = None
+             ) -> Callable:
+    """``(params, state, grads, count) -> (params, state)``: the optimizer alone
+    (``topology_update``: a host-scheduled sparse step, see ``jaxsparse.topology_due``)."""
 
     def step(params, state, grads, count):
-        updates, state = tx.update(grads, pin_count(state, count), params)
+        updates, state = tx.update(grads, pin_count(state, count), params,
+                                   **_update_kwargs(topology_update))
         return optax.apply_updates(params, updates), state
 
     return step
 
 
-def full_step(tx: optax.GradientTransformation) -> Callable:
+def full_step(tx: optax.GradientTransformation, topology_update: bool | None = None
+              ) -> Callable:
     """``(params, state, x, y, count) -> (params, state)``: forward, backward, optimizer."""
 
     def step(params, state, x, y, count):
         grads = jax.grad(loss_fn)(params, x, y)
-        updates, state = tx.update(grads, pin_count(state, count), params)
+        updates, state = tx.update(grads, pin_count(state, count), params,
+                                   **_update_kwargs(topology_update))
         return optax.apply_updates(params, updates), state
 
     return step
@@ -360,6 +375,11 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
         }
         if has_update:
             variants["update"] = lambda c=s_compiled, a=args: sparse(c, *a, at_update)
+        if has_update and timing:
+            # The plain step scheduled on the host: compiled without the update's cond.
+            host = _timing.compile_timed(make(tx, False), sparse.params, sparse.state, *args,
+                                         at_plain, donate_argnums=(0, 1)).executable
+            variants["host"] = lambda c=host, a=args: sparse(c, *a, at_plain)
         timed = (_timed(variants, repeats, target_s) if timing
                  else dict.fromkeys(_TIME_FIELDS))
         row = dict(common, part=part, **timed,
@@ -386,17 +406,21 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
 
 _TIME_FIELDS = ("dense_ms", "plain_ms", "update_ms", "plain_ratio_median", "plain_ratio_best",
                 "update_ratio_median", "update_ratio_best", "plain_cpu_ratio",
-                "update_cpu_ratio", "calls", "times", "fault_mb_per_call")
+                "update_cpu_ratio", "host_ratio_median", "host_cpu_ratio", "calls", "times",
+                "fault_mb_per_call")
 
 
 def _timed(variants: dict, repeats: int, target_s: float) -> dict:
-    """The time fields of a row: ``variants`` ("dense", "plain", maybe "update") timed
+    """The time fields of a row: ``variants`` ("dense", "plain", maybe "update" and
+    "host", the plain step scheduled on the host) timed
     interleaved, ``repeats`` repetitions of ~``target_s`` each; ``None`` for an absent
     variant (no topology update in this algorithm)."""
     # One warm call each, then enough calls per repetition to last ~target_s.
     n = {k: _timing.calls_for(_timing.mean_seconds(f, 1).wall, target_s)
          for k, f in variants.items()}
     n["plain"] = n["dense"]
+    if "host" in n:
+        n["host"] = n["dense"]
     times = _timing.interleaved({k: (f, n[k]) for k, f in variants.items()}, repeats)
     faults = {k: _timing.fault_mb_per_call(variants[k], 3) for k in ("dense", "plain")}
     wall, cpu = times["wall"], times["cpu"]
@@ -412,6 +436,10 @@ def _timed(variants: dict, repeats: int, target_s: float) -> dict:
                 plain_cpu_ratio=_timing.ratio(cpu["plain"], cpu["dense"]).median,
                 update_cpu_ratio=(_timing.ratio(cpu["update"], cpu["dense"]).median
                                   if has_update else None),
+                host_ratio_median=(_timing.ratio(wall["host"], wall["dense"]).median
+                                   if "host" in wall else None),
+                host_cpu_ratio=(_timing.ratio(cpu["host"], cpu["dense"]).median
+                                if "host" in cpu else None),
                 calls=n, times=times, fault_mb_per_call=faults)
 
 
@@ -441,6 +469,8 @@ def table(rows: Sequence[dict], part: str) -> str:
                   _fmt(r["plain_ratio_median"], ".2f", "x"),
                   _fmt(r["plain_ratio_best"], ".2f", "x"),
                   _fmt(r.get("plain_cpu_ratio"), ".2f", "x"),
+                  _fmt(r.get("host_ratio_median"), ".2f", "x"),
+                  _fmt(r.get("host_cpu_ratio"), ".2f", "x"),
                   _fmt(r["update_ratio_median"], ".1f", "x"),
                   _fmt(r["update_ratio_best"], ".1f", "x"),
                   _fmt(r.get("update_cpu_ratio"), ".1f", "x")]
@@ -632,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 rows += new
                 for r in new:
                     print(f"  {r['model']} {algorithm}/{inner} {r['part']}: plain "
-                          f"{_fmt(r['plain_ratio_median'], '.2f', 'x')}, update "
+                          f"{_fmt(r['plain_ratio_median'], '.2f', 'x')} (host "
+                          f"{_fmt(r.get('host_ratio_median'), '.2f', 'x')}), update "
                           f"{_fmt(r['update_ratio_median'], '.1f', 'x')}, compile "
                           f"{r['compile_dense_s']:.2f} -> {r['compile_sparse_s']:.2f} s, "
                           f"load {r['load']}", file=sys.stderr, flush=True)
