@@ -30,7 +30,9 @@ counts never retrace it.
 Host-scheduled updates: ``tx.update(grads, state, params, topology_update=False)`` (a
 Python bool, static under ``jit``) compiles the plain step without the ``lax.cond``, and
 ``True`` the update step without it; :func:`topology_due` gives the flag for a step count
-from the rule's own schedule. Same results, bit for bit. A ``lax.cond`` that reads every
+from the rule's own schedule. The same computation (the contract suite holds every
+algorithm's runs equal bit for bit; in a larger program XLA may fuse the surrounding
+gradient pass differently without the cond: float32 rounding). A ``lax.cond`` that reads every
 gradient is a scheduling barrier: no leaf's update can start before the last gradient is
 computed, which on a CPU costs a full train step of a memory-bound model 1.3-1.5x (no
 leaf's update runs while its gradient is still in cache; BENCHMARKS.md), and an

@@ -255,17 +255,20 @@ def test_cond_barrier_benchmark_compares_equal_steps(capsys):
 
 
 @pytest.mark.slow
-def test_lm_step_one_state_prints_one_row_per_algorithm(capsys, tmp_path):
+def test_lm_step_one_state_prints_one_row_per_variant(capsys, tmp_path):
     from experiments.benchmarks import lm_step
 
     lm_step.main(["--preset=tiny", "--seq_len=16", "--batch_size=8", "--algorithms=dense,rigl",
                   "--update_every=2", "--repeats=1", "--processes=1", "--one_state",
-                  f"--json_out={tmp_path / 'rows.json'}"])
+                  "--host_topology", f"--json_out={tmp_path / 'rows.json'}"])
     saved = json.loads((tmp_path / "rows.json").read_text())
-    assert [r["processes"] for r in saved] == [1] and set(saved[0]["step_s"]) == {"dense", "rigl"}
+    assert [r["processes"] for r in saved] == [1]
+    assert set(saved[0]["step_s"]) == {"dense", "rigl", "rigl-host"}
     out = capsys.readouterr().out
     rows = {r[1]: r for t in _tables(out) for r in t[2:] if len(r) == 7}
-    assert set(rows) == {"dense", "rigl"}
+    assert set(rows) == {"dense", "rigl", "rigl-host"}
+    # two compiled steps (plain, update) for the host-scheduled variant
+    assert saved[0]["compile_cpu_s"]["rigl-host"] > saved[0]["compile_cpu_s"]["dense"]
     assert rows["dense"][4] == "1.00, 1.00" and float(rows["rigl"][2]) > 0
     assert "each from a fresh state (--one_state)" in out
     assert "1.000 bits/weight" in out  # packed masks: one bit per prunable weight

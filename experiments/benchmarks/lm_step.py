@@ -13,7 +13,9 @@ Each process count runs in its own child processes (launched like experiments/lm
 inside one, the algorithms' repetitions alternate (experiments/benchmarks/_timing.py) and
 ratios are of medians and of minima (wall clock), and of medians of this process's CPU
 time (less disturbed by other jobs on a shared machine). ``--plain`` adds each sparse
-algorithm's plain step alone, so the update's own cost can be told from the plain step's.
+algorithm's plain step alone, so the update's own cost can be told from the plain step's;
+``--host_topology`` adds each sparse algorithm with host-scheduled topology updates (two
+compiled steps, no ``lax.cond`` in plain steps; rows ``<algo>-host``).
 The parent prints one table.
 """
 
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 PLAIN = "-plain"  # variant suffix: the plain step only (``--plain``)
+HOST = "-host"  # variant suffix: host-scheduled topology updates (``--host_topology``)
 NEVER = 10**9  # the update period of a plain-step variant
 
 
@@ -64,8 +67,11 @@ def worker(a) -> None:
     if a.coordinator:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    import functools
+
     import numpy as np
 
+    import jaxsparse
     from experiments.benchmarks import _timing
     from experiments.configs import lm_base
     from experiments.lm import data as data_lib
@@ -76,17 +82,21 @@ def worker(a) -> None:
     variants, compile_s, extra, prepare = {}, {}, {}, {}
     holders = []
     names = a.algorithms.split(",")
+    sparse = [n for n in names if n not in ("dense", "static")]
     if a.plain:  # the same algorithms with a topology update that never comes
-        names += [f"{n}{PLAIN}" for n in names if n not in ("dense", "static")]
+        names += [f"{n}{PLAIN}" for n in sparse]
+    if a.host_topology:  # the same algorithms, plain and update steps compiled apart
+        names += [f"{n}{HOST}" for n in sparse]
     for algo in names:
         c = lm_base.get_config()
         c.model = model_lib.lm_config(a.preset, seq_len=a.seq_len)
-        c.batch_size, c.algorithm, c.sparsity = a.batch_size, algo.removesuffix(PLAIN), a.sparsity
+        c.batch_size, c.sparsity = a.batch_size, a.sparsity
+        c.algorithm = algo.removesuffix(PLAIN).removesuffix(HOST)
         c.update_every = NEVER if algo.endswith(PLAIN) else a.update_every
         c.num_steps, c.warmup_steps = 1_000_000, 0
         setup = trainer.make_setup(c)
         data = trainer.replicated_array(corpus.train, setup)
-        holder = {"state": trainer.init_state(setup)}
+        holder = {"state": trainer.init_state(setup), "t": 0}  # t: the host's step count
         holders.append(holder)
         # Mask bytes: measured in the 1-process run (each process would need the same
         # checkpoint folder, and the numbers do not depend on the process count).
@@ -94,15 +104,23 @@ def worker(a) -> None:
             extra = mask_bytes(holder["state"].opt_state)
         if a.masks_only:
             continue
-        compiled = _timing.compile_timed(trainer.make_train_step(setup), holder["state"], data)
-        compile_s[algo] = compiled.cpu_s
-        step = compiled.executable
+        kinds = [False, True] if algo.endswith(HOST) else [None]
+        compiled = [_timing.compile_timed(trainer.make_train_step(setup, k), holder["state"],
+                                          data) for k in kinds]
+        compile_s[algo] = sum(x.cpu_s for x in compiled)
+        executables = [x.executable for x in compiled]
+        if algo.endswith(HOST):
+            due = functools.partial(jaxsparse.topology_due, setup.tx)
+            step_for = lambda t, ex=executables, due=due: ex[due(t)]  # noqa: E731
+        else:
+            step_for = lambda t, ex=executables: ex[0]  # noqa: E731
 
-        def call(step=step, holder=holder, data=data):
+        def call(step_for=step_for, holder=holder, data=data):
             # One step in flight at a time: with a queue of steps, 8 simulated devices on 2
             # cores deadlocked in their collectives (every pool thread blocked in a
             # rendezvous; a 10m warm-up of 99 steps hung until gloo's 30-minute timeout).
-            holder["state"], loss = step(holder["state"], data)
+            holder["state"], loss = step_for(holder["t"])(holder["state"], data)
+            holder["t"] += 1
             return jax.block_until_ready(loss)
 
         if a.one_state:
@@ -154,6 +172,7 @@ def _fresh_state(setup, holder: dict, holders: list[dict], period: int):
             h["state"] = None
         from experiments.lm import trainer
         holder["state"] = jax.block_until_ready(advance(trainer.init_state(setup)))
+        holder["t"] = period
 
     return prepare
 
@@ -178,6 +197,10 @@ def main(argv=None) -> None:
     p.add_argument("--plain", action="store_true",
                    help="also time each sparse algorithm's plain step alone (rows "
                         "'<algo>-plain': an update period longer than the run)")
+    p.add_argument("--host_topology", action="store_true",
+                   help="also time each sparse algorithm with host-scheduled topology updates "
+                        "(rows '<algo>-host': plain and update steps compiled apart, "
+                        "jaxsparse.topology_due)")
     p.add_argument("--one_state", action="store_true",
                    help="hold one algorithm's state at a time (for models whose states do "
                         "not fit in memory together): each repetition starts from a freshly "

@@ -65,4 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Steps dispatched ahead of the host before it waits for one (-1: 0 on CPU, 2 on GPU/TPU;
     # experiments.lm.trainer.steps_ahead).
     c.steps_ahead = -1
+    # Host-scheduled topology updates: plain and update steps compile apart and the host
+    # picks one per step (jaxsparse.topology_due); same results, no lax.cond in plain steps.
+    c.host_topology = False
     return c

@@ -133,10 +133,13 @@ def init_state_fn(setup: LMSetup):
     return init
 
 
-def make_train_step(setup: LMSetup):
+def make_train_step(setup: LMSetup, topology_update: bool | None = None):
     """``(state, data) -> (state, loss)``: one jitted step on the mesh; ``data`` is the
-    corpus (``uint8[n]``, replicated)."""
+    corpus (``uint8[n]``, replicated). ``topology_update``: ``None`` decides in the step
+    whether the topology changes; a bool compiles a step of that kind only (host-scheduled,
+    ``jaxsparse.topology_due``; see :func:`step_chooser`)."""
     c, model, tx = setup.config, setup.model, setup.tx
+    kind = {} if topology_update is None else {"topology_update": topology_update}
     batch_sharding = NamedSharding(setup.mesh, P(dict(setup.rules).get("batch"), None))
     param_shardings = setup.state_shardings.params
 
@@ -151,12 +154,31 @@ def make_train_step(setup: LMSetup):
         # there; unpinned, that sharding flowed back into the gradients and the backward
         # pass (all-gathers of activations and dense leaves in every step).
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **kind)
         params = optax.apply_updates(state.params, updates)
         return LMState(params, opt_state, state.step + 1), loss
 
     return jax.jit(step, out_shardings=(setup.state_shardings, setup.replicated),
                    donate_argnums=(0,))
+
+
+def step_chooser(setup: LMSetup):
+    """``t -> step``: the train step for step ``t`` (the host's count, equal to the sparse
+    state's counter). With ``config.host_topology`` (and a sparse algorithm) two steps
+    compile, one without the topology update's ``lax.cond`` for plain steps and one for
+    update steps, chosen on the host by ``jaxsparse.topology_due``: same results, no
+    barrier between the gradients and the weight updates of plain steps. Otherwise one step
+    serves every ``t``."""
+    if not setup.config.get("host_topology", False) or setup.config.algorithm == "dense":
+        one = make_train_step(setup)
+        return lambda t: one
+    try:
+        jaxsparse.topology_due(setup.tx, 0)
+    except TypeError as e:
+        raise ValueError(f"host_topology: algorithm {setup.config.algorithm!r} builds an "
+                         f"optimizer without a host schedule ({e})") from None
+    kinds = {k: make_train_step(setup, k) for k in (False, True)}
+    return lambda t: kinds[jaxsparse.topology_due(setup.tx, t)]
 
 
 def make_eval(setup: LMSetup, windows: np.ndarray, batch_size: int):
@@ -255,7 +277,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     windows = data_lib.eval_windows(corpus.valid, c.model.seq_len, c.eval_windows)
     evaluate = make_eval(setup, windows, eval_batch(len(windows)))
     n_test = int(c.get("test_windows", 0)) if corpus.test.size else 0
-    step_fn = make_train_step(setup)
+    step_for = step_chooser(setup)
     state = init_state(setup) if state is None else state
     end = int(c.num_steps if num_steps is None else num_steps)
     lead = jax.process_index() == 0
@@ -280,7 +302,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | None = None, devices=None
     ahead = steps_ahead(c)
     pending: collections.deque = collections.deque()
     while t < end:
-        state, loss = step_fn(state, data)
+        state, loss = step_for(t)(state, data)
         t += 1  # the host's count: reading state.step would wait for the step
         pending.append(loss)
         while len(pending) > ahead:
