@@ -34,8 +34,9 @@ from the rule's own schedule. The same computation (the contract suite holds eve
 algorithm's runs equal bit for bit; in a larger program XLA may fuse the surrounding
 gradient pass differently without the cond: float32 rounding). A ``lax.cond`` that reads every
 gradient is a scheduling barrier: no leaf's update can start before the last gradient is
-computed, which on a CPU costs a full train step of a memory-bound model 1.3-1.5x (no
-leaf's update runs while its gradient is still in cache; BENCHMARKS.md), and an
+computed, which on a CPU cost a full train step of a memory-bound MLP 1.2-1.8x in
+BENCHMARKS.md's measurements (no leaf's update runs while its gradient is still in cache),
+and an
 accelerator runtime may read the predicate on the host. Two compiled programs, chosen on
 the host each step, have neither.
 """
@@ -281,16 +282,18 @@ def _check_inside(masks: Masks, params: PyTree) -> None:
     if not paths:
         return
 
-    def check(c):
-        jax.debug.callback(_raise_outside(paths, " at a topology update"), c)
-        return c
+    _host_check(_raise_outside(paths, " at a topology update"), _outside_counts(masks, params))
 
-    # The host callback is lowered for this process's own backend only: a program lowered
-    # here for another platform (an ahead-of-time TPU lowering on a CPU host) skips it.
+
+def _host_check(check: Callable, *args) -> None:
+    """``check(*args)`` on the host (``jax.debug.callback``; it raises to report), lowered
+    for this process's own backend only: a program lowered here for another platform (an
+    ahead-of-time TPU lowering on a CPU host) skips it."""
     backend = jax.default_backend()
     platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
-    jax.lax.platform_dependent(_outside_counts(masks, params), default=lambda c: c,
-                               **{p: check for p in platforms})
+    jax.lax.platform_dependent(
+        *args, default=lambda *a: None,
+        **{p: lambda *a: jax.debug.callback(check, *a) for p in platforms})
 
 
 _outside_counts_jit = jax.jit(_outside_counts)
@@ -519,11 +522,7 @@ def _check_schedule(due: jax.Array, flag: bool, step: jax.Array) -> None:
                 f"topology_update={flag} at step counter {int(step)}, where the rule's "
                 f"schedule says {bool(due)}: pass jaxsparse.topology_due(tx, count)")
 
-    backend = jax.default_backend()
-    platforms = ("cuda", "rocm") if backend == "gpu" else (backend,)
-    jax.lax.platform_dependent(
-        due, step, default=lambda *a: None,
-        **{p: lambda d, t: jax.debug.callback(check, d, t) for p in platforms})
+    _host_check(check, due, step)
 
 
 def init_masked(tx: optax.GradientTransformation, params: PyTree) -> tuple[PyTree, Any]:
