@@ -53,7 +53,8 @@ def test_measure_times_the_host_scheduled_plain_step_of_an_updating_algorithm():
         static, = scaling.measure(setup, "static", sparsity=0.9, update_every=10, repeats=1,
                                   target_s=1e-3, parts=["opt"])
     assert rigl["host_ratio_median"] > 0 and rigl["host_cpu_ratio"] > 0
-    assert set(rigl["times"]["wall"]) == {"dense", "plain", "update", "host"}
+    assert set(rigl["times"]["wall"]) == {"dense", "plain", "update", "host",
+                                         "dense (update rotation)", "dense (host rotation)"}
     assert static["host_ratio_median"] is None and "host" not in static["times"]["wall"]
 
 
@@ -286,3 +287,17 @@ def test_no_timing_reports_memory_and_leaves_time_columns_empty():
         assert r[column] == "-", (column, r[column])
     assert float(r["extra temp B/param largest"]) > 0 and float(r["state B/weight"]) > 0
     assert rows[0]["repeats"] == 0 and rows[0]["times"] is None
+
+
+def test_allocator_names_a_preload_only_when_it_is_loaded(monkeypatch):
+    """A preloaded jemalloc is named with its MALLOC_CONF; a preload the loader could not
+    find (not in the process's memory map) is reported as glibc malloc, not as jemalloc."""
+    from experiments.benchmarks import _timing
+
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "dirty_decay_ms:-1")
+    mapped = "7f00-7f10 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n"
+    assert _timing.allocator(mapped) == "libjemalloc.so.2 (MALLOC_CONF=dirty_decay_ms:-1)"
+    assert _timing.allocator("7f00-7f10 r-xp 0 08:01 1 /usr/lib/libc.so.6\n") == "glibc malloc"
+    monkeypatch.delenv("LD_PRELOAD")
+    assert _timing.allocator("") == "glibc malloc"

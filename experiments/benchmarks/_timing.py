@@ -127,10 +127,17 @@ def fault_mb_per_call(call: Callable[[], Any], n: int) -> float:
     return faults * resource.getpagesize() / 1e6 / n
 
 
-def allocator() -> str:
-    """The host allocator the process runs with: ``LD_PRELOAD`` and ``MALLOC_CONF`` (jemalloc)
-    when set, else ``glibc malloc``."""
-    preload = os.path.basename(os.environ.get("LD_PRELOAD", "")) or "glibc malloc"
+def allocator(maps: str | None = None) -> str:
+    """The host allocator the process runs with: the ``LD_PRELOAD`` library and
+    ``MALLOC_CONF`` (jemalloc) when that library is mapped into the process, else ``glibc
+    malloc`` (a preload the loader could not find is ignored by it, and here too).
+    ``maps``: the process's memory map (default: ``/proc/self/maps`` where it exists)."""
+    preload = os.path.basename(os.environ.get("LD_PRELOAD", ""))
+    if maps is None and os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    if not preload or (maps is not None and preload not in maps):
+        return "glibc malloc"
     conf = os.environ.get("MALLOC_CONF")
     return preload + (f" (MALLOC_CONF={conf})" if conf else "")
 
