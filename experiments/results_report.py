@@ -1820,7 +1820,7 @@ def _lm_other_size(root: Path, study: LMValStudy, sp: Sequence[float],
     ratios = "; ".join(
         f"{pct(s)} " + ", ".join(
             f"{NAMES.get(m, m)} {mean(test_o(m, s)) / d_other:.3f} -> "
-            f"{mean(test(m, s)) / d_here:.3f}" for m in LM_METHODS if m != "dense")
+            f"{mean(test(m, s)) / d_here:.3f}" for m in LM_METHODS)
         for s in sp)
     gap_o = [mean(test_o("rigl", s)) - mean(test_o("static", s)) for s in sp]
     gap = [mean(test("rigl", s)) - mean(test("static", s)) for s in sp]

@@ -32,13 +32,12 @@ Python bool, static under ``jit``) compiles the plain step without the ``lax.con
 ``True`` the update step without it; :func:`topology_due` gives the flag for a step count
 from the rule's own schedule. The same computation (the contract suite holds every
 algorithm's runs equal bit for bit; in a larger program XLA may fuse the surrounding
-gradient pass differently without the cond: float32 rounding). A ``lax.cond`` that reads every
-gradient is a scheduling barrier: no leaf's update can start before the last gradient is
-computed, which on a CPU cost a full train step of a memory-bound MLP 1.2-1.8x in
+gradient pass differently without the cond: float32 rounding). A ``lax.cond`` that reads
+every gradient is a scheduling barrier: no leaf's update can start before the last gradient
+is computed, which on a CPU cost a full train step of a memory-bound MLP 1.2-1.8x in
 BENCHMARKS.md's measurements (no leaf's update runs while its gradient is still in cache),
-and an
-accelerator runtime may read the predicate on the host. Two compiled programs, chosen on
-the host each step, have neither.
+and an accelerator runtime may read the predicate on the host. Two compiled programs,
+chosen on the host each step, have neither.
 """
 
 from __future__ import annotations
@@ -506,7 +505,7 @@ def topology_due(tx: optax.GradientTransformation | SparsityRule, count: int) ->
         raise TypeError("topology_due needs the transform that jaxsparse returned (or its "
                         f"SparsityRule), not a {type(tx).__name__} around it: keep a "
                         "reference to the sparse transform before chaining it")
-    if isinstance(count, jax.Array) or not isinstance(count, (int, np.integer)):
+    if not isinstance(count, (int, np.integer)):
         raise TypeError(f"count must be a Python int (the step on the host), got "
                         f"{type(count).__name__}")
     return bool(_host_schedule(rule.is_update_step)(count))
