@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 # Layers of at least this many entries (in their largest array) are read in place by
@@ -31,6 +32,15 @@ def _after(done, tree):
     if not jax.tree.leaves(done):
         return tree
     return jax.lax.optimization_barrier((done, tree))[1]
+
+
+def _traced_once(f: Callable, *args) -> tuple[Callable, object]:
+    """``(replay, shapes)``: ``f`` traced once for ``args`` (shapes), ``replay`` a function
+    that evaluates that trace (what ``f`` computes, without running its Python again) and
+    ``shapes`` its output's shapes. Arrays ``f`` closes over stay closed over."""
+    closed, shapes = jax.make_jaxpr(f, return_shape=True)(*args)
+    tree, run = jax.tree.structure(shapes), jax.extend.core.jaxpr_as_fun(closed)
+    return (lambda *a: jax.tree.unflatten(tree, run(*jax.tree.leaves(a)))), shapes
 
 
 def map_groups(fn: Callable, layers: list, consts: list | None = None, *,
@@ -82,8 +92,6 @@ def map_groups(fn: Callable, layers: list, consts: list | None = None, *,
         in_place = max((x.size for x in jax.tree.leaves(group_layers[0])), default=0) >= (
             READ_IN_PLACE_MIN_SIZE)
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[consts[i] for i in members])
-        shapes = jax.eval_shape(lambda x, c: fn(direct(x), c), group_layers[0],
-                                consts[members[0]])
         n = len(members)
 
         def turn(j, group_layers=group_layers, stacked=stacked, in_place=in_place):
@@ -98,6 +106,10 @@ def map_groups(fn: Callable, layers: list, consts: list | None = None, *,
                 layer = (lambda f, *args: f(copied, *args)) if read else copied
             return fn(layer, jax.tree.map(lambda a: a[j], stacked))
 
+        # The loops need the output shapes before they trace their body: ``turn`` is traced
+        # once, and the loops replay that trace (tracing ``fn`` again for its shapes alone
+        # was a third of a selection's tracing time).
+        turn, shapes = _traced_once(turn, jax.ShapeDtypeStruct((), jnp.int32))
         if stack:
             init = jax.tree.map(lambda s, n=n: jnp.zeros((n, *s.shape), s.dtype), shapes)
             acc = jax.lax.fori_loop(

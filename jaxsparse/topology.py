@@ -668,14 +668,25 @@ def distribute(total, weights, capacities) -> jax.Array:
     capf = caps.astype(jnp.float32)
     total = jnp.minimum(jnp.asarray(total, jnp.int32), jnp.sum(caps))
     totalf = total.astype(jnp.float32)
-    alloc = jnp.zeros_like(weights)
-    for _ in range(weights.shape[0]):
+
+    def fill(alloc):
         room = capf - alloc
         open_ = room > 0.5
         w = jnp.where(open_, weights, 0.0)
         w = jnp.where(jnp.sum(w) > 0, w, open_.astype(jnp.float32))
         share = w / jnp.maximum(jnp.sum(w), 1e-30) * (totalf - jnp.sum(alloc))
-        alloc = alloc + jnp.clip(share, 0.0, room)
+        return alloc + jnp.clip(share, 0.0, room)
+
+    # At most one round per slot (each round fills every slot it caps); a round that changes
+    # nothing is a fixed point, so the loop stops there with the same result. A loop, not a
+    # Python unrolling: the program stays one round long for any number of layers.
+    def again(carry):
+        i, alloc, prev = carry
+        return (i < weights.shape[0]) & ((i == 0) | jnp.any(alloc != prev))
+
+    alloc = jax.lax.while_loop(
+        again, lambda c: (c[0] + 1, fill(c[1]), c[1]),
+        (jnp.int32(0), jnp.zeros_like(weights), jnp.zeros_like(weights)))[1]
     base = jnp.minimum(jnp.floor(alloc).astype(jnp.int32), caps)
     frac = alloc - base.astype(jnp.float32)
     # Float round-off can overshoot by a unit: take it back from the smallest remainders.

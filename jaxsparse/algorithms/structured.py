@@ -27,7 +27,7 @@ from jaxsparse.algorithms.common import (
 )
 from jaxsparse.algorithms.pruning import pruning_targets, update_period
 from jaxsparse.distributions import LayerSpec, check_sparsity, layer_budgets, layer_specs
-from jaxsparse.masks import PyTree, leaf_paths
+from jaxsparse.masks import leaf_paths
 from jaxsparse.transform import SparsityRule, sparse_transform
 
 
@@ -213,7 +213,8 @@ def srigl(
 
     def plan(params) -> tuple[dict[str, int], str | None]:
         ks = fan_in_budgets(params, sparsity, distribution, prunable, overrides)
-        sparse = [p for p in ks if ks[p] < _fan_in(_shape_of(params, p))]
+        shapes = dict(zip(leaf_paths(params), map(jnp.shape, jax.tree.leaves(params))))
+        sparse = [p for p in ks if ks[p] < _fan_in(shapes[p])]
         return ks, output_layer_path(sparse, output_layer, "sparse leaf")
 
     def init_masks(params, key):
@@ -250,13 +251,6 @@ def srigl(
         update_masks=update_masks,
     )
     return sparse_transform(inner, rule, key=key, track_itop=track_itop)
-
-
-def _shape_of(params: PyTree, path: str):
-    for p, leaf in zip(leaf_paths(params), jax.tree.leaves(params)):
-        if p == path:
-            return tuple(leaf.shape)
-    raise KeyError(path)
 
 
 def _nm_specs(params, prunable, n, m) -> list[LayerSpec]:
