@@ -101,7 +101,7 @@ class LayerInputs(NamedTuple):
     consts: object = None
     read: Callable | None = None
 
-    def keys(self, score: Callable, where=None) -> jax.Array:
+    def keys(self, score: Callable, where=None, *, after=None) -> jax.Array:
         """The selection keys (:func:`jaxsparse.topology.candidate_keys`) of
         ``score(inputs)`` among ``where``, for :func:`jaxsparse.topology.top_k_keys`.
 
@@ -113,15 +113,26 @@ class LayerInputs(NamedTuple):
         an optimization barrier: two selections by one score (SRigL ranks |W| among the
         active weights, then among the kept ones) would otherwise share one computation of
         the score's keys, which XLA keeps alive from the first selection to the second
-        (4 bytes per weight)."""
-        def f(x, where):
+        (4 bytes per weight).
+
+        With ``after`` (any array), the keys are computed only once ``after`` is: XLA
+        otherwise computes keys that do not depend on an earlier selection's result as early
+        as it can, and two key arrays live at once (SRigL: the |grad| keys of its saliency
+        beside the |W| keys of its first selection; 4 bytes per weight more at the peak).
+        An optimization barrier does not order them: XLA drops a barrier's unused operand."""
+        def f(x, where, after):
             if where is not None:
                 (mask, weight, grad), where = jax.lax.optimization_barrier(
                     ((x.mask, x.weight, x.grad), where))
                 x = x._replace(mask=mask, weight=weight, grad=grad)
-            return topology.candidate_keys(score(x), where)
+            keys = topology.candidate_keys(score(x), where)
+            if after is not None:
+                # A zero XLA cannot fold away, read from ``after``: the keys wait for it.
+                zero = jnp.minimum(jnp.ravel(after)[0].astype(bool).astype(jnp.int32), 0)
+                keys = keys + zero.astype(jnp.uint32)
+            return keys
 
-        return f(self, where) if self.read is None else self.read(f, where)
+        return f(self, where, after) if self.read is None else self.read(f, where, after)
 
 
 def sparse_leaves(inputs: UpdateInputs):

@@ -132,11 +132,11 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     where the layer's arrays live)."""
     mask, key = x.mask, x.key
 
-    def w_keys(where):
-        return x.keys(lambda y: jnp.abs(y.weight), where)
+    def w_keys(where, after=None):
+        return x.keys(lambda y: jnp.abs(y.weight), where, after=after)
 
-    def g_keys(where):
-        return x.keys(lambda y: jnp.abs(y.grad), where)
+    def g_keys(where, after=None):
+        return x.keys(lambda y: jnp.abs(y.grad), where, after=after)
 
     shape = mask.shape
     n_out = shape[-1]
@@ -147,9 +147,11 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     k_keep, k_grow, k_abl, k_fill = jax.random.split(key, 4)
     n_drop = srigl_drop_count(budget, fraction)
     n_keep = budget - n_drop
+    # Each key array is computed after the selection before it (``after``): one lives at
+    # a time.
     kept = topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep)
     if ablation:
-        salient = kept | topology.top_k_keys(g_keys(None), n_drop, tie_key=k_grow)
+        salient = kept | topology.top_k_keys(g_keys(None, after=kept), n_drop, tie_key=k_grow)
         counts = topology.count_per_neuron(salient)
     else:
         counts = None
@@ -158,7 +160,7 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
     # k' fell since the last update (neurons came back), so this search usually ends at
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
-    keep = topology.top_k_keys(w_keys(kept), k_vec, per_neuron=True)
+    keep = topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True)
     need = k_vec - topology.count_per_neuron(keep)
     grow = topology.top_k_keys(g_keys(~keep), need, tie_key=k_fill, per_neuron=True)
     return keep | grow
