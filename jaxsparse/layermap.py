@@ -203,13 +203,3 @@ def map_layers(fn: Callable, layers: list, consts: list | None = None, *,
         for i, r in zip(members, results):
             out[i] = r
     return out
-
-
-def split_groups(groups: list[tuple], n: int) -> list:
-    """The per-layer results, in layer order, of :func:`map_groups`' ``groups`` over ``n``
-    layers (a slice of its group's stack each)."""
-    out: list = [None] * n
-    for members, stacked in groups:
-        for j, i in enumerate(members):
-            out[i] = jax.tree.map(lambda a, j=j: a[j], stacked)
-    return out

@@ -326,9 +326,10 @@ def _narrow(at_pivots, k, lo, hi, c_lo, c_hi):
     return lo, hi, c_lo, c_hi
 
 
-def _select_counting(keys_list, ranks_list, k, whole: bool):
-    """Counting selection over one or several arrays (several only when ``whole``): the
-    top ``k`` of each column of a (m, s) array unless ``whole``."""
+def _bracket(keys_list, k, whole: bool):
+    """The counting search's first part: ``(k, lo, hi, c_lo, c_hi)``, ``k`` clipped to the
+    candidates and the keys' bracket after :func:`_search` (``c_lo == k``: the keys ``>= lo``
+    are exactly the top k; else the keys in ``[lo, hi)`` tie at the threshold)."""
     count = _counter(keys_list, None, whole)
     sampled = whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE
     # A large array: the first pass also counts at two pivots from a sample.
@@ -338,33 +339,45 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
     lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
     if sampled:
         lo, hi, c_lo, c_hi = _narrow(at_pivots, k, lo, hi, c_lo, c_hi)
-    lo, hi, c_lo, c_hi = _search(count, k, lo, hi, c_lo, c_hi)
+    return (k, *_search(count, k, lo, hi, c_lo, c_hi))
+
+
+def _tied_rank(keys_list, ranks_list, k, lo, hi, c_lo, c_hi, whole: bool):
+    """The lowest selected tie rank among the keys in ``[lo, hi)`` (the ties at the
+    threshold), by the same counting search over their ranks."""
+    def tied(x):
+        return (x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
+
+    def count(p):
+        # Each pass computes the tie masks and the ranks (given as functions) inside its own
+        # reduction. Anchored to the pass's pivot by an optimization barrier: loop
+        # invariants, XLA would compute them once before the search loop and keep them
+        # through it (5 bytes per key).
+        anchor = jax.lax.optimization_barrier((jnp.uint32(0), p))[0]
+        ranks = [r(anchor=anchor) if callable(r) else r for r in ranks_list]
+        return _reduce(ranks, [tied(x + anchor) for x in keys_list], p, whole)
+
+    r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
+                                      jnp.full_like(hi, _RANK_LIMIT))
+    return _search(count, k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
+
+
+def _select_counting(keys_list, ranks_list, k, whole: bool):
+    """Counting selection over one or several arrays (several only when ``whole``): the
+    top ``k`` of each column of a (m, s) array unless ``whole``."""
+    k, lo, hi, c_lo, c_hi = _bracket(keys_list, k, whole)
 
     def no_ties(lo, hi, c_lo, c_hi):
         # c_lo == k in every column: the keys >= lo are exactly the top k.
         return [x >= _bcast(lo, whole) for x in keys_list]
 
     def ties(lo, hi, c_lo, c_hi):
-        # The keys in [lo, hi) tie at the threshold; they are ranked by tie rank.
-        def tied(x):
-            return (x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
-
-        def ranks(anchor=None):
-            return [r(anchor=anchor) if callable(r) else r for r in ranks_list]
-
-        def count(p):
-            # Each pass computes the tie masks and the ranks (given as functions) inside
-            # its own reduction. Anchored to the pass's pivot by an optimization barrier:
-            # loop invariants, XLA would compute them once before the search loop and keep
-            # them through it (5 bytes per key).
-            anchor = jax.lax.optimization_barrier((jnp.uint32(0), p))[0]
-            return _reduce(ranks(anchor), [tied(x + anchor) for x in keys_list], p, whole)
-
-        r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
-                                          jnp.full_like(hi, _RANK_LIMIT))
-        r_lo = _search(count, k - c_hi, r_lo, r_hi, r_clo, r_chi)[0]
-        return [(x >= _bcast(hi, whole)) | (tied(x) & (r >= _bcast(r_lo, whole)))
-                for x, r in zip(keys_list, ranks())]
+        r_lo = _tied_rank(keys_list, ranks_list, k, lo, hi, c_lo, c_hi, whole)
+        ranks = [r() if callable(r) else r for r in ranks_list]
+        return [(x >= _bcast(hi, whole))
+                | ((x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
+                   & (r >= _bcast(r_lo, whole)))
+                for x, r in zip(keys_list, ranks)]
 
     # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
     # are computed only when some column needs them.
@@ -396,6 +409,64 @@ def in_top_k(keys: jax.Array, ranks: jax.Array, threshold: Threshold) -> jax.Arr
     at ``threshold`` takes; keys of 0 (no candidate) never are."""
     at_least = keys >= threshold.lo
     return (keys >= threshold.hi) | (at_least & (ranks >= threshold.rank))
+
+
+def _threshold_by_sorting(keys, ranks, k) -> Threshold:
+    """The :class:`Threshold` of the sorting reference's whole-array selection of 1-D
+    ``keys`` (:func:`select_by_sorting`): the k-th (key, rank) pair in descending order."""
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size)
+    desc_keys, desc_ranks = jax.lax.sort((~keys, ~ranks), num_keys=2)
+    at = jnp.maximum(k - 1, 0)
+    t_key, t_rank = ~desc_keys[at], ~desc_ranks[at]
+    none = k == 0
+    every = t_key == 0  # k is past the candidates: every candidate (key >= 1)
+    lo = jnp.where(none, jnp.uint32(_U32_MAX), jnp.where(every, jnp.uint32(1), t_key))
+    hi = jnp.where(none, jnp.uint32(_U32_MAX), jnp.where(every, jnp.uint32(1),
+                                                            t_key + jnp.uint32(1)))
+    return Threshold(lo, hi, jnp.where(none | every, jnp.uint32(0), t_rank))
+
+
+def top_k_keys_threshold(keys, k, *, tie_key=None) -> Threshold:
+    """The :class:`Threshold` of ``top_k_keys(keys, k, tie_key=tie_key)`` (whole array):
+    ``in_top_k(keys, whole_ranks(keys.shape, tie_key), threshold)`` is that selection.
+
+    Three scalars instead of a mask, to apply later: SNFS drops in one pass over the layers
+    and grows in another, so the kept set of every layer would otherwise be held, as a
+    mask, from one pass to the next. Counting on :data:`COUNTING_PLATFORMS`, from the sort
+    elsewhere, as :func:`top_k_keys` (property-tested equal to it)."""
+    shape = jnp.shape(keys)
+    view = layer_view(shape)
+    if np.prod(view) >= _RANK_LIMIT:
+        raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
+                         f"{shape})")
+
+    def ranks(anchor=None):
+        return tie_ranks(view, tie_key, whole=True, anchor=anchor)
+
+    def counting(keys, k):
+        k, lo, hi, c_lo, c_hi = _bracket([keys], _clip_k(k, keys.size, 1), True)
+
+        def no_ties(lo, hi, c_lo, c_hi):
+            return lo, jnp.zeros_like(lo)
+
+        def ties(lo, hi, c_lo, c_hi):
+            return hi, _tied_rank([keys], [ranks], k, lo, hi, c_lo, c_hi, True)
+
+        hi, rank = jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
+        return Threshold(lo[0], hi[0], rank[0])
+
+    def sorting(keys, k):
+        return _threshold_by_sorting(keys.reshape(-1), ranks().reshape(-1), k)
+
+    return jax.lax.platform_dependent(jnp.reshape(keys, view), jnp.asarray(k, jnp.int32),
+                                      default=sorting,
+                                      **{p: counting for p in COUNTING_PLATFORMS})
+
+
+def whole_ranks(shape, tie_key=None) -> jax.Array:
+    """The tie ranks of a whole-array selection of an array of ``shape`` (those
+    :func:`top_k_keys` uses), in that shape: for :func:`in_top_k`."""
+    return tie_ranks(layer_view(shape), tie_key, whole=True).reshape(shape)
 
 
 def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:

@@ -422,6 +422,43 @@ def test_top_k_threshold_over_blocks_selects_as_top_k_keys(seed, kind, keyed, sa
     np.testing.assert_array_equal(np.asarray(got).ravel(), ref)
 
 
+@functools.partial(jax.jit, static_argnames="keyed")
+def _kept_by_thresholds(keys, seed, k, keyed):
+    # The counting threshold (this CPU's) and the sorting reference's, each applied.
+    tie_key = jax.random.key(seed) if keyed else None
+    ranks = topology.whole_ranks(keys.shape, tie_key)
+    counting = topology.top_k_keys_threshold(keys, k, tie_key=tie_key)
+    sorting = topology._threshold_by_sorting(keys.reshape(-1), ranks.reshape(-1), k)
+    return (topology.in_top_k(keys, ranks, counting), topology.in_top_k(keys, ranks, sorting),
+            topology.top_k_keys(keys, k, tie_key=tie_key))
+
+
+@settings(deadline=None, max_examples=examples(30, nightly=1000))
+@given(seed=st.integers(0, 2**31 - 1),
+       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
+       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
+def test_top_k_keys_threshold_selects_as_top_k_keys(seed, kind, keyed, frac):
+    # Kept as three scalars (SNFS, between its drop and grow passes) and applied later with
+    # in_top_k: the same set as top_k_keys, by the counting search and by the sort.
+    rng = np.random.default_rng(seed)
+    scores, where = _scores_of_kind(rng, kind)
+    keys = topology.candidate_keys(scores, jnp.asarray(where))
+    k = int(frac * _M * _S)
+    counting, sorting, want = _kept_by_thresholds(keys, seed, k, keyed)
+    np.testing.assert_array_equal(counting, want)
+    np.testing.assert_array_equal(sorting, want)
+    ranks = topology.whole_ranks(keys.shape, jax.random.key(seed) if keyed else None)
+    ref = _numpy_top_k(np.asarray(keys).ravel(), np.asarray(ranks).ravel(), k)
+    np.testing.assert_array_equal(np.asarray(want).ravel(), ref)
+
+
+def test_top_k_keys_threshold_is_chosen_per_platform():
+    traced = jax.jit(lambda x, k: topology.top_k_keys_threshold(x, k)).trace(
+        jnp.ones((20, 10), jnp.uint32), 5)
+    assert "sort" in traced.lower(lowering_platforms=("tpu",)).as_text()
+    assert "sort" not in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
 def test_top_k_threshold_refuses_too_large_arrays():
     with pytest.raises(ValueError, match="selections over >= 2\\*\\*31 entries"):
         topology.top_k_threshold(lambda part: None, 1, 2**31)

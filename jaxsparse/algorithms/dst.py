@@ -28,7 +28,7 @@ from jaxsparse.algorithms.common import (
     sparse_leaves,
 )
 from jaxsparse.distributions import check_sparsity
-from jaxsparse.layermap import map_groups, split_groups
+from jaxsparse.layermap import map_groups
 from jaxsparse.masks import map_masked
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
 
@@ -217,45 +217,61 @@ def snfs(
         moms = [treedef.flatten_up_to(x.extra)[i] for i in idx]
         f = fraction(x.step)
 
-        # Pass 1, per layer: drop the floor(f * nnz) smallest |W|; the layer's mean |momentum|
-        # over its active weights; its free positions after the drop.
-        # (The layer's arrays are read in place, map_groups' ``read``: no copy of them.)
+        def drop_key(j):
+            return jax.random.fold_in(x.key, 2 * j)
+
+        def kept(layer, threshold, j):
+            # The weights pass 1 keeps, from its threshold (recomputed where the layer is
+            # read, fused into what uses it: no mask of the kept weights is stored).
+            m, w, _ = layer
+            keys = topology.candidate_keys(jnp.abs(w), bitmask.unpack(m))
+            return topology.in_top_k(keys, topology.whole_ranks(keys.shape, drop_key(j)),
+                                     threshold)
+
+        # Pass 1, per layer: where to drop the floor(f * nnz) smallest |W| (a threshold: three
+        # scalars, where a packed kept mask per layer would hold 1 bit per weight of the
+        # whole model until pass 2); the layer's mean |momentum| over its active weights;
+        # its free positions after the drop. (The layer's arrays are read in place,
+        # map_groups' ``read``: no copy of them.)
         def drop(read, j):
             m = bitmask.unpack(read(lambda layer: layer[0]))
             nnz = topology.count_true(m)
             n = drop_count(m, f)
             keys = read(lambda layer: topology.candidate_keys(
                 jnp.abs(layer[1]), bitmask.unpack(layer[0])))
-            kept = topology.top_k_keys(keys, nnz - n, tie_key=jax.random.fold_in(x.key, 2 * j))
+            threshold = topology.top_k_keys_threshold(keys, nnz - n, tie_key=drop_key(j))
             total = read(lambda layer: jnp.sum(
                 jnp.where(bitmask.unpack(layer[0]), jnp.abs(layer[2]), 0.0), dtype=jnp.float32))
             mean = total / jnp.maximum(nnz, 1).astype(jnp.float32)
-            return bitmask.pack(kept), n, mean, m.size - (nnz - n)
+            return (*threshold, n, mean, m.size - (nnz - n))
 
-        groups = map_groups(drop, [(m, w, v) for (m, w, _), v in zip(leaves, moms)],
-                            list(range(len(idx))), read=True)
+        layers = [(m, w, v) for (m, w, _), v in zip(leaves, moms)]
+        groups = map_groups(drop, layers, list(range(len(idx))), read=True)
         # Per-layer results in layer order; the scalars stay arrays (a slice per layer and
         # scalar would be a compiled kernel each).
         order = np.argsort(np.concatenate([members for members, _ in groups]))
-        kept = split_groups([(members, out[0]) for members, out in groups], len(idx))
-        n_drop, weights, caps = (jnp.concatenate([out[k] for _, out in groups])[order]
-                                 for k in (1, 2, 3))
+        lo, hi, rank, n_drop, weights, caps = (
+            jnp.concatenate([out[k] for _, out in groups])[order] for k in range(6))
         # The total regrowth, split across layers by mean |momentum| (capped by free room).
         regrow = topology.distribute(jnp.sum(n_drop), weights, caps)
 
-        # Pass 2, per layer: grow its share by largest |momentum| among the free positions.
+        # Pass 2, per layer: grow its share by largest |momentum| among the positions not
+        # kept.
         def grow(read, c):
-            keep = bitmask.unpack(c["kept"])
-            keys = read(lambda mom: topology.candidate_keys(jnp.abs(mom), ~keep))
+            threshold = topology.Threshold(c["lo"], c["hi"], c["rank"])
+
+            def keys_and_kept(layer):
+                keep = kept(layer, threshold, c["j"])
+                return topology.candidate_keys(jnp.abs(layer[2]), ~keep), bitmask.pack(keep)
+
+            keys, keep = read(keys_and_kept)
             grown = topology.top_k_keys(keys, c["n"],
                                         tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
-            return bitmask.pack(keep | grown)
+            return bitmask.pack(bitmask.unpack(keep) | grown)
 
-        # The kept masks go in as consts: map_groups stacks a group's consts, which XLA folds
-        # back into pass 1's stack, read at the loop index (as layers they were sliced out of
-        # it and copied, a distinct kernel per layer).
-        new = map_layers(grow, moms, [{"n": regrow[j], "j": j, "kept": kept[j]}
-                                      for j in range(len(idx))], read=True)
+        new = map_layers(grow, layers, [
+            {"n": regrow[j], "j": j, "lo": lo[j], "hi": hi[j], "rank": rank[j]}
+            for j in range(len(idx))], read=True)
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     rule = SparsityRule(
