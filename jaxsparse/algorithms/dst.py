@@ -220,11 +220,14 @@ def snfs(
         def drop_key(j):
             return jax.random.fold_in(x.key, 2 * j)
 
-        def kept(layer, threshold, j):
+        def kept(layer, threshold, j, tied: bool):
             # The weights pass 1 keeps, from its threshold (recomputed where the layer is
-            # read, fused into what uses it: no mask of the kept weights is stored).
+            # read, fused into what uses it: no mask of the kept weights is stored). The
+            # tie ranks (a hash per weight) only when keys tied at the threshold.
             m, w, _ = layer
             keys = topology.candidate_keys(jnp.abs(w), bitmask.unpack(m))
+            if not tied:
+                return keys >= threshold.lo
             return topology.in_top_k(keys, topology.whole_ranks(keys.shape, drop_key(j)),
                                      threshold)
 
@@ -260,11 +263,14 @@ def snfs(
         def grow(read, c):
             threshold = topology.Threshold(c["lo"], c["hi"], c["rank"])
 
-            def keys_and_kept(layer):
-                keep = kept(layer, threshold, c["j"])
+            def keys_and_kept(layer, tied: bool):
+                keep = kept(layer, threshold, c["j"], tied)
                 return topology.candidate_keys(jnp.abs(layer[2]), ~keep), bitmask.pack(keep)
 
-            keys, keep = read(keys_and_kept)
+            # (Without ties the threshold's hi == lo and its rank is 0.)
+            keys, keep = read(lambda layer: jax.lax.cond(
+                threshold.hi > threshold.lo, lambda: keys_and_kept(layer, True),
+                lambda: keys_and_kept(layer, False)))
             grown = topology.top_k_keys(keys, c["n"],
                                         tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
             return bitmask.pack(bitmask.unpack(keep) | grown)
