@@ -126,6 +126,11 @@ def and_packed(a: PackedMask, b: PackedMask) -> PackedMask:
     return PackedMask(a.bits & b.bits, a.shape)
 
 
+def complement(a: PackedMask) -> PackedMask:
+    """The packed mask of ``~unpack(a)`` (bitwise; the padding bits are never unpacked)."""
+    return PackedMask(~a.bits, a.shape)
+
+
 def select_packed(pred, a: PackedMask, b: PackedMask) -> PackedMask:
     """``a`` where the scalar ``pred`` holds, else ``b``."""
     return PackedMask(jnp.where(pred, a.bits, b.bits), a.shape)

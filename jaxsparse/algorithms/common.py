@@ -115,7 +115,8 @@ class LayerInputs(NamedTuple):
         the score's keys, which XLA keeps alive from the first selection to the second
         (4 bytes per weight).
 
-        With ``after`` (any array), the keys are computed only once ``after`` is: XLA
+        ``where`` may be packed (:class:`~jaxsparse.bitmask.PackedMask`: unpacked where the
+        keys are computed). With ``after`` (any array or packed mask), the keys are computed only once ``after`` is: XLA
         otherwise computes keys that do not depend on an earlier selection's result as early
         as it can, and two key arrays live at once (SRigL: the |grad| keys of its saliency
         beside the |W| keys of its first selection; 4 bytes per weight more at the peak).
@@ -125,10 +126,13 @@ class LayerInputs(NamedTuple):
                 (mask, weight, grad), where = jax.lax.optimization_barrier(
                     ((x.mask, x.weight, x.grad), where))
                 x = x._replace(mask=mask, weight=weight, grad=grad)
+            if isinstance(where, bitmask.PackedMask):
+                where = bitmask.unpack(where)
             keys = topology.candidate_keys(score(x), where)
             if after is not None:
                 # A zero XLA cannot fold away, read from ``after``: the keys wait for it.
-                zero = jnp.minimum(jnp.ravel(after)[0].astype(bool).astype(jnp.int32), 0)
+                first = jnp.ravel(jax.tree.leaves(after)[0])[0]
+                zero = jnp.minimum(first.astype(bool).astype(jnp.int32), 0)
                 keys = keys + zero.astype(jnp.uint32)
             return keys
 

@@ -76,10 +76,13 @@ def drop_and_grow(drop_score, grow_score, fraction):
         # Keep the nnz - n active weights of highest drop score ...
         kept = topology.top_k_keys(x.keys(lambda y: drop_score(y, k_score), x.mask),
                                    topology.count_true(x.mask) - n, tie_key=k_drop)
-        # ... and grow the n positions not kept of highest grow score.
-        grown = topology.top_k_keys(x.keys(lambda y: grow_score(y, k_score), ~kept), n,
-                                    tie_key=k_grow)
-        return kept | grown
+        # ... and grow the n positions not kept of highest grow score. (The kept set is
+        # held packed while the grow selection runs: 1/8 byte per weight, not 1.)
+        kept = bitmask.pack(kept)
+        grown = topology.top_k_keys(
+            x.keys(lambda y: grow_score(y, k_score), bitmask.complement(kept)), n,
+            tie_key=k_grow)
+        return bitmask.unpack(kept) | grown
 
     return layer
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse import schedules, topology
+from jaxsparse import bitmask, schedules, topology
 from jaxsparse.algorithms.common import (
     LayerInputs,
     drop_count,
@@ -148,10 +148,11 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     n_drop = srigl_drop_count(budget, fraction)
     n_keep = budget - n_drop
     # Each key array is computed after the selection before it (``after``): one lives at
-    # a time.
-    kept = topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep)
+    # a time. The masks held across a selection are packed (1/8 byte per weight).
+    kept = bitmask.pack(topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep))
     if ablation:
-        salient = kept | topology.top_k_keys(g_keys(None, after=kept), n_drop, tie_key=k_grow)
+        salient = bitmask.unpack(kept) | topology.top_k_keys(g_keys(None, after=kept),
+                                                              n_drop, tie_key=k_grow)
         counts = topology.count_per_neuron(salient)
     else:
         counts = None
@@ -162,8 +163,10 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
     keep = topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True)
     need = k_vec - topology.count_per_neuron(keep)
-    grow = topology.top_k_keys(g_keys(~keep), need, tie_key=k_fill, per_neuron=True)
-    return keep | grow
+    keep = bitmask.pack(keep)
+    grow = topology.top_k_keys(g_keys(bitmask.complement(keep)), need, tie_key=k_fill,
+                               per_neuron=True)
+    return bitmask.unpack(keep) | grow
 
 
 def srigl(
