@@ -301,6 +301,9 @@ def test_topology_benchmark_selections_agree_with_argsort():
     times = bench.bench_shape((40, 12), repeats=1)
     assert set(times) >= {"top_k_mask", "argsort", "srigl_layer"}
     assert all(t > 0 for t in times.values())
+    pieces = bench.breakdown((64, 48), repeats=1)
+    assert set(pieces) >= {"drop selection", "grow selection, tie", "dense SGD-momentum step"}
+    assert all(t > 0 for t in pieces.values())
 
 
 def test_cli_rejects_extra_arguments():

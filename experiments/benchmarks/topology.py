@@ -9,8 +9,15 @@ column alike), the exact top-k masks that a topology update needs:
 * one whole SRigL layer update (``srigl_layer``: 2 whole-layer + 1-2 per-neuron selections,
   ablation) and one RigL-style drop + grow.
 
+With ``--breakdown`` it also times the pieces of one RigL layer update against a dense
+SGD-momentum step of the same layer (``--breakdown_shape``, default 768x3072): the |W| and
+|grad| selection keys, the drop selection, the grow selection (by |grad| among the weights
+not kept, from random normal gradients; on distinct keys; on keys that tie at its threshold:
+its rank search hashes every position in each pass), the packing of the new mask (the
+dense step is not donated, as none of the pieces is).
+
 Usage:
-  python -m experiments.benchmarks.topology [--repeats 30]
+  python -m experiments.benchmarks.topology [--repeats 30] [--breakdown]
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsparse import topology
+from jaxsparse import bitmask, topology
 from jaxsparse.algorithms.structured import srigl_layer
 
 SHAPES = [(784, 300), (3072, 768), (3, 3, 64, 128)]
@@ -91,10 +98,80 @@ def bench_shape(shape, repeats: int, density: float = 0.1):
     return timed(fns, args, repeats)
 
 
+def _sgdm(p, g, m):
+    """One SGD-momentum step of a leaf (lr 0.01, momentum 0.9)."""
+    m = 0.9 * m + g
+    return p - 0.01 * m, m
+
+
+def breakdown(shape, repeats: int, density: float = 0.1) -> dict:
+    """Median seconds of the pieces of one RigL layer update and of a dense SGD-momentum
+    step of the layer (see the module docstring)."""
+    kw, kg, km, kt, kp = jax.random.split(jax.random.key(0), 5)
+    size = int(np.prod(shape))
+    nnz = int(density * size)
+    mask = topology.random_mask(km, shape, nnz)
+    w = jnp.where(mask, jax.random.normal(kw, shape), 0.0)
+    g = jax.random.normal(kg, shape)
+    n = int(0.3 * nnz)
+    w_keys = topology.candidate_keys(jnp.abs(w), mask)
+    kept = topology.top_k_keys(w_keys, nnz - n, tie_key=kt)
+    # Grow scores over every position: distinct integers (no tie anywhere), or each value
+    # twice, the odd count cutting through a pair (a tie at the threshold).
+    distinct = jax.random.permutation(kp, size).reshape(shape).astype(jnp.float32)
+    distinct_keys = topology.candidate_keys(distinct)
+    paired_keys = topology.candidate_keys(jnp.floor(distinct / 2))
+    odd = n | 1
+    fns = {
+        "|W| keys": lambda w, m: topology.candidate_keys(jnp.abs(w), m),
+        "drop selection": lambda k: topology.top_k_keys(k, nnz - n, tie_key=kt),
+        "|grad| keys": lambda g, kept: topology.candidate_keys(jnp.abs(g), ~kept),
+        "grow selection, |grad|": lambda k: topology.top_k_keys(k, n, tie_key=kt),
+        "grow selection, no tie": lambda k: topology.top_k_keys(k, odd, tie_key=kt),
+        "grow selection, tie": lambda k: topology.top_k_keys(k, odd, tie_key=kt),
+        "pack": lambda a, b: bitmask.pack(a | b),
+        "dense SGD-momentum step": _sgdm,
+    }
+    args = {
+        "|W| keys": (w, mask), "drop selection": (w_keys,), "|grad| keys": (g, kept),
+        "grow selection, |grad|": (topology.candidate_keys(jnp.abs(g), ~kept),),
+        "grow selection, no tie": (distinct_keys,), "grow selection, tie": (paired_keys,),
+        "pack": (kept, kept), "dense SGD-momentum step": (w, g, jnp.zeros(shape)),
+    }
+    return timed(fns, args, repeats)
+
+
+def print_breakdown(shape, repeats: int) -> dict:
+    t = breakdown(shape, repeats)
+    dense = t["dense SGD-momentum step"]
+    print(f"\nOne RigL layer update of {'x'.join(map(str, shape))} at 90% sparsity, in pieces "
+          f"(medians of {repeats} interleaved calls):")
+    print("| piece | ms | / dense SGD-momentum step of the layer |")
+    print("|---|---|---|")
+    for name in ("|W| keys", "drop selection", "|grad| keys", "grow selection, |grad|",
+                 "grow selection, no tie", "grow selection, tie", "pack",
+                 "dense SGD-momentum step"):
+        print(f"| {name} | {t[name] * 1e3:.3f} | {t[name] / dense:.2f}x |")
+    return t
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the pieces of one RigL layer update")
+    parser.add_argument("--breakdown_shape", default="768x3072",
+                        help="the layer of --breakdown, e.g. 768x3072")
+    parser.add_argument("--shapes", default=None,
+                        help="the selection table's layers, e.g. 784x300,3x3x64x128 "
+                             "('' for none; default: the three of SHAPES)")
     args = parser.parse_args(argv)
+    try:
+        breakdown_shape = tuple(int(d) for d in args.breakdown_shape.split("x"))
+        shapes = SHAPES if args.shapes is None else [
+            tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s]
+    except ValueError:
+        parser.error("--breakdown_shape / --shapes: layer shapes like 768x3072")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
           f"90% sparse constant fan-in masks, medians of {args.repeats} interleaved calls")
     head = ("shape", "top_k_mask ms", "argsort ms", "lax.top_k ms", "argsort / top_k_mask",
@@ -102,13 +179,15 @@ def main(argv=None):
             "srigl_layer ms", "rigl drop+grow ms")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for shape in SHAPES:
+    for shape in shapes:
         t = {n: v * 1e3 for n, v in bench_shape(shape, args.repeats).items()}
         print(f"| {'x'.join(map(str, shape))} | {t['top_k_mask']:.2f} | {t['argsort']:.2f} | "
               f"{t['lax.top_k (static k)']:.2f} | {t['argsort'] / t['top_k_mask']:.1f}x | "
               f"{t['top_k_per_neuron']:.2f} | {t['argsort per column']:.2f} | "
               f"{t['argsort per column'] / t['top_k_per_neuron']:.1f}x | "
               f"{t['srigl_layer']:.2f} | {t['rigl drop+grow']:.2f} |", flush=True)
+    if args.breakdown:
+        print_breakdown(breakdown_shape, args.repeats)
 
 
 if __name__ == "__main__":
