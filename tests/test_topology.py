@@ -478,3 +478,34 @@ def test_selection_keeps_no_array_of_ranks_or_ties(per_neuron, keyed):
         jax.ShapeDtypeStruct(shape, jnp.uint32)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 1.0 * np.prod(shape), temp / np.prod(shape)
+
+
+@settings(deadline=None, max_examples=examples(25, nightly=500))
+@given(seed=st.integers(0, 2**31 - 1), keyed=st.booleans(), spread=st.booleans())
+def test_two_keys_tied_at_the_threshold(seed, keyed, spread):
+    # Exactly two keys share the threshold and one is selected (the rank search's fast
+    # path: the two tied positions found in one pass, their two ranks compared): equal to
+    # the sorting reference and the numpy statement of the rule.
+    rng = np.random.default_rng(seed)
+    n = _M * _S
+    values = 2 * rng.permutation(n).astype(np.float32)  # distinct, even
+    low = np.flatnonzero(values < n)  # the lower half: the pair replaces none above it
+    a, b = (low[0], low[-1]) if spread else sorted(rng.choice(low, 2, replace=False))
+    k = int(rng.integers(1, n // 2))
+    above = np.sort(values)[::-1][k - 2] if k > 1 else 2 * n  # the (k-1)-th largest
+    values[[a, b]] = above - 1  # odd: exactly these two tie, straddling the cut at k
+    keys = topology.candidate_keys(jnp.asarray(values.reshape(_M, _S)))
+    assert (values > above - 1).sum() == k - 1 and (values == above - 1).sum() == 2
+    tie_key = jax.random.key(seed) if keyed else None
+    ranks = topology.whole_ranks((_M, _S), tie_key)
+    got = _two_ways(keys, ranks, k)
+    want = _numpy_top_k(np.asarray(keys).ravel(), np.asarray(ranks).ravel(), k)
+    for g in got:
+        np.testing.assert_array_equal(np.asarray(g).ravel(), want)
+    np.testing.assert_array_equal(topology.top_k_keys(keys, k, tie_key=tie_key).ravel(), want)
+
+
+@jax.jit
+def _two_ways(keys, ranks, k):
+    return (topology.select_by_sorting(keys, ranks, k, whole=True),
+            topology.select_by_counting(keys, ranks, k, whole=True))
