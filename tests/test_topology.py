@@ -321,7 +321,10 @@ def _numpy_top_k(keys, ranks, k):
     return out
 
 
-@settings(deadline=None, max_examples=examples(60, nightly=2500))
+# The kinds of scores _scores_of_kind draws.
+_KINDS = st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"])
+
+
 def _scores_of_kind(rng, kind):
     """``[_M, _S]`` float32 scores and a candidate mask for one of the property tests' kinds:
     normal, ties, few distinct values, NaN/inf/signed zeros, few candidates."""
@@ -336,9 +339,9 @@ def _scores_of_kind(rng, kind):
     return scores, rng.random((_M, _S)) < (0.2 if kind == "sparse_where" else 0.8)
 
 
-@given(seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
-       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
+@settings(deadline=None, max_examples=examples(60, nightly=2500))
+@given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
+       frac=st.floats(-0.1, 1.1))
 def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
     rng = np.random.default_rng(seed)
     scores, where = _scores_of_kind(rng, kind)
@@ -406,9 +409,8 @@ def _threshold_selection(keys, ranks, k, sampled):
 
 
 @settings(deadline=None, max_examples=examples(30, nightly=1000))
-@given(seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
-       keyed=st.booleans(), sampled=st.booleans(), frac=st.floats(-0.1, 1.1))
+@given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
+       sampled=st.booleans(), frac=st.floats(-0.1, 1.1))
 def test_top_k_threshold_over_blocks_selects_as_top_k_keys(seed, kind, keyed, sampled, frac):
     rng = np.random.default_rng(seed)
     scores, where = _scores_of_kind(rng, kind)
@@ -434,9 +436,8 @@ def _kept_by_thresholds(keys, seed, k, keyed):
 
 
 @settings(deadline=None, max_examples=examples(30, nightly=1000))
-@given(seed=st.integers(0, 2**31 - 1),
-       kind=st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"]),
-       keyed=st.booleans(), frac=st.floats(-0.1, 1.1))
+@given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
+       frac=st.floats(-0.1, 1.1))
 def test_top_k_keys_threshold_selects_as_top_k_keys(seed, kind, keyed, frac):
     # Kept as three scalars (SNFS, between its drop and grow passes) and applied later with
     # in_top_k: the same set as top_k_keys, by the counting search and by the sort.
