@@ -379,39 +379,9 @@ def _select_counting(keys_list, ranks_list, k, whole: bool):
                    & (r >= _bcast(r_lo, whole)))
                 for x, r in zip(keys_list, ranks)]
 
-    if whole and len(keys_list) == 1:
-        # Two keys tied at the threshold (one of them selected), the commonest tie of
-        # continuous scores: found without a tie rank per position.
-        ranked = ties
-
-        def pair(lo, hi, c_lo, c_hi):
-            return [_select_of_pair(keys_list[0], ranks_list[0], lo[0], hi[0])]
-
-        def ties(lo, hi, c_lo, c_hi):
-            return jax.lax.cond(jnp.all(c_lo - c_hi == 2), pair, ranked, lo, hi, c_lo, c_hi)
-
     # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
     # are computed only when some column needs them.
     return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
-
-
-def _select_of_pair(keys, ranks, lo, hi) -> jax.Array:
-    """A whole-array selection whose threshold ties exactly two ``keys`` in ``[lo, hi)``, of
-    which it takes one: the keys ``>= hi`` and the tied key of the higher tie rank. One pass
-    finds the two tied positions (the first and the last); the ranks of those two are
-    computed alone (a dynamic index into the rank function fuses into it), not the rank of
-    every position, which the rank search pays in every pass."""
-    m, s = keys.shape
-    pos = (jax.lax.broadcasted_iota(jnp.int32, (m, s), 0) * s
-           + jax.lax.broadcasted_iota(jnp.int32, (m, s), 1))
-    tied = (keys >= lo) & (keys < hi)
-    none = jnp.int32(m * s)
-    first, last = jax.lax.reduce(
-        (jnp.where(tied, pos, none), jnp.where(tied, pos, -1)), (none, jnp.int32(-1)),
-        lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (0, 1))
-    flat = (ranks() if callable(ranks) else ranks).reshape(-1)
-    winner = jnp.where(flat[first] > flat[last], first, last)
-    return (keys >= hi) | (pos == winner)
 
 
 def select_by_counting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:

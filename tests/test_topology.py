@@ -484,9 +484,9 @@ def test_selection_keeps_no_array_of_ranks_or_ties(per_neuron, keyed):
 @settings(deadline=None, max_examples=examples(25, nightly=500))
 @given(seed=st.integers(0, 2**31 - 1), keyed=st.booleans(), spread=st.booleans())
 def test_two_keys_tied_at_the_threshold(seed, keyed, spread):
-    # Exactly two keys share the threshold and one is selected (the rank search's fast
-    # path: the two tied positions found in one pass, their two ranks compared): equal to
-    # the sorting reference and the numpy statement of the rule.
+    # Exactly two keys share the threshold and one is selected (the commonest tie of
+    # continuous scores; the rank search decides between the two): equal to the sorting
+    # reference and the numpy statement of the rule.
     rng = np.random.default_rng(seed)
     n = _M * _S
     values = 2 * rng.permutation(n).astype(np.float32)  # distinct, even
