@@ -403,10 +403,24 @@ class Threshold(NamedTuple):
     hi: jax.Array
     rank: jax.Array
 
+    @property
+    def tied(self) -> jax.Array:
+        """Whether the cut may split keys tied at it (``hi != lo``): only then do tie ranks
+        decide (:func:`in_top_k`'s ``tied``)."""
+        return self.hi != self.lo
 
-def in_top_k(keys: jax.Array, ranks: jax.Array, threshold: Threshold) -> jax.Array:
-    """Bool mask of the ``keys`` (with their tie ``ranks``, same shape) that a selection cut
-    at ``threshold`` takes; keys of 0 (no candidate) never are."""
+
+def in_top_k(keys: jax.Array, ranks, threshold: Threshold, *, tied: bool = True
+             ) -> jax.Array:
+    """Bool mask of the ``keys`` (with their tie ``ranks``, same shape, or a function giving
+    them) that a selection cut at ``threshold`` takes; keys of 0 (no candidate) never are.
+
+    ``tied=False`` when the caller knows ``threshold.tied`` is false (e.g. in the false
+    branch of a ``lax.cond`` on it): then ``hi == lo`` and the keys ``>= lo`` are the
+    selection, and ``ranks`` (a hash per position) is not computed."""
+    if not tied:
+        return keys >= threshold.lo
+    ranks = ranks() if callable(ranks) else ranks
     at_least = keys >= threshold.lo
     return (keys >= threshold.hi) | (at_least & (ranks >= threshold.rank))
 

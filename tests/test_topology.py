@@ -431,8 +431,11 @@ def _kept_by_thresholds(keys, seed, k, keyed):
     ranks = topology.whole_ranks(keys.shape, tie_key)
     counting = topology.top_k_keys_threshold(keys, k, tie_key=tie_key)
     sorting = topology._threshold_by_sorting(keys.reshape(-1), ranks.reshape(-1), k)
+    # Without a tie at the cut, in_top_k's tied=False (no ranks computed) is the same set.
+    untied = jnp.where(counting.tied, topology.in_top_k(keys, ranks, counting),
+                       topology.in_top_k(keys, None, counting, tied=False))
     return (topology.in_top_k(keys, ranks, counting), topology.in_top_k(keys, ranks, sorting),
-            topology.top_k_keys(keys, k, tie_key=tie_key))
+            untied, topology.top_k_keys(keys, k, tie_key=tie_key))
 
 
 @settings(deadline=None, max_examples=examples(30, nightly=1000))
@@ -445,9 +448,10 @@ def test_top_k_keys_threshold_selects_as_top_k_keys(seed, kind, keyed, frac):
     scores, where = _scores_of_kind(rng, kind)
     keys = topology.candidate_keys(scores, jnp.asarray(where))
     k = int(frac * _M * _S)
-    counting, sorting, want = _kept_by_thresholds(keys, seed, k, keyed)
+    counting, sorting, untied, want = _kept_by_thresholds(keys, seed, k, keyed)
     np.testing.assert_array_equal(counting, want)
     np.testing.assert_array_equal(sorting, want)
+    np.testing.assert_array_equal(untied, want)
     ranks = topology.whole_ranks(keys.shape, jax.random.key(seed) if keyed else None)
     ref = _numpy_top_k(np.asarray(keys).ravel(), np.asarray(ranks).ravel(), k)
     np.testing.assert_array_equal(np.asarray(want).ravel(), ref)

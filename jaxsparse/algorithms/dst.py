@@ -225,14 +225,12 @@ def snfs(
 
         def kept(layer, threshold, j, tied: bool):
             # The weights pass 1 keeps, from its threshold (recomputed where the layer is
-            # read, fused into what uses it: no mask of the kept weights is stored). The
-            # tie ranks (a hash per weight) only when keys tied at the threshold.
+            # read, fused into what uses it: no mask of the kept weights is stored).
             m, w, _ = layer
             keys = topology.candidate_keys(jnp.abs(w), bitmask.unpack(m))
-            if not tied:
-                return keys >= threshold.lo
-            return topology.in_top_k(keys, topology.whole_ranks(keys.shape, drop_key(j)),
-                                     threshold)
+            return topology.in_top_k(
+                keys, lambda: topology.whole_ranks(keys.shape, drop_key(j)), threshold,
+                tied=tied)
 
         # Pass 1, per layer: where to drop the floor(f * nnz) smallest |W| (a threshold: three
         # scalars, where a packed kept mask per layer would hold 1 bit per weight of the
@@ -270,9 +268,9 @@ def snfs(
                 keep = kept(layer, threshold, c["j"], tied)
                 return topology.candidate_keys(jnp.abs(layer[2]), ~keep), bitmask.pack(keep)
 
-            # (Without ties the threshold's hi == lo and its rank is 0.)
+            # The tie ranks (a hash per weight) only when the drop tied at its threshold.
             keys, keep = read(lambda layer: jax.lax.cond(
-                threshold.hi > threshold.lo, lambda: keys_and_kept(layer, True),
+                threshold.tied, lambda: keys_and_kept(layer, True),
                 lambda: keys_and_kept(layer, False)))
             grown = topology.top_k_keys(keys, c["n"],
                                         tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
