@@ -103,6 +103,12 @@ def tie_ranks(shape: tuple[int, int], tie_key=None, *, whole: bool,
     return x ^ (x >> 16)
 
 
+def _check_size(size: int, what) -> None:
+    """Tie ranks are distinct below 2**31: refuses a selection over more entries."""
+    if size >= _RANK_LIMIT:
+        raise ValueError(f"selections over >= 2**31 entries are not supported (got {what})")
+
+
 def _clip_k(k, n: int, width: int) -> jax.Array:
     k = jnp.clip(jnp.asarray(k, jnp.int32), 0, n)
     return jnp.broadcast_to(k, (width,))
@@ -450,9 +456,7 @@ def top_k_keys_threshold(keys, k, *, tie_key=None) -> Threshold:
     elsewhere, as :func:`top_k_keys` (property-tested equal to it)."""
     shape = jnp.shape(keys)
     view = layer_view(shape)
-    if np.prod(view) >= _RANK_LIMIT:
-        raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
-                         f"{shape})")
+    _check_size(int(np.prod(view)), f"shape {shape}")
 
     def ranks(anchor=None):
         return tie_ranks(view, tie_key, whole=True, anchor=anchor)
@@ -508,8 +512,7 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
     Returns:
         The :class:`Threshold`.
     """
-    if size >= _RANK_LIMIT:
-        raise ValueError(f"selections over >= 2**31 entries are not supported ({size})")
+    _check_size(size, size)
 
     def fold(part):
         # The blocks' (count, smallest, largest) triples, combined.
@@ -556,9 +559,7 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
 def _select(keys, ranks, k, whole: bool) -> jax.Array:
     """:func:`select_by_counting` on :data:`COUNTING_PLATFORMS`, else the sorting
     reference; ``ranks()`` gives the tie ranks."""
-    if keys.size >= _RANK_LIMIT:
-        raise ValueError(f"selections over >= 2**31 entries are not supported (got shape "
-                         f"{keys.shape})")
+    _check_size(keys.size, f"shape {keys.shape}")
 
     def counting(keys, k):
         k = _clip_k(k, keys.size if whole else keys.shape[0], 1 if whole else keys.shape[1])
@@ -651,8 +652,7 @@ def top_k_masks(scores, k, *, where=None, tie_key=None, impl: str = "auto") -> l
     keys = [candidate_keys(s, w).reshape(v) for s, w, v in zip(scores, where, views)]
     sizes = [int(np.prod(v)) for v in views]
     total = sum(sizes)
-    if total >= _RANK_LIMIT:
-        raise ValueError(f"selections over >= 2**31 entries are not supported ({total})")
+    _check_size(total, total)
     offsets = np.cumsum([0] + sizes)
     ranks = [functools.partial(tie_ranks, v, tie_key, whole=True, offset=int(o), total=total)
              for v, o in zip(views, offsets)]

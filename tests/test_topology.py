@@ -321,8 +321,11 @@ def _numpy_top_k(keys, ranks, k):
     return out
 
 
-# The kinds of scores _scores_of_kind draws.
+# The kinds of scores _scores_of_kind draws, and the cases of a selection property test:
+# a seed, a kind, tie-breaking at random or by position, k as a fraction of the positions.
 _KINDS = st.sampled_from(["normal", "ties", "few_values", "specials", "sparse_where"])
+_SELECTION_CASES = given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
+                         frac=st.floats(-0.1, 1.1))
 
 
 def _scores_of_kind(rng, kind):
@@ -340,8 +343,7 @@ def _scores_of_kind(rng, kind):
 
 
 @settings(deadline=None, max_examples=examples(60, nightly=2500))
-@given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
-       frac=st.floats(-0.1, 1.1))
+@_SELECTION_CASES
 def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
     rng = np.random.default_rng(seed)
     scores, where = _scores_of_kind(rng, kind)
@@ -439,8 +441,7 @@ def _kept_by_thresholds(keys, seed, k, keyed):
 
 
 @settings(deadline=None, max_examples=examples(30, nightly=1000))
-@given(seed=st.integers(0, 2**31 - 1), kind=_KINDS, keyed=st.booleans(),
-       frac=st.floats(-0.1, 1.1))
+@_SELECTION_CASES
 def test_top_k_keys_threshold_selects_as_top_k_keys(seed, kind, keyed, frac):
     # Kept as three scalars (SNFS, between its drop and grow passes) and applied later with
     # in_top_k: the same set as top_k_keys, by the counting search and by the sort.
@@ -464,9 +465,13 @@ def test_top_k_keys_threshold_is_chosen_per_platform():
     assert "sort" not in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
-def test_top_k_threshold_refuses_too_large_arrays():
-    with pytest.raises(ValueError, match="selections over >= 2\\*\\*31 entries"):
-        topology.top_k_threshold(lambda part: None, 1, 2**31)
+def test_selections_refuse_too_large_arrays():
+    big = jax.ShapeDtypeStruct((2**16, 2**15), jnp.uint32)  # 2**31 keys, never allocated
+    for select in (lambda: topology.top_k_threshold(lambda part: None, 1, 2**31),
+                   lambda: jax.eval_shape(lambda x: topology.top_k_keys(x, 1), big),
+                   lambda: jax.eval_shape(lambda x: topology.top_k_keys_threshold(x, 1), big)):
+        with pytest.raises(ValueError, match="selections over >= 2\\*\\*31 entries"):
+            select()
 
 
 @pytest.mark.parametrize("per_neuron", [False, True])
