@@ -1,4 +1,4 @@
-"""Smoke test of the scaling benchmark (experiments/benchmarks/scaling.py).
+"""Smoke tests of the benchmarks (experiments/benchmarks/scaling.py and others).
 
 Checks that a tiny ``--quick`` run prints well-formed tables and writes its JSON record;
 timings are never asserted.
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from experiments.benchmarks import scaling
+from experiments.benchmarks import scaling, search_rounds
+from jaxsparse import topology
 
 
 def _tables(text):
@@ -301,3 +302,34 @@ def test_allocator_names_a_preload_only_when_it_is_loaded(monkeypatch):
     assert _timing.allocator("7f00-7f10 r-xp 0 08:01 1 /usr/lib/libc.so.6\n") == "glibc malloc"
     monkeypatch.delenv("LD_PRELOAD")
     assert _timing.allocator("") == "glibc malloc"
+
+
+def test_search_rounds_benchmark_counts_both_estimates(capsys):
+    with jax.numpy_dtype_promotion("standard"):
+        rows = search_rounds.main(["--size", "200K", "--updates", "2", "--algorithms", "rigl",
+                                   "--seeds", "1", "--shape", "64x512"])
+    labels = [r[0] for r in rows]
+    assert any("first update" in x for x in labels)
+    assert any("update repeated (2)" in x for x in labels)
+    assert sum("64x512 whole" in x for x in labels) == (
+        len(search_rounds.KINDS) * len(search_rounds.CASES))
+    first = next(r for r in rows if "first update" in r[0])
+    assert first[1] > 0 and first[2] > 0 and first[3] > 0  # searches, rounds of each
+    assert topology._search.__name__ == "_search"  # the counter is removed again
+    table = _tables(capsys.readouterr().out)[0]
+    assert table[0][:3] == ["selections", "searches", "rounds per search: quadratic"]
+    assert len(table) == 2 + len(rows)
+
+    with pytest.raises(SystemExit):
+        search_rounds.main(["--shape", "768by3072"])
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_search_rounds_benchmark_times_both_estimates_beside_dense(capsys):
+    with jax.numpy_dtype_promotion("standard"):
+        rows = search_rounds.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",
+                                   "--warm", "1"])
+    (label, dense, quad, secant), = rows
+    assert label.startswith("rigl") and min(dense, quad, secant) > 0
+    table = _tables(capsys.readouterr().out)[0]
+    assert table[0][-1] == "quadratic / dense" and len(table) == 3

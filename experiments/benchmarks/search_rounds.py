@@ -1,0 +1,257 @@
+"""Rounds of the counting search: how many passes over a layer each selection takes.
+
+On CPU every top-k selection of a topology update is a counting search
+(``jaxsparse.topology.select_by_counting``): a first pass over the layer (its key range and
+two sample pivots), then one pass per round until the k-th key is pinned. The rounds, each
+a full read of the layer's keys, are most of the update's time at scale, and their number
+depends on how the pivot is estimated. This script counts them (a host callback in each
+round, so its times mean nothing) for
+
+* whole topology updates of the scaling benchmark's model (``--size``, default 10M;
+  ``experiments.benchmarks.scaling``): the first update, and the same update step repeated
+  (the state the scaling benchmark times: a third of the active weights were grown at zero
+  by the step before, a cluster of tiny magnitudes far below the rest);
+* single selections on synthetic scores (|normal|, uniform, |Cauchy|, lognormal, a 30%
+  cluster of magnitudes 1e-5 times the rest, values on a grid of 1/50) over a whole
+  768x3072 layer (``--shape``). (Per-neuron searches, many columns at once, never take the quadratic
+  estimate: they stop with their slowest column, which it does not make faster.)
+
+Each row is run twice in one process: with the quadratic pivot estimate (the default) and
+with the secant alone (``topology._QUADRATIC_MIN_KEYS`` past any bracket), so the two
+columns differ only in the pivots. Results never depend on the pivots (property-tested); a
+row prints the mean rounds per search.
+
+With ``--timed 100M`` it instead times the update step of each algorithm compiled with
+each estimate, interleaved with the dense optimizer step in one process (medians).
+
+Usage:
+  python -m experiments.benchmarks.search_rounds [--size 10M] [--updates 4]
+  python -m experiments.benchmarks.search_rounds --timed 100M --algorithms rigl,srigl,snfs
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks import _timing, scaling
+from jaxsparse import topology
+
+_SECANT_ONLY = (1 << 31) - 1  # more keys than any bracket holds
+
+
+class Counter:
+    """Counts the searches and their rounds while installed over ``topology._search``."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+
+    def reset(self):
+        self.calls.clear()
+
+    @contextlib.contextmanager
+    def installed(self):
+        search = topology._search
+
+        def counted(count, *args, **kwargs):
+            jax.debug.callback(lambda: self.calls.update(["searches"]))
+
+            def counting(pivot):
+                jax.debug.callback(lambda: self.calls.update(["rounds"]))
+                return count(pivot)
+
+            return search(counting, *args, **kwargs)
+
+        topology._search = counted
+        try:
+            yield self
+        finally:
+            topology._search = search
+
+    def mean_rounds(self) -> float:
+        return self.calls["rounds"] / max(self.calls["searches"], 1)
+
+
+@contextlib.contextmanager
+def secant_only(on: bool):
+    saved = topology._QUADRATIC_MIN_KEYS
+    topology._QUADRATIC_MIN_KEYS = _SECANT_ONLY if on else saved
+    try:
+        yield
+    finally:
+        topology._QUADRATIC_MIN_KEYS = saved
+
+
+def update_rounds(algorithm: str, size: str, updates: int) -> list[tuple]:
+    """``[(label, searches, rounds quadratic, rounds secant)]`` of whole topology updates."""
+    spec = scaling.size_spec(size)
+    setup = scaling.make_setup(spec, "sgdm", 8, ["opt"])
+    out = {}
+    for secant in (False, True):
+        counter = Counter()
+        with secant_only(secant), counter.installed():
+            tx = scaling.make_sparse(algorithm, scaling.INNER["sgdm"](), 0.9, 1000,
+                                     jax.random.key(1))
+            runner = scaling.Runner(tx, setup.params, sparse=True)
+            at_update = jnp.asarray(1000, jnp.int32)
+            step = jax.jit(scaling.opt_step(tx), donate_argnums=(0, 1))
+            for i in range(updates):
+                counter.reset()
+                jax.block_until_ready(runner(step, setup.grads, at_update))
+                jax.effects_barrier()
+                label = "first update" if i == 0 else f"update repeated ({i + 1})"
+                out.setdefault(label, []).append((counter.calls["searches"],
+                                                  counter.mean_rounds()))
+    return [(f"{algorithm} {spec.label}: {label}", q[0], q[1], s[1])
+            for label, (q, s) in out.items()]
+
+
+def update_times(algorithms: list[str], size: str, repeats: int, warm: int) -> list[tuple]:
+    """``[(label, ms dense, ms quadratic, ms secant)]``: the update step of each algorithm
+    compiled with each pivot estimate (each its own state, advanced by ``warm`` update steps
+    first), timed interleaved with the dense optimizer step in one rotation; medians."""
+    spec = scaling.size_spec(size)
+    setup = scaling.make_setup(spec, "sgdm", 8, ["opt"])
+    at_update = jnp.asarray(1000, jnp.int32)
+    rows = []
+    for algorithm in algorithms:
+        variants = {"dense": (lambda: setup.dense(setup.dense_opt, setup.grads, at_update), 1)}
+        for name, secant in (("quadratic", False), ("secant", True)):
+            with secant_only(secant):
+                tx = scaling.make_sparse(algorithm, scaling.INNER["sgdm"](), 0.9, 1000,
+                                         jax.random.key(1))
+                runner = scaling.Runner(tx, setup.params, sparse=True)
+                step = jax.jit(scaling.opt_step(tx), donate_argnums=(0, 1)).lower(
+                    runner.params, runner.state, setup.grads, at_update).compile()
+            for _ in range(warm):
+                jax.block_until_ready(runner(step, setup.grads, at_update))
+            variants[name] = (lambda r=runner, c=step: r(c, setup.grads, at_update), 1)
+        times = _timing.interleaved(variants, repeats)["wall"]
+        med = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
+        rows.append((f"{algorithm} {spec.label}", med["dense"], med["quadratic"],
+                     med["secant"]))
+        del variants
+    return rows
+
+
+def time_table(rows: list[tuple], repeats: int) -> str:
+    lines = [f"| update step ({repeats} interleaved repetitions) | dense ms | quadratic ms | "
+             "secant only ms | quadratic / secant | quadratic / dense |",
+             "|---|---|---|---|---|---|"]
+    for label, dense, quad, sec in rows:
+        lines.append(f"| {label} | {dense:.1f} | {quad:.1f} | {sec:.1f} | {quad / sec:.2f} | "
+                     f"{quad / dense:.1f}x |")
+    return "\n".join(lines)
+
+
+def synthetic_scores(kind: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+    n = int(np.prod(shape))
+    if kind == "|normal|":
+        s = rng.standard_normal(n)
+    elif kind == "uniform":
+        s = rng.random(n)
+    elif kind == "|cauchy|":
+        s = rng.standard_cauchy(n)
+    elif kind == "lognormal":
+        s = np.exp(3 * rng.standard_normal(n))
+    elif kind == "cluster":
+        s = np.where(rng.random(n) < 0.3, 1e-5, 1.0) * rng.standard_normal(n)
+    elif kind == "grid":
+        s = np.round(rng.standard_normal(n) * 50) / 50
+    else:
+        raise ValueError(kind)
+    return np.abs(s).astype(np.float32).reshape(shape)
+
+
+KINDS = ("|normal|", "uniform", "|cauchy|", "lognormal", "cluster", "grid")
+# (candidates, k as a fraction of them): a RigL drop (keep 70% of 10%), a grow (3% of 90%),
+# a median.
+CASES = ((0.1, 0.7), (0.9, 0.03), (1.0, 0.5))
+
+
+def synthetic_rounds(shape: tuple, per_neuron: bool, seeds: int) -> list[tuple]:
+    """``[(label, draws, rounds quadratic, rounds secant)]`` of single selections."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for kind in KINDS:
+        for density, frac in CASES:
+            inputs = []
+            for _ in range(seeds):
+                where = rng.random(shape) < density
+                k = int(frac * (where.sum(0).min() if per_neuron else where.sum()))
+                inputs.append((synthetic_scores(kind, shape, rng), where, np.int32(k)))
+            cases.append((kind, density, frac, inputs))
+    means: dict = {}
+    for secant in (False, True):
+        counter = Counter()
+        with secant_only(secant), counter.installed():
+            # Compiled once per setting (traced with it), reused for every case.
+            select = jax.jit(lambda s, w, k: topology.top_k_keys(
+                topology.candidate_keys(s, w), k, per_neuron=per_neuron))
+            for kind, density, frac, inputs in cases:
+                counter.reset()
+                for s, w, k in inputs:
+                    jax.block_until_ready(select(s, w, k))
+                jax.effects_barrier()
+                means.setdefault((kind, density, frac), []).append(counter.mean_rounds())
+    scope = "per neuron" if per_neuron else "whole"
+    return [(f"{kind} {shape[0]}x{shape[1]} {scope}, {density:.0%} candidates, k {frac:.0%}",
+             seeds, *means[(kind, density, frac)]) for kind, density, frac, _ in cases]
+
+
+def table(rows: list[tuple]) -> str:
+    lines = ["| selections | searches | rounds per search: quadratic | secant only | ratio |",
+             "|---|---|---|---|---|"]
+    for label, n, q, s in rows:
+        ratio = f"{q / s:.2f}" if s else "-"
+        lines.append(f"| {label} | {n} | {q:.1f} | {s:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[tuple]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="10M", help="model of the whole updates (10M)")
+    parser.add_argument("--updates", type=int, default=4,
+                        help="update steps per algorithm (first, then repeated)")
+    parser.add_argument("--algorithms", default="rigl,srigl,snfs,magnitude")
+    parser.add_argument("--seeds", type=int, default=20, help="draws per synthetic case (20)")
+    parser.add_argument("--shape", default="768x3072", help="synthetic layer (768x3072)")
+    parser.add_argument("--timed", default=None, metavar="SIZE",
+                        help="instead: time the update steps of --algorithms at SIZE (e.g. "
+                        "100M), quadratic and secant-only side by side with dense")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions (15)")
+    parser.add_argument("--warm", type=int, default=3,
+                        help="update steps before timing (the state the scaling "
+                        "benchmark times)")
+    args = parser.parse_args(argv)
+    try:
+        shape = tuple(int(d) for d in args.shape.lower().split("x"))
+    except ValueError:
+        parser.error(f"--shape: {args.shape!r} is not ROWSxCOLUMNS, e.g. 768x3072")
+    if len(shape) != 2 or min(shape) < 1:
+        parser.error(f"--shape: {args.shape!r} is not ROWSxCOLUMNS, e.g. 768x3072")
+    if args.timed:
+        print(_timing.machine_line())
+        rows = update_times([a for a in args.algorithms.split(",") if a], args.timed,
+                            args.repeats, args.warm)
+        print(time_table(rows, args.repeats))
+        return rows
+    print(f"jax {jax.__version__} on {jax.default_backend()}, {platform.machine()}; "
+          f"counting searches (topology.COUNTING_PLATFORMS) on cpu")
+    rows = []
+    for algorithm in filter(None, args.algorithms.split(",")):
+        rows += update_rounds(algorithm, args.size, args.updates)
+    if args.seeds > 0:
+        rows += synthetic_rounds(shape, False, args.seeds)
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
