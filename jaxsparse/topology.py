@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxsparse import bitmask
+
 _U32_MAX = 0xFFFFFFFF
 _RANK_LIMIT = 1 << 31
 
@@ -408,21 +410,23 @@ def _tied_rank(keys_list, ranks_list, k, lo, hi, c_lo, c_hi, whole: bool):
     return _search(count, k - c_hi, r_lo, r_hi, r_clo, r_chi, quadratic=quadratic)[0]
 
 
-def _select_counting(keys_list, ranks_list, k, whole: bool):
+def _select_counting(keys_list, ranks_list, k, whole: bool, finish=None):
     """Counting selection over one or several arrays (several only when ``whole``): the
-    top ``k`` of each column of a (m, s) array unless ``whole``."""
+    top ``k`` of each column of a (m, s) array unless ``whole``. ``finish`` (e.g. packing)
+    maps each mask inside the branch that computes it, so only its result is stored."""
+    finish = (lambda m: m) if finish is None else finish
     k, lo, hi, c_lo, c_hi = _bracket(keys_list, k, whole)
 
     def no_ties(lo, hi, c_lo, c_hi):
         # c_lo == k in every column: the keys >= lo are exactly the top k.
-        return [x >= _bcast(lo, whole) for x in keys_list]
+        return [finish(x >= _bcast(lo, whole)) for x in keys_list]
 
     def ties(lo, hi, c_lo, c_hi):
         r_lo = _tied_rank(keys_list, ranks_list, k, lo, hi, c_lo, c_hi, whole)
         ranks = [r() if callable(r) else r for r in ranks_list]
-        return [(x >= _bcast(hi, whole))
-                | ((x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
-                   & (r >= _bcast(r_lo, whole)))
+        return [finish((x >= _bcast(hi, whole))
+                       | ((x >= _bcast(lo, whole)) & (x < _bcast(hi, whole))
+                          & (r >= _bcast(r_lo, whole))))
                 for x, r in zip(keys_list, ranks)]
 
     # Continuous scores seldom tie at the threshold: the tie ranks (a hash per position)
@@ -597,17 +601,19 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
     return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
 
 
-def _select(keys, ranks, k, whole: bool) -> jax.Array:
+def _select(keys, ranks, k, whole: bool, finish=None) -> jax.Array:
     """:func:`select_by_counting` on :data:`COUNTING_PLATFORMS`, else the sorting
-    reference; ``ranks()`` gives the tie ranks."""
+    reference; ``ranks()`` gives the tie ranks; ``finish`` maps the mask where it is
+    computed (see :func:`_select_counting`)."""
     _check_size(keys.size, f"shape {keys.shape}")
 
     def counting(keys, k):
         k = _clip_k(k, keys.size if whole else keys.shape[0], 1 if whole else keys.shape[1])
-        return _select_counting([keys], [ranks], k, whole)[0]
+        return _select_counting([keys], [ranks], k, whole, finish)[0]
 
     def sorting(keys, k):
-        return select_by_sorting(keys, ranks(), k, whole=whole)
+        mask = select_by_sorting(keys, ranks(), k, whole=whole)
+        return mask if finish is None else finish(mask)
 
     return jax.lax.platform_dependent(keys, jnp.asarray(k, jnp.int32), default=sorting,
                                       **{p: counting for p in COUNTING_PLATFORMS})
@@ -631,17 +637,26 @@ def candidate_keys(scores, where=None) -> jax.Array:
     return keys
 
 
-def top_k_keys(keys, k, *, tie_key=None, per_neuron: bool = False) -> jax.Array:
+def top_k_keys(keys, k, *, tie_key=None, per_neuron: bool = False, packed: bool = False):
     """Bool mask of the ``k`` largest nonzero ``keys`` (from :func:`candidate_keys`): over
     the whole array, or per output neuron (last axis) with ``per_neuron``; ties as in
     :func:`top_k_mask`. For keys computed apart from their selection (e.g. inside the
-    branch that reads a layer, :func:`jaxsparse.map_layers`)."""
+    branch that reads a layer, :func:`jaxsparse.map_layers`).
+
+    With ``packed``, the mask comes as a :class:`~jaxsparse.bitmask.PackedMask`, packed
+    where the selection computes it: the bool mask (1 byte per entry) is never stored,
+    only its bits."""
     shape = jnp.shape(keys)
     view = layer_view(shape)
     whole = not per_neuron
-    return _select(jnp.reshape(keys, view),
-                   lambda anchor=None: tie_ranks(view, tie_key, whole=whole, anchor=anchor),
-                   k, whole).reshape(shape)
+    finish = None
+    if packed:
+        def finish(mask):
+            return bitmask.pack(mask.reshape(shape)).bits
+    out = _select(jnp.reshape(keys, view),
+                  lambda anchor=None: tie_ranks(view, tie_key, whole=whole, anchor=anchor),
+                  k, whole, finish)
+    return bitmask.PackedMask(out, shape) if packed else out.reshape(shape)
 
 
 def top_k_mask(scores, k, *, where=None, tie_key=None) -> jax.Array:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxsparse import topology
+from jaxsparse import bitmask, topology
 from tests.helpers import examples
 
 
@@ -64,6 +64,24 @@ def test_drop_and_grow_hand_checked():
     grown = topology.grow_highest(kept, jnp.abs(g), 2)
     # Position 0 is active already; the two best inactive ones are 1 (8.0) and 4 (3.0).
     np.testing.assert_array_equal(grown, [True, True, True, False, True, False])
+
+
+def test_packed_selection_is_the_packed_mask():
+    # top_k_keys(..., packed=True) packs inside the selection: the same bits as packing its
+    # bool mask, whole and per neuron, for 1-D, 2-D and conv-shaped keys, with ties.
+    rng = np.random.default_rng(0)
+    for shape in [(37, 11), (3, 3, 4, 10), (13,)]:
+        keys = topology.candidate_keys(np.round(rng.standard_normal(shape)).astype(np.float32),
+                                       jnp.asarray(rng.random(shape) < 0.8))
+        for per_neuron in (False, True):
+            k = 3 if per_neuron else keys.size // 3
+            want = topology.top_k_keys(keys, k, tie_key=jax.random.key(1),
+                                       per_neuron=per_neuron)
+            got = topology.top_k_keys(keys, k, tie_key=jax.random.key(1),
+                                      per_neuron=per_neuron, packed=True)
+            assert isinstance(got, bitmask.PackedMask) and got.shape == shape
+            np.testing.assert_array_equal(got.bits, bitmask.pack(want).bits)
+            np.testing.assert_array_equal(bitmask.unpack(got), want)
 
 
 def test_traced_counts_compile_once():

@@ -163,9 +163,10 @@ def layerwise(
     fn: Callable[[LayerInputs], jax.Array],
     consts: Callable[[UpdateInputs, list[str]], list] | None = None,
 ) -> Callable[[UpdateInputs], Masks]:
-    """Lifts a per-layer rule ``LayerInputs -> new bool mask`` to a whole-model
-    ``update_masks`` (see :func:`map_layers`: same-shaped layers share one compiled rule,
-    one layer's temporaries live at a time).
+    """Lifts a per-layer rule ``LayerInputs -> new mask`` (bool, or packed: a
+    :class:`~jaxsparse.bitmask.PackedMask`) to a whole-model ``update_masks`` (see
+    :func:`map_layers`: same-shaped layers share one compiled rule, one layer's temporaries
+    live at a time).
 
     Layer ``j`` (counting masked leaves in flattening order) gets ``fold_in(key, j)``;
     ``extra`` is passed per leaf when it is a tree with the params' structure, else whole;
@@ -205,7 +206,8 @@ def layerwise(
                             inputs.step, read(lambda layer: layer[3]) if per_leaf
                             else inputs.extra, c["c"],
                             lambda f, *args: read(lambda layer, *a: f(view(layer), *a), *args))
-            return bitmask.pack(fn(x))
+            new = fn(x)
+            return new if isinstance(new, bitmask.PackedMask) else bitmask.pack(new)
 
         return rebuild(treedef, treedef.num_leaves, idx,
                        map_layers(one, layers, cs, read=True))

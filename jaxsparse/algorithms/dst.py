@@ -68,21 +68,24 @@ def drop_and_grow(drop_score, grow_score, fraction):
 
     ``drop_score`` / ``grow_score`` map :class:`LayerInputs` to a score array. Ties are broken
     at random with the layer's key. Grow candidates are all positions not kept (a weight just
-    dropped can be regrown; it then keeps its value, as in RigL)."""
+    dropped can be regrown; it then keeps its value, as in RigL). The rule returns the new
+    mask packed (:class:`~jaxsparse.bitmask.PackedMask`, for :func:`jaxsparse.layerwise`):
+    each selection packs its mask where it computes it, so no bool mask of the layer (1 byte
+    per weight) is ever stored."""
 
     def layer(x: LayerInputs):
         k_drop, k_grow, k_score = jax.random.split(x.key, 3)
         n = drop_count(x.mask, fraction(x.step))
-        # Keep the nnz - n active weights of highest drop score ...
-        kept = topology.top_k_keys(x.keys(lambda y: drop_score(y, k_score), x.mask),
-                                   topology.count_true(x.mask) - n, tie_key=k_drop)
-        # ... and grow the n positions not kept of highest grow score. (The kept set is
-        # held packed while the grow selection runs: 1/8 byte per weight, not 1.)
-        kept = bitmask.pack(kept)
+        # Keep the nnz - n active weights of highest drop score ... (the candidates passed
+        # packed: a bool mask handed to the branch that reads the layer would be stored)
+        kept = topology.top_k_keys(
+            x.keys(lambda y: drop_score(y, k_score), bitmask.pack(x.mask)),
+            topology.count_true(x.mask) - n, tie_key=k_drop, packed=True)
+        # ... and grow the n positions not kept of highest grow score.
         grown = topology.top_k_keys(
             x.keys(lambda y: grow_score(y, k_score), bitmask.complement(kept)), n,
-            tie_key=k_grow)
-        return bitmask.unpack(kept) | grown
+            tie_key=k_grow, packed=True)
+        return bitmask.or_packed(kept, grown)
 
     return layer
 

@@ -121,15 +121,15 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
       The new mask: every active neuron has exactly ``k' = floor(B / n_active)`` inputs,
       ablated neurons have none.
     """
-    return _srigl(LayerInputs(mask, weight, grad, key, step=None, extra=None), k0=k0,
-                  fraction=fraction, gamma_sal=gamma_sal, ablation=ablation,
-                  min_neurons=min_neurons, tau=tau)
+    return bitmask.unpack(_srigl(LayerInputs(mask, weight, grad, key, step=None, extra=None),
+                                 k0=k0, fraction=fraction, gamma_sal=gamma_sal,
+                                 ablation=ablation, min_neurons=min_neurons, tau=tau))
 
 
 def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, tau):
     """:func:`srigl_layer` on a layer's inputs, the keys of |W| and |grad| among a set of
     candidates computed by :meth:`LayerInputs.keys` (under :func:`~jaxsparse.layerwise`,
-    where the layer's arrays live)."""
+    where the layer's arrays live); the new mask packed."""
     mask, key = x.mask, x.key
 
     def w_keys(where, after=None):
@@ -149,11 +149,14 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     n_keep = budget - n_drop
     # Each key array is computed after the selection before it (``after``): one lives at
     # a time. The masks held across a selection are packed (1/8 byte per weight).
-    kept = bitmask.pack(topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep))
+    # Every mask is packed where its selection computes it, candidates are passed packed:
+    # no bool mask of the layer (1 byte per weight) is stored.
+    kept = topology.top_k_keys(w_keys(bitmask.pack(mask)), n_keep, tie_key=k_keep,
+                               packed=True)
     if ablation:
-        salient = bitmask.unpack(kept) | topology.top_k_keys(g_keys(None, after=kept),
-                                                              n_drop, tie_key=k_grow)
-        counts = topology.count_per_neuron(salient)
+        salient = bitmask.or_packed(kept, topology.top_k_keys(
+            g_keys(None, after=kept), n_drop, tie_key=k_grow, packed=True))
+        counts = topology.count_per_neuron(bitmask.unpack(salient))
     else:
         counts = None
     k_vec = fan_ins_after_ablation(counts, n_out=n_out, budget=budget, fan_in=_fan_in(shape),
@@ -161,12 +164,12 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
     # k' fell since the last update (neurons came back), so this search usually ends at
     # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
-    keep = topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True)
-    need = k_vec - topology.count_per_neuron(keep)
-    keep = bitmask.pack(keep)
+    keep = topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True,
+                               packed=True)
+    need = k_vec - topology.count_per_neuron(bitmask.unpack(keep))
     grow = topology.top_k_keys(g_keys(bitmask.complement(keep)), need, tie_key=k_fill,
-                               per_neuron=True)
-    return bitmask.unpack(keep) | grow
+                               per_neuron=True, packed=True)
+    return bitmask.or_packed(keep, grow)
 
 
 def srigl(
