@@ -83,6 +83,16 @@ def dense_init(prunable: Prunable, overrides) -> Callable[[PyTree, jax.Array], M
     return init_masks
 
 
+def zero_after(after, dtype) -> jax.Array:
+    """A zero of ``dtype`` read from ``after`` (any array, packed mask or tree of them) that
+    XLA cannot fold away: a value that adds it is computed only once ``after`` is. XLA
+    otherwise computes what does not depend on an earlier result as early as it can, and
+    its temporaries live beside that result's (an optimization barrier does not order
+    them: XLA drops a barrier's unused operand)."""
+    first = jnp.ravel(jax.tree.leaves(after)[0])[0]
+    return jnp.minimum(first.astype(bool).astype(jnp.int32), 0).astype(dtype)
+
+
 class LayerInputs(NamedTuple):
     """What a per-layer update function sees (one prunable leaf).
 
@@ -130,10 +140,7 @@ class LayerInputs(NamedTuple):
                 where = bitmask.unpack(where)
             keys = topology.candidate_keys(score(x), where)
             if after is not None:
-                # A zero XLA cannot fold away, read from ``after``: the keys wait for it.
-                first = jnp.ravel(jax.tree.leaves(after)[0])[0]
-                zero = jnp.minimum(first.astype(bool).astype(jnp.int32), 0)
-                keys = keys + zero.astype(jnp.uint32)
+                keys = keys + zero_after(after, jnp.uint32)  # the keys wait for ``after``
             return keys
 
         return f(self, where, after) if self.read is None else self.read(f, where, after)

@@ -26,6 +26,7 @@ from jaxsparse.algorithms.common import (
     random_init,
     rebuild,
     sparse_leaves,
+    zero_after,
 )
 from jaxsparse.distributions import check_sparsity
 from jaxsparse.layermap import map_groups
@@ -247,8 +248,11 @@ def snfs(
             keys = read(lambda layer: topology.candidate_keys(
                 jnp.abs(layer[1]), bitmask.unpack(layer[0])))
             threshold = topology.top_k_keys_threshold(keys, nnz - n, tie_key=drop_key(j))
-            total = read(lambda layer: jnp.sum(
-                jnp.where(bitmask.unpack(layer[0]), jnp.abs(layer[2]), 0.0), dtype=jnp.float32))
+            # Summed once the threshold is found: XLA:CPU stores the summand of a large sum
+            # (4 bytes per weight), which would otherwise live beside the keys.
+            total = read(lambda layer, zero: jnp.sum(
+                jnp.where(bitmask.unpack(layer[0]), jnp.abs(layer[2]), zero),
+                dtype=jnp.float32), zero_after(threshold.lo, jnp.float32))
             mean = total / jnp.maximum(nnz, 1).astype(jnp.float32)
             return (*threshold, n, mean, m.size - (nnz - n))
 
@@ -276,8 +280,9 @@ def snfs(
                 threshold.tied, lambda: keys_and_kept(layer, True),
                 lambda: keys_and_kept(layer, False)))
             grown = topology.top_k_keys(keys, c["n"],
-                                        tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1))
-            return bitmask.pack(bitmask.unpack(keep) | grown)
+                                        tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1),
+                                        packed=True)
+            return bitmask.or_packed(keep, grown)
 
         new = map_layers(grow, layers, [
             {"n": regrow[j], "j": j, "lo": lo[j], "hi": hi[j], "rank": rank[j]}
