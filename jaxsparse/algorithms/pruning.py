@@ -104,15 +104,17 @@ def _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsi
         shared = [j for j, p in enumerate(paths) if ranking == "global" and p not in fixed]
         own = [j for j in range(len(paths)) if j not in shared]
 
-        def prune(layer, c):
-            packed, w = layer
-            score = score_fn(w, jax.random.fold_in(x.key, c["j"]))
-            return bitmask.pack(topology.top_k_mask(score, c["target"],
-                                                    where=bitmask.unpack(packed)))
+        def prune(read, c):
+            # The keys computed where the layer lives (no copy of its weights), the mask
+            # packed where the selection computes it (no bool mask stored).
+            key = jax.random.fold_in(x.key, c["j"])
+            keys = read(lambda layer: topology.candidate_keys(score_fn(layer[1], key),
+                                                              bitmask.unpack(layer[0])))
+            return topology.top_k_keys(keys, c["target"], packed=True)
 
         new = [None] * len(paths)
         outs = map_layers(prune, [leaves[j][:2] for j in own],
-                          [{"j": j, "target": targets[j]} for j in own])
+                          [{"j": j, "target": targets[j]} for j in own], read=True)
         for j, out in zip(own, outs):
             new[j] = out
         if shared:
