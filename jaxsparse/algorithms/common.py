@@ -126,7 +126,8 @@ class LayerInputs(NamedTuple):
         (4 bytes per weight).
 
         ``where`` may be packed (:class:`~jaxsparse.bitmask.PackedMask`: unpacked where the
-        keys are computed). With ``after`` (any array or packed mask), the keys are computed only once ``after`` is: XLA
+        keys are computed); a bool ``where`` is packed before it enters the layer's reading
+        branch. With ``after`` (any array or packed mask), the keys are computed only once ``after`` is: XLA
         otherwise computes keys that do not depend on an earlier selection's result as early
         as it can, and two key arrays live at once (SRigL: the |grad| keys of its saliency
         beside the |W| keys of its first selection; 4 bytes per weight more at the peak).
@@ -143,7 +144,13 @@ class LayerInputs(NamedTuple):
                 keys = keys + zero_after(after, jnp.uint32)  # the keys wait for ``after``
             return keys
 
-        return f(self, where, after) if self.read is None else self.read(f, where, after)
+        if self.read is None:
+            return f(self, where, after)
+        # Handed to the branch that reads the layer, a bool mask would be stored (1 byte
+        # per weight): it goes packed.
+        if where is not None and not isinstance(where, bitmask.PackedMask):
+            where = bitmask.pack(where)
+        return self.read(f, where, after)
 
 
 def sparse_leaves(inputs: UpdateInputs):

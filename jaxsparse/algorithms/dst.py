@@ -77,11 +77,10 @@ def drop_and_grow(drop_score, grow_score, fraction):
     def layer(x: LayerInputs):
         k_drop, k_grow, k_score = jax.random.split(x.key, 3)
         n = drop_count(x.mask, fraction(x.step))
-        # Keep the nnz - n active weights of highest drop score ... (the candidates passed
-        # packed: a bool mask handed to the branch that reads the layer would be stored)
-        kept = topology.top_k_keys(
-            x.keys(lambda y: drop_score(y, k_score), bitmask.pack(x.mask)),
-            topology.count_true(x.mask) - n, tie_key=k_drop, packed=True)
+        # Keep the nnz - n active weights of highest drop score ...
+        kept = topology.top_k_keys(x.keys(lambda y: drop_score(y, k_score), x.mask),
+                                   topology.count_true(x.mask) - n, tie_key=k_drop,
+                                   packed=True)
         # ... and grow the n positions not kept of highest grow score.
         grown = topology.top_k_keys(
             x.keys(lambda y: grow_score(y, k_score), bitmask.complement(kept)), n,

@@ -149,10 +149,9 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
     n_keep = budget - n_drop
     # Each key array is computed after the selection before it (``after``): one lives at
     # a time. The masks held across a selection are packed (1/8 byte per weight).
-    # Every mask is packed where its selection computes it, candidates are passed packed:
-    # no bool mask of the layer (1 byte per weight) is stored.
-    kept = topology.top_k_keys(w_keys(bitmask.pack(mask)), n_keep, tie_key=k_keep,
-                               packed=True)
+    # Every mask is packed where its selection computes it: no bool mask of the layer
+    # (1 byte per weight) is stored.
+    kept = topology.top_k_keys(w_keys(mask), n_keep, tie_key=k_keep, packed=True)
     if ablation:
         salient = bitmask.or_packed(kept, topology.top_k_keys(
             g_keys(None, after=kept), n_drop, tie_key=k_grow, packed=True))
