@@ -245,6 +245,12 @@ def _combine(a, b):
 # Rows per block of a per-column reduction (see :func:`_fold`).
 _BLOCK_ROWS = 16
 
+# Whole-array reductions (see :func:`_fold`): over at least this many entries of rows at
+# least :data:`_WIDE` wide, each row is reduced first; rows narrower than that are reduced
+# as one flat vector.
+_ROWS_FIRST_MIN_SIZE = 1 << 21
+_WIDE = 64
+
 
 def _block_rows(m: int) -> int:
     """The largest divisor of ``m`` up to :data:`_BLOCK_ROWS`."""
@@ -257,13 +263,27 @@ def _fold(parts, inits, whole: bool):
 
     One variadic reduction reads each entry once and keeps no temporary of the array's size
     (a lone large ``sum`` is split by XLA:CPU into a tree of partial sums over a stored
-    int32 copy of its input). Per column, the rows are first folded in blocks of up to
-    :data:`_BLOCK_ROWS` (a reduction over a middle axis, vectorised along the columns), then
-    the ``m / block`` partial results of each column are combined.
+    int32 copy of its input). Its layout is a measured XLA:CPU choice (this is the counting
+    path; ``experiments.benchmarks.pass_layout`` times each):
+
+    * Over the whole array: a large array of wide rows is reduced row by row, then the ``m``
+      rows' results (XLA:CPU splits a reduction with a vector result across its threads; one
+      with a scalar result runs on one thread); narrow rows (under :data:`_WIDE`) are reduced
+      as one flat vector (a reduction over a short last axis is not vectorised: ~20x
+      slower); else in one reduction.
+    * Per column: the rows are first folded in blocks of up to :data:`_BLOCK_ROWS` (a
+      reduction over a middle axis, vectorised along the columns), then the ``m / block``
+      partial results of each column are combined.
     """
+    m, s = parts[0].shape
+    if whole and s < _WIDE:
+        flat = jax.lax.reduce(tuple(p.reshape(-1) for p in parts), inits, _combine, (0,))
+        return tuple(jnp.atleast_1d(p) for p in flat)
+    if whole and m * s >= _ROWS_FIRST_MIN_SIZE:
+        rows = jax.lax.reduce(parts, inits, _combine, (1,))
+        return tuple(jnp.atleast_1d(p) for p in _combine_leading(rows))
     if whole:
         return tuple(jnp.atleast_1d(p) for p in jax.lax.reduce(parts, inits, _combine, (0, 1)))
-    m, s = parts[0].shape
     r = _block_rows(m)
     blocks = jax.lax.reduce(tuple(p.reshape(m // r, r, s) for p in parts), inits, _combine,
                             (1,))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from experiments.benchmarks import scaling, search_rounds
+from experiments.benchmarks import pass_layout, scaling, search_rounds
 from jaxsparse import topology
 
 
@@ -333,3 +333,26 @@ def test_search_rounds_benchmark_times_both_estimates_beside_dense(capsys):
     assert label.startswith("rigl") and min(dense, quad, secant) > 0
     table = _tables(capsys.readouterr().out)[0]
     assert table[0][-1] == "quadratic / dense" and len(table) == 3
+
+
+def test_pass_layout_benchmark_times_every_layout_with_one_result(capsys):
+    rows = pass_layout.main(["--shapes", "64x512,512x8", "--repeats", "2"])
+    assert [shape for shape, _ in rows] == [(64, 512), (512, 8)]
+    for _, t in rows:
+        assert t["equal"] and min(t[n] for n in pass_layout.LAYOUTS) > 0
+    table = _tables(capsys.readouterr().out)[0]
+    assert table[0][1] == "library ms" and len(table) == 4
+    assert topology._ROWS_FIRST_MIN_SIZE == 1 << 21 and topology._WIDE == 64  # restored
+    with pytest.raises(SystemExit):
+        pass_layout.main(["--shapes", "64by512"])
+    assert "--shapes" in capsys.readouterr().err
+
+
+def test_pass_layout_benchmark_times_the_update_step_in_both_layouts(capsys):
+    with jax.numpy_dtype_promotion("standard"):
+        rows = pass_layout.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",
+                                 "--warm", "1"])
+    (label, dense, library, one), = rows
+    assert label.startswith("rigl") and min(dense, library, one) > 0
+    table = _tables(capsys.readouterr().out)[0]
+    assert table[0][-1] == "library / dense" and len(table) == 3

@@ -422,6 +422,31 @@ def test_counting_selects_as_sorting_on_large_skewed_layers(seed, kind, density,
     assert int(np.sum(by_counting)) == k
 
 
+@pytest.mark.parametrize("layout", ["rows first", "flat", "one reduction"])
+def test_every_layout_of_the_counting_pass_selects_as_sorting(layout, monkeypatch):
+    # topology._fold reduces a whole layer row by row (large, wide layers), as one flat
+    # vector (narrow rows) or in one reduction, by size and width: forced here on layers of
+    # every width, all must select as the sorting reference.
+    forced = {"rows first": (0, 0), "flat": (1 << 62, 1 << 62), "one reduction": (1 << 62, 0)}
+    monkeypatch.setattr(topology, "_ROWS_FIRST_MIN_SIZE", forced[layout][0])
+    monkeypatch.setattr(topology, "_WIDE", forced[layout][1])
+    both = jax.jit(lambda keys, ranks, k: (topology.select_by_sorting(keys, ranks, k, whole=True),
+                                           topology.select_by_counting(keys, ranks, k,
+                                                                       whole=True)))
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        scores, where = _scores_of_kind(rng, ["normal", "ties", "specials", "sparse_where"][seed])
+        kind = ["cluster", "cauchy", "lognormal", "ties"][seed]
+        for keys, k in [
+                (jnp.where(where, topology.sortable_key(scores), jnp.uint32(0)),
+                 int(where.sum() * rng.random())),
+                (topology.sortable_key(_large_scores(rng, kind)), int(rng.integers(_LARGE[0] * _LARGE[1])))]:
+            ranks = topology.tie_ranks(keys.shape, jax.random.key(seed), whole=True)
+            by_sorting, by_counting = both(keys, ranks, k)
+            np.testing.assert_array_equal(by_counting, by_sorting)
+            assert int(np.sum(by_counting)) == k
+
+
 def _search_pivots(keys, k, quadratic_min_keys, monkeypatch):
     """The mask of one whole-array selection and the pivots its counting search counted at
     (a host callback per round), the quadratic estimate taken from brackets of

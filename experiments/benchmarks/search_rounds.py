@@ -112,18 +112,23 @@ def update_rounds(algorithm: str, size: str, updates: int) -> list[tuple]:
             for label, (q, s) in out.items()]
 
 
-def update_times(algorithms: list[str], size: str, repeats: int, warm: int) -> list[tuple]:
-    """``[(label, ms dense, ms quadratic, ms secant)]``: the update step of each algorithm
-    compiled with each pivot estimate (each its own state, advanced by ``warm`` update steps
-    first), timed interleaved with the dense optimizer step in one rotation; medians."""
+def update_times(algorithms: list[str], size: str, repeats: int, warm: int,
+                 variants: dict | None = None) -> list[tuple]:
+    """``[(label, ms dense, ms of each variant...)]``: the update step of each algorithm
+    compiled under each of ``variants`` (name -> a context manager factory in force while
+    the step is traced; default: the quadratic and the secant-only estimate), each with its
+    own state advanced by ``warm`` update steps first, timed interleaved with the dense
+    optimizer step in one rotation; medians."""
+    if variants is None:
+        variants = {"quadratic": lambda: secant_only(False), "secant": lambda: secant_only(True)}
     spec = scaling.size_spec(size)
     setup = scaling.make_setup(spec, "sgdm", 8, ["opt"])
     at_update = jnp.asarray(1000, jnp.int32)
     rows = []
     for algorithm in algorithms:
-        variants = {"dense": (lambda: setup.dense(setup.dense_opt, setup.grads, at_update), 1)}
-        for name, secant in (("quadratic", False), ("secant", True)):
-            with secant_only(secant):
+        timed = {"dense": (lambda: setup.dense(setup.dense_opt, setup.grads, at_update), 1)}
+        for name, context in variants.items():
+            with context():
                 tx = scaling.make_sparse(algorithm, scaling.INNER["sgdm"](), 0.9, 1000,
                                          jax.random.key(1))
                 runner = scaling.Runner(tx, setup.params, sparse=True)
@@ -131,12 +136,11 @@ def update_times(algorithms: list[str], size: str, repeats: int, warm: int) -> l
                     runner.params, runner.state, setup.grads, at_update).compile()
             for _ in range(warm):
                 jax.block_until_ready(runner(step, setup.grads, at_update))
-            variants[name] = (lambda r=runner, c=step: r(c, setup.grads, at_update), 1)
-        times = _timing.interleaved(variants, repeats)["wall"]
+            timed[name] = (lambda r=runner, c=step: r(c, setup.grads, at_update), 1)
+        times = _timing.interleaved(timed, repeats)["wall"]
         med = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
-        rows.append((f"{algorithm} {spec.label}", med["dense"], med["quadratic"],
-                     med["secant"]))
-        del variants
+        rows.append((f"{algorithm} {spec.label}", med["dense"], *(med[n] for n in variants)))
+        del timed
     return rows
 
 
