@@ -270,7 +270,8 @@ def _fold(parts, inits, whole: bool):
       rows' results (XLA:CPU splits a reduction with a vector result across its threads; one
       with a scalar result runs on one thread); narrow rows (under :data:`_WIDE`) are reduced
       as one flat vector (a reduction over a short last axis is not vectorised: ~20x
-      slower); else in one reduction.
+      slower); else in one reduction (not flat: a layer sharded by columns would be
+      resharded to be flattened).
     * Per column: the rows are first folded in blocks of up to :data:`_BLOCK_ROWS` (a
       reduction over a middle axis, vectorised along the columns), then the ``m / block``
       partial results of each column are combined.

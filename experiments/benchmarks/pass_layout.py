@@ -88,16 +88,6 @@ def pass_table(rows: list[tuple], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def time_table(rows: list[tuple], repeats: int) -> str:
-    lines = [f"| update step ({repeats} interleaved repetitions) | dense ms | library ms | "
-             "one reduction ms | library / one reduction | library / dense |",
-             "|---|---|---|---|---|---|"]
-    for label, dense, lib, one in rows:
-        lines.append(f"| {label} | {dense:.1f} | {lib:.1f} | {one:.1f} | {lib / one:.2f} | "
-                     f"{lib / dense:.1f}x |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> list[tuple]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=SHAPES, help=f"layers ({SHAPES})")
@@ -115,7 +105,7 @@ def main(argv=None) -> list[tuple]:
         rows = search_rounds.update_times(
             [a for a in args.algorithms.split(",") if a], args.timed, args.repeats, args.warm,
             {"library": lambda: layout("library"), "one reduction": lambda: layout("one reduction")})
-        print(time_table(rows, args.repeats))
+        print(search_rounds.time_table(rows, args.repeats, ("library", "one reduction")))
         return rows
     try:
         shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",") if s]

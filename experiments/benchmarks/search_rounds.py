@@ -144,13 +144,16 @@ def update_times(algorithms: list[str], size: str, repeats: int, warm: int,
     return rows
 
 
-def time_table(rows: list[tuple], repeats: int) -> str:
-    lines = [f"| update step ({repeats} interleaved repetitions) | dense ms | quadratic ms | "
-             "secant only ms | quadratic / secant | quadratic / dense |",
+def time_table(rows: list[tuple], repeats: int,
+               names: tuple[str, str] = ("quadratic", "secant only")) -> str:
+    """The table of :func:`update_times` rows of two variants named ``names``."""
+    a, b = names
+    lines = [f"| update step ({repeats} interleaved repetitions) | dense ms | {a} ms | "
+             f"{b} ms | {a} / {b} | {a} / dense |",
              "|---|---|---|---|---|---|"]
-    for label, dense, quad, sec in rows:
-        lines.append(f"| {label} | {dense:.1f} | {quad:.1f} | {sec:.1f} | {quad / sec:.2f} | "
-                     f"{quad / dense:.1f}x |")
+    for label, dense, first, second in rows:
+        lines.append(f"| {label} | {dense:.1f} | {first:.1f} | {second:.1f} | "
+                     f"{first / second:.2f} | {first / dense:.1f}x |")
     return "\n".join(lines)
 
 
