@@ -97,6 +97,23 @@ def test_srigl_neurons_can_return():
     assert new[:, 2].sum() == new[:, 0].sum() > 0
 
 
+def test_srigl_returning_neuron_lowers_the_fan_in_of_the_others():
+    # fan-in 4, 3 neurons, k0 = 2 (B = 6); neuron 2 ablated, so the others hold k' = 3.
+    w = jnp.array([[5.0, 4.0, 0.0],
+                   [3.0, 0.5, 0.0],
+                   [1.0, 2.0, 0.0],
+                   [0.0, 0.0, 0.0]])
+    g = jnp.zeros((4, 3)).at[:, 2].set(jnp.array([9.0, 8.0, 7.0, 6.0]))
+    new = jaxsparse.srigl_layer(
+        w != 0, w, g, jax.random.key(0), k0=2, fraction=0.2, gamma_sal=0.5, ablation=True,
+        min_neurons=1)
+    # Drop 1 (|W| 0.5), kept 5; the top |g| (0, 2) makes neuron 2 salient (tau = 1): three
+    # active neurons, k' = 6 // 3 = 2. Neuron 0 still holds 3 kept weights and keeps its top 2
+    # by |W| (5, 3); neuron 1 keeps 4, 2; neuron 2 grows its top 2 by |g| (9, 8).
+    expected = np.array([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 0]], bool)
+    np.testing.assert_array_equal(np.asarray(new), expected)
+
+
 def test_srigl_survival_guard_and_output_layer_errors():
     mask = jnp.ones((4, 3), bool) & (jnp.arange(4)[:, None] < 2)
     w = jnp.where(mask, 1.0, 0.0)

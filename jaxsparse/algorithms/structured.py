@@ -160,12 +160,16 @@ def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, ta
         counts = None
     k_vec = fan_ins_after_ablation(counts, n_out=n_out, budget=budget, fan_in=_fan_in(shape),
                                    tau=tau, min_neurons=min_neurons, key=k_abl)
-    # Survivors keep their top k' kept weights by |W|; a neuron only has more than k' when
-    # k' fell since the last update (neurons came back), so this search usually ends at
-    # once (no lax.cond: an untaken one still costs every training step a few us on CPU).
-    keep = topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True,
-                               packed=True)
-    need = k_vec - topology.count_per_neuron(bitmask.unpack(keep))
+    # Survivors keep their top k' kept weights by |W|. A neuron only has more than k' when
+    # k' fell since the last update (neurons came back): the selection (keys of the layer,
+    # a pass per neuron) runs only then, under a lax.cond of the update branch.
+    held = topology.count_per_neuron(bitmask.unpack(kept))
+    keep = jax.lax.cond(
+        jnp.any(held > k_vec),
+        lambda: topology.top_k_keys(w_keys(kept, after=k_vec), k_vec, per_neuron=True,
+                                    packed=True),
+        lambda: kept)
+    need = k_vec - jnp.minimum(held, k_vec)
     grow = topology.top_k_keys(g_keys(bitmask.complement(keep)), need, tie_key=k_fill,
                                per_neuron=True, packed=True)
     return bitmask.or_packed(keep, grow)
