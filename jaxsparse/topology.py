@@ -142,7 +142,7 @@ def select_by_sorting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> j
 _QUADRATIC_MIN_KEYS = 1024
 
 
-def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False):
+def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False, first=None):
     """Counting search for the k-th largest key.
 
     ``count(pivot)`` gives, per column (shape of ``k``), the number of candidate keys
@@ -161,8 +161,9 @@ def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False):
     end replaced last (it follows a count far from linear in the key, e.g. magnitudes
     spread over many binades with a cluster of just-grown small weights); else by the
     secant between the ends (regula falsi, the Illinois rule halving the value of an end
-    kept twice); the midpoint after two rounds that did not halve the bracket. Where the
-    pivot lands never changes the result, only the number of rounds
+    kept twice); the midpoint after two rounds that did not halve the bracket. ``first``
+    (shape of ``k``) are the first round's pivots instead, where they lie inside the
+    bracket. Where the pivot lands never changes the result, only the number of rounds
     (``experiments.benchmarks.search_rounds`` counts them).
     """
 
@@ -173,7 +174,7 @@ def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False):
         return (c - k).astype(jnp.float32) - 0.5
 
     def body(carry):
-        lo, hi, c_lo, c_hi, f_lo, f_hi, side, slow, x_p, f_p = carry
+        lo, hi, c_lo, c_hi, f_lo, f_hi, side, slow, x_p, f_p, fresh = carry
         width = hi - lo
         w = width.astype(jnp.float32)
         guess = f_lo / jnp.maximum(f_lo - f_hi, 1e-30) * w  # the secant (Illinois values)
@@ -193,6 +194,8 @@ def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False):
         offset = jnp.where(slow >= 2, width >> 1, guess)
         offset = jnp.clip(offset, jnp.uint32(1), jnp.maximum(width, jnp.uint32(2)) - 1)
         pivot = lo + offset
+        if first is not None:
+            pivot = jnp.where(fresh & (first > lo) & (first < hi), first, pivot)
         c, above, below = count(pivot)
         active = ~done(lo, hi, c_lo)
         up, down = active & (c >= k), active & (c < k)
@@ -205,13 +208,13 @@ def _search(count, k, lo, hi, c_lo, c_hi, *, quadratic: bool = False):
         f_hi = jnp.where(down, f(c), jnp.where(up & (side > 0), 0.5 * f_hi, f_hi))
         side = jnp.where(up, 1, jnp.where(down, -1, side))
         slow = jnp.where(active & (hi - lo > (width >> 1)), slow + 1, 0)
-        return lo, hi, c_lo, c_hi, f_lo, f_hi, side, slow, x_p, f_p
+        return lo, hi, c_lo, c_hi, f_lo, f_hi, side, slow, x_p, f_p, jnp.bool_(False)
 
     zeros = jnp.zeros(k.shape, jnp.int32)
     lo, hi, c_lo, c_hi, *_ = jax.lax.while_loop(
         lambda c: jnp.any(~done(c[0], c[1], c[2])), body,
         (lo, hi, c_lo, c_hi, f(c_lo), f(c_hi), zeros, zeros, lo,
-         jnp.full(k.shape, jnp.nan, jnp.float32)))
+         jnp.full(k.shape, jnp.nan, jnp.float32), jnp.bool_(True)))
     return lo, hi, c_lo, c_hi
 
 
@@ -383,14 +386,28 @@ def _pivots_from_sample(sample, k, n: int):
 
 
 def _narrow(at_pivots, k, lo, hi, c_lo, c_hi):
-    """The bracket narrowed by the counts at the two sample pivots (:func:`_sample_pivots`):
-    a sample end is kept only where it narrows the bracket (snapped onto keys)."""
-    (c_slo, a_slo, _), (c_shi, _, b_shi) = at_pivots
-    take_lo = (c_slo >= k) & (c_slo < c_lo)
-    take_hi = (c_shi < k) & (c_shi > c_hi)
-    lo, c_lo = jnp.where(take_lo, a_slo, lo), jnp.where(take_lo, c_slo, c_lo)
-    hi, c_hi = jnp.where(take_hi, b_shi + jnp.uint32(1), hi), jnp.where(take_hi, c_shi, c_hi)
+    """The bracket narrowed by the counts at extra pivots of the first pass (``(count,
+    above, below)`` triples, see :func:`_reduce`): each end moves (snapped onto keys)
+    where a pivot's count narrows it."""
+    for c, above, below in at_pivots:
+        take_lo = (c >= k) & (c < c_lo)
+        take_hi = (c < k) & (c > c_hi)
+        lo, c_lo = jnp.where(take_lo, above, lo), jnp.where(take_lo, c, c_lo)
+        hi, c_hi = jnp.where(take_hi, below + jnp.uint32(1), hi), jnp.where(take_hi, c, c_hi)
     return lo, hi, c_lo, c_hi
+
+
+def _sample_hint(keys, k):
+    """One pivot for every column of a per-column selection: where the array's fixed
+    sample (:func:`sample_strides`) puts the top ``sum(k)`` keys of the whole array. A
+    column's k-th key lies near it when the columns' scores are alike (SRigL's regrowth:
+    a layer's dropped weights, regrown per neuron by |grad|), so its bracket starts narrow
+    (``experiments.benchmarks.search_rounds --compare hint``: 11.2 -> 7.6 rounds per search
+    in SRigL's updates of a 10M model); else it costs at most one round."""
+    row_step, col_step = sample_strides(keys.shape)
+    sample = jnp.sort(keys[::row_step, ::col_step].reshape(-1))[::-1]  # descending
+    r = (jnp.sum(k).astype(jnp.float32) * (sample.size / keys.size)).astype(jnp.int32)
+    return jnp.full(k.shape, sample[jnp.clip(r, 0, sample.size - 1)])
 
 
 def _bracket(keys_list, k, whole: bool):
@@ -398,16 +415,19 @@ def _bracket(keys_list, k, whole: bool):
     candidates and the keys' bracket after :func:`_search` (``c_lo == k``: the keys ``>= lo``
     are exactly the top k; else the keys in ``[lo, hi)`` tie at the threshold)."""
     count = _counter(keys_list, None, whole)
-    sampled = whole and len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE
+    sampled = len(keys_list) == 1 and keys_list[0].size >= _SAMPLE_MIN_SIZE
     # A large array: the first pass also counts at two pivots from a sample.
-    pivots = _sample_pivots(keys_list[0], k) if sampled else ()
+    pivots = _sample_pivots(keys_list[0], k) if sampled and whole else ()
     (n_valid, lo, hi), at_pivots = _range(keys_list, whole, pivots)
     k = jnp.minimum(k, n_valid)
     lo, hi, c_lo, c_hi = _start(k, n_valid, lo, hi)
-    if sampled:
+    if sampled and whole:
         lo, hi, c_lo, c_hi = _narrow(at_pivots, k, lo, hi, c_lo, c_hi)
+    # Per column: one pivot for all columns, counted in the search's first round (in the
+    # first pass, its per-column partial counts would double that pass's temporaries).
+    first = _sample_hint(keys_list[0], k) if sampled and not whole else None
     quadratic = _quadratic(k, sum(x.size for x in keys_list))
-    return (k, *_search(count, k, lo, hi, c_lo, c_hi, quadratic=quadratic))
+    return (k, *_search(count, k, lo, hi, c_lo, c_hi, quadratic=quadratic, first=first))
 
 
 def _tied_rank(keys_list, ranks_list, k, lo, hi, c_lo, c_hi, whole: bool):

@@ -325,6 +325,20 @@ def test_search_rounds_benchmark_counts_both_estimates(capsys):
     assert "--shape" in capsys.readouterr().err
 
 
+def test_search_rounds_benchmark_compares_the_per_neuron_hint(capsys):
+    with jax.numpy_dtype_promotion("standard"):
+        rows = search_rounds.main(["--compare", "hint", "--size", "200K", "--updates", "1",
+                                   "--algorithms", "srigl", "--seeds", "1", "--shape",
+                                   "64x512"])
+    srigl = [r for r in rows if r[0].startswith("srigl") and "per neuron" in r[0]]
+    assert srigl and all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in srigl)
+    assert sum("64x512 per neuron" in r[0] for r in rows) == (
+        len(search_rounds.KINDS) * len(search_rounds.CASES))
+    assert topology._sample_hint.__name__ == "_sample_hint"  # restored
+    table = _tables(capsys.readouterr().out)[0]
+    assert table[0][2:4] == ["rounds per search: hint", "no hint"]
+
+
 def test_search_rounds_benchmark_times_both_estimates_beside_dense(capsys):
     with jax.numpy_dtype_promotion("standard"):
         rows = search_rounds.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",

@@ -402,24 +402,38 @@ def _large_scores(rng, kind):
 
 
 @jax.jit
-def _whole_both(keys, ranks, k):
-    return (topology.select_by_sorting(keys, ranks, k, whole=True),
-            topology.select_by_counting(keys, ranks, k, whole=True))
+def _large_both(keys, ranks_whole, ranks_cols, k, k_cols):
+    return (topology.select_by_sorting(keys, ranks_whole, k, whole=True),
+            topology.select_by_counting(keys, ranks_whole, k, whole=True),
+            topology.select_by_sorting(keys, ranks_cols, k_cols, whole=False),
+            topology.select_by_counting(keys, ranks_cols, k_cols, whole=False))
 
 
 @settings(deadline=None, max_examples=examples(25, nightly=1000))
 @given(seed=st.integers(0, 2**31 - 1),
        kind=st.sampled_from(["cluster", "cauchy", "lognormal", "ties"]),
-       density=st.sampled_from([0.1, 0.9, 1.0]), frac=st.floats(0.0, 1.0))
-def test_counting_selects_as_sorting_on_large_skewed_layers(seed, kind, density, frac):
+       density=st.sampled_from([0.1, 0.9, 1.0]), frac=st.floats(0.0, 1.0),
+       col_spread=st.sampled_from([0.0, 0.5]))
+def test_counting_selects_as_sorting_on_large_skewed_layers(seed, kind, density, frac,
+                                                            col_spread):
+    # Whole: the sample's two pivots and the quadratic estimate; per column: the sample's
+    # one hint for every column (columns of like or, scaled, unlike scores).
     rng = np.random.default_rng(seed)
     where = rng.random(_LARGE) < density
-    keys = jnp.where(where, topology.sortable_key(_large_scores(rng, kind)), jnp.uint32(0))
+    scale = np.exp(col_spread * 8 * rng.standard_normal(_LARGE[1])).astype(np.float32)
+    keys = jnp.where(where, topology.sortable_key(_large_scores(rng, kind) * scale),
+                     jnp.uint32(0))
     ranks = topology.tie_ranks(_LARGE, jax.random.key(seed), whole=True)
+    ranks_cols = topology.tie_ranks(_LARGE, jax.random.key(seed), whole=False)
     k = int(frac * where.sum())
-    by_sorting, by_counting = _whole_both(keys, ranks, k)
+    k_cols = (rng.random(_LARGE[1]) * frac * 1.2 * _LARGE[0]).astype(np.int32)
+    by_sorting, by_counting, cols_sorting, cols_counting = _large_both(
+        keys, ranks, ranks_cols, k, jnp.asarray(k_cols))
     np.testing.assert_array_equal(by_counting, by_sorting)
     assert int(np.sum(by_counting)) == k
+    np.testing.assert_array_equal(cols_counting, cols_sorting)
+    np.testing.assert_array_equal(np.sum(cols_counting, axis=0),
+                                  np.minimum(k_cols, where.sum(axis=0)))
 
 
 @pytest.mark.parametrize("layout", ["rows first", "flat", "one reduction"])
