@@ -248,9 +248,8 @@ def _combine(a, b):
 # Rows per block of a per-column reduction (see :func:`_fold`).
 _BLOCK_ROWS = 16
 
-# Whole-array reductions (see :func:`_fold`): over at least this many entries of rows at
-# least :data:`_WIDE` wide, each row is reduced first; rows narrower than that are reduced
-# as one flat vector.
+# Whole-array reductions (see :func:`_fold`): over at least this many entries in rows at
+# least :data:`_WIDE` wide, each row is reduced first.
 _ROWS_FIRST_MIN_SIZE = 1 << 21
 _WIDE = 64
 
@@ -271,19 +270,15 @@ def _fold(parts, inits, whole: bool):
 
     * Over the whole array: a large array of wide rows is reduced row by row, then the ``m``
       rows' results (XLA:CPU splits a reduction with a vector result across its threads; one
-      with a scalar result runs on one thread); narrow rows (under :data:`_WIDE`) are reduced
-      as one flat vector (a reduction over a short last axis is not vectorised: ~20x
-      slower); else in one reduction (not flat: a layer sharded by columns would be
-      resharded to be flattened).
+      with a scalar result runs on one thread); else in one reduction. (Not through a flat
+      view, though that reduces narrow rows ~40x faster: flattening a sharded layer gathers
+      it; ``tests/test_sharding.py`` holds the update free of such gathers.)
     * Per column: the rows are first folded in blocks of up to :data:`_BLOCK_ROWS` (a
       reduction over a middle axis, vectorised along the columns), then the ``m / block``
       partial results of each column are combined.
     """
     m, s = parts[0].shape
-    if whole and s < _WIDE:
-        flat = jax.lax.reduce(tuple(p.reshape(-1) for p in parts), inits, _combine, (0,))
-        return tuple(jnp.atleast_1d(p) for p in flat)
-    if whole and m * s >= _ROWS_FIRST_MIN_SIZE:
+    if whole and s >= _WIDE and m * s >= _ROWS_FIRST_MIN_SIZE:
         rows = jax.lax.reduce(parts, inits, _combine, (1,))
         return tuple(jnp.atleast_1d(p) for p in _combine_leading(rows))
     if whole:

@@ -339,14 +339,16 @@ def test_search_rounds_benchmark_compares_the_per_neuron_hint(capsys):
     assert table[0][2:4] == ["rounds per search: hint", "no hint"]
 
 
-def test_search_rounds_benchmark_times_both_estimates_beside_dense(capsys):
+@pytest.mark.parametrize("bench, last", [(search_rounds, "quadratic / dense"),
+                                         (pass_layout, "library / dense")])
+def test_timed_benchmarks_time_both_settings_beside_dense(bench, last, capsys):
     with jax.numpy_dtype_promotion("standard"):
-        rows = search_rounds.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",
-                                   "--warm", "1"])
-    (label, dense, quad, secant), = rows
-    assert label.startswith("rigl") and min(dense, quad, secant) > 0
+        rows = bench.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",
+                           "--warm", "1"])
+    (label, dense, first, second), = rows
+    assert label.startswith("rigl") and min(dense, first, second) > 0
     table = _tables(capsys.readouterr().out)[0]
-    assert table[0][-1] == "quadratic / dense" and len(table) == 3
+    assert table[0][-1] == last and len(table) == 3
 
 
 def test_pass_layout_benchmark_times_every_layout_with_one_result(capsys):
@@ -360,13 +362,3 @@ def test_pass_layout_benchmark_times_every_layout_with_one_result(capsys):
     with pytest.raises(SystemExit):
         pass_layout.main(["--shapes", "64by512"])
     assert "--shapes" in capsys.readouterr().err
-
-
-def test_pass_layout_benchmark_times_the_update_step_in_both_layouts(capsys):
-    with jax.numpy_dtype_promotion("standard"):
-        rows = pass_layout.main(["--timed", "200K", "--algorithms", "rigl", "--repeats", "1",
-                                 "--warm", "1"])
-    (label, dense, library, one), = rows
-    assert label.startswith("rigl") and min(dense, library, one) > 0
-    table = _tables(capsys.readouterr().out)[0]
-    assert table[0][-1] == "library / dense" and len(table) == 3

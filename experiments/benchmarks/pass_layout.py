@@ -3,21 +3,22 @@
 Every round of a whole-layer counting search (``jaxsparse.topology.select_by_counting``,
 the CPU path) is one pass over the layer's keys: at a pivot, the number of keys at or above
 it, the smallest of them and the largest key below (``topology._reduce``). The same result
-can be reduced three ways, and XLA:CPU runs them very differently:
+can be reduced in several layouts, and XLA:CPU runs them very differently:
 
 * **one reduction** over both axes: a scalar result, which XLA:CPU runs on one thread;
   over a short last axis (a narrow layer) it is not vectorised either;
 * **rows first**: each row reduced to a vector (XLA:CPU splits a reduction with a vector
   result across its threads), then the rows' results;
-* **flat**: the layer as one flat vector (contiguous, vectorised, one thread).
+* **flat** (measured, not taken): the layer as one flat vector (contiguous, vectorised, one
+  thread); flattening a sharded layer gathers it.
 
-``topology._fold`` picks rows first for a large layer of wide rows, flat for narrow rows,
-else one reduction (thread hand-off costs more than it saves on a small layer). This
-script times one pass in each layout per layer shape, interleaved in one process, and with
-``--timed SIZE`` the update steps of whole models compiled with the library's choice and
-with one reduction everywhere (the layout before it), interleaved with the dense optimizer
-step (``experiments.benchmarks.search_rounds.update_times``). Results never depend on the
-layout (property-tested: ``tests/test_topology.py``).
+``topology._fold`` picks rows first for a large layer of wide rows, else one reduction
+(thread hand-off costs more than it saves on a small layer). This script times one pass in
+each layout per layer shape, interleaved in one process, and with ``--timed SIZE`` the
+update steps of whole models compiled with the library's choice and with one reduction
+everywhere (the layout before it), interleaved with the dense optimizer step
+(``experiments.benchmarks.search_rounds.update_times``). Results never depend on the layout
+(property-tested: ``tests/test_topology.py``).
 
 Usage:
   python -m experiments.benchmarks.pass_layout [--shapes 784x300,768x3072] [--repeats 200]
@@ -43,9 +44,9 @@ _NEVER = 1 << 62
 @contextlib.contextmanager
 def layout(name: str):
     """Forces ``topology._fold``'s whole-array layout while a function is traced:
-    ``"library"`` (its own choice), ``"one reduction"``, ``"rows first"`` or ``"flat"``."""
+    ``"library"`` (its own choice), ``"one reduction"`` or ``"rows first"``."""
     settings = {"library": (topology._ROWS_FIRST_MIN_SIZE, topology._WIDE),
-                "one reduction": (_NEVER, 0), "rows first": (0, 0), "flat": (_NEVER, _NEVER)}
+                "one reduction": (_NEVER, topology._WIDE), "rows first": (0, 0)}
     if name not in settings:
         raise ValueError(f"unknown layout {name!r}; choose one of {sorted(settings)}")
     saved = topology._ROWS_FIRST_MIN_SIZE, topology._WIDE
@@ -54,6 +55,13 @@ def layout(name: str):
         yield
     finally:
         topology._ROWS_FIRST_MIN_SIZE, topology._WIDE = saved
+
+
+def flat_pass(keys, pivot):
+    """The pass of ``topology._reduce`` over the layer as one flat vector."""
+    parts, inits = topology._at(keys, pivot, None, True)
+    out = jax.lax.reduce(tuple(p.reshape(-1) for p in parts), inits, topology._combine, (0,))
+    return tuple(jnp.atleast_1d(x) for x in out)
 
 
 LAYOUTS = ("library", "one reduction", "rows first", "flat")
@@ -67,9 +75,12 @@ def pass_times(shape: tuple, repeats: int) -> dict:
     pivot = topology.sortable_key(jnp.full((1,), 0.67, jnp.float32))
     variants, results = {}, []
     for name in LAYOUTS:
-        with layout(name):
-            fn = jax.jit(lambda k, p: topology._reduce([k], None, p, True)).lower(
-                keys, pivot).compile()
+        if name == "flat":
+            fn = jax.jit(flat_pass).lower(keys, pivot).compile()
+        else:
+            with layout(name):
+                fn = jax.jit(lambda k, p: topology._reduce([k], None, p, True)).lower(
+                    keys, pivot).compile()
         results.append(tuple(int(x[0]) for x in fn(keys, pivot)))
         variants[name] = (lambda f=fn: f(keys, pivot), 1)
     times = _timing.interleaved(variants, repeats)["wall"]
