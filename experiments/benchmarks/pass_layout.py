@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -41,20 +42,15 @@ SHAPES = "784x300,768x3072,3072x768,4096x4096,131072x16"
 _NEVER = 1 << 62
 
 
-@contextlib.contextmanager
 def layout(name: str):
     """Forces ``topology._fold``'s whole-array layout while a function is traced:
     ``"library"`` (its own choice), ``"one reduction"`` or ``"rows first"``."""
-    settings = {"library": (topology._ROWS_FIRST_MIN_SIZE, topology._WIDE),
-                "one reduction": (_NEVER, topology._WIDE), "rows first": (0, 0)}
+    settings = {"library": None, "one reduction": {"_ROWS_FIRST_MIN_SIZE": _NEVER},
+                "rows first": {"_ROWS_FIRST_MIN_SIZE": 0, "_WIDE": 0}}
     if name not in settings:
         raise ValueError(f"unknown layout {name!r}; choose one of {sorted(settings)}")
-    saved = topology._ROWS_FIRST_MIN_SIZE, topology._WIDE
-    topology._ROWS_FIRST_MIN_SIZE, topology._WIDE = settings[name]
-    try:
-        yield
-    finally:
-        topology._ROWS_FIRST_MIN_SIZE, topology._WIDE = saved
+    forced = settings[name]
+    return contextlib.nullcontext() if forced is None else mock.patch.multiple(topology, **forced)
 
 
 def flat_pass(keys, pivot):

@@ -41,6 +41,7 @@ import argparse
 import collections
 import contextlib
 import platform
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -76,11 +77,8 @@ class Counter:
 
             return search(counting, k, *args, **kwargs)
 
-        topology._search = counted
-        try:
+        with mock.patch.object(topology, "_search", counted):
             yield self
-        finally:
-            topology._search = search
 
     def searches(self, scope: str) -> int:
         return self.calls[f"searches {scope}"]
@@ -89,24 +87,16 @@ class Counter:
         return self.calls[f"rounds {scope}"] / max(self.searches(scope), 1)
 
 
-@contextlib.contextmanager
 def secant_only(on: bool):
-    saved = topology._QUADRATIC_MIN_KEYS
-    topology._QUADRATIC_MIN_KEYS = _SECANT_ONLY if on else saved
-    try:
-        yield
-    finally:
-        topology._QUADRATIC_MIN_KEYS = saved
+    """The secant alone (no bracket reaches the quadratic estimate's size) while ``on``."""
+    return (mock.patch.object(topology, "_QUADRATIC_MIN_KEYS", _SECANT_ONLY) if on
+            else contextlib.nullcontext())
 
 
-@contextlib.contextmanager
 def column_hint(on: bool):
-    saved = topology._sample_hint
-    topology._sample_hint = saved if on else (lambda keys, k: None)
-    try:
-        yield
-    finally:
-        topology._sample_hint = saved
+    """Per-neuron searches without the sample's hint unless ``on``."""
+    return (contextlib.nullcontext() if on
+            else mock.patch.object(topology, "_sample_hint", lambda keys, k: None))
 
 
 # --compare: two settings (name -> context manager factory in force while a step is traced).

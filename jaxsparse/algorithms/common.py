@@ -148,9 +148,7 @@ class LayerInputs(NamedTuple):
             return f(self, where, after)
         # Handed to the branch that reads the layer, a bool mask would be stored (1 byte
         # per weight): it goes packed.
-        if where is not None and not isinstance(where, bitmask.PackedMask):
-            where = bitmask.pack(where)
-        return self.read(f, where, after)
+        return self.read(f, bitmask.pack_tree(where), after)
 
 
 def sparse_leaves(inputs: UpdateInputs):
@@ -220,8 +218,7 @@ def layerwise(
                             inputs.step, read(lambda layer: layer[3]) if per_leaf
                             else inputs.extra, c["c"],
                             lambda f, *args: read(lambda layer, *a: f(view(layer), *a), *args))
-            new = fn(x)
-            return new if isinstance(new, bitmask.PackedMask) else bitmask.pack(new)
+            return bitmask.pack_tree(fn(x))
 
         return rebuild(treedef, treedef.num_leaves, idx,
                        map_layers(one, layers, cs, read=True))
