@@ -203,3 +203,13 @@ def map_layers(fn: Callable, layers: list, consts: list | None = None, *,
         for i, r in zip(members, results):
             out[i] = r
     return out
+
+
+def map_shapes(fn: Callable, shapes: list[tuple[int, ...]], consts: list | None = None
+               ) -> list:
+    """``[fn(shape, c) for shape, c in zip(shapes, consts)]`` for functions of a layer's
+    shape alone (e.g. drawing an initial mask): as :func:`map_layers`, layers of one shape
+    (and const signature) share one traced ``fn``. A zero-size array stands for each
+    shape, so nothing is read or copied."""
+    tokens = [jnp.zeros((0, *shape), jnp.bool_) for shape in shapes]
+    return map_layers(lambda token, c: fn(token.shape[1:], c), tokens, consts)

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsparse import schedules, topology
+from jaxsparse import bitmask, schedules, topology
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs, resolve_overrides
+from jaxsparse.layermap import map_layers
 from jaxsparse.masks import (
     Masks,
     Prunable,
@@ -219,17 +220,29 @@ def _where_leaves(where: Masks | None, scores: PyTree, positions):
 def _select(leaves, positions, candidates, targets, free, ranking):
     """Masks for the prunable positions, keeping ``targets[j]`` per layer (layerwise) or
     ``sum(targets[free])`` over the ``free`` layers together (global)."""
-    layer_scores = [jnp.asarray(leaves[i], jnp.float32) for i in positions]
-    cands = [candidates[i] for i in positions]
-    new = [topology.top_k_mask(s, targets[j], where=c)
-           for j, (s, c) in enumerate(zip(layer_scores, cands, strict=True))]
-    if ranking == "global" and free:
-        keep = topology.top_k_masks(
-            [layer_scores[j] for j in free], jnp.sum(targets[jnp.asarray(free)]),
-            where=[cands[j] for j in free])
-        for j, m in zip(free, keep):
+    # Each layer as (scores, candidates), its keys computed where it is read: same-shaped
+    # layers share one traced selection, and nothing of the model's size is stored.
+    layers = [(leaves[i], candidates[i]) for i in positions]
+    shared = list(free) if ranking == "global" else []
+    own = [j for j in range(len(positions)) if j not in shared]
+
+    def keys(layer, c=None):
+        scores, cand = layer
+        return topology.candidate_keys(jnp.asarray(scores, jnp.float32), cand)
+
+    new: list = [None] * len(positions)
+    outs = map_layers(
+        lambda read, k: read(lambda layer: topology.top_k_keys(keys(layer), k, packed=True)),
+        [layers[j] for j in own], [targets[j] for j in own], read=True)
+    for j, m in zip(own, outs):
+        new[j] = m
+    if shared:
+        kept = topology.top_k_over_layers(
+            keys, [layers[j] for j in shared], [np.shape(layers[j][0]) for j in shared],
+            jnp.sum(targets[jnp.asarray(shared)]))
+        for j, m in zip(shared, kept):
             new[j] = m
-    return new
+    return [bitmask.unpack(m) for m in new]
 
 
 def _assemble(treedef, n, positions, new):

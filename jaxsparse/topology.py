@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsparse import bitmask
+from jaxsparse.layermap import map_groups, map_layers
 
 _U32_MAX = 0xFFFFFFFF
 _RANK_LIMIT = 1 << 31
@@ -602,7 +603,7 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
     pivots = () if sample is None else _pivots_from_sample(sample, k, size)
 
     def first(keys, ranks):
-        (n, lo, hi), triples = _range([keys.reshape(-1, 1)], True, pivots)
+        (n, lo, hi), triples = _range([_view(keys)], True, pivots)
         return (n, lo, hi, *(v for t in triples for v in t))
 
     n_valid, lo, hi, *at = fold(first)
@@ -611,8 +612,7 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
     if sample is not None:
         lo, hi, c_lo, c_hi = _narrow([tuple(at[0:3]), tuple(at[3:6])], k, lo, hi, c_lo, c_hi)
     lo, hi, c_lo, c_hi = _search(
-        lambda pivot: fold(lambda keys, ranks: _reduce([keys.reshape(-1, 1)], None, pivot,
-                                                       True)),
+        lambda pivot: fold(lambda keys, ranks: _reduce([_view(keys)], None, pivot, True)),
         k, lo, hi, c_lo, c_hi, quadratic=_quadratic(k, size))
 
     def no_ties(lo, hi, c_lo, c_hi):
@@ -623,9 +623,9 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
         # The keys in [lo, hi) tie at the threshold; the search goes on over their ranks.
         def part(p):
             def count(keys, ranks):
-                keys = keys.reshape(-1, 1)
+                keys = _view(keys)
                 tie = (keys >= lo[0]) & (keys < hi[0])
-                return _reduce([ranks().reshape(-1, 1)], [tie], p, True)
+                return _reduce([ranks().reshape(keys.shape)], [tie], p, True)
             return count
 
         r_lo, r_hi, r_clo, r_chi = _start(k - c_hi, c_lo - c_hi, jnp.zeros_like(lo),
@@ -635,6 +635,64 @@ def top_k_threshold(scan: Callable, k, size: int, *, sample=None) -> Threshold:
         return Threshold(lo[0], hi[0], r_lo[0])
 
     return jax.lax.cond(jnp.all(c_lo == k), no_ties, ties, lo, hi, c_lo, c_hi)
+
+
+def top_k_over_layers(keys: Callable, layers: list, shapes: list, k, *, consts=None,
+                      tie_key=None) -> list:
+    """One whole-array selection over several layers, each read where it lives: the rule
+    of :func:`top_k_masks` (the top ``k`` keys of the layers' concatenation, ties to the
+    higher tie rank over it), with nothing of the model's size stored.
+
+    The threshold comes from :func:`top_k_threshold`, every count a pass that computes one
+    layer's keys at a time (:func:`jaxsparse.layermap.map_groups`), then each layer's mask
+    is packed where it is computed (:func:`jaxsparse.layermap.map_layers`). Same-shaped
+    layers share one traced pass, so neither the compiled program nor the temporaries grow
+    with the number of layers (:func:`top_k_masks` holds the keys of every layer at once).
+
+    Args:
+      keys: ``keys(layer, c) -> uint32`` keys of one layer (:func:`candidate_keys`), of
+        shape ``shapes[j]``; ``c`` its entry of ``consts``.
+      layers: one pytree of arrays per layer (e.g. its packed mask and weights).
+      shapes: each layer's shape (that of its keys).
+      k: how many to select in all (int, traced ok).
+      consts: one pytree of scalars per layer (traced ok), or ``None``.
+      tie_key: as :func:`top_k_masks`.
+
+    Returns:
+      One :class:`~jaxsparse.bitmask.PackedMask` per layer.
+    """
+    sizes = [int(np.prod(s)) for s in shapes]
+    total = sum(sizes)
+    _check_size(total, total)
+    offsets = np.cumsum([0] + sizes[:-1])
+    consts = [None] * len(layers) if consts is None else list(consts)
+    per_layer = [{"c": c, "offset": np.uint32(o)} for c, o in zip(consts, offsets)]
+
+    def keys_and_ranks(layer, c):
+        x = keys(layer, c["c"])
+        view = layer_view(x.shape)
+        return x.reshape(view), lambda anchor=None: tie_ranks(
+            view, tie_key, whole=True, offset=c["offset"], total=total, anchor=anchor), x.shape
+
+    def scan(part):
+        groups = map_groups(
+            lambda read, c: read(lambda layer: part(*keys_and_ranks(layer, c)[:2])),
+            layers, per_layer, read=True)
+        return tuple(jnp.concatenate(parts) for parts in zip(*(out for _, out in groups)))
+
+    threshold = top_k_threshold(scan, k, total)
+
+    def mask(read, c):
+        def packed(layer, tied):
+            x, ranks, shape = keys_and_ranks(layer, c)
+            return bitmask.pack(in_top_k(x, ranks, threshold, tied=tied).reshape(shape)).bits
+
+        # The tie ranks (a hash per weight) only when the cut splits tied keys.
+        return read(lambda layer: jax.lax.cond(threshold.tied, lambda: packed(layer, True),
+                                               lambda: packed(layer, False)))
+
+    bits = map_layers(mask, layers, per_layer, read=True)
+    return [bitmask.PackedMask(b, tuple(s)) for b, s in zip(bits, shapes)]
 
 
 def _select(keys, ranks, k, whole: bool, finish=None) -> jax.Array:
@@ -662,6 +720,12 @@ def layer_view(shape) -> tuple[int, int]:
     if len(shape) <= 1:
         return (int(np.prod(shape)), 1)
     return (int(np.prod(shape[:-1])), shape[-1])
+
+
+def _view(x) -> jax.Array:
+    """``x`` in its :func:`layer_view` (leading axes merged, the last kept: a reshape that
+    leaves a layer sharded along its neurons where it is, where a flat view gathers it)."""
+    return x.reshape(layer_view(x.shape))
 
 
 def candidate_keys(scores, where=None) -> jax.Array:

@@ -94,6 +94,7 @@ def test_table_formats_update_columns():
                plain_cpu_ratio=1.1, update_cpu_ratio=11.0, host_ratio_median=1.02,
                host_cpu_ratio=1.03, update_ms_per_mparam=9.25, compile_dense_s=0.1, compile_sparse_s=2.5,
                compile_dense_cpu_s=0.2, compile_sparse_cpu_s=3.0,
+               compile_init_dense_s=0.05, compile_init_sparse_s=0.75,
                state_bytes_per_weight=2.0, temp_dense_bytes=0, temp_sparse_bytes=8_000_000,
                extra_temp_per_param_largest=16.0, extra_temp_per_param_model=4.0,
                fault_mb_per_call={"dense": 0.04, "plain": 12.44})
@@ -105,7 +106,8 @@ def test_table_formats_update_columns():
         "host plain/dense CPU": "1.03x", "update/dense med": "12.3x", "update/dense min": "10.0x",
         "update/dense CPU": "11.0x", "update ms/M params": "9.25",
         "compile s dense->sparse": "0.10 -> 2.50",
-        "compile CPU s dense->sparse": "0.20 -> 3.00", "state B/weight": "2.00",
+        "compile CPU s dense->sparse": "0.20 -> 3.00",
+        "init compile s dense->sparse": "0.05 -> 0.75", "state B/weight": "2.00",
         "temp MB dense->sparse": "0.0 -> 8.0", "extra temp B/param largest": "16.0",
         "extra temp B/param model": "4.00", "page faults MB/call dense / plain": "0.0 / 12.4"}
 

@@ -502,21 +502,28 @@ def test_large_brackets_take_the_quadratic_estimate(monkeypatch):
 
 
 def test_global_selection_over_a_list_equals_the_concatenated_reference():
+    # Interleaved same-shaped layers (read in groups by top_k_over_layers), a 1-D and a
+    # conv-shaped one; rounded scores tie at most thresholds.
     rng = np.random.default_rng(0)
-    scores = [jnp.asarray(np.round(rng.standard_normal(s)), jnp.float32)
-              for s in [(13, 7), (7, 5), (40,)]]
+    shapes = [(13, 7), (7, 5), (40,), (13, 7), (3, 3, 2, 4), (7, 5), (13, 7)]
+    scores = [jnp.asarray(np.round(rng.standard_normal(s)), jnp.float32) for s in shapes]
     where = [jnp.asarray(rng.random(np.shape(x)) < 0.7) for x in scores]
     for tie_key in (None, jax.random.key(3)):
         # k traced: each implementation compiles once per tie_key.
         @jax.jit
-        def both(k, tie_key=tie_key):
-            return [topology.top_k_masks(scores, k, where=where, tie_key=tie_key, impl=impl)
-                    for impl in ("sorting", "counting")]
+        def all_three(k, tie_key=tie_key):
+            by_layer = topology.top_k_over_layers(
+                lambda layer, c: topology.candidate_keys(*layer), list(zip(scores, where)),
+                shapes, k, tie_key=tie_key)
+            return [*(topology.top_k_masks(scores, k, where=where, tie_key=tie_key, impl=impl)
+                      for impl in ("sorting", "counting")),
+                    [bitmask.unpack(m) for m in by_layer]]
 
         for k in (0, 1, 57, 200, 10_000):
-            a, b = both(k)
-            for x, y in zip(a, b):
+            a, b, c = all_three(k)
+            for x, y, z in zip(a, b, c):
                 np.testing.assert_array_equal(x, y)
+                np.testing.assert_array_equal(x, z)
             total = sum(int(np.sum(m)) for m in a)
             assert total == min(k, sum(int(np.sum(w)) for w in where))
     with pytest.raises(ValueError, match="unknown impl"):

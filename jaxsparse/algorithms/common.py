@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsparse import bitmask, topology
 from jaxsparse.distributions import layer_budgets, layer_specs, resolve_overrides
-from jaxsparse.layermap import map_layers
+from jaxsparse.layermap import map_layers, map_shapes
 from jaxsparse.masks import Masks, Prunable, PyTree, is_mask_leaf, path_to_str
 from jaxsparse.transform import UpdateInputs
 
@@ -37,16 +39,37 @@ def masks_for_paths(
     return jax.tree.unflatten(treedef, out)
 
 
-def masks_from_budgets(
-    params: PyTree, budgets: Mapping[str, int], make: Callable[[int, tuple, int], jax.Array]
-) -> Masks:
-    """``make(index, shape, nnz)`` for sparse leaves, ``None`` for leaves without a budget or
-    with a dense budget."""
-    sizes = {path_to_str(p): leaf.size
-             for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    sparse = {path for path, nnz in budgets.items() if nnz < sizes[path]}
-    return masks_for_paths(params, sparse,
-                           lambda i, path, shape: make(i, shape, budgets[path]))
+def draw_masks(params: PyTree, counts: Mapping[str, int], draw: Callable, key: jax.Array
+               ) -> Masks:
+    """Initial bool masks: for the ``j``-th leaf (in flattening order) whose path has a count
+    below its size, ``draw(fold_in(key, j), shape, nnz)`` (``nnz`` traced); ``None``
+    elsewhere.
+
+    One compiled program (eager or under ``jit``) in which same-shaped leaves share one
+    traced draw (:func:`jaxsparse.layermap.map_shapes`): a draw per leaf, unrolled, compiled
+    a counting selection per layer (15 s at 96 layers of 256x256, 30-40 s eagerly, op by
+    op). ``draw`` is a static argument: pass a module-level function (a new closure per
+    call compiles again)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)
+    leaves, treedef = flat
+    sizes = [int(np.size(leaf)) for _, leaf in leaves]
+    paths = [path_to_str(p) for p, _ in leaves]
+    idx = [i for i, path in enumerate(paths) if path in counts and counts[path] < sizes[i]]
+    shapes = tuple(tuple(np.shape(leaves[i][1])) for i in idx)
+    bits = _draw_packed(draw, shapes, key, [np.int32(counts[paths[i]]) for i in idx])
+    out: list = [None] * len(leaves)
+    for i, b, shape in zip(idx, bits, shapes):
+        out[i] = bitmask.unpack(bitmask.PackedMask(b, shape))
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _draw_packed(draw: Callable, shapes: tuple, key: jax.Array, counts: list) -> list:
+    """The packed bits of :func:`draw_masks`' masks, one program for all of them."""
+    return map_shapes(
+        lambda shape, c: bitmask.pack(draw(jax.random.fold_in(key, c["j"]), shape,
+                                           c["nnz"])).bits,
+        list(shapes), [{"j": j, "nnz": n} for j, n in enumerate(counts)])
 
 
 def random_init(
@@ -56,11 +79,7 @@ def random_init(
 
     def init_masks(params, key):
         budgets = budgets_for(params, sparsity, distribution, prunable, overrides)
-        return masks_from_budgets(
-            params,
-            budgets,
-            lambda i, shape, nnz: topology.random_mask(jax.random.fold_in(key, i), shape, nnz),
-        )
+        return draw_masks(params, budgets, topology.random_mask, key)
 
     return init_masks
 

@@ -267,25 +267,25 @@ def snfs(
 
         # Pass 2, per layer: grow its share by largest |momentum| among the positions not
         # kept.
-        def grow(read, c):
-            threshold = topology.Threshold(c["lo"], c["hi"], c["rank"])
+        def grow(read, j):
+            # Layer j's scalars read at the loop's index (one slice per layer and scalar
+            # taken here would be restacked per group: ~4 operations per layer to compile).
+            threshold = topology.Threshold(lo[j], hi[j], rank[j])
 
             def keys_and_kept(layer, tied: bool):
-                keep = kept(layer, threshold, c["j"], tied)
+                keep = kept(layer, threshold, j, tied)
                 return topology.candidate_keys(jnp.abs(layer[2]), ~keep), bitmask.pack(keep)
 
             # The tie ranks (a hash per weight) only when the drop tied at its threshold.
             keys, keep = read(lambda layer: jax.lax.cond(
                 threshold.tied, lambda: keys_and_kept(layer, True),
                 lambda: keys_and_kept(layer, False)))
-            grown = topology.top_k_keys(keys, c["n"],
-                                        tie_key=jax.random.fold_in(x.key, 2 * c["j"] + 1),
+            grown = topology.top_k_keys(keys, regrow[j],
+                                        tie_key=jax.random.fold_in(x.key, 2 * j + 1),
                                         packed=True)
             return bitmask.or_packed(keep, grown)
 
-        new = map_layers(grow, layers, [
-            {"n": regrow[j], "j": j, "lo": lo[j], "hi": hi[j], "rank": rank[j]}
-            for j in range(len(idx))], read=True)
+        new = map_layers(grow, layers, list(range(len(idx))), read=True)
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     rule = SparsityRule(

@@ -118,12 +118,16 @@ def _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsi
         for j, out in zip(own, outs):
             new[j] = out
         if shared:
-            kept = topology.top_k_masks(
-                [score_fn(leaves[j][1], jax.random.fold_in(x.key, j)) for j in shared],
-                sum(targets[j] for j in shared),
-                where=[bitmask.unpack(leaves[j][0]) for j in shared])
+            # One ranking over the shared layers, each layer's keys computed where it
+            # lives, pass by pass: nothing of the model's size is stored.
+            kept = topology.top_k_over_layers(
+                lambda layer, j: topology.candidate_keys(
+                    score_fn(layer[1], jax.random.fold_in(x.key, j)),
+                    bitmask.unpack(layer[0])),
+                [leaves[j][:2] for j in shared], [jnp.shape(leaves[j][1]) for j in shared],
+                sum(targets[j] for j in shared), consts=shared)
             for j, m in zip(shared, kept):
-                new[j] = bitmask.pack(m)
+                new[j] = m
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     base_init = dense_init(prunable, overrides)

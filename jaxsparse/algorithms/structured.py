@@ -20,10 +20,10 @@ import optax
 from jaxsparse import bitmask, schedules, topology
 from jaxsparse.algorithms.common import (
     LayerInputs,
+    draw_masks,
     drop_count,
     layerwise,
     masks_for_paths,
-    masks_from_budgets,
 )
 from jaxsparse.algorithms.pruning import pruning_targets, update_period
 from jaxsparse.distributions import LayerSpec, check_sparsity, layer_budgets, layer_specs
@@ -62,9 +62,13 @@ def output_layer_path(paths: list[str], pattern: str | None, what: str) -> str |
     return hits[-1]
 
 
-def min_neurons(k0, n_out: int, fan_in: int, output) -> jax.Array:
+def min_neurons(k0, n_out: int, fan_in: int, output) -> int | jax.Array:
     """The neurons that survive ablation at least: all ``n_out`` in the output layer, else
-    ``max(1, floor(k0 * n_out / fan_in))`` (the budget must fit in the survivors' fan-in)."""
+    ``max(1, floor(k0 * n_out / fan_in))`` (the budget must fit in the survivors' fan-in).
+    An ``int`` when ``k0`` and ``output`` are host values (a per-layer constant traces no
+    operation), else an ``int32[]``."""
+    if isinstance(k0, (int, np.integer)) and isinstance(output, (bool, np.bool_)):
+        return n_out if output else max(1, int(k0) * n_out // fan_in)
     k0 = jnp.asarray(k0, jnp.int32)
     return jnp.where(output, jnp.int32(n_out), jnp.maximum(1, k0 * n_out // fan_in))
 
@@ -124,6 +128,11 @@ def srigl_layer(mask, weight, grad, key, *, k0, fraction, gamma_sal: float,
     return bitmask.unpack(_srigl(LayerInputs(mask, weight, grad, key, step=None, extra=None),
                                  k0=k0, fraction=fraction, gamma_sal=gamma_sal,
                                  ablation=ablation, min_neurons=min_neurons, tau=tau))
+
+
+def _random_fan_in(key, shape, nnz):
+    """SRigL's initial mask: ``nnz / n_out`` random inputs per neuron."""
+    return topology.random_mask_per_neuron(key, shape, nnz // shape[-1])
 
 
 def _srigl(x: LayerInputs, *, k0, fraction, gamma_sal, ablation, min_neurons, tau):
@@ -232,11 +241,7 @@ def srigl(
         ks, _ = plan(params)
         shapes = {s.path: s.shape for s in layer_specs(params, prunable)}
         budgets = {p: k * shapes[p][-1] for p, k in ks.items()}
-        return masks_from_budgets(
-            params, budgets,
-            lambda i, shape, nnz: topology.random_mask_per_neuron(
-                jax.random.fold_in(key, i), shape, nnz // shape[-1]),
-        )
+        return draw_masks(params, budgets, _random_fan_in, key)
 
     def layer_consts(x, paths):
         ks, out = plan(x.params)
