@@ -26,7 +26,8 @@ repetitions alternating:
   topology_update=False)``, see ``jaxsparse.topology_due``), compiled without the update's
   ``lax.cond``, against the same dense step (algorithms with topology updates);
 * update step ms per million parameters (of the whole model);
-* compile seconds, dense -> sparse (``jax.jit(f).lower(...).compile()``, timed);
+* compile seconds, dense -> sparse (``jax.jit(f).lower(...).compile()``, timed), of the
+  step and of ``tx.init`` (which draws the initial masks);
 * state bytes per prunable weight: bytes of the sparse optimizer state minus those of the
   inner optimizer's state, over the number of prunable weights;
 * XLA temp memory of the optimizer step (``compiled.memory_analysis()``), dense -> sparse,
@@ -79,7 +80,10 @@ ALGORITHMS = {
     "srigl": "srigl",
     "snfs": "snfs",
     "magnitude": "magnitude_pruning",
+    "magnitude-global": "magnitude_pruning",  # ranking="global": one ranking over the layers
 }
+# Keywords of an algorithm beyond the shared ones.
+ALGORITHM_KWARGS = {"magnitude-global": {"ranking": "global"}}
 INNER = {
     "sgdm": lambda: optax.sgd(1e-3, momentum=0.9),
     "adam": lambda: optax.adam(1e-4),
@@ -97,7 +101,7 @@ OPT_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "dense ms",
                "host plain/dense med", "host plain/dense CPU",
                "update/dense med", "update/dense min", "update/dense CPU",
                "update ms/M params", "compile s dense->sparse",
-               "compile CPU s dense->sparse", "state B/weight",
+               "compile CPU s dense->sparse", "init compile s dense->sparse", "state B/weight",
                "temp MB dense->sparse", "extra temp B/param largest", "extra temp B/param model",
                "page faults MB/call dense / plain")
 FULL_COLUMNS = ("model", "params", "kernels", "algorithm", "inner", "batch", "dense ms",
@@ -219,7 +223,7 @@ def make_sparse(name: str, inner: optax.GradientTransformation, sparsity: float,
     factory = getattr(jaxsparse, ALGORITHMS[name])
     accepted = inspect.signature(factory).parameters
     wanted = {"key": key, "distribution": "erk", "end_step": 100 * update_every,
-              "update_every": update_every}
+              "update_every": update_every, **ALGORITHM_KWARGS.get(name, {})}
     if "update_every" not in accepted:
         wanted["frequency"] = update_every
     return factory(inner, sparsity, **{k: v for k, v in wanted.items() if k in accepted})
@@ -315,6 +319,7 @@ class Setup(NamedTuple):
     dense_compile: dict
     dense_compile_cpu: dict
     dense_temp: int
+    dense_init_s: float
 
 
 def make_setup(spec: StackSpec, inner: str, batch: int, parts: Sequence[str]) -> Setup:
@@ -326,6 +331,7 @@ def make_setup(spec: StackSpec, inner: str, batch: int, parts: Sequence[str]) ->
     xy = (jax.random.normal(kx, (batch, spec.d_model)),
           jax.random.normal(ky, (batch, spec.d_model)))
     tx = INNER[inner]()
+    init_s = _timing.compile_timed(tx.init, params).wall_s
     dense = Runner(tx, params, sparse=False)
     count = jnp.zeros((), jnp.int32)
     d_opt = _timing.compile_timed(opt_step(tx), dense.params, dense.state, grads, count,
@@ -337,7 +343,7 @@ def make_setup(spec: StackSpec, inner: str, batch: int, parts: Sequence[str]) ->
     return Setup(spec, inner, params, grads, xy, dense, d_opt.executable, d_full.executable,
                  {"opt": d_opt.wall_s, "full": d_full.wall_s},
                  {"opt": d_opt.cpu_s, "full": d_full.cpu_s},
-                 _timing.memory_stats(d_opt.executable)["temp"])
+                 _timing.memory_stats(d_opt.executable)["temp"], init_s)
 
 
 def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
@@ -348,6 +354,8 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
     spec, dense = setup.spec, setup.dense
     tx = make_sparse(algorithm, INNER[setup.inner](), sparsity, update_every,
                      jax.random.key(1))
+    # ``tx.init`` compiled under jit (it draws the initial masks), as a training job does.
+    init_s = _timing.compile_timed(tx.init, setup.params).wall_s
     sparse = Runner(tx, setup.params, sparse=True)
     prunable = sum(m.size for m in jax.tree.leaves(jaxsparse.get_masks(sparse.state)))
     state_bytes = (_timing.tree_nbytes(sparse.state) - _timing.tree_nbytes(dense.state))
@@ -386,6 +394,7 @@ def measure(setup: Setup, algorithm: str, *, sparsity: float, update_every: int,
                    compile_dense_s=setup.dense_compile[part], compile_sparse_s=compiled.wall_s,
                    compile_dense_cpu_s=setup.dense_compile_cpu[part],
                    compile_sparse_cpu_s=compiled.cpu_s,
+                   compile_init_dense_s=setup.dense_init_s, compile_init_sparse_s=init_s,
                    repeats=repeats if timing else 0, load=_timing.load_average())
         if part == "opt":
             temp = _timing.memory_stats(s_compiled)["temp"]
@@ -494,6 +503,8 @@ def table(rows: Sequence[dict], part: str) -> str:
         cpu = (r.get("compile_dense_cpu_s"), r.get("compile_sparse_cpu_s"))
         cells.append("-" if None in cpu else f"{cpu[0]:.2f} -> {cpu[1]:.2f}")
         if part == "opt":
+            init = (r.get("compile_init_dense_s"), r.get("compile_init_sparse_s"))
+            cells.append("-" if None in init else f"{init[0]:.2f} -> {init[1]:.2f}")
             cells += [f"{r['state_bytes_per_weight']:.2f}",
                       f"{r['temp_dense_bytes'] / 1e6:.1f} -> {r['temp_sparse_bytes'] / 1e6:.1f}",
                       f"{r['extra_temp_per_param_largest']:.1f}",
