@@ -231,9 +231,8 @@ def _select(leaves, positions, candidates, targets, free, ranking):
         return topology.candidate_keys(jnp.asarray(scores, jnp.float32), cand)
 
     new: list = [None] * len(positions)
-    outs = map_layers(
-        lambda read, k: read(lambda layer: topology.top_k_keys(keys(layer), k, packed=True)),
-        [layers[j] for j in own], [targets[j] for j in own], read=True)
+    outs = map_layers(lambda read, k: topology.top_k_keys(read(keys), k, packed=True),
+                      [layers[j] for j in own], [targets[j] for j in own], read=True)
     for j, m in zip(own, outs):
         new[j] = m
     if shared:

@@ -50,8 +50,7 @@ def draw_masks(params: PyTree, counts: Mapping[str, int], draw: Callable, key: j
     a counting selection per layer (15 s at 96 layers of 256x256, 30-40 s eagerly, op by
     op). ``draw`` is a static argument: pass a module-level function (a new closure per
     call compiles again)."""
-    flat = jax.tree_util.tree_flatten_with_path(params)
-    leaves, treedef = flat
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     sizes = [int(np.size(leaf)) for _, leaf in leaves]
     paths = [path_to_str(p) for p, _ in leaves]
     idx = [i for i, path in enumerate(paths) if path in counts and counts[path] < sizes[i]]
