@@ -177,29 +177,30 @@ def test_map_layers_temporaries_do_not_grow_with_depth():
     assert _packed_outputs_temp(24) - _packed_outputs_temp(4) < inner * output_bytes
 
 
+def _update_temp_per_weight(tx, depth, shape=(512, 512)):
+    """XLA temporaries of ``tx``'s update step (state donated) on ``depth`` layers of
+    ``shape``, in bytes per weight of one layer."""
+    params = {f"layer_{i:02d}": {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
+              for i in range(depth)}
+    state = jax.eval_shape(tx.init, params)
+
+    def step(p, s, g):
+        updates, s = tx.update(g, s, p, topology_update=True)
+        return optax.apply_updates(p, updates), s
+
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / np.prod(shape)
+
+
 def test_snfs_holds_no_kept_masks_between_its_passes():
     # SNFS drops in one pass over the layers and grows in another; between them it keeps a
     # threshold per layer (three scalars), not a packed mask of the kept weights. What grows
     # with depth is then one packed copy of the new masks (1/8 byte per weight, shared by
     # every algorithm): 4 -> 16 layers add 12 / 8 = 1.5 bytes per weight of a layer, where
     # the kept masks added as much again (3.0).
-    shape = (512, 512)
-
-    def extra_temp(depth):
-        params = {f"layer_{i:02d}": {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
-                  for i in range(depth)}
-        tx = jaxsparse.snfs(optax.sgd(0.1), 0.9, key=jax.random.key(0), end_step=100)
-        state = jax.eval_shape(tx.init, params)
-
-        def step(p, s, g):
-            updates, s = tx.update(g, s, p, topology_update=True)
-            return optax.apply_updates(p, updates), s
-
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-        return compiled.memory_analysis().temp_size_in_bytes / np.prod(shape)
-
-    four = extra_temp(4)
-    growth = extra_temp(16) - four
+    tx = jaxsparse.snfs(optax.sgd(0.1), 0.9, key=jax.random.key(0), end_step=100)
+    four = _update_temp_per_weight(tx, 4)
+    growth = _update_temp_per_weight(tx, 16) - four
     assert growth < 12 / 8 + 0.75, growth
     # At 4 layers: one layer's 4-byte keys and packed masks. The sum of the layer's
     # |momentum| waits for its drop threshold (XLA:CPU stores a large sum's summand, 4
@@ -256,22 +257,7 @@ def test_global_magnitude_ranking_holds_one_layer_at_a_time():
     # (every algorithm holds them) and, when the step donates its state, a copy XLA makes
     # of the old ones, which the passes' loops read while the output aliases them
     # (12 / 8 bytes per weight of a layer each).
-    shape = (512, 512)
-
-    def extra_temp(depth):
-        params = {f"layer_{i:02d}": {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32)}
-                  for i in range(depth)}
-        tx = jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.9, end_step=100,
-                                         ranking="global")
-        state = jax.eval_shape(tx.init, params)
-
-        def step(p, s, g):
-            updates, s = tx.update(g, s, p, topology_update=True)
-            return optax.apply_updates(p, updates), s
-
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
-        return compiled.memory_analysis().temp_size_in_bytes / np.prod(shape)
-
-    four = extra_temp(4)
-    assert extra_temp(16) - four < 2 * 12 / 8 + 0.75
+    tx = jaxsparse.magnitude_pruning(optax.sgd(0.1), 0.9, end_step=100, ranking="global")
+    four = _update_temp_per_weight(tx, 4)
+    assert _update_temp_per_weight(tx, 16) - four < 2 * 12 / 8 + 0.75
     assert four < 1.0, four
