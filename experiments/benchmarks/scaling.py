@@ -81,6 +81,8 @@ ALGORITHMS = {
     "snfs": "snfs",
     "magnitude": "magnitude_pruning",
     "magnitude-global": "magnitude_pruning",  # ranking="global": one ranking over the layers
+    "set": "set",
+    "random": "random_pruning",
 }
 # Keywords of an algorithm beyond the shared ones.
 ALGORITHM_KWARGS = {"magnitude-global": {"ranking": "global"}}
