@@ -39,7 +39,6 @@ import optax
 
 from jaxsparse import bitmask, schedules, topology
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs, resolve_overrides
-from jaxsparse.layermap import map_layers
 from jaxsparse.masks import (
     Masks,
     Prunable,
@@ -223,24 +222,14 @@ def _select(leaves, positions, candidates, targets, free, ranking):
     # Each layer as (scores, candidates), its keys computed where it is read: same-shaped
     # layers share one traced selection, and nothing of the model's size is stored.
     layers = [(leaves[i], candidates[i]) for i in positions]
-    shared = list(free) if ranking == "global" else []
-    own = [j for j in range(len(positions)) if j not in shared]
 
-    def keys(layer, c=None):
+    def keys(layer, j):
         scores, cand = layer
         return topology.candidate_keys(jnp.asarray(scores, jnp.float32), cand)
 
-    new: list = [None] * len(positions)
-    outs = map_layers(lambda read, k: topology.top_k_keys(read(keys), k, packed=True),
-                      [layers[j] for j in own], [targets[j] for j in own], read=True)
-    for j, m in zip(own, outs):
-        new[j] = m
-    if shared:
-        kept = topology.top_k_over_layers(
-            keys, [layers[j] for j in shared], [np.shape(layers[j][0]) for j in shared],
-            jnp.sum(targets[jnp.asarray(shared)]))
-        for j, m in zip(shared, kept):
-            new[j] = m
+    new = topology.top_k_per_layer(keys, layers, [np.shape(s) for s, _ in layers],
+                                   [targets[j] for j in range(len(positions))],
+                                   shared=free if ranking == "global" else ())
     return [bitmask.unpack(m) for m in new]
 
 

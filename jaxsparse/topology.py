@@ -364,10 +364,15 @@ def _sample_pivots(keys, k):
     return _pivots_from_sample(keys[::row_step, ::col_step], k, keys.size)
 
 
+def _descending(sample) -> jax.Array:
+    """The entries of a (small) sample, sorted in descending order."""
+    return jnp.sort(sample.reshape(-1))[::-1]
+
+
 def _pivots_from_sample(sample, k, n: int):
     """The pivots of :func:`_sample_pivots` from ``sample``, keys drawn from ``n`` positions:
     3 standard deviations of the k-th key's sample rank to either side."""
-    sample = jnp.sort(sample.reshape(-1))[::-1]  # descending
+    sample = _descending(sample)
     size = sample.size
     # The k-th key's rank among the sample's candidates (keys >= 1) has a binomial spread.
     r = k[0].astype(jnp.float32) * (size / n)
@@ -401,7 +406,7 @@ def _sample_hint(keys, k):
     (``experiments.benchmarks.search_rounds --compare hint``: 11.2 -> 7.6 rounds per search
     in SRigL's updates of a 10M model); else it costs at most one round."""
     row_step, col_step = sample_strides(keys.shape)
-    sample = jnp.sort(keys[::row_step, ::col_step].reshape(-1))[::-1]  # descending
+    sample = _descending(keys[::row_step, ::col_step])
     r = (jnp.sum(k).astype(jnp.float32) * (sample.size / keys.size)).astype(jnp.int32)
     return jnp.full(k.shape, sample[jnp.clip(r, 0, sample.size - 1)])
 
@@ -693,6 +698,31 @@ def top_k_over_layers(keys: Callable, layers: list, shapes: list, k, *, consts=N
 
     bits = map_layers(mask, layers, per_layer, read=True)
     return [bitmask.PackedMask(b, tuple(s)) for b, s in zip(bits, shapes)]
+
+
+def top_k_per_layer(keys: Callable, layers: list, shapes: list, ks: list, *,
+                    shared=()) -> list:
+    """Each layer's top ``ks[j]`` keys (:func:`top_k_keys`, the keys computed where the
+    layer lives, one layer at a time: :func:`jaxsparse.layermap.map_layers`), except the
+    layers listed in ``shared``, which share one ranking for the sum of their ``ks``
+    (:func:`top_k_over_layers`). Ties go to the earliest position.
+
+    ``keys(layer, j)`` gives layer ``j``'s keys (``j`` traced); returns one
+    :class:`~jaxsparse.bitmask.PackedMask` per layer."""
+    own = [j for j in range(len(layers)) if j not in shared]
+    out: list = [None] * len(layers)
+    masks = map_layers(lambda read, c: top_k_keys(read(keys, c["j"]), c["k"], packed=True),
+                       [layers[j] for j in own], [{"j": j, "k": ks[j]} for j in own],
+                       read=True)
+    for j, m in zip(own, masks):
+        out[j] = m
+    if shared:
+        kept = top_k_over_layers(keys, [layers[j] for j in shared],
+                                 [shapes[j] for j in shared], sum(ks[j] for j in shared),
+                                 consts=list(shared))
+        for j, m in zip(shared, kept):
+            out[j] = m
+    return out
 
 
 def _select(keys, ranks, k, whole: bool, finish=None) -> jax.Array:

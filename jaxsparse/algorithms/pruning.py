@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsparse import bitmask, schedules, topology
-from jaxsparse.algorithms.common import dense_init, map_layers, rebuild, sparse_leaves
+from jaxsparse.algorithms.common import dense_init, rebuild, sparse_leaves
 from jaxsparse.distributions import check_sparsity, layer_budgets, layer_specs, resolve_overrides
 from jaxsparse.topology import RANKINGS, check_ranking
 from jaxsparse.transform import SparsityRule, UpdateInputs, sparse_transform
@@ -102,32 +102,15 @@ def _gradual(inner, sparsity, end_step, begin_step, update_every, initial_sparsi
         # Global ranking: overridden layers follow their own ramp; the others share one.
         fixed = resolve_overrides(specs, overrides) if ranking == "global" else {}
         shared = [j for j, p in enumerate(paths) if ranking == "global" and p not in fixed]
-        own = [j for j in range(len(paths)) if j not in shared]
 
-        def prune(read, c):
-            # The keys computed where the layer lives (no copy of its weights), the mask
-            # packed where the selection computes it (no bool mask stored).
-            key = jax.random.fold_in(x.key, c["j"])
-            keys = read(lambda layer: topology.candidate_keys(score_fn(layer[1], key),
-                                                              bitmask.unpack(layer[0])))
-            return topology.top_k_keys(keys, c["target"], packed=True)
+        def keys(layer, j):
+            # Computed where the layer lives (no copy of its weights).
+            return topology.candidate_keys(score_fn(layer[1], jax.random.fold_in(x.key, j)),
+                                           bitmask.unpack(layer[0]))
 
-        new = [None] * len(paths)
-        outs = map_layers(prune, [leaves[j][:2] for j in own],
-                          [{"j": j, "target": targets[j]} for j in own], read=True)
-        for j, out in zip(own, outs):
-            new[j] = out
-        if shared:
-            # One ranking over the shared layers, each layer's keys computed where it
-            # lives, pass by pass: nothing of the model's size is stored.
-            kept = topology.top_k_over_layers(
-                lambda layer, j: topology.candidate_keys(
-                    score_fn(layer[1], jax.random.fold_in(x.key, j)),
-                    bitmask.unpack(layer[0])),
-                [leaves[j][:2] for j in shared], [jnp.shape(leaves[j][1]) for j in shared],
-                sum(targets[j] for j in shared), consts=shared)
-            for j, m in zip(shared, kept):
-                new[j] = m
+        new = topology.top_k_per_layer(keys, [(m, w) for m, w, _ in leaves],
+                                       [jnp.shape(w) for _, w, _ in leaves], targets,
+                                       shared=shared)
         return rebuild(treedef, treedef.num_leaves, idx, new)
 
     base_init = dense_init(prunable, overrides)

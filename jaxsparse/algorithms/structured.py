@@ -100,10 +100,8 @@ def fan_ins_after_ablation(salient_counts, *, n_out: int, budget, fan_in: int, t
             # The min_neurons with the most salient weights. Rare, and over n_out entries:
             # the sorting reference (one sort to compile; the counting search compiled a
             # dozen kernels into every SRigL update for this branch).
-            keys = topology.candidate_keys(salient_counts.astype(jnp.float32))
-            return topology.select_by_sorting(
-                keys.reshape(-1, 1), topology.whole_ranks(keys.shape, key).reshape(-1, 1),
-                min_neurons, whole=True).reshape(keys.shape)
+            return topology.top_k_masks([salient_counts.astype(jnp.float32)], min_neurons,
+                                        tie_key=key, impl="sorting")[0]
 
         active = jax.lax.cond(topology.count_true(active) < min_neurons, guard,
                               lambda: active)
