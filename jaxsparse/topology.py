@@ -961,15 +961,22 @@ def distribute(total, weights, capacities) -> jax.Array:
     base = jnp.minimum(jnp.floor(alloc).astype(jnp.int32), caps)
     frac = alloc - base.astype(jnp.float32)
     # Float round-off can overshoot by a unit: take it back from the smallest remainders.
-    base = base - top_k_mask(-frac, jnp.sum(base) - total, where=base > 0).astype(jnp.int32)
+    base = base - _top_k_slots(-frac, jnp.sum(base) - total, base > 0)
     # Largest remainder: one more for the slots with the biggest fractional parts ...
     rest = total - jnp.sum(base)
-    base = base + top_k_mask(frac, rest, where=base < caps).astype(jnp.int32)
+    base = base + _top_k_slots(frac, rest, base < caps)
     # ... and whatever is still missing (underflowing weights) fills free room in slot order.
     rest = total - jnp.sum(base)
     room = caps - base
     before = jnp.cumsum(room) - room
     return base + jnp.clip(rest - before, 0, room)
+
+
+def _top_k_slots(scores, k, where) -> jax.Array:
+    """``int32`` 1 for the ``k`` highest ``scores`` among ``where``, one entry per slot (a
+    layer): the sorting reference on every platform, as a vector of one value per layer is
+    short (on XLA:CPU it compiles in 0.05 s, the counting search in 0.16 s; BENCHMARKS.md)."""
+    return top_k_masks([scores], k, where=[where], impl="sorting")[0].astype(jnp.int32)
 
 
 def _fan_in_groups(x, m: int):
