@@ -20,8 +20,9 @@ counter, a PRNG key and per-algorithm extras. Each ``update``:
    kept weights take the inner update unchanged, dropped and grown weights become exactly
    zero.
 
-One mask, ``kept``, computed on the packed bits, is all a step unpacks: on a plain step
+One mask, ``kept``, computed on the packed bits, is all a step reads: on a plain step
 (``new == old``) each param-sized leaf is read once with one mask, as under ``static``.
+Every select on it is :func:`jaxsparse.bitmask.select`, which XLA:CPU vectorizes.
 
 So after ``optax.apply_updates`` the params are exactly sparse after every step, with no
 second call to remember. The whole step is one traced computation: schedules and traced
@@ -157,6 +158,9 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
     param-shaped leaf of ``inner_state``. The sparse wrapper passes every weight outside
     ``old & new`` (grown, dropped and inactive ones).
 
+    ``grown`` may hold :class:`~jaxsparse.bitmask.PackedMask` leaves (the entries are then
+    zeroed through :func:`jaxsparse.bitmask.select`, on the bits).
+
     Works for any optax optimizer (chain, inject_hyperparams, MultiSteps, masked and
     multi_transform, whose states hold ``optax.MaskedNode`` for the leaves a group
     excludes) through ``optax.tree.map_params``. Leaves whose shape differs from the param
@@ -168,8 +172,10 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
         # Not a per-weight leaf (no mask here, a state leaf that stands for a whole subtree,
         # or a factored statistic): kept.
         if (g is None or not hasattr(g, "shape") or not hasattr(v, "shape")
-                or v.shape != g.shape):
+                or tuple(v.shape) != tuple(g.shape)):
             return v
+        if isinstance(g, PackedMask):
+            return bitmask.select(bitmask.complement(g), v)
         return jnp.where(g, jnp.zeros((), v.dtype), v)
 
     # MaskedNode (an empty tuple) stands where a group excludes a param: kept as a leaf so
@@ -181,8 +187,8 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
                                  is_leaf=_is_masked_node if masked else None)
 
 
-def _masked_updates(kept, u, p):
-    return jnp.where(kept, u, -p.astype(u.dtype))
+def _masked_updates(kept: PackedMask, u, p):
+    return bitmask.select(kept, u, -p.astype(u.dtype))
 
 
 def _repack(masks: Masks, params: PyTree) -> Masks:
@@ -440,25 +446,25 @@ def sparse_transform(
             extra = cond_extra
         if topology_update is False:
             # Known on the host: the masks (and their union) stay as they are.
-            ever, kept = state.ever_active, bitmask.unpack_tree(state.masks)
+            ever, kept = state.ever_active, state.masks
         else:
             # The ITOP union outside the cond: one pass over 1 bit per weight, where the
             # cond would copy the bits through its untaken branch on every plain step.
             ever = (None if state.ever_active is None
                     else map_masked(bitmask.or_packed, state.ever_active, new_masks))
             # The weights active before and after this step, intersected on the packed
-            # bits: the one mask the step unpacks (fused into each leaf's update).
-            kept = bitmask.unpack_tree(map_masked(bitmask.and_packed, state.masks,
-                                                  new_masks))
+            # bits: the one mask the step reads (fused into each leaf's update).
+            kept = map_masked(bitmask.and_packed, state.masks, new_masks)
         # Gradients of weights outside ``kept`` never reach the inner optimizer, and their
         # moments are zeroed *before* the inner step, so they stay zero after it (any
         # optimizer whose state update maps zero state and zero gradient to zero state:
         # momentum, Adam, RMSProp, Adagrad, Lion, MultiSteps, ...): a grown weight starts
         # from zero moments, a dropped or inactive one holds none. Done before rather than
         # after, XLA fuses the reset into the moment update and writes the moments in place.
-        masked = map_masked(lambda m, g: jnp.where(m, g, jnp.zeros((), g.dtype)), kept, grads)
+        # Every select on ``kept`` reads its bits (bitmask.select: vectorized on XLA:CPU).
+        masked = map_masked(bitmask.select, kept, grads)
         inner_state = reset_moments(inner, state.inner_state,
-                                    map_masked(jnp.logical_not, kept))
+                                    map_masked(bitmask.complement, kept))
         inner_updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
         out = map_masked(_masked_updates, kept, inner_updates, params,
                          dense=lambda u, p: u)

@@ -84,6 +84,65 @@ def test_packed_selection_is_the_packed_mask():
             np.testing.assert_array_equal(bitmask.unpack(got), want)
 
 
+_SELECT_SHAPES = ((13,), (3, 16), (2, 3, 4, 9))
+_SELECT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, jnp.bool_,
+                  jnp.complex64)
+
+
+@functools.partial(jax.jit, static_argnames="with_b")
+def _select_both(bits, a, b, with_b):
+    m = bitmask.PackedMask(bits, a.shape)
+    got = bitmask.select(m, a, b) if with_b else bitmask.select(m, a)
+    return got, jnp.where(bitmask.unpack(m), a, b if with_b else jnp.zeros((), a.dtype))
+
+
+def _raw(x):
+    # The values' bits (NaN payloads and signed zeros compared too).
+    x = np.asarray(x)
+    return x.view(np.uint8) if x.dtype != np.bool_ else x
+
+
+@settings(deadline=None, max_examples=examples(40, nightly=400))
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(_SELECT_SHAPES),
+       dtype=st.sampled_from(_SELECT_DTYPES), with_b=st.booleans())
+def test_select_on_the_bits_is_where(seed, shape, dtype, with_b):
+    # bitmask.select (and/or on the values' bits on this CPU) is jnp.where on the unpacked
+    # mask bit for bit: NaN, infinities, -0.0, a last axis padded to whole bytes.
+    rng = np.random.default_rng(seed)
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.5, -2.25], np.float32)
+
+    def values():
+        x = np.where(rng.random(shape) < 0.3, rng.choice(special, shape),
+                     rng.standard_normal(shape).astype(np.float32) * 100)
+        if dtype == jnp.complex64:
+            c = x.astype(np.complex64)
+            c.imag = x.reshape(-1)[::-1].reshape(shape)
+            return jnp.asarray(c)
+        if dtype == jnp.bool_:
+            return jnp.asarray(rng.random(shape) < 0.5)
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jnp.asarray(np.nan_to_num(x, posinf=7, neginf=-7), jnp.float32).astype(dtype)
+        return jnp.asarray(x, dtype)
+
+    mask = bitmask.pack(jnp.asarray(rng.random(shape) < 0.5))
+    got, want = _select_both(mask.bits, values(), values(), with_b)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(_raw(got), _raw(want))
+
+
+def test_select_combines_bits_on_cpu_and_selects_elsewhere():
+    # The bitwise path is this CPU's choice (jax.lax.platform_dependent); TPU and GPU lower
+    # the reference select.
+    m = bitmask.pack(jnp.ones((4, 8), bool))
+    traced = jax.jit(lambda a: bitmask.select(m, a)).trace(jnp.ones((4, 8)))
+    assert "bitcast_convert" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    for platform in ("tpu", "cuda"):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        assert "bitcast_convert" not in text and "stablehlo.select" in text
+    with pytest.raises(ValueError, match="shape"):
+        bitmask.select(m, jnp.ones((4, 9)))
+
+
 def test_traced_counts_compile_once():
     chex.clear_trace_counter()
 
