@@ -5,7 +5,9 @@ axis (the neuron axis of a Flax kernel) packed eight entries to a ``uint8``. Tha
 bool array in memory, in checkpoints and in every copy XLA makes of the state. Unpacking
 is a shift and an ``and`` per weight, which XLA fuses into the elementwise loops that read
 the mask (the masked gradient, the masked update), so a training step reads 1/8 byte of
-mask per weight instead of 1 byte.
+mask per weight instead of 1 byte. The sparse step unpacks to :func:`word_mask` words (all
+ones where set) and masks values with :func:`select`, integer ``and``/``or`` on their bits:
+``jnp.where`` bit for bit, and vectorized by XLA:CPU, where a select on bools is not.
 
 Packing keeps every axis but the last, so a mask's ``NamedSharding`` carries over to its
 bits unchanged when the packed last axis still divides by its mesh axis (a 3072-wide kernel
@@ -104,52 +106,56 @@ def unpack(packed: PackedMask) -> jax.Array:
     return m[..., : packed.shape[-1]].reshape(packed.shape)
 
 
-# The unsigned integer of each float width: a select on the bits of a float.
-_WORDS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+def _word(itemsize: int):
+    """The unsigned integer of ``itemsize`` bytes, or ``None`` (8 bytes need x64)."""
+    if itemsize == 8 and not jax.config.jax_enable_x64:
+        return None
+    return {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}.get(itemsize)
 
-# Platforms where :func:`select` combines bits (measured faster there: BENCHMARKS.md); every
-# other platform selects on the unpacked bools, the reference.
-BITWISE_SELECT_PLATFORMS = ("cpu",)
+
+def word_mask(packed: PackedMask, dtype) -> jax.Array:
+    """The mask as unsigned words of ``dtype``'s width (``uint32`` for ``float32``): all
+    ones where it is set, zero elsewhere, for :func:`select`. Widths without an unsigned
+    integer (complex64 without x64) get ``uint32``. Computed once per leaf and fused by XLA
+    into each elementwise loop that reads it (no array of words is stored)."""
+    word = _word(jnp.dtype(dtype).itemsize) or jnp.uint32
+    bits = packed.bits
+    shifts = jnp.arange(_BITS, dtype=word).reshape((1,) * bits.ndim + (_BITS,))
+    on = jnp.right_shift(bits[..., None].astype(word), shifts) & word(1)
+    on = on.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
+    return word(0) - on[..., : packed.shape[-1]].reshape(packed.shape)
 
 
-def select(packed: PackedMask, a, b=None) -> jax.Array:
-    """``jnp.where(unpack(packed), a, b)`` (``b`` zero when ``None``), bit for bit.
+def select(words: jax.Array, a, b=None) -> jax.Array:
+    """``jnp.where(mask, a, b)`` (``b`` zero when ``None``) for a mask given as
+    :func:`word_mask` words, bit for bit: ``(a & words) | (b & ~words)`` on the values' bits
+    (NaN payloads and signed zeros kept).
 
-    On :data:`BITWISE_SELECT_PLATFORMS` each mask bit is widened to a word of ``a``'s width,
-    all ones or all zeros, and the result is ``(a & word) | (b & ~word)`` on the values'
-    bits (NaN payloads and signed zeros kept). XLA:CPU vectorizes those integer operations,
-    but not a select on unpacked bools: a masked SGD step over 47M weights ran 1.4x a dense
-    one with the select and 1.05x with the bits (BENCHMARKS.md). Elsewhere, and for dtypes
-    without an unsigned integer of their width (bool, complex), the reference
-    ``jnp.where``. Chosen at lowering time (``jax.lax.platform_dependent``).
-    """
+    XLA:CPU vectorizes these integer operations but not a select on unpacked bools: a
+    masked SGD step over 47M weights ran 1.4x a dense one with the select and 1.05x with
+    the bits (BENCHMARKS.md). Any backend computes the same values. Bool and complex values
+    (no integer of their width) take ``jnp.where``; words of another width than ``a``'s are
+    converted (all ones stay all ones)."""
     a = jnp.asarray(a)
-    if jnp.shape(a) != packed.shape:
-        raise ValueError(f"select: the values have shape {jnp.shape(a)}, the mask "
-                         f"{packed.shape}")
-    args = (packed.bits, a) if b is None else (
-        packed.bits, a, jnp.broadcast_to(jnp.asarray(b, a.dtype), packed.shape))
-
-    def reference(bits, a, b=None):
-        return jnp.where(unpack(PackedMask(bits, packed.shape)), a,
-                         jnp.zeros((), a.dtype) if b is None else b)
-
-    word = _WORDS.get(a.dtype.itemsize)
+    if not jnp.issubdtype(words.dtype, jnp.unsignedinteger):
+        raise TypeError(f"select: the mask must be word_mask words (unsigned), got "
+                        f"{words.dtype}")
+    if words.shape != a.shape:
+        raise ValueError(f"select: the values have shape {a.shape}, the mask {words.shape}")
+    word = _word(a.dtype.itemsize)
     if word is None or a.dtype == jnp.bool_ or jnp.issubdtype(a.dtype, jnp.complexfloating):
-        return reference(*args)
-
-    def by_bits(bits, a, b=None):
-        shifts = jnp.arange(_BITS, dtype=word).reshape((1,) * bits.ndim + (_BITS,))
-        on = jnp.right_shift(bits[..., None].astype(word), shifts) & word(1)
-        on = on.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
-        ones = word(0) - on[..., : packed.shape[-1]].reshape(packed.shape)  # 0 or ~0
-        out = jax.lax.bitcast_convert_type(a, word) & ones
-        if b is not None:
-            out = out | (jax.lax.bitcast_convert_type(b, word) & ~ones)
-        return jax.lax.bitcast_convert_type(out, a.dtype)
-
-    return jax.lax.platform_dependent(*args, default=reference,
-                                      **{p: by_bits for p in BITWISE_SELECT_PLATFORMS})
+        return jnp.where(words != 0, a, jnp.zeros((), a.dtype) if b is None else b)
+    if words.dtype != word:
+        # Through signed integers: -1 (all ones) stays -1 at any width.
+        signed = jnp.dtype(f"int{8 * words.dtype.itemsize}")
+        wide = jnp.dtype(f"int{8 * a.dtype.itemsize}")
+        words = jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(words, signed).astype(wide), word)
+    out = jax.lax.bitcast_convert_type(a, word) & words
+    if b is not None:
+        b = jnp.broadcast_to(jnp.asarray(b, a.dtype), a.shape)
+        out = out | (jax.lax.bitcast_convert_type(b, word) & ~words)
+    return jax.lax.bitcast_convert_type(out, a.dtype)
 
 
 def pack_tree(masks):

@@ -22,7 +22,8 @@ counter, a PRNG key and per-algorithm extras. Each ``update``:
 
 One mask, ``kept``, computed on the packed bits, is all a step reads: on a plain step
 (``new == old``) each param-sized leaf is read once with one mask, as under ``static``.
-Every select on it is :func:`jaxsparse.bitmask.select`, which XLA:CPU vectorizes.
+Every select on it combines bits (:func:`jaxsparse.bitmask.select`), which XLA:CPU
+vectorizes.
 
 So after ``optax.apply_updates`` the params are exactly sparse after every step, with no
 second call to remember. The whole step is one traced computation: schedules and traced
@@ -158,36 +159,38 @@ def reset_moments(inner: optax.GradientTransformation, inner_state, grown: Masks
     param-shaped leaf of ``inner_state``. The sparse wrapper passes every weight outside
     ``old & new`` (grown, dropped and inactive ones).
 
-    ``grown`` may hold :class:`~jaxsparse.bitmask.PackedMask` leaves (the entries are then
-    zeroed through :func:`jaxsparse.bitmask.select`, on the bits).
-
     Works for any optax optimizer (chain, inject_hyperparams, MultiSteps, masked and
     multi_transform, whose states hold ``optax.MaskedNode`` for the leaves a group
     excludes) through ``optax.tree.map_params``. Leaves whose shape differs from the param
     (factored second moments, e.g. Adafactor's row/column statistics) cannot be reset per
     weight and are kept.
     """
+    return _map_moments(inner, inner_state, grown,
+                        lambda v, g: jnp.where(g, jnp.zeros((), v.dtype), v))
 
-    def reset(v, g):
+
+def _map_moments(inner, inner_state, masks, fn: Callable):
+    """``fn(leaf, mask)`` on every param-shaped leaf of ``inner_state`` that has a mask of
+    its shape in ``masks`` (a tree with the params' structure); every other leaf kept."""
+
+    def one(v, g):
         # Not a per-weight leaf (no mask here, a state leaf that stands for a whole subtree,
         # or a factored statistic): kept.
         if (g is None or not hasattr(g, "shape") or not hasattr(v, "shape")
-                or tuple(v.shape) != tuple(g.shape)):
+                or v.shape != g.shape):
             return v
-        if isinstance(g, PackedMask):
-            return bitmask.select(bitmask.complement(g), v)
-        return jnp.where(g, jnp.zeros((), v.dtype), v)
+        return fn(v, g)
 
     # MaskedNode (an empty tuple) stands where a group excludes a param: kept as a leaf so
-    # that the grown masks still pair with the state. Only passed when present (Flax NNX
-    # states do not map with it).
+    # that the masks still pair with the state. Only passed when present (Flax NNX states
+    # do not map with it).
     masked = any(_is_masked_node(x)
                  for x in jax.tree.leaves(inner_state, is_leaf=_is_masked_node))
-    return optax.tree.map_params(inner, reset, inner_state, grown,
+    return optax.tree.map_params(inner, one, inner_state, masks,
                                  is_leaf=_is_masked_node if masked else None)
 
 
-def _masked_updates(kept: PackedMask, u, p):
+def _masked_updates(kept: jax.Array, u, p):
     return bitmask.select(kept, u, -p.astype(u.dtype))
 
 
@@ -455,16 +458,19 @@ def sparse_transform(
             # The weights active before and after this step, intersected on the packed
             # bits: the one mask the step reads (fused into each leaf's update).
             kept = map_masked(bitmask.and_packed, state.masks, new_masks)
+        # Unpacked once per leaf, as words of the param's width (all ones where kept): the
+        # three selects below combine bits, which XLA:CPU vectorizes (bitmask.select).
+        kept = map_masked(lambda m, p: bitmask.word_mask(m, p.dtype), kept, params,
+                          dense=lambda p: None)
         # Gradients of weights outside ``kept`` never reach the inner optimizer, and their
         # moments are zeroed *before* the inner step, so they stay zero after it (any
         # optimizer whose state update maps zero state and zero gradient to zero state:
         # momentum, Adam, RMSProp, Adagrad, Lion, MultiSteps, ...): a grown weight starts
         # from zero moments, a dropped or inactive one holds none. Done before rather than
         # after, XLA fuses the reset into the moment update and writes the moments in place.
-        # Every select on ``kept`` reads its bits (bitmask.select: vectorized on XLA:CPU).
         masked = map_masked(bitmask.select, kept, grads)
-        inner_state = reset_moments(inner, state.inner_state,
-                                    map_masked(bitmask.complement, kept))
+        inner_state = _map_moments(inner, state.inner_state, kept,
+                                   lambda v, w: bitmask.select(w, v))
         inner_updates, inner_state = inner.update(masked, inner_state, params, **extra_args)
         out = map_masked(_masked_updates, kept, inner_updates, params,
                          dense=lambda u, p: u)

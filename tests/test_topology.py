@@ -89,10 +89,11 @@ _SELECT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.int32, jnp.uint8, 
                   jnp.complex64)
 
 
-@functools.partial(jax.jit, static_argnames="with_b")
-def _select_both(bits, a, b, with_b):
+@functools.partial(jax.jit, static_argnames=("with_b", "word_dtype"))
+def _select_both(bits, a, b, with_b, word_dtype):
     m = bitmask.PackedMask(bits, a.shape)
-    got = bitmask.select(m, a, b) if with_b else bitmask.select(m, a)
+    words = bitmask.word_mask(m, word_dtype)
+    got = bitmask.select(words, a, b) if with_b else bitmask.select(words, a)
     return got, jnp.where(bitmask.unpack(m), a, b if with_b else jnp.zeros((), a.dtype))
 
 
@@ -104,10 +105,12 @@ def _raw(x):
 
 @settings(deadline=None, max_examples=examples(40, nightly=400))
 @given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from(_SELECT_SHAPES),
-       dtype=st.sampled_from(_SELECT_DTYPES), with_b=st.booleans())
-def test_select_on_the_bits_is_where(seed, shape, dtype, with_b):
-    # bitmask.select (and/or on the values' bits on this CPU) is jnp.where on the unpacked
-    # mask bit for bit: NaN, infinities, -0.0, a last axis padded to whole bytes.
+       dtype=st.sampled_from(_SELECT_DTYPES), with_b=st.booleans(),
+       word_dtype=st.sampled_from((None, jnp.float32, jnp.bfloat16, jnp.uint8)))
+def test_select_on_the_bits_is_where(seed, shape, dtype, with_b, word_dtype):
+    # bitmask.select (and/or on the values' bits) is jnp.where on the unpacked mask, bit for
+    # bit: NaN, infinities, -0.0, a last axis padded to whole bytes, words of the values'
+    # width or of another (bf16 params, f32 moments).
     rng = np.random.default_rng(seed)
     special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf, 1.5, -2.25], np.float32)
 
@@ -125,22 +128,23 @@ def test_select_on_the_bits_is_where(seed, shape, dtype, with_b):
         return jnp.asarray(x, dtype)
 
     mask = bitmask.pack(jnp.asarray(rng.random(shape) < 0.5))
-    got, want = _select_both(mask.bits, values(), values(), with_b)
+    got, want = _select_both(mask.bits, values(), values(), with_b, word_dtype or dtype)
     assert got.dtype == want.dtype == dtype
     np.testing.assert_array_equal(_raw(got), _raw(want))
 
 
-def test_select_combines_bits_on_cpu_and_selects_elsewhere():
-    # The bitwise path is this CPU's choice (jax.lax.platform_dependent); TPU and GPU lower
-    # the reference select.
-    m = bitmask.pack(jnp.ones((4, 8), bool))
-    traced = jax.jit(lambda a: bitmask.select(m, a)).trace(jnp.ones((4, 8)))
-    assert "bitcast_convert" in traced.lower(lowering_platforms=("cpu",)).as_text()
-    for platform in ("tpu", "cuda"):
-        text = traced.lower(lowering_platforms=(platform,)).as_text()
-        assert "bitcast_convert" not in text and "stablehlo.select" in text
+def test_word_mask_is_all_ones_where_set():
+    m = bitmask.pack(jnp.array([[True, False, True, True, False, False, True, False, True]]))
+    for dtype, word in ((jnp.float32, np.uint32), (jnp.bfloat16, np.uint16),
+                        (jnp.int8, np.uint8)):
+        w = np.asarray(bitmask.word_mask(m, dtype))
+        assert w.dtype == word
+        np.testing.assert_array_equal(w, np.where(np.asarray(bitmask.unpack(m)),
+                                                  np.iinfo(word).max, 0))
     with pytest.raises(ValueError, match="shape"):
-        bitmask.select(m, jnp.ones((4, 9)))
+        bitmask.select(bitmask.word_mask(m, jnp.float32), jnp.ones((1, 8)))
+    with pytest.raises(TypeError, match="word_mask"):  # arguments swapped
+        bitmask.select(jnp.ones((1, 9)), bitmask.word_mask(m, jnp.float32))
 
 
 def test_traced_counts_compile_once():
