@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from experiments.benchmarks import pass_layout, scaling, search_rounds
-from jaxsparse import topology
+from jaxsparse import bitmask, topology
 
 
 def _tables(text):
@@ -256,6 +256,26 @@ def test_cond_barrier_benchmark_compares_equal_steps(capsys):
     chex.assert_trees_all_equal(out["dense"], out["barrier"])
     assert not jnp.array_equal(out["dense"]["block_00"]["up"]["kernel"],
                                params["block_00"]["up"]["kernel"])
+
+
+def test_mask_select_benchmark_checks_its_variants_equal(capsys):
+    """The three ways of applying a mask compute the same step (checked bit for bit before
+    timing; a variant that differs raises); one row per variant, dense first."""
+    from experiments.benchmarks import mask_select
+
+    rows = mask_select.main(["--blocks", "1", "--repeats", "1"])
+    assert [r["variant"] for r in rows] == ["dense", "bool select", "bits", "byte mask"]
+    assert rows[0]["ratio_median"] == 1.0 and all(r["ms"] > 0 for r in rows)
+    assert "| bits |" in capsys.readouterr().out
+    broken = dict(mask_select.VARIANTS)
+    # Gradients and momentum left unmasked: the momentum of inactive weights differs.
+    broken["bits"] = (mask_select.masked_step(
+        lambda k, a, b: a if b is None else bitmask.select(k, a, b),
+        lambda k, p: bitmask.word_mask(k, p.dtype)), "packed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mask_select, "VARIANTS", broken)
+        with pytest.raises(AssertionError):
+            mask_select.main(["--blocks", "1", "--repeats", "1"])
 
 
 @pytest.mark.slow
