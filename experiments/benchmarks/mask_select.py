@@ -12,7 +12,7 @@ side by side with the dense step (repetitions alternating, see ``_timing.interle
   the library's step now);
 * ``byte mask``: a bool mask stored unpacked (1 byte per weight) and ``jnp.where``.
 
-All four sparse variants compute the same values bit for bit (checked before timing).
+The three sparse variants compute the same values bit for bit (checked before timing).
 
 Usage:
   python -m experiments.benchmarks.mask_select [--blocks 10] [--repeats 30]
