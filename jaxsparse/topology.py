@@ -961,10 +961,10 @@ def distribute(total, weights, capacities) -> jax.Array:
     base = jnp.minimum(jnp.floor(alloc).astype(jnp.int32), caps)
     frac = alloc - base.astype(jnp.float32)
     # Float round-off can overshoot by a unit: take it back from the smallest remainders.
-    base = base - _top_k_slots(-frac, jnp.sum(base) - total, base > 0)
+    base = base - top_k_short(-frac, jnp.sum(base) - total, where=base > 0).astype(jnp.int32)
     # Largest remainder: one more for the slots with the biggest fractional parts ...
     rest = total - jnp.sum(base)
-    base = base + _top_k_slots(frac, rest, base < caps)
+    base = base + top_k_short(frac, rest, where=base < caps).astype(jnp.int32)
     # ... and whatever is still missing (underflowing weights) fills free room in slot order.
     rest = total - jnp.sum(base)
     room = caps - base
@@ -972,11 +972,13 @@ def distribute(total, weights, capacities) -> jax.Array:
     return base + jnp.clip(rest - before, 0, room)
 
 
-def _top_k_slots(scores, k, where) -> jax.Array:
-    """``int32`` 1 for the ``k`` highest ``scores`` among ``where``, one entry per slot (a
-    layer): the sorting reference on every platform, as a vector of one value per layer is
-    short (on XLA:CPU it compiles in 0.05 s, the counting search in 0.16 s; BENCHMARKS.md)."""
-    return top_k_masks([scores], k, where=[where], impl="sorting")[0].astype(jnp.int32)
+def top_k_short(scores, k, *, where=None, tie_key=None) -> jax.Array:
+    """:func:`top_k_mask` of a short vector (one value per layer or per neuron) by the
+    sorting reference on every platform: a sort of a few hundred values compiles in 0.05 s
+    on XLA:CPU, the counting search in 0.16-0.24 s, and runs as fast (BENCHMARKS.md). Used
+    by SNFS's regrowth split and SRigL's ablation guard."""
+    return top_k_masks([scores], k, where=None if where is None else [where],
+                       tie_key=tie_key, impl="sorting")[0]
 
 
 def _fan_in_groups(x, m: int):

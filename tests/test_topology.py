@@ -147,6 +147,22 @@ def test_word_mask_is_all_ones_where_set():
         bitmask.select(jnp.ones((1, 9)), bitmask.word_mask(m, jnp.float32))
 
 
+def test_top_k_short_is_top_k_mask():
+    # The sort of a short vector selects what the counting search selects: ties (rounded
+    # scores), candidates, with and without a tie key, k past the candidates.
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 96, 300):
+        scores = jnp.asarray(np.round(rng.standard_normal(n), 1), jnp.float32)
+        where = jnp.asarray(rng.random(n) < 0.7)
+        for k in (0, 1, n // 3, n):
+            for tie_key in (None, jax.random.key(n + k)):
+                np.testing.assert_array_equal(
+                    topology.top_k_short(scores, k, where=where, tie_key=tie_key),
+                    topology.top_k_mask(scores, k, where=where, tie_key=tie_key))
+        np.testing.assert_array_equal(topology.top_k_short(scores, n // 2),
+                                      topology.top_k_mask(scores, n // 2))
+
+
 def test_traced_counts_compile_once():
     chex.clear_trace_counter()
 

@@ -98,10 +98,10 @@ def fan_ins_after_ablation(salient_counts, *, n_out: int, budget, fan_in: int, t
 
         def guard():
             # The min_neurons with the most salient weights. Rare, and over n_out entries:
-            # the sorting reference (one sort to compile; the counting search compiled a
-            # dozen kernels into every SRigL update for this branch).
-            return topology.top_k_masks([salient_counts.astype(jnp.float32)], min_neurons,
-                                        tie_key=key, impl="sorting")[0]
+            # one sort to compile (the counting search compiled a dozen kernels into every
+            # SRigL update for this branch).
+            return topology.top_k_short(salient_counts.astype(jnp.float32), min_neurons,
+                                        tie_key=key)
 
         active = jax.lax.cond(topology.count_true(active) < min_neurons, guard,
                               lambda: active)
