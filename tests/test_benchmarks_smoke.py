@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import jaxsparse
 from experiments.benchmarks import pass_layout, scaling, search_rounds
 from jaxsparse import bitmask, topology
 
@@ -57,6 +58,31 @@ def test_measure_times_the_host_scheduled_plain_step_of_an_updating_algorithm():
     assert set(rigl["times"]["wall"]) == {"dense", "plain", "update", "host",
                                          "dense (update rotation)", "dense (host rotation)"}
     assert static["host_ratio_median"] is None and "host" not in static["times"]["wall"]
+
+
+def test_train_step_host_runner_takes_the_schedules_updates():
+    """``train_step.py --schedule host`` runs the README's loop: the same masks after three
+    update periods as the step that decides in a ``lax.cond``, params equal to float32
+    rounding (XLA fuses the two programs differently)."""
+    from experiments.benchmarks import train_step
+
+    model = train_step.MODELS["lenet300"]()
+    x = jax.random.uniform(jax.random.key(1), (8, 28, 28, 1))
+    y = jnp.arange(8) % 10
+    params = model.init(jax.random.key(0), x)["params"]
+    make = train_step.algorithms(3)["rigl"]
+    with jax.numpy_dtype_promotion("standard"):
+        cond, host = (train_step.Runner(model, make(optax.sgd(0.1, momentum=0.9)), params,
+                                        x, y, host=h) for h in (False, True))
+        for r in (cond, host):
+            r.period(9)
+    assert cond.t == host.t == 10
+    masks = [jaxsparse.get_masks(r.state, r.params) for r in (cond, host)]
+    chex.assert_trees_all_equal(*masks)
+    initial = jaxsparse.get_masks(make(optax.sgd(0.1)).init(params), params)
+    assert any(not jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(masks[1]),
+                                                         jax.tree.leaves(initial)))
+    chex.assert_trees_all_close(cond.params, host.params, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

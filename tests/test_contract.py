@@ -332,6 +332,47 @@ def test_host_scheduling_refuses_what_it_cannot_check():
         tx.update(grads, state, params, topology_update=jnp.asarray(True))
 
 
+@pytest.mark.parametrize("name", ["rigl", "magnitude", "nm_pruning", "static"])
+def test_topology_due_is_the_rules_schedule_at_any_count(name):
+    """Evaluated by blocks of counts on the host: the same flags as the rule's own
+    ``is_update_step`` wherever a loop starts, jumps (a resumed run) or crosses a block."""
+    make, _, _ = ALGORITHMS[name]
+    tx = make(optax.sgd(0.1), jax.random.key(0))
+    rule = jaxsparse.transform._RULES[tx.update]
+    block = jaxsparse.transform._SCHEDULE_BLOCK
+    counts = ([5000, 4999, 0, 1, 2, 23, 24, 25, block - 1, block, block + 1, 3, 2 * block]
+              + list(range(block - 4, block + 4)) + [2**31 - block - 2, 7 * block + 17])
+    assert [jaxsparse.topology_due(tx, t) for t in counts] == [
+        bool(rule.is_update_step(jnp.int32(t))) for t in counts]
+    for bad in (-1, 2**31 - block - 1):
+        with pytest.raises(ValueError, match="count must be a step counter"):
+            jaxsparse.topology_due(tx, bad)
+
+
+def test_topology_due_does_not_wait_for_the_step_in_flight():
+    """A host-scheduled loop reads the next flag while its last step still runs: a flag
+    computed per call would wait for it (on a CPU backend the flag's computation queues
+    behind the step: BENCHMARKS.md, stop 40), and the loop's steps would no longer overlap
+    their dispatch. The schedule comes back by blocks of counts: within a block already
+    read, reading a flag leaves a long computation in flight still running."""
+    tx = jaxsparse.rigl(optax.sgd(0.1), 0.8, key=jax.random.key(0), end_step=10**6,
+                        update_every=7)
+    block = jaxsparse.transform._SCHEDULE_BLOCK
+    assert not jaxsparse.topology_due(tx, 3 * block + 3)  # reads this block
+
+    @jax.jit
+    def busy(x, n):  # dispatched asynchronously; n = 2000: about half a second here
+        return jax.lax.fori_loop(0, n, lambda i, x: jnp.tanh(x @ x), x)
+
+    x = busy(jnp.full((256, 256), 0.01), 1).block_until_ready()
+    pending = busy(x, 2000)
+    got = [jaxsparse.topology_due(tx, t) for t in range(3 * block, 4 * block)]
+    still_running = not pending.is_ready()
+    pending.block_until_ready()
+    assert still_running, "topology_due waited for a computation dispatched before it"
+    assert got == [t % 7 == 0 for t in range(3 * block, 4 * block)]
+
+
 def test_itop_rate_grows_for_dst_and_is_tracked_in_state():
     tx = jaxsparse.set(lenient(optax.sgd(0.1)), 0.8, key=jax.random.key(0), end_step=END,
                        update_every=EVERY)

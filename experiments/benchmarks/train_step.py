@@ -11,9 +11,14 @@ interleaved so machine noise hits both alike):
 * the topology-update step alone divided by a plain step of the same algorithm
   (target <= 3x).
 
+``--schedule`` picks how the sparse step learns that a topology update is due: ``cond``
+(``tx.update(grads, state, params)``: decided in the step, under ``lax.cond``), ``host``
+(the README's loop: ``topology_update=jaxsparse.topology_due(tx, t)``, two compiled steps
+chosen on the host, the flag's cost included) or ``both`` (one row each).
+
 Usage:
   python -m experiments.benchmarks.train_step [--periods 15] [--models lenet300,lenet5] \
-      [--algorithms static,rigl,srigl]
+      [--algorithms static,rigl,srigl] [--schedule cond|host|both]
 """
 
 from __future__ import annotations
@@ -62,23 +67,27 @@ def algorithms(update_every: int):
     return algos
 
 
-def make_step(model, tx):
+def make_step(model, tx, host: bool):
+    """The jitted train step; with ``host`` it takes the static ``topology_update`` flag."""
+
     def loss_fn(params, x, y):
         logits = model.apply({"params": params}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    def step(params, state, x, y):
+    def step(params, state, x, y, topology_update=None):
         grads = jax.grad(loss_fn)(params, x, y)
-        updates, state = tx.update(grads, state, params)
+        updates, state = tx.update(grads, state, params,
+                                   **({"topology_update": topology_update} if host else {}))
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1),
+                   static_argnames="topology_update" if host else None)
 
 
 class Runner:
     """Holds one (model, optimizer) train loop and times periods of it."""
 
-    def __init__(self, model, tx, params, x, y):
+    def __init__(self, model, tx, params, x, y, host: bool = False):
         params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)  # donated below
         self.state = tx.init(params)
         try:
@@ -86,15 +95,22 @@ class Runner:
         except ValueError:
             pass  # dense
         self.params = params
-        self.step = make_step(model, tx)
+        self.tx, self.host, self.t = tx, host, 0
+        self.step = make_step(model, tx, host)
         self.x, self.y = x, y
-        self.params, self.state = self.step(self.params, self.state, x, y)  # compile, t=0
+        self.advance()  # compile, t = 0
         jax.block_until_ready(self.params)
+
+    def advance(self) -> None:
+        """One train step; under ``host`` with the flag the README's loop computes."""
+        flag = {"topology_update": jaxsparse.topology_due(self.tx, self.t)} if self.host else {}
+        self.params, self.state = self.step(self.params, self.state, self.x, self.y, **flag)
+        self.t += 1
 
     def period(self, n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-            self.params, self.state = self.step(self.params, self.state, self.x, self.y)
+            self.advance()
         jax.block_until_ready(self.params)
         return (time.perf_counter() - t0) / n
 
@@ -102,13 +118,13 @@ class Runner:
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            self.params, self.state = self.step(self.params, self.state, self.x, self.y)
+            self.advance()
             jax.block_until_ready(self.params)
             times.append(time.perf_counter() - t0)
         return times
 
 
-def bench(model_name, periods, update_every, batch, only=None):
+def bench(model_name, periods, update_every, batch, only=None, schedules=("cond",)):
     model = MODELS[model_name]()
     kp, kx = jax.random.split(jax.random.key(0))
     x = jax.random.uniform(kx, (batch, 28, 28, 1))
@@ -117,13 +133,14 @@ def bench(model_name, periods, update_every, batch, only=None):
     inner = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
     dense = Runner(model, inner(), params, x, y)
     rows = []
-    for name, make in algorithms(update_every).items():
-        if only and name not in only:
-            continue
-        sparse = Runner(model, make(inner()), params, x, y)
-        # After the compile step (t = 0), run to t = update_every: every period then starts
-        # with its topology update.
-        sparse.period(update_every - 1)
+    runs = [(name, make, host) for name, make in algorithms(update_every).items()
+            if not only or name in only for host in schedules]
+    for name, make, host in runs:
+        sparse = Runner(model, make(inner()), params, x, y, host=host == "host")
+        # After the compile step (t = 0), run to t = 2 * update_every (one whole period
+        # compiles a host-scheduled update step): every period then starts with its
+        # topology update.
+        sparse.period(2 * update_every - 1)
         dense_avg, sparse_avg, update, plain = [], [], [], []
         for _ in range(periods):
             dense_avg.append(dense.period(update_every))
@@ -136,7 +153,8 @@ def bench(model_name, periods, update_every, batch, only=None):
         d, s = statistics.median(dense_avg), statistics.median(sparse_avg)
         u, p = statistics.median(update), statistics.median(plain)
         best = min(sparse_avg) / min(dense_avg)
-        rows.append((model_name, name, d * 1e3, s * 1e3, s / d, best, u * 1e3, p * 1e3, u / p))
+        label = name if schedules == ("cond",) else f"{name} ({host})"
+        rows.append((model_name, label, d * 1e3, s * 1e3, s / d, best, u * 1e3, p * 1e3, u / p))
     return rows
 
 
@@ -148,7 +166,11 @@ def main():
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--algorithms", default="",
                         help="comma-separated subset of the algorithms (default: all)")
+    parser.add_argument("--schedule", choices=("cond", "host", "both"), default="cond",
+                        help="topology update decided in the step (cond), by the host's "
+                             "topology_due (host, the README's loop), or one row each")
     args = parser.parse_args()
+    schedules = ("cond", "host") if args.schedule == "both" else (args.schedule,)
     only = set(filter(None, args.algorithms.split(",")))
     unknown = only - set(algorithms(args.update_every))
     if unknown:
@@ -156,13 +178,14 @@ def main():
                      f"choose from {sorted(algorithms(args.update_every))}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({platform.machine()}), "
           f"batch {args.batch}, update every {args.update_every} steps, "
-          f"{args.periods} periods, sparsity 0.9, inner sgd+momentum")
+          f"{args.periods} periods, sparsity 0.9, inner sgd+momentum, "
+          f"schedule {args.schedule}")
     head = ("model", "algorithm", "dense ms", "sparse ms", "avg ratio", "best-period ratio",
             "update ms", "plain ms", "update/plain")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for m in args.models.split(","):
-        for r in bench(m, args.periods, args.update_every, args.batch, only):
+        for r in bench(m, args.periods, args.update_every, args.batch, only, schedules):
             print(f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | "
                   f"{r[6]:.3f} | {r[7]:.3f} | {r[8]:.2f} |", flush=True)
 
