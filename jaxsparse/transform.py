@@ -395,6 +395,13 @@ def sparse_transform(
                 f"under jit: jaxsparse.topology_due(tx, step)); got {type(topology_update)}")
         if topology_update is not None:
             topology_update = bool(topology_update)
+        else:
+            # A schedule that does not depend on the step (static sparsity: never) is known
+            # while tracing: no lax.cond, and no update branch to trace and lower.
+            with jax.ensure_compile_time_eval():
+                due = rule.is_update_step(state.count)
+            if not isinstance(due, jax.core.Tracer):
+                topology_update = bool(due)
         grads = updates
         check_grads(grads, params)
         state = state._replace(masks=_repack(state.masks, params),
