@@ -1,13 +1,13 @@
 """Train-step overhead of every jaxsparse algorithm relative to the dense optax step.
 
-For each model and algorithm it measures, side by side in one run (dense and sparse periods
-interleaved so machine noise hits both alike):
+For each model and algorithm it measures, side by side in one run (one period of the dense
+loop and one of every algorithm's per rotation, in a random order each time, so machine
+noise hits all alike):
 
 * the mean step time over a whole update period of ``update_every`` steps, which contains
-  exactly one topology update, divided by the dense step time (target <= 1.05x). Periods
-  of dense and sparse steps alternate; the table gives the ratio of the medians and the
-  ratio of the fastest periods (noise on a shared machine only ever adds time, so the
-  fastest period is the least disturbed one);
+  exactly one topology update, divided by the dense step time (target <= 1.05x). The
+  table gives the ratio of the medians and the ratio of the fastest periods (noise on a
+  shared machine only ever adds time, so the fastest period is the least disturbed one);
 * the topology-update step alone divided by a plain step of the same algorithm
   (target <= 3x).
 
@@ -132,28 +132,38 @@ def bench(model_name, periods, update_every, batch, only=None, schedules=("cond"
     params = model.init(kp, x)["params"]
     inner = lambda: optax.sgd(0.1, momentum=0.9)  # noqa: E731
     dense = Runner(model, inner(), params, x, y)
+    runs = {}
+    for name, make in algorithms(update_every).items():
+        for host in schedules if not only or name in only else ():
+            label = name if schedules == ("cond",) else f"{name} ({host})"
+            runs[label] = Runner(model, make(inner()), params, x, y, host=host == "host")
+            # After the compile step (t = 0), run to t = 2 * update_every (one whole period
+            # compiles a host-scheduled update step): every period then starts with its
+            # topology update.
+            runs[label].period(2 * update_every - 1)
+    # One rotation per period over the dense loop and every sparse loop, so that the
+    # machine's drifts (other jobs, the CPU's modes) hit all of them alike, in a fresh
+    # random order each time (a loop run right after another finds the caches as that one
+    # left them).
+    loops = {"dense": dense, **runs}
+    avg = {label: [] for label in loops}
+    order = np.random.default_rng(0)
+    for _ in range(periods):
+        for label in order.permutation(list(loops)):
+            avg[label].append(loops[label].period(update_every))
+    dense_avg, sparse_avg = avg["dense"], avg
     rows = []
-    runs = [(name, make, host) for name, make in algorithms(update_every).items()
-            if not only or name in only for host in schedules]
-    for name, make, host in runs:
-        sparse = Runner(model, make(inner()), params, x, y, host=host == "host")
-        # After the compile step (t = 0), run to t = 2 * update_every (one whole period
-        # compiles a host-scheduled update step): every period then starts with its
-        # topology update.
-        sparse.period(2 * update_every - 1)
-        dense_avg, sparse_avg, update, plain = [], [], [], []
-        for _ in range(periods):
-            dense_avg.append(dense.period(update_every))
-            sparse_avg.append(sparse.period(update_every))
+    d = statistics.median(dense_avg)
+    for label, sparse in runs.items():
+        update, plain = [], []
         for _ in range(max(2, periods // 2)):
             times = sparse.step_times(update_every)
             # Each period starts at a multiple of update_every: the update is its first step.
             update.append(times[0])
             plain.append(statistics.median(times[1:]))
-        d, s = statistics.median(dense_avg), statistics.median(sparse_avg)
+        s = statistics.median(sparse_avg[label])
         u, p = statistics.median(update), statistics.median(plain)
-        best = min(sparse_avg) / min(dense_avg)
-        label = name if schedules == ("cond",) else f"{name} ({host})"
+        best = min(sparse_avg[label]) / min(dense_avg)
         rows.append((model_name, label, d * 1e3, s * 1e3, s / d, best, u * 1e3, p * 1e3, u / p))
     return rows
 
