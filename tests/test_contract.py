@@ -366,6 +366,8 @@ def test_topology_due_does_not_wait_for_the_step_in_flight():
 
     x = busy(jnp.full((256, 256), 0.01), 1).block_until_ready()
     pending = busy(x, 2000)
+    if pending.is_ready():  # a runtime that ran it before returning: nothing in flight
+        pytest.skip("this runtime executed the computation synchronously")
     got = [jaxsparse.topology_due(tx, t) for t in range(3 * block, 4 * block)]
     still_running = not pending.is_ready()
     pending.block_until_ready()
