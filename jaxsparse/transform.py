@@ -38,8 +38,10 @@ gradient pass differently without the cond: float32 rounding). A ``lax.cond`` th
 every gradient is a scheduling barrier: no leaf's update can start before the last gradient
 is computed, which on a CPU cost a full train step of a memory-bound MLP 1.2-1.8x in
 BENCHMARKS.md's measurements (no leaf's update runs while its gradient is still in cache),
-and an accelerator runtime may read the predicate on the host. Two compiled programs,
-chosen on the host each step, have neither.
+and an accelerator runtime may read the predicate on the host. On XLA:CPU a program that
+holds the update branch also runs its plain steps slower, the branch untaken (BENCHMARKS.md,
+"What the in-step cond costs"). Two compiled programs, chosen on the host each step, have
+none of these.
 """
 
 from __future__ import annotations
