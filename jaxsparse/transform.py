@@ -47,6 +47,7 @@ none of these.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -507,6 +508,7 @@ def _host_schedule(is_update_step: Callable) -> Callable:
     flags_of = jax.jit(jax.vmap(is_update_step))
     cpu = jax.local_devices(backend="cpu")[0]
     blocks: dict[int, Any] = {}  # block -> flags (a jax.Array until first read, then numpy)
+    lock = threading.Lock()  # loops in several threads may share one transform
 
     def dispatch(b: int) -> None:
         if b not in blocks:
@@ -515,13 +517,15 @@ def _host_schedule(is_update_step: Callable) -> Callable:
 
     def due(count: int) -> bool:
         b = count // _SCHEDULE_BLOCK
-        dispatch(b)
-        if not isinstance(blocks[b], np.ndarray):
-            blocks[b] = np.asarray(blocks[b])
-            dispatch(b + 1)  # done long before a loop reaches it
-            for old in [k for k in blocks if k not in (b, b + 1)]:
-                del blocks[old]
-        return bool(blocks[b][count % _SCHEDULE_BLOCK])
+        with lock:
+            dispatch(b)
+            flags = blocks[b]
+            if not isinstance(flags, np.ndarray):
+                flags = blocks[b] = np.asarray(flags)
+                dispatch(b + 1)  # done long before a loop reaches it
+                for old in [k for k in blocks if k not in (b, b + 1)]:
+                    del blocks[old]
+        return bool(flags[count % _SCHEDULE_BLOCK])
 
     return due
 

@@ -342,8 +342,14 @@ def test_topology_due_is_the_rules_schedule_at_any_count(name):
     block = jaxsparse.transform._SCHEDULE_BLOCK
     counts = ([5000, 4999, 0, 1, 2, 23, 24, 25, block - 1, block, block + 1, 3, 2 * block]
               + list(range(block - 4, block + 4)) + [2**31 - block - 2, 7 * block + 17])
-    assert [jaxsparse.topology_due(tx, t) for t in counts] == [
-        bool(rule.is_update_step(jnp.int32(t))) for t in counts]
+    expected = [bool(rule.is_update_step(jnp.int32(t))) for t in counts]
+    assert [jaxsparse.topology_due(tx, t) for t in counts] == expected
+    # Loops in several threads sharing the transform, each at its own count.
+    from concurrent.futures import ThreadPoolExecutor
+    spread = [t + 5 * block * i for t in range(0, 3 * block, 7) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: jaxsparse.topology_due(tx, t), spread))
+    assert got == [bool(x) for x in jax.vmap(rule.is_update_step)(jnp.asarray(spread))]
     for bad in (-1, 2**31 - block - 1):
         with pytest.raises(ValueError, match="count must be a step counter"):
             jaxsparse.topology_due(tx, bad)
