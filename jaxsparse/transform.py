@@ -396,7 +396,8 @@ def sparse_transform(
             raise TypeError(
                 "topology_update must be None (decided in the step) or a Python bool (static "
                 f"under jit: jaxsparse.topology_due(tx, step)); got {type(topology_update)}")
-        if topology_update is not None:
+        from_host = topology_update is not None  # the caller's flag (check_params checks it)
+        if from_host:
             topology_update = bool(topology_update)
         else:
             # A schedule that does not depend on the step (static sparsity: never) is known
@@ -452,7 +453,7 @@ def sparse_transform(
             new_masks, cond_extra = jax.lax.cond(rule.is_update_step(step), update_branch,
                                                  keep, *cond_in)
         else:
-            if check_params:
+            if check_params and from_host:
                 _check_schedule(rule.is_update_step(step), topology_update, step)
             new_masks, cond_extra = (update_branch if topology_update else keep)(*cond_in)
         if with_extra:
