@@ -450,8 +450,7 @@ def sparse_transform(
 
         cond_in = (state.masks, extra if with_extra else ())
         if topology_update is None:  # decided in the step
-            new_masks, cond_extra = jax.lax.cond(rule.is_update_step(step), update_branch,
-                                                 keep, *cond_in)
+            new_masks, cond_extra = jax.lax.cond(due, update_branch, keep, *cond_in)
         else:
             if check_params and from_host:
                 _check_schedule(rule.is_update_step(step), topology_update, step)
