@@ -97,13 +97,18 @@ def pack(mask: jax.Array) -> PackedMask:
     return PackedMask(bits, mask.shape)
 
 
+def _bit_values(packed: PackedMask, word) -> jax.Array:
+    """The mask's bits as 0 / 1 of the unsigned integer type ``word``, in its shape."""
+    bits = packed.bits
+    shifts = jnp.arange(_BITS, dtype=word).reshape((1,) * bits.ndim + (_BITS,))
+    on = jnp.right_shift(bits[..., None].astype(word), shifts) & word(1)
+    on = on.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
+    return on[..., : packed.shape[-1]].reshape(packed.shape)
+
+
 def unpack(packed: PackedMask) -> jax.Array:
     """The bool mask of a :class:`PackedMask` (fuses into the consumer under ``jit``)."""
-    bits = packed.bits
-    shifts = jnp.arange(_BITS, dtype=jnp.uint8).reshape((1,) * bits.ndim + (_BITS,))
-    m = (jnp.right_shift(bits[..., None], shifts) & jnp.uint8(1)).astype(jnp.bool_)
-    m = m.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
-    return m[..., : packed.shape[-1]].reshape(packed.shape)
+    return _bit_values(packed, jnp.uint8).astype(jnp.bool_)
 
 
 def _word(itemsize: int):
@@ -119,11 +124,7 @@ def word_mask(packed: PackedMask, dtype) -> jax.Array:
     integer (complex64 without x64) get ``uint32``. Computed once per leaf and fused by XLA
     into each elementwise loop that reads it (no array of words is stored)."""
     word = _word(jnp.dtype(dtype).itemsize) or jnp.uint32
-    bits = packed.bits
-    shifts = jnp.arange(_BITS, dtype=word).reshape((1,) * bits.ndim + (_BITS,))
-    on = jnp.right_shift(bits[..., None].astype(word), shifts) & word(1)
-    on = on.reshape(*bits.shape[:-1], bits.shape[-1] * _BITS)
-    return word(0) - on[..., : packed.shape[-1]].reshape(packed.shape)
+    return word(0) - _bit_values(packed, word)
 
 
 def select(words: jax.Array, a, b=None) -> jax.Array:

@@ -151,9 +151,8 @@ def bench(model_name, periods, update_every, batch, only=None, schedules=("cond"
     for _ in range(periods):
         for label in order.permutation(list(loops)):
             avg[label].append(loops[label].period(update_every))
-    dense_avg, sparse_avg = avg["dense"], avg
     rows = []
-    d = statistics.median(dense_avg)
+    d = statistics.median(avg["dense"])
     for label, sparse in runs.items():
         update, plain = [], []
         for _ in range(max(2, periods // 2)):
@@ -161,9 +160,9 @@ def bench(model_name, periods, update_every, batch, only=None, schedules=("cond"
             # Each period starts at a multiple of update_every: the update is its first step.
             update.append(times[0])
             plain.append(statistics.median(times[1:]))
-        s = statistics.median(sparse_avg[label])
+        s = statistics.median(avg[label])
         u, p = statistics.median(update), statistics.median(plain)
-        best = min(sparse_avg[label]) / min(dense_avg)
+        best = min(avg[label]) / min(avg["dense"])
         rows.append((model_name, label, d * 1e3, s * 1e3, s / d, best, u * 1e3, p * 1e3, u / p))
     return rows
 
