@@ -10,14 +10,15 @@ a schedule never recompiles a training step.
 
 **Two implementations of the rule**, equal bit for bit (property-tested):
 
-* :func:`select_by_sorting`, the reference: sort the (score, tie rank) pairs in descending
-  order; the k-th pair is the threshold. It states the rule and is the default on GPU and
-  TPU, whose sorts are fast.
+* :func:`select_by_sorting`, the reference: sort the keys; the k-th largest is the
+  threshold, and the ranks of the keys tied at it are sorted when the threshold splits
+  them. It states the rule and is the default on GPU and TPU, whose sorts are fast.
 * :func:`select_by_counting`: finds the k-th key by counting the keys at or above a pivot
   (one fused compare-and-sum pass each), the pivot interpolated inside a bracket
   (quadratic or secant, see :func:`_search`); then the same search over tie ranks
   among the keys tied at the threshold. No sort: ~50x faster than sorting on XLA:CPU for a
-  784x300 layer, and 4 bytes of temporaries per weight (the keys) where a sort needs 16.
+  784x300 layer, and 4 bytes of temporaries per weight (the keys), where the sort also
+  stores a sorted copy of them.
   The default on CPU (:data:`COUNTING_PLATFORMS`), chosen at lowering time by
   ``jax.lax.platform_dependent``.
 
@@ -117,23 +118,56 @@ def _clip_k(k, n: int, width: int) -> jax.Array:
     return jnp.broadcast_to(k, (width,))
 
 
-def select_by_sorting(keys: jax.Array, ranks: jax.Array, k, *, whole: bool) -> jax.Array:
-    """The reference selection: top ``k`` of ``keys`` (m, s), per column or over the whole
-    array, ties going to the higher ``ranks``. Keys of 0 are never selected.
+def _kth_largest(x: jax.Array, k) -> jax.Array:
+    """Per column of (n, width) ``x``, its k-th largest entry (``k``: (width,), each in
+    [1, n]), shaped (1, width). One column is sorted as a 1-D array: the shape XLA:GPU
+    hands to CUB's radix sort (from 100,000 entries)."""
+    n, width = x.shape
+    if width == 1:
+        return jnp.sort(x.reshape(-1))[n - k[0]].reshape(1, 1)
+    return jnp.take_along_axis(jnp.sort(x, axis=0), (n - k)[None, :], axis=0)
 
-    Sorting the complements ascending orders the (key, rank) pairs descending; the k-th pair
-    is the threshold and a position is selected when its pair is at or above it.
+
+def _cut_by_sorting(keys: jax.Array, ranks, k) -> tuple[jax.Array, jax.Array]:
+    """Where the sorting reference cuts each column of (n, width) ``keys`` (``k``: one count
+    per column, clipped): ``(t_key, t_rank)``, each (1, width): the k-th largest key, and
+    the lowest selected tie rank among the keys equal to it, 0 where all of them are
+    selected (the cut splits no tie). ``ranks``: an array or a function giving it."""
+    t_key = _kth_largest(keys, jnp.maximum(k, 1))
+    tied = keys == t_key
+    left = k - count_per_neuron(keys > t_key)  # tied keys still to take
+    splits = (t_key[0] > 0) & (count_per_neuron(tied) > left)
+
+    def split():
+        r = (ranks() if callable(ranks) else ranks).reshape(keys.shape)
+        # The left-th largest rank among the tied keys (ranks + 1, so 0 marks the others).
+        tied_ranks = jnp.where(tied, r + jnp.uint32(1), jnp.uint32(0))
+        return _kth_largest(tied_ranks, jnp.maximum(left, 1)) - jnp.uint32(1)
+
+    # Continuous scores seldom tie at the cut: the ranks are sorted only when they decide.
+    t_rank = jax.lax.cond(jnp.any(splits), split, lambda: jnp.zeros_like(t_key))
+    return t_key, jnp.where(splits[None, :], t_rank, jnp.uint32(0))
+
+
+def select_by_sorting(keys: jax.Array, ranks, k, *, whole: bool) -> jax.Array:
+    """The reference selection: top ``k`` of ``keys`` (m, s), per column or over the whole
+    array, ties going to the higher ``ranks`` (an array of the keys' shape, or a function
+    giving it). Keys of 0 are never selected.
+
+    The k-th largest key is the threshold: every key above it is selected, and of the keys
+    equal to it, those of highest rank, as many as are left (their ranks are sorted only
+    when the threshold splits them). Sorts of one uint32 array, one after the other, rather
+    than one sort of (key, rank) pairs: fewer temporaries, and a sort XLA:GPU can run as a
+    radix sort (it sorts pairs compared on both with its own kernel).
     """
     shape = keys.shape
     if whole:
-        keys, ranks = keys.reshape(-1, 1), ranks.reshape(-1, 1)
+        keys = keys.reshape(-1, 1)
     n, width = keys.shape
     k = _clip_k(k, n, width)
-    desc_keys, desc_ranks = jax.lax.sort((~keys, ~ranks), dimension=0, num_keys=2)
-    at = jnp.maximum(k - 1, 0)[None, :]
-    t_key = jnp.take_along_axis(desc_keys, at, axis=0)
-    t_rank = jnp.take_along_axis(desc_ranks, at, axis=0)
-    above = (~keys < t_key) | ((~keys == t_key) & (~ranks <= t_rank))
+    t_key, t_rank = _cut_by_sorting(keys, ranks, k)
+    r = (ranks() if callable(ranks) else ranks).reshape(keys.shape)
+    above = (keys > t_key) | ((keys == t_key) & (r >= t_rank))
     return (above & (keys > 0) & (k > 0)[None, :]).reshape(shape)
 
 
@@ -519,16 +553,16 @@ def in_top_k(keys: jax.Array, ranks, threshold: Threshold, *, tied: bool = True
 
 def _threshold_by_sorting(keys, ranks, k) -> Threshold:
     """The :class:`Threshold` of the sorting reference's whole-array selection of 1-D
-    ``keys`` (:func:`select_by_sorting`): the k-th (key, rank) pair in descending order."""
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size)
-    desc_keys, desc_ranks = jax.lax.sort((~keys, ~ranks), num_keys=2)
-    at = jnp.maximum(k - 1, 0)
-    t_key, t_rank = ~desc_keys[at], ~desc_ranks[at]
-    none = k == 0
+    ``keys`` (:func:`select_by_sorting`; ``ranks`` an array or a function giving it)."""
+    n = keys.size
+    k = _clip_k(k, n, 1)
+    t_key, t_rank = (v[0, 0] for v in _cut_by_sorting(keys.reshape(n, 1), ranks, k))
+    none = k[0] == 0
     every = t_key == 0  # k is past the candidates: every candidate (key >= 1)
+    # A split tie has a lowest selected rank >= 1 (its lowest rank is not selected).
+    hi = jnp.where(t_rank > 0, t_key + jnp.uint32(1), t_key)
     lo = jnp.where(none, jnp.uint32(_U32_MAX), jnp.where(every, jnp.uint32(1), t_key))
-    hi = jnp.where(none, jnp.uint32(_U32_MAX), jnp.where(every, jnp.uint32(1),
-                                                            t_key + jnp.uint32(1)))
+    hi = jnp.where(none, jnp.uint32(_U32_MAX), jnp.where(every, jnp.uint32(1), hi))
     return Threshold(lo, hi, jnp.where(none | every, jnp.uint32(0), t_rank))
 
 
@@ -560,7 +594,7 @@ def top_k_keys_threshold(keys, k, *, tie_key=None) -> Threshold:
         return Threshold(lo[0], hi[0], rank[0])
 
     def sorting(keys, k):
-        return _threshold_by_sorting(keys.reshape(-1), ranks().reshape(-1), k)
+        return _threshold_by_sorting(keys.reshape(-1), ranks, k)
 
     return jax.lax.platform_dependent(jnp.reshape(keys, view), jnp.asarray(k, jnp.int32),
                                       default=sorting,
@@ -736,7 +770,10 @@ def _select(keys, ranks, k, whole: bool, finish=None) -> jax.Array:
         return _select_counting([keys], [ranks], k, whole, finish)[0]
 
     def sorting(keys, k):
-        mask = select_by_sorting(keys, ranks(), k, whole=whole)
+        # The tie ranks as a value of the keys: a hash of the position alone has no operand,
+        # and XLA computes it apart and stores it (4 bytes per weight).
+        anchor = jax.lax.optimization_barrier((jnp.uint32(0), keys))[0]
+        mask = select_by_sorting(keys, lambda: ranks(anchor=anchor), k, whole=whole)
         return mask if finish is None else finish(mask)
 
     return jax.lax.platform_dependent(keys, jnp.asarray(k, jnp.int32), default=sorting,

@@ -113,6 +113,22 @@ def test_quick_run_prints_both_tables(quick):
     assert len(rows) == 2
 
 
+def test_selection_sorting_traces_the_sorting_reference():
+    """``--selection sorting`` lowers a selection as GPUs and TPUs run it (a sort), the
+    default as this CPU does (the counting search: no sort of the layer)."""
+    keys = jnp.arange(1, 4097, dtype=jnp.uint32).reshape(64, 64)
+
+    def lowered():
+        return jax.jit(lambda x: topology.top_k_keys(x, 100)).lower(keys).as_text()
+
+    with scaling.selections("platform"):
+        assert "sort" not in lowered()
+    with scaling.selections("sorting"):
+        assert topology.COUNTING_PLATFORMS == ()
+        assert "sort" in lowered()
+    assert topology.COUNTING_PLATFORMS == ("cpu",)
+
+
 def test_table_formats_update_columns():
     row = dict(model="m", series="size", params=2_000_000, kernels=4, algorithm="rigl",
                inner="adam", part="opt", dense_ms=1.5, plain_ratio_median=1.04,

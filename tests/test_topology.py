@@ -461,6 +461,23 @@ def test_sorting_and_counting_select_the_same(seed, kind, keyed, frac):
         np.testing.assert_array_equal(np.asarray(sc)[:, j], ref)
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_sorting_reference_sorts_single_uint32_arrays(whole):
+    # One operand per sort (XLA:GPU runs a large 1-D one as a CUB radix sort; pairs compared
+    # on both keys it sorts with its own kernel), 1-D for a whole-array selection: the
+    # keys' sort, and the tie ranks' under the cond taken when the cut splits a tie.
+    keys = jnp.arange(1, 4097, dtype=jnp.uint32).reshape(64, 64)
+    ranks = topology.tie_ranks((64, 64), jax.random.key(0), whole=whole)
+    text = jax.jit(lambda x: topology.select_by_sorting(x, ranks, 100, whole=whole)).lower(
+        keys).as_text()
+    shape = "4096" if whole else "64x64"
+    calls = [line for line in text.splitlines() if "call @sort" in line]
+    assert len(calls) == 2, calls
+    assert all(f": (tensor<{shape}xui32>) -> tensor<{shape}xui32>" in c for c in calls), calls
+    sorts = [line for line in text.splitlines() if '"stablehlo.sort"(' in line]
+    assert sorts and all('"stablehlo.sort"(%arg0) ' in line for line in sorts), sorts
+
+
 # A whole layer large enough for the sample's first bracket (>= 2**14 keys) and for the
 # quadratic pivot estimate (brackets of >= 1024 keys), on scores whose count is far from
 # linear in the key: a cluster of tiny magnitudes (just-grown weights), heavy tails.

@@ -42,6 +42,11 @@ repetitions alternating:
   libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1``) to measure the steps
   without that cost; the header names the allocator.
 
+``--selection sorting`` traces every selection with the sorting reference, the path GPUs and
+TPUs take (``jaxsparse.topology.COUNTING_PLATFORMS``), compiled for this CPU: its memory and
+compile time as XLA:CPU lays the program out (a GPU's or TPU's compiler lays it out its own
+way; its times here mean nothing for an accelerator).
+
 Ratios are given as ratio of medians and ratio of minima over ``--repeats`` repetitions.
 ``--no-timing`` compiles and reports only what does not depend on the machine's load
 (compile seconds aside): state bytes and XLA temp memory, with every time column ``-``.
@@ -51,12 +56,14 @@ Usage:
       [--algorithms rigl,srigl] [--inner sgdm,adam] [--repeats 7] [--json out.json] \
       [--plot out.png]
   python -m experiments.benchmarks.scaling --sizes 100M --depths '' --no-timing  # memory
+  python -m experiments.benchmarks.scaling --selection sorting --no-timing  # GPU/TPU path
   python -m experiments.benchmarks.scaling --quick      # smoke run at a tiny size
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -65,6 +72,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +81,7 @@ import optax
 
 import jaxsparse
 from experiments.benchmarks import _timing
+from jaxsparse import topology
 
 ALGORITHMS = {
     "static": "static",
@@ -594,6 +603,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--update-every", type=int, default=1000)
     parser.add_argument("--no-timing", action="store_true",
                         help="compile and measure memory only: no timed calls")
+    parser.add_argument("--selection", choices=("platform", "sorting"), default="platform",
+                        help="platform: each selection as this machine runs it (counting "
+                        "on CPU); sorting: the sorting reference everywhere, as GPUs and "
+                        "TPUs run it (its memory and compile time, lowered for this CPU)")
     parser.add_argument("--json", help="write rows and run details to this file")
     parser.add_argument("--plot", help="write ratio and compile-time plots to this PNG")
     parser.add_argument("--load", help="comma-separated JSON records of earlier runs: print "
@@ -674,9 +687,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         return rows
     header = (f"{_timing.machine_line()}; jaxsparse {jaxsparse_revision()}; "
               f"sparsity {args.sparsity} ERK, update every {args.update_every} steps, "
+              f"selections: {args.selection}, "
               + ("no timing (compile and memory only)" if args.no_timing
                  else f"{args.repeats} repeats"))
     print(header, flush=True)
+    with selections(args.selection):
+        rows = _measure_all(args, header)
+    report(rows, args.plot)
+    print(f"\nload at the end: {_timing.load_average()}", flush=True)
+    return rows
+
+
+def selections(kind: str):
+    """While in force, selections are traced as on this platform (``"platform"``) or with
+    the sorting reference on every platform (``"sorting"``: what GPUs and TPUs run,
+    ``jaxsparse.topology.COUNTING_PLATFORMS`` emptied)."""
+    if kind == "platform":
+        return contextlib.nullcontext()
+    return mock.patch.object(topology, "COUNTING_PLATFORMS", ())
+
+
+def _measure_all(args, header: str) -> list[dict]:
     rows = []
     for spec in args.specs:
         for inner in args.inner:
@@ -686,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                               update_every=args.update_every, repeats=args.repeats,
                               target_s=args.target_ms / 1e3, parts=args.parts,
                               timing=not args.no_timing)
+                for r in new:
+                    r["selection"] = args.selection
                 rows += new
                 for r in new:
                     print(f"  {r['model']} {algorithm}/{inner} {r['part']}: plain "
@@ -697,8 +730,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 if args.json:
                     _write_json(args, header, rows)
             del setup
-    report(rows, args.plot)
-    print(f"\nload at the end: {_timing.load_average()}", flush=True)
     return rows
 
 
