@@ -136,7 +136,7 @@ def _cut_by_sorting(keys: jax.Array, ranks, k) -> tuple[jax.Array, jax.Array]:
     t_key = _kth_largest(keys, jnp.maximum(k, 1))
     tied = keys == t_key
     left = k - count_per_neuron(keys > t_key)  # tied keys still to take
-    splits = (t_key[0] > 0) & (count_per_neuron(tied) > left)
+    splits = (t_key[0] > 0) & (k > 0) & (count_per_neuron(tied) > left)
 
     def split():
         r = (ranks() if callable(ranks) else ranks).reshape(keys.shape)
