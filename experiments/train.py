@@ -207,11 +207,14 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_train_step(model, tx, batch_size: int):
+def make_train_step(model, tx, batch_size: int, topology_update: bool | None = None):
     """``(state, sums, x_all, y_all, perm, start) -> (state, sums)``, one jitted step.
 
     ``sums`` accumulates (loss sum, correct, count) on the device between host syncs.
+    ``topology_update``: ``None`` decides in the step whether the topology changes; a bool
+    compiles a step of that kind only (see :func:`step_chooser`).
     """
+    kind = {} if topology_update is None else {"topology_update": topology_update}
 
     def step(state: TrainState, sums, x_all, y_all, perm, start):
         x, y = data_lib.take_batch(x_all, y_all, perm, start, batch_size)
@@ -222,13 +225,31 @@ def make_train_step(model, tx, batch_size: int):
 
         # Dense gradient w.r.t. the stored, already-masked params (what RigL grows by).
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **kind)
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.int32)
         sums = (sums[0] + loss * batch_size, sums[1] + correct, sums[2] + batch_size)
         return TrainState(params, opt_state, state.step + 1, state.rng), sums
 
     return jax.jit(step)
+
+
+def step_chooser(c, model, tx, batch_size: int):
+    """``t -> step``: the train step for step ``t`` (the loop's count, equal to the sparse
+    state's counter). With ``c.host_topology`` two steps compile, one without the topology
+    update's ``lax.cond`` for plain steps and one for update steps, picked on the host by
+    ``jaxsparse.topology_due``; otherwise (and for dense training) one step serves every
+    ``t``."""
+    if not c.host_topology or c.algorithm == "dense":
+        one = make_train_step(model, tx, batch_size)
+        return lambda t: one
+    try:
+        jaxsparse.topology_due(tx, 0)
+    except TypeError as e:
+        raise ValueError(f"host_topology: algorithm {c.algorithm!r} builds an optimizer "
+                         f"without a host schedule ({e})") from None
+    kinds = {k: make_train_step(model, tx, batch_size, k) for k in (False, True)}
+    return lambda t: kinds[jaxsparse.topology_due(tx, t)]
 
 
 def zero_sums():
@@ -439,6 +460,9 @@ class JsonlWriter:
 BOOKKEEPING_FIELDS = frozenset({
     "data_dir", "progress", "print_table", "tensorboard", "log_every", "checkpoint_every",
     "max_to_keep", "eval_batch_size",
+    # How the steps are scheduled, not what they compute (runs started before it existed
+    # resume with it).
+    "host_topology",
 })
 # Fields a resumed run may change when the caller says so (``allow_changes``): they extend
 # or shorten the run without making its past steps wrong for it.
@@ -603,15 +627,16 @@ class Logger:
 class LoopResult(NamedTuple):
     state: TrainState
     step: int
-    first_step_time: float | None
-    loop_time: float
+    first_step_time: float | None  # the first call of each step kind (its compilation)
+    loop_time: float  # the other steps
+    loop_steps: int
 
 
 def run_loop(c, setup: Setup, run: Run, it: data_lib.BatchIterator, evaluate, logger: Logger,
              pbar) -> LoopResult:
     """Trains from ``run.state`` to ``setup.total_steps``: one jitted step per iteration,
     host syncs only at log points, evaluations at epoch ends, periodic checkpoints."""
-    step_fn = make_train_step(setup.model, setup.tx, c.batch_size)
+    step_for = step_chooser(c, setup.model, setup.tx, c.batch_size)
     state, total = run.state, setup.total_steps
     start_step = step = int(state.step)
     zeros = zero_sums()
@@ -620,9 +645,16 @@ def run_loop(c, setup: Setup, run: Run, it: data_lib.BatchIterator, evaluate, lo
     log_every, ckpt_every, eval_every = c.log_every, c.checkpoint_every, c.eval_every_epochs
     stats_fn = make_sparsity_stats(c.algorithm)
     t_loop = time.perf_counter()
-    first_step_time = None
+    first_step_time, compiled = None, set()
     while step < total:
         perm, start = it.next_indices()
+        step_fn = step_for(step)
+        fresh = step_fn not in compiled
+        if fresh and compiled:
+            # A second step kind (host_topology's update step) compiles at its first call:
+            # that call is timed apart, not in the loop.
+            jax.block_until_ready(state)
+            t_fresh = time.perf_counter()
         state, sums = step_fn(state, sums, it.x, it.y, perm, start)
         step += 1
         since_log += 1
@@ -631,6 +663,11 @@ def run_loop(c, setup: Setup, run: Run, it: data_lib.BatchIterator, evaluate, lo
             jax.block_until_ready(state)
             first_step_time = time.perf_counter() - t_loop
             t_loop = time.perf_counter()
+        elif fresh:
+            jax.block_until_ready(state)
+            first_step_time += time.perf_counter() - t_fresh
+            t_loop += time.perf_counter() - t_fresh
+        compiled.add(step_fn)
         if (eval_every > 0 and it.position.index == 0 and it.position.epoch % eval_every == 0
                 and step < total):
             logger.queue("eval", step, it.position.epoch, evaluate(state, final=False))
@@ -643,7 +680,8 @@ def run_loop(c, setup: Setup, run: Run, it: data_lib.BatchIterator, evaluate, lo
         if run.ckpt is not None and ckpt_every and step % ckpt_every == 0:
             run.ckpt.save(step, state, _meta(c, it.position, step))
     jax.block_until_ready(state)
-    return LoopResult(state, step, first_step_time, time.perf_counter() - t_loop)
+    return LoopResult(state, step, first_step_time, time.perf_counter() - t_loop,
+                      max(step - start_step - len(compiled), 0))
 
 
 def train(c: ml_collections.ConfigDict, workdir: str | os.PathLike | None = None,
@@ -704,7 +742,7 @@ def _train_opened(c, ds, setup: Setup, run: Run, t_start: float) -> dict:
         **{k: v for k, v in logger.latest["eval"].items()
            if k not in ("event", "step", "epoch", "time")},
         "wall_time": time.perf_counter() - t_start, "first_step_time": out.first_step_time,
-        "loop_time": out.loop_time, "loop_steps": max(total - start_step - 1, 0),
+        "loop_time": out.loop_time, "loop_steps": out.loop_steps,
         "machine": machine_description(),
     }
     run.log.write(final)

@@ -70,6 +70,38 @@ def test_every_algorithm_trains_to_its_sparsity(algorithm, digits):
 
 
 @pytest.mark.slow
+def test_host_scheduled_topology_trains_the_same_run(digits):
+    """``host_topology``: a plain and an update step, picked per step on the host, train
+    the run of the one-step loop: the same masks, params to float32 rounding."""
+    c = tiny(sparsity=0.8, end_fraction=0.5, update_every=5)
+    one = train_lib.train(c, None, dataset=digits)
+    c.host_topology = True
+    setup = train_lib.create_setup(c, digits)
+    choose = train_lib.step_chooser(c, setup.model, setup.tx, c.batch_size)
+    due = [jaxsparse.topology_due(setup.tx, t) for t in range(20)]
+    assert due[5] and not due[0] and not due[1]
+    assert [choose(t) is choose(5) for t in range(20)] == due
+    two = train_lib.train(c, None, dataset=digits)
+    masks = [jaxsparse.get_masks(r["state"].opt_state) for r in (one, two)]
+    initial = jaxsparse.get_masks(setup.state.opt_state)
+    for a, b in zip(jax.tree.leaves(masks[0]), jax.tree.leaves(masks[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(masks[1]), jax.tree.leaves(initial)))
+    for a, b in zip(jax.tree.leaves(one["state"].params), jax.tree.leaves(two["state"].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # The first call of each step kind (its compilation) is timed apart from the loop.
+    assert (one["loop_steps"], two["loop_steps"]) == (19, 18)
+    assert two["first_step_time"] > 0 and two["loop_time"] > 0
+    with pytest.raises(ValueError, match="host_topology: algorithm 'rigl' builds an "
+                       "optimizer without a host schedule"):
+        train_lib.step_chooser(c, setup.model, optax.chain(setup.tx), c.batch_size)
+    c.algorithm = "dense"
+    dense = train_lib.step_chooser(c, setup.model, setup.tx, c.batch_size)
+    assert dense(0) is dense(5)
+
+
+@pytest.mark.slow
 def test_rigl_learns_digits(digits):
     c = tiny(num_steps=0, epochs=4, batch_size=32)
     c.model.hidden = (300, 100)
@@ -286,6 +318,8 @@ def test_loop_overhead_benchmark_prints_a_table(capsys):
     assert len(overheads) == 1
     printed = capsys.readouterr().out
     assert "bare ms/step" in printed and "digits lenet300 b128 dense" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("digits lenet300"))
+    assert "host / loop" in printed and row.split()[-2:] == ["-", "-"]  # dense: one kind
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ For each case it times (after compilation):
 * loop: ``experiments.train.train`` itself (batch index bookkeeping, progress bar, metric
   syncs every ``log_every`` steps, per-epoch test evaluation, JSONL logging), no checkpoints.
 
-and prints ms/step and the overhead ratio ``loop / bare - 1``. Each measurement is repeated
-and the minimum kept (the machine may be shared).
+and prints ms/step and the overhead ratio ``loop / bare - 1``; for sparse cases also the loop
+with ``host_topology`` (plain and update steps compiled apart, picked on the host: no
+``lax.cond`` in plain steps) and its ratio to the loop. Each measurement is repeated and the
+minimum kept (the machine may be shared).
 
   python -m experiments.benchmarks.loop_overhead                       # digits only
   python -m experiments.benchmarks.loop_overhead --data_dir=../shared/data/mnist
@@ -44,10 +46,12 @@ def bare_step_time(c, ds, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def loop_step_time(c, ds, steps: int, eval_every_epochs: int = 1) -> float:
+def loop_step_time(c, ds, steps: int, eval_every_epochs: int = 1,
+                   host_topology: bool = False) -> float:
     c = c.copy_and_resolve_references()
     c.num_steps = steps + 1
     c.eval_every_epochs = eval_every_epochs
+    c.host_topology = host_topology
     c.print_table = False
     with tempfile.TemporaryDirectory() as d:
         out = train_lib.train(c, workdir=d, dataset=ds)
@@ -89,14 +93,18 @@ def main(argv=None):
     for name, c in cases:
         ds = datasets[c.dataset]
         # Interleaved repeats, so a load change on a shared machine hits all three alike.
+        sparse = c.algorithm != "dense"
         times = [(bare_step_time(c, ds, args.steps), loop_step_time(c, ds, args.steps, 0),
-                  loop_step_time(c, ds, args.steps, 1)) for _ in range(args.repeats)]
-        bare, loop, loop_eval = (min(t) for t in zip(*times, strict=True))
+                  loop_step_time(c, ds, args.steps, 1),
+                  loop_step_time(c, ds, args.steps, 0, host_topology=sparse))
+                 for _ in range(args.repeats)]
+        bare, loop, loop_eval, host = (min(t) for t in zip(*times, strict=True))
         spe = len(ds.x_train) // c.batch_size
         rows.append((name, spe, bare * 1e3, loop * 1e3, 100.0 * (loop / bare - 1.0),
-                     loop_eval * 1e3, 100.0 * (loop_eval / bare - 1.0)))
+                     loop_eval * 1e3, 100.0 * (loop_eval / bare - 1.0),
+                     host * 1e3 if sparse else None, host / loop if sparse else None))
     head = ("case", "steps/epoch", "bare ms/step", "loop ms/step", "overhead %",
-            "+eval ms/step", "+eval overhead %")
+            "+eval ms/step", "+eval overhead %", "host-scheduled ms/step", "host / loop")
     widths = [max(len(head[0]), *(len(r[0]) for r in rows)), *(len(h) for h in head[1:])]
     print(f"machine: {train_lib.machine_description()}; {args.steps} steps, min of "
           f"{args.repeats}")
@@ -104,11 +112,14 @@ def main(argv=None):
     print("  ".join("-" * w for w in widths))
     for r in rows:
         cells = [r[0], str(r[1]), f"{r[2]:.3f}", f"{r[3]:.3f}", f"{r[4]:.1f}", f"{r[5]:.3f}",
-                 f"{r[6]:.1f}"]
+                 f"{r[6]:.1f}", "-" if r[7] is None else f"{r[7]:.3f}",
+                 "-" if r[8] is None else f"{r[8]:.3f}"]
         print("  ".join(cell.rjust(w) if i else cell.ljust(w)
                         for i, (cell, w) in enumerate(zip(cells, widths, strict=True))))
     print("loop: train() with logging every log_every steps, eval only at the end; "
-          "+eval: test-set evaluation after every epoch too (real work, not loop overhead)")
+          "+eval: test-set evaluation after every epoch too (real work, not loop overhead); "
+          "host-scheduled: the loop with host_topology (each step kind's first call, its "
+          "compilation, not timed)")
     return np.asarray([r[4] for r in rows])
 
 

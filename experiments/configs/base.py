@@ -63,4 +63,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Also TensorBoard scalars in <workdir>/tensorboard: on when tensorboardX is installed.
     c.tensorboard = importlib.util.find_spec("tensorboardX") is not None
     c.print_table = True  # per-layer sparsity table at the end
+    # Host-scheduled topology updates: plain and update steps compile apart and the host
+    # picks one per step (jaxsparse.topology_due); the same masks, params to float32
+    # rounding, no lax.cond in plain steps (README, "Host-scheduled topology updates").
+    c.host_topology = False
     return c
