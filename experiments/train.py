@@ -240,7 +240,7 @@ def step_chooser(c, model, tx, batch_size: int):
     update's ``lax.cond`` for plain steps and one for update steps, picked on the host by
     ``jaxsparse.topology_due``; otherwise (and for dense training) one step serves every
     ``t``."""
-    if not c.host_topology or c.algorithm == "dense":
+    if not c.get("host_topology", False) or c.algorithm == "dense":
         one = make_train_step(model, tx, batch_size)
         return lambda t: one
     try:
