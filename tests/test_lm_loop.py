@@ -83,3 +83,37 @@ def test_host_scheduled_topology_trains_the_same_run():
     c.algorithm = "dense"
     dense = trainer.step_chooser(trainer.make_setup(c, devices))
     assert dense(0) is dense(2)
+
+
+@pytest.mark.slow
+def test_each_step_kinds_first_call_is_timed_with_the_first_step(monkeypatch):
+    """Under ``host_topology`` the update step compiles at its first call (step 2): that
+    call counts in ``first_step_time``, not in the tokens/s of its log interval. A fake
+    clock: a step kind's first call takes 100 s, every other call 1 s."""
+    clock = [0.0]
+    monkeypatch.setattr(trainer, "time", type("Clock", (), {
+        "perf_counter": staticmethod(lambda: clock[0])}))
+    real_chooser, wrapped = trainer.step_chooser, {}
+
+    def chooser(setup):
+        choose = real_chooser(setup)
+
+        def timed(fn):
+            def call(*args):
+                clock[0] += 1.0 if fn in wrapped else 100.0
+                wrapped.setdefault(fn, call)
+                return fn(*args)
+            return call
+
+        return lambda t: wrapped.get(choose(t)) or timed(choose(t))
+
+    monkeypatch.setattr(trainer, "step_chooser", chooser)
+    c = _config(0)
+    c.host_topology = True
+    c.log_every = 6
+    _, rec = trainer.train(c, None, jax.devices()[:1])
+    assert len(wrapped) == 2  # the plain and the update step
+    assert rec["first_step_time"] == pytest.approx(200.0)
+    # Steps 3-6 in the last interval, 1 s each.
+    assert rec["tokens_per_s"] == pytest.approx(c.batch_size * c.model.seq_len / 1.0)
+
