@@ -48,6 +48,7 @@ import optax
 import jaxsparse
 from experiments import data as data_lib
 from experiments import models
+from experiments import steps as steps_lib
 from experiments.checkpoint import Checkpointer
 
 
@@ -235,21 +236,11 @@ def make_train_step(model, tx, batch_size: int, topology_update: bool | None = N
 
 
 def step_chooser(c, model, tx, batch_size: int):
-    """``t -> step``: the train step for step ``t`` (the loop's count, equal to the sparse
-    state's counter). With ``c.host_topology`` two steps compile, one without the topology
-    update's ``lax.cond`` for plain steps and one for update steps, picked on the host by
-    ``jaxsparse.topology_due``; otherwise (and for dense training) one step serves every
-    ``t``."""
-    if not c.get("host_topology", False) or c.algorithm == "dense":
-        one = make_train_step(model, tx, batch_size)
-        return lambda t: one
-    try:
-        jaxsparse.topology_due(tx, 0)
-    except TypeError as e:
-        raise ValueError(f"host_topology: algorithm {c.algorithm!r} builds an optimizer "
-                         f"without a host schedule ({e})") from None
-    kinds = {k: make_train_step(model, tx, batch_size, k) for k in (False, True)}
-    return lambda t: kinds[jaxsparse.topology_due(tx, t)]
+    """``t -> step``: one train step for every ``t``, or with ``c.host_topology`` a plain
+    and an update step picked on the host (:func:`experiments.steps.step_chooser`)."""
+    return steps_lib.step_chooser(
+        tx, lambda kind: make_train_step(model, tx, batch_size, kind),
+        host=c.get("host_topology", False), algorithm=c.algorithm)
 
 
 def zero_sums():

@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxsparse
+from experiments import steps as steps_lib
 from experiments.lm import data as data_lib
 from experiments.lm import model as model_lib
 from jaxsparse import sharding as sharding_lib
@@ -163,22 +164,11 @@ def make_train_step(setup: LMSetup, topology_update: bool | None = None):
 
 
 def step_chooser(setup: LMSetup):
-    """``t -> step``: the train step for step ``t`` (the host's count, equal to the sparse
-    state's counter). With ``config.host_topology`` (and a sparse algorithm) two steps
-    compile, one without the topology update's ``lax.cond`` for plain steps and one for
-    update steps, chosen on the host by ``jaxsparse.topology_due``: same results, no
-    barrier between the gradients and the weight updates of plain steps. Otherwise one step
-    serves every ``t``."""
-    if not setup.config.get("host_topology", False) or setup.config.algorithm == "dense":
-        one = make_train_step(setup)
-        return lambda t: one
-    try:
-        jaxsparse.topology_due(setup.tx, 0)
-    except TypeError as e:
-        raise ValueError(f"host_topology: algorithm {setup.config.algorithm!r} builds an "
-                         f"optimizer without a host schedule ({e})") from None
-    kinds = {k: make_train_step(setup, k) for k in (False, True)}
-    return lambda t: kinds[jaxsparse.topology_due(setup.tx, t)]
+    """``t -> step``: one train step for every ``t``, or with ``config.host_topology`` a
+    plain and an update step picked on the host (:func:`experiments.steps.step_chooser`)."""
+    return steps_lib.step_chooser(
+        setup.tx, lambda kind: make_train_step(setup, kind),
+        host=setup.config.get("host_topology", False), algorithm=setup.config.algorithm)
 
 
 def make_eval(setup: LMSetup, windows: np.ndarray, batch_size: int):
